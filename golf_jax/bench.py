@@ -1,0 +1,186 @@
+"""Benchmarks of the record-size model on the local accelerator: one command,
+fit for one device call. Each section warms up (the first call's time,
+compilation included, is reported separately), then reports the median of
+repeats, synchronising on the result.
+
+    python -m golf_jax.bench [--config configs/record.py] [--sections eval,grad,attention] [--out DIR]
+
+Sections:
+  eval       sliding-window evaluation batches (windows of eval_seq_len, stride
+             sliding_stride): forward tokens/s and scored tokens/s.
+  grad       loss + gradient of one training micro-batch (the reference's 48 x 2048
+             per GPU): tokens/s, MFU against the measured bf16 matmul rate, peak memory.
+             The optimizer update is not in it: an upper bound on a training step.
+  attention  causal GQA attention alone, cuDNN vs the jnp path, forward and forward+backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from golf_jax import cli, evaluate, model
+from golf_jax.config import ModelConfig
+
+# bf16 dense matmul rate measured on the device's H100 (8192^3, JAX 0.11.2);
+# see ../shared/notes/reference_numbers.md.
+H100_MATMUL_TFLOPS = 781.0
+
+
+def time_call(fn: Callable, *args, warmup: int = 2, repeats: int = 10) -> dict:
+    """First call (compilation included), then the median of `repeats` calls."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return {"first_call_s": first, "median_s": statistics.median(times), "min_s": min(times)}
+
+
+def matmul_flops_per_token(cfg: ModelConfig, seq_len: int) -> tuple[float, float]:
+    """Forward FLOPs per token: (dense matmuls incl. the tied head, causal attention)."""
+    d, L, kv, hid = cfg.model_dim, cfg.num_layers, cfg.kv_dim, cfg.mlp_dim
+    dense = L * (2 * d * d + 2 * kv * d + 2 * hid * d) + cfg.vocab_size * d
+    if cfg.bigram_enabled:
+        dense += cfg.bigram_dim * d
+    if cfg.ve_layer_indices:
+        dense += cfg.ve_dim * kv
+    # QK^T and PV, each 2 d T per token, halved by the causal mask.
+    attn = L * 2 * d * seq_len
+    return 2.0 * dense, float(attn)
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def random_tokens(shape, vocab: int, seed: int = 0) -> jax.Array:
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+def bench_eval(params, cfg, seq_len: int, stride: int, batch_windows: int, repeats: int) -> dict:
+    n_tokens = 4 * seq_len + 1
+    tokens = random_tokens((n_tokens + seq_len,), cfg.model.vocab_size)
+    starts = (jnp.arange(batch_windows) * stride) % (n_tokens - seq_len)
+    lo = jnp.full((batch_windows,), seq_len - stride, jnp.int32)
+    hi = jnp.full((batch_windows,), seq_len, jnp.int32)
+    r = time_call(evaluate._window_loss_sums, params, cfg.model, tokens, starts, lo, hi, seq_len, repeats=repeats)
+    dense, attn = matmul_flops_per_token(cfg.model, seq_len)
+    fwd_tokens = batch_windows * seq_len
+    r.update(forward_tokens_per_s=fwd_tokens / r["median_s"], scored_tokens_per_s=batch_windows * stride / r["median_s"],
+             tflops=fwd_tokens * (dense + attn) / r["median_s"] / 1e12, shape=[batch_windows, seq_len])
+    return r
+
+
+def bench_grad(params, cfg, batch_seqs: int, seq_len: int, repeats: int) -> dict:
+    x = random_tokens((batch_seqs, seq_len), cfg.model.vocab_size, 1)
+    y = random_tokens((batch_seqs, seq_len), cfg.model.vocab_size, 2)
+    step = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
+    r = time_call(step, params, cfg.model, x, y, repeats=repeats)
+    dense, attn = matmul_flops_per_token(cfg.model, seq_len)
+    tokens = batch_seqs * seq_len
+    tflops = 3 * tokens * (dense + attn) / r["median_s"] / 1e12
+    r.update(tokens_per_s=tokens / r["median_s"], tflops=tflops, mfu=tflops / H100_MATMUL_TFLOPS,
+             peak_memory_bytes=peak_memory_bytes(), shape=[batch_seqs, seq_len])
+    return r
+
+
+def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict:
+    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    keys = jax.random.split(jax.random.key(3), 3)
+    q = jax.random.normal(keys[0], (batch, seq_len, H, D), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, seq_len, K, D), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, seq_len, K, D), jnp.bfloat16)
+    out = {}
+    for impl in ("cudnn", "jnp"):
+        if impl == "cudnn" and jax.default_backend() != "gpu":
+            continue
+        fwd = jax.jit(lambda q, k, v, impl=impl: model.attention(q, k, v, impl))
+        grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(model.attention(q, k, v, impl).astype(jnp.float32)),
+                                argnums=(0, 1, 2)))
+        out[impl] = {"forward": time_call(fwd, q, k, v, repeats=repeats),
+                     "forward_backward": time_call(grad, q, k, v, repeats=repeats)}
+    if "cudnn" in out:
+        run = jax.jit(model.attention, static_argnums=3)  # arrays as arguments, never folded constants
+        a = np.asarray(run(q, k, v, "cudnn"), np.float32)
+        b = np.asarray(run(q, k, v, "jnp"), np.float32)
+        out["cudnn_vs_jnp_rel_err"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    out["shape"] = [batch, seq_len, H, K, D]
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m golf_jax.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sections", default="eval,grad,attention")
+    parser.add_argument("--grad-batch-seqs", type=int, default=48, help="the reference's per-GPU micro-batch")
+    parser.add_argument("--attention-batch", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default="runs/bench")
+    cfg, args = cli.parse(parser, argv, default_config=str(Path(__file__).resolve().parents[1] / "configs" / "record.py"))
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+
+    dev = jax.devices()[0]
+    results: dict = {"device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+                     "compute_dtype": jnp.dtype(model.compute_dtype(cfg.model)).name,
+                     "attention_impl": model.attention_impl(cfg.model)}
+    params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
+    # A freshly initialised model has zero out-projections; perturb every
+    # weight so the timed arithmetic is on non-trivial values.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [x + (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype)
+                                          for x, k in zip(leaves, keys)])
+    results["parameters"] = model.param_count(params)
+    e = cfg.eval
+    if "eval" in sections:
+        results["eval"] = bench_eval(params, cfg, e.eval_seq_len, e.sliding_stride, e.sliding_batch_windows, args.repeats)
+    if "grad" in sections:
+        results["grad"] = bench_grad(params, cfg, args.grad_batch_seqs, cfg.data.train_seq_len, args.repeats)
+    if "attention" in sections:
+        results["attention"] = bench_attention(cfg.model, args.attention_batch, cfg.data.train_seq_len, args.repeats)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    print(f"\n{results['device']} ({results['backend']}, jax {results['jax']}), {results['parameters']:,} params, "
+          f"compute {results['compute_dtype']}, attention {results['attention_impl']}")
+    print(f"{'measure':<44}{'median':>12}{'first call':>12}  rate")
+    if "eval" in results:
+        r = results["eval"]
+        print(f"{'sliding eval batch ' + 'x'.join(map(str, r['shape'])):<44}{r['median_s'] * 1e3:>10.2f}ms"
+              f"{r['first_call_s']:>11.1f}s  {r['forward_tokens_per_s'] / 1e6:.2f} M fwd tok/s, "
+              f"{r['scored_tokens_per_s'] / 1e6:.3f} M scored tok/s, {r['tflops']:.0f} TFLOP/s")
+    if "grad" in results:
+        r = results["grad"]
+        mem = r["peak_memory_bytes"]
+        print(f"{'loss+grad micro-batch ' + 'x'.join(map(str, r['shape'])):<44}{r['median_s'] * 1e3:>10.2f}ms"
+              f"{r['first_call_s']:>11.1f}s  {r['tokens_per_s'] / 1e6:.3f} M tok/s, {r['tflops']:.0f} TFLOP/s, "
+              f"MFU {r['mfu']:.1%}" + (f", peak {mem / 2**30:.1f} GiB" if mem else ""))
+    if "attention" in results:
+        a = results["attention"]
+        for impl in ("cudnn", "jnp"):
+            if impl in a:
+                for kind in ("forward", "forward_backward"):
+                    r = a[impl][kind]
+                    print(f"{'attention ' + impl + ' ' + kind:<44}{r['median_s'] * 1e3:>10.2f}ms{r['first_call_s']:>11.1f}s")
+        if "cudnn_vs_jnp_rel_err" in a:
+            print(f"attention cudnn vs jnp relative error: {a['cudnn_vs_jnp_rel_err']:.2e}")
+    print(f"wrote {out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

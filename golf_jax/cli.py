@@ -1,0 +1,130 @@
+"""Command-line plumbing shared by every entry point: config files and
+`--config.<field>=<value>` overrides (the Flax examples / big_vision convention).
+
+A field is named by its section and name (`--config.model.num_layers=4`) or by
+its name alone when only one section has it (`--config.num_layers=4`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from golf_jax.config import Config, ConfigError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def load_config_file(path: str | Path) -> Config:
+    """Run a config file and return its `get_config()`; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    spec = importlib.util.spec_from_file_location(f"_golf_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except TypeError as e:  # e.g. an unknown keyword in a dataclass
+        raise ConfigError(f"{path}: {e}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path}: defines no get_config()")
+    try:
+        cfg = module.get_config()
+    except TypeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not golf_jax.config.Config")
+    return cfg
+
+
+def _parse_value(text: str, type_name: str, where: str):
+    try:
+        if type_name == "bool":
+            low = text.strip().lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if type_name == "int":
+            return int(text.replace("_", ""))
+        if type_name == "float":
+            return float(text)
+        if type_name == "str":
+            return text
+    except ValueError:
+        pass
+    raise ConfigError(f"--config.{where}: {text!r} is not a valid {type_name}")
+
+
+def _resolve(cfg: Config, dotted: str) -> tuple[str, dataclasses.Field]:
+    parts = dotted.split(".")
+    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    if len(parts) == 2 and parts[0] in sections:
+        sub = sections[parts[0]]
+        for f in dataclasses.fields(sub):
+            if f.name == parts[1]:
+                return parts[0], f
+        raise ConfigError(f"--config.{dotted}: section '{parts[0]}' has no field '{parts[1]}'")
+    if len(parts) == 1:
+        hits = [(s, f) for s, sub in sections.items() for f in dataclasses.fields(sub) if f.name == parts[0]]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise ConfigError(f"--config.{dotted}: ambiguous, say one of "
+                              + ", ".join(f"{s}.{f.name}" for s, f in hits))
+    raise ConfigError(f"--config.{dotted}: unknown config field")
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[tuple[str, str]]) -> Config:
+    """Return `cfg` with each (dotted field, text value) applied, validated."""
+    for dotted, text in overrides:
+        section, f = _resolve(cfg, dotted)
+        value = _parse_value(text, str(f.type), f"{section}.{f.name}")
+        sub = dataclasses.replace(getattr(cfg, section), **{f.name: value})
+        cfg = dataclasses.replace(cfg, **{section: sub})
+    return cfg
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Pull `--config.a.b=v` and `--config.a.b v` out of argv."""
+    overrides, rest = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg}: missing value")
+                value = argv[i + 1]
+                i += 1
+            overrides.append((key, value))
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+          default_config: str | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse a command line with `--config FILE` plus overrides.
+
+    Returns the validated config and the remaining arguments. Configuration
+    errors exit with a one-line message instead of a traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser.add_argument("--config", default=default_config, required=default_config is None,
+                        help="config file (a Python file defining get_config())")
+    try:
+        overrides, rest = split_overrides(argv)
+        args = parser.parse_args(rest)
+        cfg = apply_overrides(load_config_file(args.config), overrides).validate()
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: config error: {e}\n")
+    return cfg, args

@@ -1,0 +1,259 @@
+"""Configuration: frozen dataclasses, one per stage, and their validation.
+
+Hyperparameters live here and nowhere else; shapes derive from them. A config
+file is a plain Python file with a `get_config()` returning a `Config`
+(see `configs/record.py`); `golf_jax.cli` loads it and applies
+`--config.<field>=<value>` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The record architecture. The first 19 field names are the reference
+    constructor's arguments, so its JSON configs load with `ModelConfig(**d)`."""
+
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    qk_gain_init: float = 1.5
+    bigram_vocab_size: int = 3072  # 0 disables BigramHash
+    bigram_dim: int = 112
+    xsa_last_n: int = 11  # XSA on layers >= num_layers - xsa_last_n
+    rope_dims: int = 16  # rotary on the first rope_dims of each head's dims
+    ln_scale: bool = True  # pre-norm outputs scaled by 1/sqrt(layer + 1)
+    ve_enabled: bool = True
+    ve_dim: int = 128
+    ve_layers: str = "9,10"
+    # Beyond the reference constructor.
+    # reference quirk: NTK-scaled rotary base for sequences above this length
+    # (the reference's Rotary default train length, not the run's seq len).
+    rope_ntk_base_len: int = 1024
+    # reference quirk: the model is cast to bf16 and only banks, small linears
+    # and scalars go back to fp32, so the three embedding tables are bf16 params.
+    embedding_dtype: str = "bfloat16"
+    # "auto": bfloat16 on GPUs, float32 elsewhere (parity tests run float32).
+    compute_dtype: str = "auto"
+    # "auto": cuDNN flash attention on GPUs, the plain jnp path elsewhere.
+    attention_impl: str = "auto"
+
+    # Derived shapes: one source of truth.
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    @property
+    def num_encoder_layers(self) -> int:
+        return self.num_layers // 2
+
+    @property
+    def num_skip_weights(self) -> int:
+        return min(self.num_encoder_layers, self.num_layers - self.num_encoder_layers)
+
+    @property
+    def ve_layer_indices(self) -> tuple[int, ...]:
+        if not self.ve_enabled or not self.ve_layers.strip():
+            return ()
+        return tuple(int(s) for s in self.ve_layers.split(",") if s.strip())
+
+    @property
+    def bigram_enabled(self) -> bool:
+        return self.bigram_vocab_size > 0
+
+    def xsa_on(self, layer: int) -> bool:
+        return layer >= self.num_layers - self.xsa_last_n
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"model.{name}: {why}")
+
+        need(self.vocab_size > 0, "vocab_size", "must be positive")
+        need(self.vocab_size <= 65536, "vocab_size", "shards store uint16 token ids, so at most 65536")
+        need(self.num_layers > 0, "num_layers", "must be positive")
+        need(self.num_heads > 0 and self.model_dim % self.num_heads == 0, "num_heads",
+             f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}")
+        need(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+             f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        need(self.rope_dims % 2 == 0 and 2 < self.rope_dims <= self.head_dim, "rope_dims",
+             f"must be even, > 2 and <= head_dim {self.head_dim} (got {self.rope_dims})")
+        need(self.mlp_dim > 0, "mlp_mult", "must give a positive hidden size")
+        need(self.logit_softcap > 0, "logit_softcap", "must be positive")
+        need(0 <= self.xsa_last_n <= self.num_layers, "xsa_last_n",
+             f"must be in [0, num_layers={self.num_layers}]")
+        need(self.bigram_vocab_size == 0 or (self.bigram_vocab_size >= 2 and self.bigram_dim > 0),
+             "bigram_vocab_size", "must be 0 (off) or >= 2 with bigram_dim > 0")
+        try:
+            layers = self.ve_layer_indices
+        except ValueError:
+            raise ConfigError(f"model.ve_layers: expected comma-separated layer indices, got {self.ve_layers!r}")
+        need(all(0 <= i < self.num_layers for i in layers), "ve_layers",
+             f"layer indices must be in [0, {self.num_layers}), got {self.ve_layers!r}")
+        need(len(set(layers)) == len(layers), "ve_layers", f"repeated layer in {self.ve_layers!r}")
+        need(not layers or self.ve_dim > 0, "ve_dim", "must be positive when value embeddings are on")
+        need(self.embedding_dtype in ("bfloat16", "float32"), "embedding_dtype", "bfloat16 or float32")
+        need(self.compute_dtype in ("auto", "bfloat16", "float32"), "compute_dtype", "auto, bfloat16 or float32")
+        need(self.attention_impl in ("auto", "cudnn", "jnp"), "attention_impl", "auto, cudnn or jnp")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # "embedded": the tinyshakespeare shards in ../shared/data when present,
+    # else a corpus built once from CPython's pydoc_data (see golf_jax.data).
+    data_dir: str = "embedded"
+    tokenizer_path: str = ""  # "" = the tokenizer that comes with data_dir
+    train_pattern: str = "fineweb_train_*.bin"
+    val_pattern: str = "fineweb_val_*.bin"
+    train_seq_len: int = 2048
+    train_batch_tokens: int = 786_432  # global, per optimizer step
+    # world_size x accumulation steps: every device count sees the same stream.
+    micro_batches_per_step: int = 8
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    matrix_lr: float = 0.025  # Muon, the four banks
+    muon_momentum: float = 0.99
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5  # Newton-Schulz iterations
+    muon_weight_decay: float = 0.04
+    # reference quirk: bf16 gradient, momentum buffer and Newton-Schulz.
+    muon_momentum_dtype: str = "bfloat16"
+    muon_ns_dtype: str = "bfloat16"
+    tied_embed_lr: float = 0.035  # AdamW: tok_emb, bigram table, VE table
+    scalar_lr: float = 0.025  # AdamW: everything else
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_weight_decay: float = 0.04
+    grad_clip_norm: float = 0.3
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    iterations: int = 20_000
+    warmup_steps: int = 20  # compile-and-prime steps, then state restored
+    warmdown_iters: int = 4000
+    max_wallclock_seconds: float = 600.0  # 0 = no cap
+    ema_decay: float = 0.997
+    swa_enabled: bool = False  # reference quirk: collected, never applied
+    swa_every: int = 50
+    swa_lr_threshold: float = 0.2
+    late_qat_threshold: float = 0.15
+    qat_scope: str = "small"  # "small": bigram/VE projections (record); "all": banks too
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    clip_range: int = 31  # int6
+    gptq_block_size: int = 128
+    calib_num_seqs: int = 64
+    calib_seq_len: int = 2048
+    calib_temperature: float = 0.8
+    calib_batch_size: int = 64
+    lzma_preset: int = 9
+    artifact_budget_bytes: int = 16_000_000  # decimal, weights + code
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_seq_len: int = 2048
+    val_batch_tokens: int = 524_288
+    val_loss_every: int = 4000
+    sliding_stride: int = 64
+    sliding_batch_windows: int = 32
+    # reference quirk: trailing windows all re-score the last `stride` tokens.
+    # True scores every token exactly once instead.
+    sliding_score_once: bool = False
+    max_val_tokens: int = 0  # 0 = the whole validation set
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 314
+    output_dir: str = "runs/record"
+    init_from: str = ""  # .npz of reference-named arrays or a reference final_model.pt
+    train_log_every: int = 500
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> "Config":
+        """Raise ConfigError naming the field if this config cannot run."""
+        self.model.validate()
+        d, e = self.data, self.eval
+        if d.train_seq_len <= 0:
+            raise ConfigError("data.train_seq_len: must be positive")
+        if d.micro_batches_per_step <= 0:
+            raise ConfigError("data.micro_batches_per_step: must be positive")
+        if d.train_batch_tokens % (d.micro_batches_per_step * d.train_seq_len):
+            raise ConfigError(
+                f"data.train_batch_tokens: {d.train_batch_tokens} is not divisible by "
+                f"micro_batches_per_step x train_seq_len = {d.micro_batches_per_step} x {d.train_seq_len}")
+        if e.eval_seq_len <= 0:
+            raise ConfigError("eval.eval_seq_len: must be positive")
+        if not 0 < e.sliding_stride <= e.eval_seq_len:
+            raise ConfigError(f"eval.sliding_stride: must be in (0, eval_seq_len={e.eval_seq_len}]")
+        if e.val_batch_tokens < e.eval_seq_len:
+            raise ConfigError(f"eval.val_batch_tokens: must be at least eval_seq_len={e.eval_seq_len}")
+        if e.sliding_batch_windows <= 0:
+            raise ConfigError("eval.sliding_batch_windows: must be positive")
+        if self.schedule.qat_scope not in ("small", "all"):
+            raise ConfigError("schedule.qat_scope: 'small' or 'all'")
+        return self
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of `to_dict`; unknown sections or fields raise ConfigError."""
+    sections = {}
+    for f in dataclasses.fields(Config):
+        sub = dict(d.get(f.name, {}))
+        cls = f.default_factory  # type: ignore[misc]
+        known = {g.name for g in dataclasses.fields(cls)}
+        unknown = sorted(set(sub) - known)
+        if unknown:
+            raise ConfigError(f"{f.name}: unknown field(s) {', '.join(unknown)}")
+        sections[f.name] = cls(**sub)
+    unknown = sorted(set(d) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {', '.join(unknown)}")
+    return Config(**sections)

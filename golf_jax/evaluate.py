@@ -1,0 +1,194 @@
+"""Evaluation in bits per byte: standard (non-overlapping windows) and
+sliding-window, as the reference scores the record.
+
+Both run one jitted function over fixed-shape batches of windows (the last
+batch padded and masked), so each compiles once per process. Per-window loss
+sums come back in float32 and are accumulated in float64 on the host; token
+and byte counts are exact integers computed on the host.
+
+    python -m golf_jax.evaluate --config configs/smoke.py [--init-from final_model.pt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from golf_jax import data, model
+from golf_jax.config import Config, ModelConfig
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float  # mean cross-entropy, nats per token
+    bpb: float  # bits per byte
+    tokens: int  # scored tokens (the reference's sliding tail counts some twice)
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Window w feeds tokens[start : start + seq_len] (zero past `hi`) and
+    scores its positions lo <= p < hi, i.e. targets start + 1 + p."""
+
+    starts: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+def standard_plan(n_targets: int, seq_len: int) -> WindowPlan:
+    """Non-overlapping full windows over the first n_targets // seq_len * seq_len targets."""
+    n = n_targets // seq_len
+    starts = np.arange(n, dtype=np.int64) * seq_len
+    return WindowPlan(starts, np.zeros(n, np.int64), np.full(n, seq_len, np.int64))
+
+
+def sliding_plan(n_targets: int, seq_len: int, stride: int, score_once: bool = False) -> WindowPlan:
+    """A window at every multiple of `stride` below n_targets, as the reference.
+
+    Window w covers wlen = min(start + seq_len, N) - start positions and scores
+    from 0 (first window) or max(wlen - stride, 0). reference quirk: the
+    trailing windows that reach N all score the same last `stride` targets, so
+    the tail is counted several times; `score_once` scores each target once.
+    """
+    starts = np.arange(0, n_targets, stride, dtype=np.int64)
+    hi = np.minimum(starts + seq_len, n_targets) - starts
+    lo = np.where(starts == 0, 0, np.maximum(hi - stride, 0))
+    if score_once:
+        # Start each window where the previous ones stopped scoring.
+        scored_to = np.maximum.accumulate(starts + hi)
+        prev_end = np.concatenate([[0], scored_to[:-1]])
+        lo = np.clip(prev_end - starts, lo, hi)
+    return WindowPlan(starts, lo, hi)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "seq_len"))
+def _window_loss_sums(params, cfg: ModelConfig, tokens_N: jax.Array, starts_W: jax.Array,
+                      lo_W: jax.Array, hi_W: jax.Array, seq_len: int) -> jax.Array:
+    """Sum of the scored positions' cross-entropy for each window, float32 [W]."""
+    pos_T = jnp.arange(seq_len + 1)
+    chunk_WxT1 = tokens_N[starts_W[:, None] + pos_T[None, :]]
+    x = jnp.where(pos_T[None, :-1] < hi_W[:, None], chunk_WxT1[:, :-1], 0)  # zero padding, as the reference
+    nll_WxT = model.token_nll(params, cfg, x, chunk_WxT1[:, 1:])
+    scored = (pos_T[None, :-1] >= lo_W[:, None]) & (pos_T[None, :-1] < hi_W[:, None])
+    return jnp.sum(jnp.where(scored, nll_WxT, 0.0), axis=1)
+
+
+def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, plan: WindowPlan,
+                  seq_len: int, batch_windows: int, desc: str = "eval", progress: bool = True) -> EvalResult:
+    """Score every window of `plan` over `tokens` (targets are tokens[1:])."""
+    t0 = time.perf_counter()
+    n_targets = len(tokens) - 1
+    # Pad so every window's slice is in range; padded positions are masked.
+    padded = np.zeros(n_targets + 1 + seq_len, np.int32)
+    padded[:len(tokens)] = tokens
+    tokens_dev = jnp.asarray(padded)
+    n = len(plan.starts)
+    n_batches = -(-n // batch_windows)
+    total = n_batches * batch_windows
+
+    def pad(a):
+        out = np.zeros(total, np.int32)
+        out[:n] = a
+        return out.reshape(n_batches, batch_windows)
+
+    starts, lo, hi = pad(plan.starts), pad(plan.lo), pad(plan.hi)
+    loss_sum = 0.0
+    in_flight: collections.deque = collections.deque()
+    for b in tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False):
+        in_flight.append(_window_loss_sums(params, cfg, tokens_dev, starts[b], lo[b], hi[b], seq_len))
+        # Read back two batches behind: the device stays busy while the
+        # progress bar tracks finished work.
+        while len(in_flight) > 2 or (b == n_batches - 1 and in_flight):
+            loss_sum += float(np.sum(np.asarray(in_flight.popleft(), dtype=np.float64)))
+
+    cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
+    token_count = int(np.sum(plan.hi - plan.lo))
+    byte_count = int(np.sum(cum_bytes[plan.starts + plan.hi] - cum_bytes[plan.starts + plan.lo]))
+    mean_loss, bpb = data.bits_per_byte(loss_sum, token_count, byte_count)
+    return EvalResult(mean_loss, bpb, token_count, byte_count, time.perf_counter() - t0)
+
+
+def standard_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, seq_len: int,
+                  batch_tokens: int, progress: bool = True) -> EvalResult:
+    """The reference's standard evaluation: consecutive windows of seq_len."""
+    plan = standard_plan(len(tokens) - 1, seq_len)
+    return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, max(1, batch_tokens // seq_len),
+                         "standard eval", progress)
+
+
+def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, seq_len: int,
+                 stride: int, batch_windows: int, score_once: bool = False, progress: bool = True) -> EvalResult:
+    """The reference's sliding-window evaluation (stride 64 in the record)."""
+    plan = sliding_plan(len(tokens) - 1, seq_len, stride, score_once)
+    return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, batch_windows, "sliding eval", progress)
+
+
+def load_eval_data(cfg: Config) -> tuple[np.ndarray, data.ByteTables, data.Dataset]:
+    """Validation tokens and byte tables, every input checked before any compilation."""
+    ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+                              cfg.data.val_pattern, cfg.model.vocab_size)
+    sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
+    tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
+                                         cfg.eval.max_val_tokens)
+    return tokens, data.byte_tables(sp, cfg.model.vocab_size), ds
+
+
+def run_evaluations(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables,
+                    progress: bool = True) -> dict[str, EvalResult]:
+    e = cfg.eval
+    return {
+        "standard": standard_eval(params, cfg.model, tokens, tables, e.eval_seq_len, e.val_batch_tokens, progress),
+        "sliding": sliding_eval(params, cfg.model, tokens, tables, e.eval_seq_len, e.sliding_stride,
+                                e.sliding_batch_windows, e.sliding_score_once, progress),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from golf_jax import cli, compat
+
+    parser = argparse.ArgumentParser(prog="python -m golf_jax.evaluate",
+                                     description="Evaluate a model (fresh from the seed, or reference weights) in bits per byte.")
+    parser.add_argument("--init-from", default="", help="reference weights: .npz or final_model.pt (default: fresh init)")
+    parser.add_argument("--no-progress", action="store_true")
+    cfg, args = cli.parse(parser, argv)
+    try:
+        tokens, tables, ds = load_eval_data(cfg)
+        source = args.init_from or cfg.run.init_from
+        if source:
+            params = model.cast_params(compat.params_from_reference(compat.load_reference_state(source), cfg.model),
+                                       cfg.model)
+        else:
+            params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
+    except (data.DataError, compat.CompatError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+    print(f"model: {model.param_count(params):,} parameters ({source or f'fresh init, seed {cfg.run.seed}'}); "
+          f"backend {jax.default_backend()}, compute {jnp.dtype(model.compute_dtype(cfg.model)).name}")
+    print(f"val: {len(tokens) - 1:,} target tokens from {ds.val_pattern}")
+    results = run_evaluations(params, cfg, tokens, tables, progress=not args.no_progress)
+    for name, r in results.items():
+        print(f"{name:>8}: loss {r.loss:.4f}  bpb {r.bpb:.4f}  ({r.tokens:,} tokens, {r.bytes:,} bytes, {r.seconds:.1f} s)")
+    out = Path(cfg.run.output_dir) / "eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({k: asdict(v) for k, v in results.items()}, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Config dataclasses, config files and --config.<field>=<value> overrides."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from golf_jax import cli, config
+from golf_jax.config import Config, ConfigError, ModelConfig
+from tests.conftest import REPO, fixture_path
+
+
+def test_model_config_takes_the_reference_json():
+    cfg = ModelConfig(**json.loads(fixture_path("model_tiny_config.json").read_text()))
+    assert (cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.ve_layer_indices) == (128, 4, 2, (9, 10))
+    assert cfg.head_dim == 32 and cfg.kv_dim == 64 and cfg.mlp_dim == 384 and cfg.num_skip_weights == 5
+
+
+def test_record_config_is_the_appendix():
+    cfg = cli.load_config_file(str(REPO / "configs/record.py")).validate()
+    m, o, s, q, e = cfg.model, cfg.optimizer, cfg.schedule, cfg.quant, cfg.eval
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_dim) == (11, 512, 8, 4, 1536)
+    assert (m.bigram_vocab_size, m.bigram_dim, m.xsa_last_n, m.rope_dims, m.ve_layers) == (3072, 112, 11, 16, "9,10")
+    assert (cfg.data.train_seq_len, cfg.data.train_batch_tokens, e.eval_seq_len) == (2048, 786_432, 2048)
+    assert (o.matrix_lr, o.muon_momentum, o.muon_momentum_warmup_start, o.tied_embed_lr) == (0.025, 0.99, 0.92, 0.035)
+    assert (s.warmdown_iters, s.max_wallclock_seconds, s.ema_decay, s.late_qat_threshold) == (4000, 600.0, 0.997, 0.15)
+    assert (q.clip_range, q.calib_num_seqs, q.calib_temperature, e.sliding_stride) == (31, 64, 0.8, 64)
+    assert cfg.run.seed == 314
+
+
+def test_smoke_config_is_small_and_valid():
+    cfg = cli.load_config_file(str(REPO / "configs/smoke.py")).validate()
+    assert cfg.model.num_layers <= 4 and cfg.data.data_dir == "embedded"
+
+
+def test_overrides_dotted_bare_and_typed():
+    cfg = Config()
+    out = cli.apply_overrides(cfg, [("model.num_layers", "4"), ("sliding_stride", "32"),
+                                    ("ln_scale", "false"), ("matrix_lr", "0.01"), ("output_dir", "x/y"),
+                                    ("train_batch_tokens", "1_048_576")])
+    assert out.model.num_layers == 4 and out.eval.sliding_stride == 32 and out.model.ln_scale is False
+    assert out.optimizer.matrix_lr == 0.01 and out.run.output_dir == "x/y"
+    assert out.data.train_batch_tokens == 1_048_576
+    assert cfg.model.num_layers == 11  # frozen: the original is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    (("model.num_layerz", "4"), "section 'model' has no field 'num_layerz'"),
+    (("nonsense", "1"), "--config.nonsense: unknown config field"),
+    (("model.num_layers", "four"), "'four' is not a valid int"),
+    (("ln_scale", "maybe"), "'maybe' is not a valid bool"),
+    (("matrix_lr", "fast"), "'fast' is not a valid float"),
+])
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        cli.apply_overrides(Config(), [override])
+
+
+def test_split_overrides_both_spellings():
+    overrides, rest = cli.split_overrides(["--config", "c.py", "--config.a.b=1", "--config.c", "2", "--x"])
+    assert overrides == [("a.b", "1"), ("c", "2")] and rest == ["--config", "c.py", "--x"]
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"num_heads": 6}, "model.num_heads"),
+    ({"num_kv_heads": 3}, "model.num_kv_heads"),
+    ({"rope_dims": 7}, "model.rope_dims"),
+    ({"ve_layers": "9,11"}, "model.ve_layers"),
+    ({"ve_layers": "a,b"}, "model.ve_layers"),
+    ({"compute_dtype": "float16"}, "model.compute_dtype"),
+])
+def test_validation_names_the_field(changes, field):
+    import dataclasses
+    with pytest.raises(ConfigError, match=field):
+        dataclasses.replace(Config(), model=dataclasses.replace(ModelConfig(), **changes)).validate()
+
+
+def test_indivisible_batch_names_the_field():
+    cfg = cli.apply_overrides(Config(), [("train_batch_tokens", "1000")])
+    with pytest.raises(ConfigError, match="data.train_batch_tokens"):
+        cfg.validate()
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        cli.load_config_file(tmp_path / "none.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("from golf_jax.config import Config, ModelConfig\n"
+                   "def get_config():\n    return Config(model=ModelConfig(num_layerz=3))\n")
+    with pytest.raises(ConfigError, match=r"bad.py: .*num_layerz"):
+        cli.load_config_file(bad)
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="defines no get_config"):
+        cli.load_config_file(empty)
+
+
+def test_parse_exits_with_a_one_line_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.parse(argparse.ArgumentParser(prog="prog"), ["--config", str(REPO / "configs/smoke.py"), "--config.num_heads=3"])
+    assert e.value.code == 2
+    assert "config error: model.num_heads" in capsys.readouterr().err
+
+
+def test_dict_round_trip():
+    cfg = cli.load_config_file(str(REPO / "configs/record.py"))
+    assert config.from_dict(config.to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match="unknown field"):
+        config.from_dict({"model": {"bogus": 1}})

@@ -1,0 +1,57 @@
+"""Shared test helpers: where the reference fixtures and embedded data live."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from golf_jax import compat, data
+from golf_jax.config import ModelConfig
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("GOLF_JAX_FIXTURES", REPO.parent / "shared" / "fixtures" / "reference"))
+
+
+def fixture_path(name: str) -> Path:
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.skip(f"reference fixture {path} not present (set GOLF_JAX_FIXTURES)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> ModelConfig:
+    return ModelConfig(**json.loads(fixture_path("model_tiny_config.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def tiny_ref() -> dict:
+    with np.load(fixture_path("model_tiny.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_ref, tiny_cfg):
+    state = {k.removeprefix("param/"): v for k, v in tiny_ref.items() if k.startswith("param/")}
+    return compat.params_from_reference(state, tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = data.shared_data_dir()
+    if root is None:
+        pytest.skip("embedded data (../shared/data) not present")
+    return root
+
+
+def pytest_collection_modifyitems(config, items):
+    if jax.default_backend() != "gpu":
+        skip = pytest.mark.skip(reason="needs a GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

@@ -1,0 +1,214 @@
+"""Shards, the exporter, the token streams, byte tables and the embedded dataset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from golf_jax import data
+from tests.conftest import fixture_path
+
+
+def write(path, tokens):
+    data.write_shard(path, np.asarray(tokens, np.uint16))
+    return path
+
+
+# ----------------------------------------------------------------------------- shard format
+
+def test_shard_round_trip_and_header(tmp_path):
+    toks = np.random.default_rng(0).integers(0, 1024, 1000)
+    path = write(tmp_path / "s.bin", toks)
+    raw = path.read_bytes()
+    assert len(raw) == 1024 + 2 * 1000
+    header = np.frombuffer(raw[:1024], "<i4")
+    assert list(header[:3]) == [20240520, 1, 1000] and not header[3:].any()
+    np.testing.assert_array_equal(data.read_shard(path), toks)
+    assert not list(tmp_path.glob("*.tmp"))  # written through a temporary name
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b[:500], "truncated shard"),
+    (lambda b: b[:-2], "truncated"),
+    (lambda b: b + b"\0\0", "header says"),
+    (lambda b: np.int32(7).tobytes() + b[4:], "bad shard magic"),
+    (lambda b: b[:4] + np.int32(2).tobytes() + b[8:], "unsupported shard version"),
+    (lambda b: b"", "shorter than the 1024-byte header"),
+])
+def test_bad_shards_name_file_and_problem(tmp_path, mutate, message):
+    good = write(tmp_path / "good.bin", np.arange(100)).read_bytes()
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(mutate(good))
+    with pytest.raises(data.DataError, match=message) as e:
+        data.read_shard(bad)
+    assert str(bad) in str(e.value)
+
+
+def test_missing_shard_and_empty_pattern(tmp_path):
+    with pytest.raises(data.DataError, match="not found"):
+        data.read_shard(tmp_path / "nope.bin")
+    with pytest.raises(data.DataError, match="no shards match"):
+        data.shard_files(str(tmp_path / "x_*.bin"))
+
+
+# ----------------------------------------------------------------------------- exporter
+
+def test_prepare_reproduces_embedded_shards_byte_for_byte(tmp_path, shared_data):
+    out = tmp_path / "shards"
+    info = data.prepare([shared_data / "corpus" / "tinyshakespeare.txt"],
+                        shared_data / data.EMBEDDED_TOKENIZER, out, val_fraction=0.1)
+    assert info["val_documents"] == 722
+    for name in ["fineweb_val_000000.bin", "fineweb_train_000000.bin"]:
+        assert (out / name).read_bytes() == (shared_data / data.EMBEDDED_SHARDS / name).read_bytes(), name
+
+
+def test_prepare_jsonl_and_shard_size(tmp_path, shared_data):
+    import json
+    src = tmp_path / "docs.jsonl"
+    docs = [f"Document number {i}: to be or not to be." for i in range(20)]
+    src.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
+    tok = shared_data / data.EMBEDDED_TOKENIZER
+    info = data.prepare([src], tok, tmp_path / "out", val_docs=3, shard_tokens=50)
+    sp = data.load_tokenizer(tok)
+    want_val = np.concatenate([[1] + sp.encode(d) for d in docs[:3]])
+    want_train = np.concatenate([[1] + sp.encode(d) for d in docs[3:]])
+    val = np.concatenate([data.read_shard(p) for p in sorted((tmp_path / "out").glob("*_val_*.bin"))])
+    train_files = sorted((tmp_path / "out").glob("*_train_*.bin"))
+    train = np.concatenate([data.read_shard(p) for p in train_files])
+    np.testing.assert_array_equal(val, want_val)
+    np.testing.assert_array_equal(train, want_train)
+    assert all(len(data.read_shard(p)) == 50 for p in train_files[:-1]) and len(train_files) == -(-len(want_train) // 50)
+    assert info["tokens"] == {"val": len(want_val), "train": len(want_train)}
+
+
+def test_prepare_rejects_bad_jsonl(tmp_path, shared_data):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2"):
+        data.prepare([src], shared_data / data.EMBEDDED_TOKENIZER, tmp_path / "o", val_docs=1)
+
+
+# ----------------------------------------------------------------------------- token streams
+
+def test_token_stream_crosses_shards_and_wraps(tmp_path):
+    write(tmp_path / "t_000001.bin", [5, 6, 7])
+    write(tmp_path / "t_000000.bin", [0, 1, 2, 3, 4])  # sorted order, not creation order
+    s = data.TokenStream(str(tmp_path / "t_*.bin"), vocab_size=16)
+    np.testing.assert_array_equal(s.take(4), [0, 1, 2, 3])
+    np.testing.assert_array_equal(s.take(6), [4, 5, 6, 7, 0, 1])
+    state = s.state()
+    a = s.take(5)
+    s.restore(state)
+    np.testing.assert_array_equal(s.take(5), a)
+
+
+def test_train_batches_same_tokens_for_every_device_count(tmp_path):
+    rng = np.random.default_rng(0)
+    write(tmp_path / "t_000000.bin", rng.integers(0, 64, 3000))
+    write(tmp_path / "t_000001.bin", rng.integers(0, 64, 2000))
+    pattern, global_tokens, seq = str(tmp_path / "t_*.bin"), 512, 16
+    streams = {}
+    for world in (1, 2, 4, 8):
+        b = data.TrainBatches(pattern, 64, global_tokens, seq, world_size=world, accum_steps=8 // world)
+        micro = [b.next_micro_batch() for _ in range(3 * (8 // world))]  # three optimizer steps
+        xs = np.concatenate([x for x, _ in micro])
+        ys = np.concatenate([y for _, y in micro])
+        assert xs.shape == (3 * global_tokens // seq, seq)
+        streams[world] = (xs, ys)
+    for world in (2, 4, 8):
+        np.testing.assert_array_equal(streams[world][0], streams[1][0])
+        np.testing.assert_array_equal(streams[world][1], streams[1][1])
+
+
+def test_train_batch_layout_matches_reference_spans(tmp_path):
+    toks = np.arange(10_000) % 1000
+    write(tmp_path / "t_000000.bin", toks)
+    b = data.TrainBatches(str(tmp_path / "t_*.bin"), 1024, global_tokens=64, seq_len=8, world_size=2, accum_steps=2)
+    x, y = b.next_micro_batch()  # 2 ranks x (16 + 1) tokens; rank r owns rows 2r, 2r+1
+    np.testing.assert_array_equal(x.reshape(2, 16), [toks[0:16], toks[17:33]])
+    np.testing.assert_array_equal(y.reshape(2, 16), [toks[1:17], toks[18:34]])
+    x2, _ = b.next_micro_batch()
+    assert x2[0, 0] == toks[34]
+
+
+def test_train_batches_reject_indivisible_batch(tmp_path):
+    write(tmp_path / "t_000000.bin", np.arange(100))
+    with pytest.raises(data.DataError, match="not divisible"):
+        data.TrainBatches(str(tmp_path / "t_*.bin"), 1024, global_tokens=100, seq_len=8, world_size=1, accum_steps=8)
+
+
+def test_validation_tokens_trimmed_plus_one(tmp_path):
+    write(tmp_path / "v_000000.bin", np.arange(50))
+    write(tmp_path / "v_000001.bin", np.arange(50, 75))
+    v = data.load_validation_tokens(str(tmp_path / "v_*.bin"), seq_len=16, vocab_size=100)
+    np.testing.assert_array_equal(v, np.arange(65))  # 4 x 16 + 1
+    assert len(data.load_validation_tokens(str(tmp_path / "v_*.bin"), 16, 100, max_tokens=40)) == 33
+
+
+def test_token_ids_beyond_vocab_are_an_error(tmp_path):
+    path = write(tmp_path / "v_000000.bin", [1, 2, 3, 1500, 4])
+    with pytest.raises(data.DataError, match=r"token id 1500 at position 3 is >= vocab_size 1024") as e:
+        data.load_validation_tokens(str(tmp_path / "v_*.bin"), 2, 1024)
+    assert str(path) in str(e.value)
+    with pytest.raises(data.DataError, match="vocab_size"):
+        data.TokenStream(str(tmp_path / "v_*.bin"), 1024)
+
+
+# ----------------------------------------------------------------------------- tokenizer and bytes
+
+def test_byte_tables_match_reference(shared_data):
+    e = np.load(fixture_path("eval_tiny.npz"))
+    t = data.byte_tables(data.load_tokenizer(shared_data / data.EMBEDDED_TOKENIZER, 1024), 1024)
+    np.testing.assert_array_equal(t.base_bytes, e["base_bytes"])
+    np.testing.assert_array_equal(t.has_leading_space, e["has_leading_space"])
+    np.testing.assert_array_equal(t.is_boundary, e["is_boundary"])
+
+
+def test_target_bytes_count_utf8_of_decoded_text(shared_data):
+    """Summed target bytes equal the UTF-8 length of the decoded documents
+    (for text the tokenizer covers: an unknown piece counts 0 bytes)."""
+    sp = data.load_tokenizer(shared_data / data.EMBEDDED_TOKENIZER, 1024)
+    t = data.byte_tables(sp, 1024)
+    docs = ["Hello there, friend.", "Second  document: 42 naive cafes!"]
+    tokens = np.concatenate([[1] + sp.encode(d) for d in docs])
+    assert sp.unk_id() not in tokens
+    assert int(t.target_bytes(tokens).sum()) == sum(len(sp.decode(sp.encode(d)).encode()) for d in docs)
+
+
+def test_tokenizer_vocab_mismatch_and_bad_file(tmp_path, shared_data):
+    with pytest.raises(data.DataError, match=r"has 1024 tokens but the model's vocab_size is 2048"):
+        data.load_tokenizer(shared_data / data.EMBEDDED_TOKENIZER, 2048)
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(data.DataError, match="not a SentencePiece model"):
+        data.load_tokenizer(junk)
+    with pytest.raises(data.DataError, match="tokenizer not found"):
+        data.load_tokenizer(tmp_path / "none.model")
+
+
+def test_bits_per_byte():
+    loss, bpb = data.bits_per_byte(loss_sum=200.0, token_count=100, byte_count=400)
+    assert loss == 2.0 and bpb == pytest.approx(2.0 / np.log(2) / 4)
+
+
+# ----------------------------------------------------------------------------- embedded dataset
+
+def test_pydoc_fallback_dataset(tmp_path, monkeypatch):
+    """Offline, without ../shared/data: a corpus from CPython's pydoc topics."""
+    monkeypatch.setenv("GOLF_JAX_SHARED_DATA", str(tmp_path / "absent"))
+    monkeypatch.setenv("GOLF_JAX_CACHE", str(tmp_path / "cache"))
+    ds = data.resolve_dataset("embedded", "", "fineweb_train_*.bin", "fineweb_val_*.bin", 1024)
+    sp = data.load_tokenizer(ds.tokenizer, 1024)
+    val = data.load_validation_tokens(ds.val_pattern, 256, 1024)
+    train = data.TokenStream(ds.train_pattern, 1024).take(10_000)
+    assert len(val) > 5000 and val[0] == sp.bos_id()
+    assert "def" in sp.decode(train.tolist())  # real Python documentation text
+    # Built once: a second resolve reuses the cache.
+    mtime = (tmp_path / "cache" / "pydoc_sp1024" / "tokenizer.model").stat().st_mtime_ns
+    data.resolve_dataset("embedded", "", "fineweb_train_*.bin", "fineweb_val_*.bin", 1024)
+    assert (tmp_path / "cache" / "pydoc_sp1024" / "tokenizer.model").stat().st_mtime_ns == mtime
+
+
+def test_missing_data_dir_names_field(tmp_path):
+    with pytest.raises(data.DataError, match=r"data directory not found \(data.data_dir\)"):
+        data.resolve_dataset(str(tmp_path / "nope"), "", "a*", "b*", 1024)
