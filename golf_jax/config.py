@@ -182,6 +182,8 @@ class QuantConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     eval_seq_len: int = 2048
+    # Global, as the reference: each of world_size x accumulation ranks
+    # evaluates val_batch_tokens / data.micro_batches_per_step per call.
     val_batch_tokens: int = 524_288
     val_loss_every: int = 4000
     sliding_stride: int = 64
@@ -190,6 +192,11 @@ class EvalConfig:
     # True scores every token exactly once instead.
     sliding_score_once: bool = False
     max_val_tokens: int = 0  # 0 = the whole validation set
+
+    def standard_batch_windows(self, micro_batches_per_step: int) -> int:
+        """Sequences per standard-eval call: the reference's per-rank val batch
+        (32 in the record, equal to sliding_batch_windows: one compilation)."""
+        return max(1, self.val_batch_tokens // (micro_batches_per_step * self.eval_seq_len))
 
 
 @dataclass(frozen=True)
@@ -226,8 +233,9 @@ class Config:
             raise ConfigError("eval.eval_seq_len: must be positive")
         if not 0 < e.sliding_stride <= e.eval_seq_len:
             raise ConfigError(f"eval.sliding_stride: must be in (0, eval_seq_len={e.eval_seq_len}]")
-        if e.val_batch_tokens < e.eval_seq_len:
-            raise ConfigError(f"eval.val_batch_tokens: must be at least eval_seq_len={e.eval_seq_len}")
+        if e.val_batch_tokens < e.eval_seq_len * d.micro_batches_per_step:
+            raise ConfigError(f"eval.val_batch_tokens: must be at least eval_seq_len x micro_batches_per_step "
+                              f"= {e.eval_seq_len * d.micro_batches_per_step}")
         if e.sliding_batch_windows <= 0:
             raise ConfigError("eval.sliding_batch_windows: must be positive")
         if self.schedule.qat_scope not in ("small", "all"):

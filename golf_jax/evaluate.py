@@ -123,11 +123,10 @@ def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Byt
 
 
 def standard_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, seq_len: int,
-                  batch_tokens: int, progress: bool = True) -> EvalResult:
+                  batch_windows: int, progress: bool = True) -> EvalResult:
     """The reference's standard evaluation: consecutive windows of seq_len."""
     plan = standard_plan(len(tokens) - 1, seq_len)
-    return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, max(1, batch_tokens // seq_len),
-                         "standard eval", progress)
+    return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, batch_windows, "standard eval", progress)
 
 
 def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, seq_len: int,
@@ -151,7 +150,8 @@ def run_evaluations(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTa
                     progress: bool = True) -> dict[str, EvalResult]:
     e = cfg.eval
     return {
-        "standard": standard_eval(params, cfg.model, tokens, tables, e.eval_seq_len, e.val_batch_tokens, progress),
+        "standard": standard_eval(params, cfg.model, tokens, tables, e.eval_seq_len,
+                                  e.standard_batch_windows(cfg.data.micro_batches_per_step), progress),
         "sliding": sliding_eval(params, cfg.model, tokens, tables, e.eval_seq_len, e.sliding_stride,
                                 e.sliding_batch_windows, e.sliding_score_once, progress),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,10 @@ from golf_jax.config import ModelConfig
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("GOLF_JAX_FIXTURES", REPO.parent / "shared" / "fixtures" / "reference"))
 
+# Parity is float32 against float32: on a GPU, float32 matmuls would
+# otherwise run as TF32. A no-op on the CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 
 def fixture_path(name: str) -> Path:
     path = FIXTURES / name
@@ -26,7 +31,9 @@ def fixture_path(name: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ModelConfig:
-    return ModelConfig(**json.loads(fixture_path("model_tiny_config.json").read_text()))
+    """The fixtures' model, on the reference-precision path on any backend."""
+    cfg = ModelConfig(**json.loads(fixture_path("model_tiny_config.json").read_text()))
+    return dataclasses.replace(cfg, compute_dtype="float32", attention_impl="jnp")
 
 
 @pytest.fixture(scope="session")

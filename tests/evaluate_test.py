@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ def tables(eval_ref):
 
 
 def test_standard_eval_matches_reference(tiny_params, tiny_cfg, eval_ref, tables):
-    r = evaluate.standard_eval(tiny_params, tiny_cfg, eval_ref["val_tokens"], tables, seq_len=128, batch_tokens=128 * 5)
+    r = evaluate.standard_eval(tiny_params, tiny_cfg, eval_ref["val_tokens"], tables, seq_len=128, batch_windows=5)
     assert r.tokens == 3000 // 128 * 128  # the partial tail window is dropped, as the reference
     assert abs(r.loss - float(eval_ref["val_loss"])) <= 1e-5
     assert abs(r.bpb - float(eval_ref["val_bpb"])) <= 1e-5
@@ -97,3 +98,17 @@ def test_main_job_errors_before_compiling(tmp_path, capsys):
                        "--config.data.tokenizer_path=x.model"])
     assert e.value.code == 2
     assert "data directory not found" in capsys.readouterr().err
+
+
+def test_standard_and_sliding_share_one_compilation(tiny_params, tiny_cfg, eval_ref, tables):
+    """With the record's batch rule both evaluations run one compiled program."""
+    from golf_jax import cli
+    record = cli.load_config_file(str(REPO / "configs/record.py"))
+    assert record.eval.standard_batch_windows(record.data.micro_batches_per_step) == record.eval.sliding_batch_windows
+    cfg = cli.apply_overrides(record, [("eval_seq_len", "128"), ("sliding_stride", "32"), ("sliding_batch_windows", "4"),
+                                       ("val_batch_tokens", str(4 * 128 * 8))])
+    cfg = dataclasses.replace(cfg, model=tiny_cfg)
+    before = evaluate._window_loss_sums._cache_size()
+    results = evaluate.run_evaluations(tiny_params, cfg, eval_ref["val_tokens"][:1025], tables, progress=False)
+    assert results["standard"].tokens == 1024 and results["sliding"].tokens > 1024
+    assert evaluate._window_loss_sums._cache_size() == before + 1
