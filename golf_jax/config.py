@@ -35,7 +35,7 @@ class ModelConfig:
     bigram_vocab_size: int = 3072  # 0 disables BigramHash
     bigram_dim: int = 112
     xsa_last_n: int = 11  # XSA on layers >= num_layers - xsa_last_n
-    rope_dims: int = 16  # rotary on the first rope_dims of each head's dims
+    rope_dims: int = 16  # rotary on the first rope_dims of each head's dims; 0 = all
     ln_scale: bool = True  # pre-norm outputs scaled by 1/sqrt(layer + 1)
     ve_enabled: bool = True
     ve_dim: int = 128
@@ -60,6 +60,10 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.rope_dims or self.head_dim
 
     @property
     def mlp_dim(self) -> int:
@@ -98,8 +102,8 @@ class ModelConfig:
              f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}")
         need(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
              f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        need(self.rope_dims % 2 == 0 and 2 < self.rope_dims <= self.head_dim, "rope_dims",
-             f"must be even, > 2 and <= head_dim {self.head_dim} (got {self.rope_dims})")
+        need(self.rope_dims == 0 or (self.rope_dims % 2 == 0 and 2 < self.rope_dims <= self.head_dim), "rope_dims",
+             f"must be 0 (all dims) or even, > 2 and <= head_dim {self.head_dim} (got {self.rope_dims})")
         need(self.mlp_dim > 0, "mlp_mult", "must give a positive hidden size")
         need(self.logit_softcap > 0, "logit_softcap", "must be positive")
         need(0 <= self.xsa_last_n <= self.num_layers, "xsa_last_n",
@@ -109,7 +113,7 @@ class ModelConfig:
         try:
             layers = self.ve_layer_indices
         except ValueError:
-            raise ConfigError(f"model.ve_layers: expected comma-separated layer indices, got {self.ve_layers!r}")
+            raise ConfigError(f"model.ve_layers: expected comma-separated layer indices, got {self.ve_layers!r}") from None
         need(all(0 <= i < self.num_layers for i in layers), "ve_layers",
              f"layer indices must be in [0, {self.num_layers}), got {self.ve_layers!r}")
         need(len(set(layers)) == len(layers), "ve_layers", f"repeated layer in {self.ve_layers!r}")

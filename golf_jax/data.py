@@ -80,10 +80,17 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(header.tobytes())
             f.write(tokens.astype(TOKEN_DTYPE).tobytes())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def shard_files(pattern: str) -> list[Path]:
@@ -389,6 +396,7 @@ def pydoc_dataset(vocab_size: int = 1024) -> Path:
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, add_dummy_prefix=False, normalization_rule_name="nmt_nfkc",
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
     prepare([corpus], work / "tokenizer.model", work, val_fraction=0.1)
+    os.chmod(work, 0o777 & ~_umask())
     try:
         os.replace(work, target)
     except OSError:  # another process built it first

@@ -15,7 +15,6 @@ import argparse
 import collections
 import functools
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -154,13 +154,14 @@ def bigram_buckets(tokens_BxT: jax.Array, bigram_vocab_size: int) -> jax.Array:
 def rotary_base(cfg: ModelConfig, seq_len: int) -> float:
     # reference quirk: NTK-scaled RoPE base above rope_ntk_base_len (1024) tokens.
     if seq_len > cfg.rope_ntk_base_len:
-        return cfg.rope_base * (seq_len / cfg.rope_ntk_base_len) ** (cfg.rope_dims / (cfg.rope_dims - 2))
+        r = cfg.rotary_dims
+        return cfg.rope_base * (seq_len / cfg.rope_ntk_base_len) ** (r / (r - 2))
     return cfg.rope_base
 
 
 def rotary_tables(cfg: ModelConfig, positions_T: jax.Array, base: float) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [T, rope_dims / 2] in float32 (as the reference computes them)."""
-    exponents = jnp.arange(0, cfg.rope_dims, 2, dtype=jnp.float32) / cfg.rope_dims
+    """cos, sin [T, rotary_dims / 2] in float32 (as the reference computes them)."""
+    exponents = jnp.arange(0, cfg.rotary_dims, 2, dtype=jnp.float32) / cfg.rotary_dims
     inv_freq = 1.0 / (jnp.float32(base) ** exponents)
     freqs = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
     return jnp.cos(freqs), jnp.sin(freqs)
@@ -247,8 +248,8 @@ def block(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, x0: jax.Ar
     if ve_BxTxKV is not None:
         v = v + ve_BxTxKV
     v = v.reshape(B, T, K, D)
-    q = apply_rotary(rms_norm(q), *rope, cfg.rope_dims) * p["q_gain"][None, None, :, None]
-    k = apply_rotary(rms_norm(k), *rope, cfg.rope_dims)
+    q = apply_rotary(rms_norm(q), *rope, cfg.rotary_dims) * p["q_gain"][None, None, :, None]
+    k = apply_rotary(rms_norm(k), *rope, cfg.rotary_dims)
     y = attention(q, k, v, attention_impl(cfg))
     if cfg.xsa_on(layer):
         y = exclusive_self_attention(y, v)

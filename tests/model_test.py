@@ -66,6 +66,14 @@ def test_rotary_base_quirk():
     assert model.rotary_base(cfg, 2048) == pytest.approx(10000.0 * 2.0 ** (16 / 14))
 
 
+def test_rope_dims_zero_means_every_head_dim():
+    cfg = ModelConfig(rope_dims=0)
+    assert cfg.rotary_dims == cfg.head_dim == 64
+    assert model.rotary_base(cfg, 2048) == pytest.approx(10000.0 * 2.0 ** (64 / 62))
+    cos, _ = model.rotary_tables(cfg, jnp.arange(4), 10000.0)
+    assert cos.shape == (4, 32)
+
+
 def test_gqa_attention_matches_repeated_kv_softmax():
     rng = np.random.default_rng(0)
     B, T, H, K, D = 2, 9, 4, 2, 8
