@@ -11,6 +11,8 @@ Sections:
   grad       loss + gradient of one training micro-batch (the reference's 48 x 2048
              per GPU): tokens/s, MFU against the measured bf16 matmul rate, peak memory.
              The optimizer update is not in it: an upper bound on a training step.
+  train      the real optimizer step (golf_jax.train: accumulation, Parallel Muon, AdamW,
+             EMA) with all micro-batches and with one, and the host time of the data feed.
   attention  causal GQA attention alone, cuDNN vs the jnp path, forward and forward+backward.
 """
 
@@ -72,9 +74,24 @@ def random_tokens(shape, vocab: int, seed: int = 0) -> jax.Array:
     return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
 
 
-def bench_eval(params, cfg, seq_len: int, stride: int, batch_windows: int, repeats: int) -> dict:
+def text_tokens(cfg, shape, seed: int = 0) -> jax.Array:
+    """Tokens of real text (the config's train shards) when they can be found,
+    else uniform random ones. Real text matters: its skewed token frequencies
+    make the embedding gradients' scatter-adds collide, uniform ids do not."""
+    from golf_jax import data
+    try:
+        ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+                                  cfg.data.val_pattern, cfg.model.vocab_size)
+        stream = data.TokenStream(ds.train_pattern, cfg.model.vocab_size)
+    except data.DataError:
+        return random_tokens(shape, cfg.model.vocab_size, seed)
+    stream.take(seed * 9973)
+    return jnp.asarray(stream.take(int(np.prod(shape))).reshape(shape))
+
+
+def bench_eval(params, cfg, tokens_fn, seq_len: int, stride: int, batch_windows: int, repeats: int) -> dict:
     n_tokens = 4 * seq_len + 1
-    tokens = random_tokens((n_tokens + seq_len,), cfg.model.vocab_size)
+    tokens = tokens_fn((n_tokens + seq_len,))
     starts = (jnp.arange(batch_windows) * stride) % (n_tokens - seq_len)
     lo = jnp.full((batch_windows,), seq_len - stride, jnp.int32)
     hi = jnp.full((batch_windows,), seq_len, jnp.int32)
@@ -86,9 +103,9 @@ def bench_eval(params, cfg, seq_len: int, stride: int, batch_windows: int, repea
     return r
 
 
-def bench_grad(params, cfg, batch_seqs: int, seq_len: int, repeats: int) -> dict:
-    x = random_tokens((batch_seqs, seq_len), cfg.model.vocab_size, 1)
-    y = random_tokens((batch_seqs, seq_len), cfg.model.vocab_size, 2)
+def bench_grad(params, cfg, tokens_fn, batch_seqs: int, seq_len: int, repeats: int) -> dict:
+    x = tokens_fn((batch_seqs, seq_len), 1)
+    y = tokens_fn((batch_seqs, seq_len), 2)
     step = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
     r = time_call(step, params, cfg.model, x, y, repeats=repeats)
     dense, attn = matmul_flops_per_token(cfg.model, seq_len)
@@ -97,6 +114,57 @@ def bench_grad(params, cfg, batch_seqs: int, seq_len: int, repeats: int) -> dict
     r.update(tokens_per_s=tokens / r["median_s"], tflops=tflops, mfu=tflops / H100_MATMUL_TFLOPS,
              peak_memory_bytes=peak_memory_bytes(), shape=[batch_seqs, seq_len])
     return r
+
+
+def bench_train_step(params, cfg, tokens_fn, micro_batches: int, repeats: int) -> dict:
+    """The real optimizer step (golf_jax.train) on one device: `micro_batches`
+    accumulation steps of train_batch_tokens / micro_batches_per_step tokens."""
+    import dataclasses
+
+    from golf_jax import optim, train
+
+    per_micro = cfg.data.train_batch_tokens // cfg.data.micro_batches_per_step
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, micro_batches_per_step=micro_batches, train_batch_tokens=per_micro * micro_batches),
+        run=dataclasses.replace(cfg.run, num_devices=1))
+    mesh = train.make_mesh(1)
+    tx = optim.build_optimizer(cfg.optimizer, cfg.model, train.AXIS)
+    state = train.init_state(params, tx, mesh, cfg.schedule.swa_enabled)
+    step = train.make_train_step(cfg, mesh, tx, state)
+    seqs = per_micro // cfg.data.train_seq_len
+    xs = tokens_fn((micro_batches, seqs, cfg.data.train_seq_len), 4)
+    ys = tokens_fn((micro_batches, seqs, cfg.data.train_seq_len), 5)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train.AXIS))
+    xs, ys = jax.device_put(xs, batch_sharding), jax.device_put(ys, batch_sharding)
+    box = [state]
+
+    def run():
+        box[0], loss = step(box[0], xs, ys, 1.0, False, False)
+        return loss
+
+    r = time_call(run, repeats=repeats)
+    tokens = micro_batches * per_micro
+    r.update(tokens_per_s=tokens / r["median_s"], micro_batches=micro_batches, peak_memory_bytes=peak_memory_bytes())
+    return r
+
+
+def bench_data_feed(cfg, repeats: int) -> dict | None:
+    """Host time to assemble one optimizer step's batch from the shards (0 if no data)."""
+    from golf_jax import data
+    try:
+        ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+                                  cfg.data.val_pattern, cfg.model.vocab_size)
+        batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
+                                    cfg.data.train_seq_len, 1, cfg.data.micro_batches_per_step)
+    except data.DataError:
+        return None
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(cfg.data.micro_batches_per_step):
+            batches.next_micro_batch()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times)}
 
 
 def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict:
@@ -125,16 +193,19 @@ def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) ->
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m golf_jax.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="eval,grad,attention")
+    parser.add_argument("--sections", default="eval,grad,train,attention")
     parser.add_argument("--grad-batch-seqs", type=int, default=48, help="the reference's per-GPU micro-batch")
     parser.add_argument("--attention-batch", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--random-tokens", action="store_true", help="uniform ids instead of the config's text")
     parser.add_argument("--out", default="runs/bench")
     cfg, args = cli.parse(parser, argv, default_config=str(Path(__file__).resolve().parents[1] / "configs" / "record.py"))
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    tokens = ((lambda shape, seed=0: random_tokens(shape, cfg.model.vocab_size, seed)) if args.random_tokens
+              else (lambda shape, seed=0: text_tokens(cfg, shape, seed)))
 
     dev = jax.devices()[0]
-    results: dict = {"device": dev.device_kind, "backend": jax.default_backend(), "jax": jax.__version__,
+    results: dict = {"device": dev.device_kind, "tokens": "uniform random" if args.random_tokens else "text", "backend": jax.default_backend(), "jax": jax.__version__,
                      "compute_dtype": jnp.dtype(model.compute_dtype(cfg.model)).name,
                      "attention_impl": model.attention_impl(cfg.model)}
     params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
@@ -147,9 +218,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     results["parameters"] = model.param_count(params)
     e = cfg.eval
     if "eval" in sections:
-        results["eval"] = bench_eval(params, cfg, e.eval_seq_len, e.sliding_stride, e.sliding_batch_windows, args.repeats)
+        results["eval"] = bench_eval(params, cfg, tokens, e.eval_seq_len, e.sliding_stride, e.sliding_batch_windows, args.repeats)
     if "grad" in sections:
-        results["grad"] = bench_grad(params, cfg, args.grad_batch_seqs, cfg.data.train_seq_len, args.repeats)
+        results["grad"] = bench_grad(params, cfg, tokens, args.grad_batch_seqs, cfg.data.train_seq_len, args.repeats)
+    if "train" in sections:
+        results["train"] = bench_train_step(params, cfg, tokens, cfg.data.micro_batches_per_step,
+                                            max(3, args.repeats // 2))
+        results["train_one_micro"] = bench_train_step(params, cfg, tokens, 1, args.repeats)
+        results["data_feed"] = bench_data_feed(cfg, args.repeats)
     if "attention" in sections:
         results["attention"] = bench_attention(cfg.model, args.attention_batch, cfg.data.train_seq_len, args.repeats)
 
@@ -170,6 +246,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{'loss+grad micro-batch ' + 'x'.join(map(str, r['shape'])):<44}{r['median_s'] * 1e3:>10.2f}ms"
               f"{r['first_call_s']:>11.1f}s  {r['tokens_per_s'] / 1e6:.3f} M tok/s, {r['tflops']:.0f} TFLOP/s, "
               f"MFU {r['mfu']:.1%}" + (f", peak {mem / 2**30:.1f} GiB" if mem else ""))
+    for key in ("train", "train_one_micro"):
+        if key in results:
+            r = results[key]
+            print(f"{'train step, ' + str(r['micro_batches']) + ' micro-batches':<44}{r['median_s'] * 1e3:>10.2f}ms"
+                  f"{r['first_call_s']:>11.1f}s  {r['tokens_per_s'] / 1e6:.3f} M tok/s, "
+                  f"peak {r['peak_memory_bytes'] / 2**30 if r['peak_memory_bytes'] else float('nan'):.1f} GiB")
+    if results.get("data_feed"):
+        print(f"{'data feed, one step (host)':<44}{results['data_feed']['median_s'] * 1e3:>10.2f}ms")
     if "attention" in results:
         a = results["attention"]
         for impl in ("cudnn", "jnp"):

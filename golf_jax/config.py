@@ -150,6 +150,7 @@ class OptimizerConfig:
     muon_ns_dtype: str = "bfloat16"
     tied_embed_lr: float = 0.035  # AdamW: tok_emb, bigram table, VE table
     scalar_lr: float = 0.025  # AdamW: everything else
+    head_lr: float = 0.008  # AdamW: an untied lm_head (the record ties it)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -209,6 +210,8 @@ class RunConfig:
     output_dir: str = "runs/record"
     init_from: str = ""  # .npz of reference-named arrays or a reference final_model.pt
     train_log_every: int = 500
+    checkpoint_every: int = 1000  # steps; 0 = only at the end
+    num_devices: int = 0  # 0 = every local device
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,10 @@ class Config:
                               f"= {e.eval_seq_len * d.micro_batches_per_step}")
         if e.sliding_batch_windows <= 0:
             raise ConfigError("eval.sliding_batch_windows: must be positive")
+        if self.run.train_log_every <= 0:
+            raise ConfigError("run.train_log_every: must be positive")
+        if self.run.checkpoint_every < 0 or self.run.num_devices < 0:
+            raise ConfigError("run.checkpoint_every and run.num_devices: must be >= 0")
         if self.schedule.qat_scope not in ("small", "all"):
             raise ConfigError("schedule.qat_scope: 'small' or 'all'")
         return self

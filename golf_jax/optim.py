@@ -1,0 +1,195 @@
+"""The record's optimizer: Muon for the four weight banks, AdamW for the rest,
+one global gradient-norm clip before both, and the learning-rate multiplier
+(warmdown) that scales every group.
+
+Each piece is an optax GradientTransformation, so the whole is
+`optax.chain(clip, optax.multi_transform({...}, labels))`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from golf_jax.config import ModelConfig, OptimizerConfig, ScheduleConfig
+from golf_jax.model import EMBEDDING_KEYS, Params, _path_name
+
+BANK_KEYS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz (a, b, c)
+NS_EPS = 1e-7
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+
+ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
+
+
+# ----------------------------------------------------------------------------- Muon
+
+def newton_schulz(g: jax.Array, steps: int = 5, dtype=jnp.bfloat16) -> jax.Array:
+    """Orthogonalise each matrix of a batch [..., rows, cols] by the quintic
+    Newton-Schulz iteration, in `dtype`. Returns `dtype`."""
+    a, b, c = NS_COEFFS
+    precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+    mm = lambda x, y: jnp.matmul(x, y, precision=precision)  # noqa: E731
+    x = g.astype(dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(-2, -1), keepdims=True))
+    x = x / (norm.astype(dtype) + NS_EPS)
+    transposed = x.shape[-2] > x.shape[-1]
+    if transposed:
+        x = jnp.swapaxes(x, -1, -2)
+    for _ in range(steps):
+        A = mm(x, jnp.swapaxes(x, -1, -2))
+        B = b * A + c * mm(A, A)
+        x = a * x + mm(B, x)
+    return jnp.swapaxes(x, -1, -2) if transposed else x
+
+
+class MuonState(NamedTuple):
+    count: jax.Array
+    momentum: Any
+
+
+def _value(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    return v(count) if callable(v) else jnp.asarray(v, jnp.float32)
+
+
+def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: int = 5,
+         weight_decay: float = 0.0, momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+    """Muon on banks of matrices [n, rows, cols] (each matrix orthogonalised alone).
+
+    buf = momentum * buf + g; u = g + momentum * buf (nesterov) or buf;
+    O = NewtonSchulz(u); p <- p (1 - lr wd) - lr max(1, rows/cols)^0.5 O.
+    reference quirk: the gradient is cast to bf16 and the buffer and the
+    iteration stay bf16 (momentum_dtype, ns_dtype); float32 is better.
+    """
+    momentum_dtype, ns_dtype = jnp.dtype(momentum_dtype), jnp.dtype(ns_dtype)
+
+    def init_fn(params):
+        return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(lambda p: jnp.zeros(p.shape, momentum_dtype), params))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("muon needs params for its decoupled weight decay")
+        lr, mom = _value(learning_rate, state.count), _value(momentum, state.count)
+
+        def one(g, buf, p):
+            g = g.astype(momentum_dtype)
+            buf = (mom * buf.astype(jnp.float32)).astype(momentum_dtype) + g
+            u = (g + (mom * buf.astype(jnp.float32)).astype(momentum_dtype)) if nesterov else buf
+            o = newton_schulz(u, ns_steps, ns_dtype).astype(jnp.float32)
+            rows, cols = p.shape[-2], p.shape[-1]
+            scale = max(1.0, rows / cols) ** 0.5
+            delta = -lr * (weight_decay * p.astype(jnp.float32) + scale * o)
+            return delta.astype(p.dtype), buf
+
+        out = jax.tree.map(one, updates, state.momentum, params)
+        deltas = jax.tree.map(lambda _, o: o[0], updates, out)
+        bufs = jax.tree.map(lambda _, o: o[1], updates, out)
+        return deltas, MuonState(optax.safe_increment(state.count), bufs)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ----------------------------------------------------------------------------- clipping
+
+def clip_by_global_norm(max_norm: float, axis_name: str | None = None,
+                        is_sharded: Callable[[str], bool] = lambda name: False) -> optax.GradientTransformation:
+    """torch.nn.utils.clip_grad_norm_: multiply by min(1, max_norm / (norm + 1e-6)).
+
+    Inside shard_map, leaves for which `is_sharded(name)` holds are disjoint
+    slices across `axis_name` (summed over it); the others are replicated.
+    """
+
+    def update_fn(updates, state, params=None):
+        del params
+        local, replicated = jnp.float32(0), jnp.float32(0)
+        for path, g in jax.tree_util.tree_leaves_with_path(updates):
+            sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
+            if axis_name is not None and is_sharded(_path_name(path)):
+                local += sq
+            else:
+                replicated += sq
+        if axis_name is not None:
+            local = jax.lax.psum(local, axis_name)
+        norm = jnp.sqrt(local + replicated)
+        coef = jnp.minimum(max_norm / (norm + CLIP_EPS), 1.0)
+        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+# ----------------------------------------------------------------------------- the record's optimizer
+
+def param_group(name: str) -> str:
+    """Which optimizer group a parameter belongs to, by its path in the params tree."""
+    if name in BANK_KEYS:
+        return "muon"
+    if name in EMBEDDING_KEYS:
+        return "embed"
+    if name == "lm_head":
+        return "head"
+    return "scalar"
+
+
+def param_labels(params: Params) -> Params:
+    return jax.tree_util.tree_map_with_path(lambda path, _: param_group(_path_name(path)), params)
+
+
+def muon_momentum_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
+    """Linear warmup from muon_momentum_warmup_start to muon_momentum over the first steps."""
+    start, end, steps = cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps
+
+    def schedule(count):
+        frac = jnp.minimum(count.astype(jnp.float32) / max(steps, 1), 1.0) if steps > 0 else 1.0
+        return (1 - frac) * start + frac * end
+
+    return schedule
+
+
+def build_optimizer(cfg: OptimizerConfig, model_cfg: ModelConfig | None = None, axis_name: str | None = None
+                    ) -> optax.GradientTransformation:
+    """clip(0.3) -> {banks: Muon, embedding tables: AdamW 0.035, the rest: AdamW 0.025}.
+
+    Learning rates here are the base rates: the training step multiplies the
+    resulting update by the warmdown multiplier, which scales every group's
+    rate and, with it, its decoupled weight decay, as the reference does.
+    """
+    del model_cfg
+    adam = lambda lr: optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps,  # noqa: E731
+                                  weight_decay=cfg.adam_weight_decay)
+    groups = {
+        "muon": muon(cfg.matrix_lr, muon_momentum_schedule(cfg), nesterov=True, ns_steps=cfg.muon_backend_steps,
+                     weight_decay=cfg.muon_weight_decay, momentum_dtype=cfg.muon_momentum_dtype,
+                     ns_dtype=cfg.muon_ns_dtype),
+        "embed": adam(cfg.tied_embed_lr),
+        "scalar": adam(cfg.scalar_lr),
+        "head": adam(cfg.head_lr),
+    }
+    return optax.chain(clip_by_global_norm(cfg.grad_clip_norm, axis_name, is_sharded=lambda n: n in BANK_KEYS),
+                       optax.multi_transform(groups, param_labels))
+
+
+def lr_multiplier(step: int, elapsed_s: float, cfg: ScheduleConfig) -> float:
+    """The reference's warmdown multiplier of every learning rate.
+
+    With a wall-clock cap the warmdown covers the last `warmdown_iters` steps
+    as estimated from the mean step time so far; without one, the last
+    `warmdown_iters` iterations, linearly.
+    """
+    if cfg.warmdown_iters <= 0:
+        return 1.0
+    if cfg.max_wallclock_seconds <= 0:
+        start = max(cfg.iterations - cfg.warmdown_iters, 0)
+        if start <= step < cfg.iterations:
+            return max((cfg.iterations - step) / max(cfg.warmdown_iters, 1), 0.0)
+        return 1.0
+    step_s = elapsed_s / max(step, 1)
+    warmdown_s = cfg.warmdown_iters * step_s
+    remaining_s = max(cfg.max_wallclock_seconds - elapsed_s, 0.0)
+    return remaining_s / max(warmdown_s, 1e-12) if remaining_s <= warmdown_s else 1.0

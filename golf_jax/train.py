@@ -1,0 +1,554 @@
+"""Training, data parallel over a device mesh, as the reference trains the record.
+
+One optimizer step is one jitted `shard_map` over the mesh axis "data": each
+device accumulates the gradient of its micro-batches (`micro_batches_per_step
+// n_devices` of them, so every device count sees the same global batch and
+token stream), non-bank gradients are averaged across devices, and the four
+Muon banks follow the reference's Parallel Muon: their gradients are
+reduce-scattered along the bank axis (padded to a multiple of the device
+count), each device runs momentum and Newton-Schulz on its slice, and the
+updates are all-gathered. AdamW runs replicated. Then the EMA.
+
+The host loop around it reproduces the reference's schedule: warm-up steps
+that compile and prime and are then undone, validation at step 0, every
+`val_loss_every` steps and at the end (not counted in the wall clock), the
+warmdown multiplier from the wall clock, late QAT, SWA, and the 600 s cap.
+
+    python train.py --config configs/smoke.py [--resume] [--config.<field>=<value>]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from golf_jax import checkpoint, compat, config as config_lib, data, evaluate, model, optim
+from golf_jax.config import Config, ConfigError
+from golf_jax.model import Params, _path_name
+
+AXIS = "data"
+QAT_SMALL = ("bigram/proj", "ve/proj")  # the record's late-QAT scope
+QAT_LEVELS = (-32, 31)  # int6 fake-quantisation range of the reference's QAT
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. a non-finite loss); the message names the step."""
+
+
+class TrainState(NamedTuple):
+    params: Params
+    opt_state: Any
+    ema: Params  # float32, every step
+    swa: Params | None  # float32 running sum, only with schedule.swa_enabled
+    swa_count: jax.Array
+
+
+# ----------------------------------------------------------------------------- QAT
+
+def fake_quantize_int6(w: jax.Array) -> jax.Array:
+    """Straight-through int6 fake quantisation per output row: scale = amax / 31,
+    values rounded and clamped to [-32, 31]."""
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 31.0, 1.0)
+    q = (jnp.clip(jnp.round(w32 / scale), *QAT_LEVELS) * scale).astype(w.dtype)
+    return w + jax.lax.stop_gradient(q - w)
+
+
+def apply_qat(params: Params, scope: str, enabled: jax.Array) -> Params:
+    """Fake-quantise the weights in `scope` when `enabled` (a traced bool, so
+    switching QAT on never recompiles). reference quirk: the record's scope is
+    the bigram and VE projections only ("small"); "all" adds the banks."""
+    names = QAT_SMALL + (optim.BANK_KEYS if scope == "all" else ())
+
+    def one(path, w):
+        return jnp.where(enabled, fake_quantize_int6(w), w) if _path_name(path) in names else w
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+# ----------------------------------------------------------------------------- mesh and state
+
+def make_mesh(n_devices: int = 0) -> jax.sharding.Mesh:
+    devices = jax.devices()
+    n = n_devices or len(devices)
+    if n > len(devices):
+        raise ConfigError(f"run.num_devices: {n} requested, {len(devices)} available")
+    return jax.make_mesh((n,), (AXIS,), devices=devices[:n])
+
+
+def _is_bank(path) -> bool:
+    return any(getattr(k, "key", None) in optim.BANK_KEYS for k in path)
+
+
+def pad_banks(tree: Params, n: int) -> Params:
+    """Zero-pad each bank's leading axis to a multiple of n (Parallel Muon)."""
+    def pad(path, x):
+        if _path_name(path) not in optim.BANK_KEYS:
+            return x
+        extra = -x.shape[0] % n
+        return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)) if extra else x
+    return jax.tree_util.tree_map_with_path(pad, tree)
+
+
+def state_specs(state: TrainState) -> TrainState:
+    """Partition specs: the Muon momentum of the banks is split along the bank
+    axis, everything else replicated."""
+    def spec(path, x):
+        return P(AXIS) if _is_bank(path) and getattr(x, "ndim", 0) >= 1 else P()
+    return TrainState(jax.tree.map(lambda _: P(), state.params),
+                      jax.tree_util.tree_map_with_path(spec, state.opt_state),
+                      jax.tree.map(lambda _: P(), state.ema),
+                      None if state.swa is None else jax.tree.map(lambda _: P(), state.swa), P())
+
+
+def init_state(params: Params, tx: optax.GradientTransformation, mesh, swa: bool) -> TrainState:
+    # Copies, never aliases: the step donates every buffer of the state.
+    f32 = lambda t: jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), t)  # noqa: E731
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)  # the caller's arrays stay valid
+    state = TrainState(params, tx.init(pad_banks(params, mesh.size)), f32(params),
+                       jax.tree.map(jnp.zeros_like, f32(params)) if swa else None, jnp.zeros([], jnp.int32))
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state))
+    return jax.device_put(state, shardings)
+
+
+# ----------------------------------------------------------------------------- the step
+
+def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, template: TrainState):
+    """jit(shard_map(one optimizer step)); the state is donated."""
+    mcfg, n = cfg.model, mesh.size
+    accum = cfg.data.micro_batches_per_step // n
+    decay = cfg.schedule.ema_decay
+    scope = cfg.schedule.qat_scope
+    f32 = jnp.float32
+
+    def loss_fn(params, x, y, qat_on):
+        return model.loss(apply_qat(params, scope, qat_on), mcfg, x, y)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def device_step(state: TrainState, xs, ys, lr_mult, qat_on, swa_collect):
+        params = state.params
+
+        def micro(carry, xy):
+            gsum, lsum = carry
+            loss, g = grad_fn(params, xy[0], xy[1], qat_on)
+            return (jax.tree.map(lambda a, b: a + b.astype(f32), gsum, g), lsum + loss), None
+
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params), jnp.zeros([], f32))
+        (gsum, lsum), _ = jax.lax.scan(micro, zeros, (xs, ys))
+        loss = jax.lax.pmean(lsum / accum, AXIS)
+
+        # Banks: reduce-scatter along the bank axis; the rest: all-reduce.
+        padded = pad_banks(gsum, n)
+
+        def reduce(path, g, p):
+            if _path_name(path) in optim.BANK_KEYS:
+                g = jax.lax.psum_scatter(g, AXIS, scatter_dimension=0, tiled=True) / (n * accum)
+            else:
+                g = jax.lax.pmean(g, AXIS) / accum
+            return g.astype(p.dtype)
+
+        grads = jax.tree_util.tree_map_with_path(reduce, padded, params)
+        me = jax.lax.axis_index(AXIS)
+
+        def local_slice(path, p):
+            if _path_name(path) not in optim.BANK_KEYS:
+                return p
+            k = p.shape[0] // n
+            return jax.lax.dynamic_slice_in_dim(p, me * k, k, axis=0)
+
+        local_params = jax.tree_util.tree_map_with_path(local_slice, pad_banks(params, n))
+        updates, opt_state = tx.update(grads, state.opt_state, local_params)
+
+        def gather(path, u, p):
+            if _path_name(path) in optim.BANK_KEYS:
+                u = jax.lax.all_gather(u, AXIS, axis=0, tiled=True)[:p.shape[0]]
+            return u
+
+        updates = jax.tree_util.tree_map_with_path(gather, updates, params)
+        # The warmdown multiplier scales every group's rate and decoupled decay.
+        params = jax.tree.map(lambda p, u: (p.astype(f32) + lr_mult * u.astype(f32)).astype(p.dtype), params, updates)
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p.astype(f32), state.ema, params)
+        swa, swa_count = state.swa, state.swa_count
+        if swa is not None:
+            swa = jax.tree.map(lambda s, p: jnp.where(swa_collect, s + p.astype(f32), s), swa, params)
+            swa_count = swa_count + swa_collect.astype(jnp.int32)
+        return TrainState(params, opt_state, ema, swa, swa_count), loss
+
+    specs = state_specs(template)
+    # Replication of the outputs holds by construction (every replicated value
+    # comes out of a pmean, psum or all_gather); JAX's static check cannot see
+    # through all_gather in every version, so it is off. Nothing here is
+    # differentiated through a collective, which is what the check guards.
+    sharded = jax.shard_map(device_step, mesh=mesh,
+                            in_specs=(specs, P(None, AXIS), P(None, AXIS), P(), P(), P()),
+                            out_specs=(specs, P()), check_vma=False)
+    return jax.jit(sharded, donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- data feed
+
+class Prefetcher:
+    """Assembles the next optimizer step's micro-batches on a background
+    thread and puts them on the devices, so data loading is off the critical
+    path. Each item carries the stream cursor after it, for checkpoints."""
+
+    def __init__(self, batches: data.TrainBatches, accum: int, sharding, depth: int = 2):
+        self.batches, self.accum, self.sharding = batches, accum, sharding
+        self.queue: queue.Queue = queue.Queue(depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            while not self.stopped.is_set():
+                item = next_step_batch(self.batches, self.accum, self.sharding)
+                while not self.stopped.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # surfaced in the training loop
+            self.queue.put(e)
+
+    def next(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+def next_step_batch(batches: data.TrainBatches, accum: int, sharding):
+    micro = [batches.next_micro_batch() for _ in range(accum)]
+    xs = np.stack([x for x, _ in micro])
+    ys = np.stack([y for _, y in micro])
+    return jax.device_put(xs, sharding), jax.device_put(ys, sharding), batches.state()
+
+
+# ----------------------------------------------------------------------------- logging
+
+class RunLog:
+    """Human log lines (console and train.log) and machine records (train.jsonl)."""
+
+    def __init__(self, out_dir: Path, bar=None):
+        self.text = open(out_dir / "train.log", "a", buffering=1)
+        self.jsonl = open(out_dir / "train.jsonl", "a", buffering=1)
+        self.bar = bar
+
+    def line(self, msg: str) -> None:
+        (self.bar.write if self.bar is not None else print)(msg)
+        self.text.write(msg + "\n")
+
+    def record(self, **fields) -> None:
+        self.jsonl.write(json.dumps(fields) + "\n")
+
+    def close(self) -> None:
+        self.text.close()
+        self.jsonl.close()
+
+
+def plot_curves(train_points, val_points, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_points:
+        s, v = zip(*train_points)
+        ax.plot(s, v, lw=0.8, label="train loss")
+    if val_points:
+        s, v = zip(*val_points)
+        ax.plot(s, v, "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class CompileCounter:
+    """Counts XLA compilations (any function) while active."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def peak_memory_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+# ----------------------------------------------------------------------------- the run
+
+def initial_params(cfg: Config) -> Params:
+    if cfg.run.init_from:
+        state = compat.load_reference_state(cfg.run.init_from)
+        return model.cast_params(compat.params_from_reference(state, cfg.model), cfg.model)
+    return model.init_params(cfg.model, jax.random.key(cfg.run.seed))
+
+
+def check_runnable(cfg: Config, n_devices: int) -> int:
+    """Accumulation steps per device; raises ConfigError naming the field."""
+    micro = cfg.data.micro_batches_per_step
+    if micro % n_devices:
+        raise ConfigError(f"data.micro_batches_per_step: {micro} is not divisible by the {n_devices} devices")
+    local = cfg.data.train_batch_tokens // micro
+    if local % cfg.data.train_seq_len:
+        raise ConfigError(f"data.train_batch_tokens: {cfg.data.train_batch_tokens} / {micro} micro-batches is not "
+                          f"a whole number of {cfg.data.train_seq_len}-token sequences")
+    return micro // n_devices
+
+
+def _meta(step: int, training_s: float, cursor: dict, qat_on: bool, stop_after: int | None, cfg: Config,
+          history: dict) -> dict:
+    return {"step": step, "training_s": training_s, "cursor": cursor, "qat_on": qat_on, "stop_after_step": stop_after,
+            "config": config_lib.to_dict(cfg), "history": history}
+
+
+def _check_resume_config(saved: dict, cfg: Config, where: Path) -> None:
+    now = config_lib.to_dict(cfg)
+    for section in ("model", "data", "optimizer"):
+        for key, value in now[section].items():
+            if saved.get(section, {}).get(key) != value:
+                raise checkpoint.CheckpointError(
+                    f"{where}: checkpoint was made with {section}.{key}={saved.get(section, {}).get(key)!r}, "
+                    f"this run has {value!r}")
+
+
+def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Run training as configured; returns the summary (also written as JSON).
+
+    `max_steps` stops after that many optimizer steps in this call without
+    the end-of-run work (a test hook that stands in for a pre-emption).
+    """
+    t_launch = time.perf_counter()
+    cfg.validate()
+    mesh = make_mesh(cfg.run.num_devices)
+    n = mesh.size
+    accum = check_runnable(cfg, n)
+    sched, out_dir = cfg.schedule, Path(cfg.run.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # Every input is checked before anything compiles.
+    ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+                              cfg.data.val_pattern, cfg.model.vocab_size)
+    tables = data.byte_tables(data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size), cfg.model.vocab_size)
+    val_tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
+                                             cfg.eval.max_val_tokens)
+    batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
+                                cfg.data.train_seq_len, world_size=n, accum_steps=accum)
+    params = initial_params(cfg)
+
+    tx = optim.build_optimizer(cfg.optimizer, cfg.model, AXIS)
+    state = init_state(params, tx, mesh, sched.swa_enabled)
+    ckpts = checkpoint.TrainCheckpoints(out_dir / "checkpoints")
+    step, training_s, qat_on, stop_after_step = 0, 0.0, False, None
+    history: dict = {"train": [], "val": []}
+    if resume:
+        _check_resume_config(ckpts.read_meta()["config"], cfg, ckpts.directory)
+        state, meta = ckpts.restore(state)
+        step, training_s, qat_on = meta["step"], meta["training_s"], meta["qat_on"]
+        stop_after_step, history = meta["stop_after_step"], meta["history"]
+        batches.restore(meta["cursor"])
+
+    step_fn = make_train_step(cfg, mesh, tx, state)
+    batch_sharding = NamedSharding(mesh, P(None, AXIS))
+    tokens_per_step = cfg.data.train_batch_tokens
+    bar = tqdm(total=sched.iterations, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
+    log = RunLog(out_dir, bar if progress else None)
+    log.line(f"devices: {n} x {jax.devices()[0].device_kind}; {accum} micro-batches of "
+             f"{tokens_per_step // cfg.data.micro_batches_per_step:,} tokens per device per step; "
+             f"{model.param_count(params):,} parameters; compute {jnp.dtype(model.compute_dtype(cfg.model)).name}")
+
+    # Warm-up: real steps compile and prime, then state and stream are restored.
+    t_first_step = None
+    if sched.warmup_steps > 0:
+        initial, cursor0 = jax.tree.map(lambda x: x.copy(), state), batches.state()
+        for i in range(sched.warmup_steps):
+            xs, ys, _ = next_step_batch(batches, accum, batch_sharding)
+            state, loss = step_fn(state, xs, ys, 1.0, False, False)
+            if i == 0:
+                loss.block_until_ready()
+                t_first_step = time.perf_counter() - t_launch
+        jax.block_until_ready(state)
+        state = initial
+        batches.restore(cursor0)
+        log.line(f"warmup: {sched.warmup_steps} steps; launch to first step {t_first_step:.1f} s")
+
+    prefetch = Prefetcher(batches, accum, batch_sharding)
+    ckpt_every = cfg.run.checkpoint_every
+    cap = sched.max_wallclock_seconds
+    pending = None  # (step, loss array): read one step behind, so the device stays busy
+    cursor = batches.state()
+    steps0, start_s = step, training_s
+
+    def drain() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        s, loss_arr, mult = pending
+        pending = None
+        value = float(loss_arr)
+        if not math.isfinite(value):
+            raise TrainingError(f"loss is {value} at step {s}; stopping (the last good checkpoint is kept)")
+        history["train"].append((s, value))
+        if s % cfg.run.train_log_every == 0 or s <= 10:
+            avg_ms = 1000 * training_s_now() / max(s, 1)
+            log.line(f"step {s}/{sched.iterations} train_loss {value:.4f} lr_mult {mult:.3f} "
+                     f"train_time {training_s_now():.1f}s step_avg {avg_ms:.1f}ms")
+            log.record(kind="train", step=s, loss=value, lr_mult=mult, training_s=training_s_now())
+        spent = training_s_now()
+        step_s = (spent - start_s) / max(s - steps0, 1)
+        left = (cap - spent) if cap > 0 else (sched.iterations - s) * step_s
+        bar.set_postfix_str(f"loss {value:.3f} {tokens_per_step / max(step_s, 1e-9) / 1e6:.3f}M tok/s "
+                            f"lr {mult:.2f} left {max(left, 0):.0f}s")
+
+    def save(at_step: int, at_training_s: float) -> None:
+        if ckpts.latest_step() != at_step:
+            ckpts.save(at_step, state, _meta(at_step, at_training_s, cursor, qat_on, stop_after_step, cfg, history))
+
+    t0 = time.perf_counter()
+
+    def training_s_now() -> float:
+        return training_s + (time.perf_counter() - t0)
+
+    compiles = CompileCounter().__enter__()
+    compiles_at_first_step = None
+    try:
+        while True:
+            last = step >= sched.iterations or (stop_after_step is not None and step >= stop_after_step)
+            if last or (cfg.eval.val_loss_every > 0 and step % cfg.eval.val_loss_every == 0):
+                drain()
+                training_s = training_s_now()
+                val = evaluate.standard_eval(state.params, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
+                                             cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step),
+                                             progress=False)
+                history["val"].append((step, val.loss))
+                log.line(f"step {step}/{sched.iterations} val_loss {val.loss:.4f} val_bpb {val.bpb:.4f} "
+                         f"train_time {training_s:.1f}s")
+                log.record(kind="val", step=step, loss=val.loss, bpb=val.bpb, training_s=training_s)
+                t0 = time.perf_counter()
+            if last:
+                if stop_after_step is not None and step < sched.iterations:
+                    log.line(f"stopping early: wall-clock cap at step {step}/{sched.iterations}")
+                break
+            if max_steps is not None and step - steps0 >= max_steps:
+                drain()
+                training_s = training_s_now()
+                save(step, training_s)
+                ckpts.wait()
+                return {"step": step, "interrupted": True}
+
+            mult = optim.lr_multiplier(step, training_s_now(), sched)
+            if not qat_on and sched.late_qat_threshold > 0 and mult < sched.late_qat_threshold:
+                qat_on = True
+                log.line(f"late QAT on at step {step} (lr_mult {mult:.3f}, scope {sched.qat_scope})")
+            swa_collect = sched.swa_enabled and mult < sched.swa_lr_threshold and (step + 1) % sched.swa_every == 0
+            xs, ys, cursor = prefetch.next()
+            state, loss = step_fn(state, xs, ys, mult, qat_on, swa_collect)
+            step += 1
+            if compiles_at_first_step is None:
+                loss.block_until_ready()
+                compiles_at_first_step = compiles.count
+            drain()
+            pending = (step, loss, mult)
+            bar.update(1)
+            if cap > 0 and stop_after_step is None and training_s_now() >= cap:
+                stop_after_step = step
+            if ckpt_every > 0 and step % ckpt_every == 0:
+                drain()  # never save a step whose loss is not known to be finite
+                paused = time.perf_counter()
+                save(step, training_s_now())
+                t0 += time.perf_counter() - paused  # checkpointing is not training time
+    finally:
+        compiles.__exit__()
+        prefetch.close()
+        bar.close()
+
+    # End of training: EMA (or SWA) weights, their evaluation, the artifacts.
+    save(step, training_s)
+    if sched.swa_enabled and int(state.swa_count) > 0:
+        final_f32 = jax.tree.map(lambda s: s / state.swa_count, state.swa)
+        source = f"SWA of {int(state.swa_count)} snapshots"
+    else:
+        final_f32, source = state.ema, "EMA"
+    final = jax.tree.map(lambda f, p: f.astype(p.dtype), final_f32, state.params)
+    final_val = evaluate.standard_eval(final, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
+                                       cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step),
+                                       progress=False)
+    log.line(f"final ({source}) val_loss {final_val.loss:.4f} val_bpb {final_val.bpb:.4f}")
+    checkpoint.save_params(out_dir / "final_model", jax.device_get(final), cfg)
+    ckpts.wait()
+    ckpts.close()
+
+    steps_run = step - steps0
+    summary = {
+        "steps": step, "training_s": training_s, "tokens_per_s": tokens_per_step * step / max(training_s, 1e-9),
+        "step_avg_ms": 1000 * training_s / max(step, 1), "devices": n, "device_kind": jax.devices()[0].device_kind,
+        "final_weights": source, "final_val_loss": final_val.loss, "final_val_bpb": final_val.bpb,
+        "last_val": history["val"][-1] if history["val"] else None,
+        "launch_to_first_step_s": t_first_step, "peak_memory_bytes": peak_memory_bytes(),
+        # Every XLA compilation after the first optimizer step, in the whole loop
+        # (validation and the QAT switch included): 0 is the promise.
+        "recompilations_after_first_step": compiles.count - (compiles_at_first_step or 0),
+        "steps_this_run": steps_run,
+        "wall_s": time.perf_counter() - t_launch, "stopped_by_wallclock": stop_after_step is not None,
+    }
+    plot_curves(history["train"], history["val"], out_dir / "loss.png")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    log.line(f"{step} steps in {training_s:.1f} s of training ({summary['tokens_per_s'] / 1e6:.3f} M tokens/s); "
+             f"final val_bpb {final_val.bpb:.4f}; wrote {out_dir / 'summary.json'}, loss.png, final_model/")
+    log.close()
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from golf_jax import cli
+
+    parser = argparse.ArgumentParser(prog="python train.py", description="Train the record model.")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    parser.add_argument("--no-progress", action="store_true")
+    cfg, args = cli.parse(parser, argv)
+    try:
+        train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (ConfigError, data.DataError, compat.CompatError, checkpoint.CheckpointError, TrainingError) as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
