@@ -336,8 +336,11 @@ def check_runnable(cfg: Config, n_devices: int) -> int:
 
 def _meta(step: int, training_s: float, cursor: dict, qat_on: bool, stop_after: int | None, cfg: Config,
           history: dict) -> dict:
+    # The run's PRNG key is the seed's; training itself draws no random numbers
+    # (no dropout), so the key is recorded for what comes after, not consumed.
+    key = np.asarray(jax.random.key_data(jax.random.key(cfg.run.seed))).tolist()
     return {"step": step, "training_s": training_s, "cursor": cursor, "qat_on": qat_on, "stop_after_step": stop_after,
-            "config": config_lib.to_dict(cfg), "history": history}
+            "rng_key": key, "config": config_lib.to_dict(cfg), "history": history}
 
 
 def _check_resume_config(saved: dict, cfg: Config, where: Path) -> None:
@@ -442,6 +445,11 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
         if ckpts.latest_step() != at_step:
             ckpts.save(at_step, state, _meta(at_step, at_training_s, cursor, qat_on, stop_after_step, cfg, history))
 
+    def close_outputs() -> None:
+        ckpts.wait()
+        ckpts.close()
+        log.close()
+
     t0 = time.perf_counter()
 
     def training_s_now() -> float:
@@ -471,7 +479,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
                 drain()
                 training_s = training_s_now()
                 save(step, training_s)
-                ckpts.wait()
+                close_outputs()
                 return {"step": step, "interrupted": True}
 
             mult = optim.lr_multiplier(step, training_s_now(), sched)
@@ -495,6 +503,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
                 paused = time.perf_counter()
                 save(step, training_s_now())
                 t0 += time.perf_counter() - paused  # checkpointing is not training time
+    except BaseException:
+        close_outputs()  # a save in flight completes; nothing after the failure is saved
+        raise
     finally:
         compiles.__exit__()
         prefetch.close()
@@ -513,8 +524,6 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
                                        progress=False)
     log.line(f"final ({source}) val_loss {final_val.loss:.4f} val_bpb {final_val.bpb:.4f}")
     checkpoint.save_params(out_dir / "final_model", jax.device_get(final), cfg)
-    ckpts.wait()
-    ckpts.close()
 
     steps_run = step - steps0
     summary = {
@@ -533,7 +542,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     log.line(f"{step} steps in {training_s:.1f} s of training ({summary['tokens_per_s'] / 1e6:.3f} M tokens/s); "
              f"final val_bpb {final_val.bpb:.4f}; wrote {out_dir / 'summary.json'}, loss.png, final_model/")
-    log.close()
+    close_outputs()
     return summary
 
 

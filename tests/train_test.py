@@ -111,6 +111,18 @@ def test_swa_option_averages_snapshots(tmp_path):
     assert summary["final_weights"] == "SWA of 3 snapshots"
 
 
+def test_init_from_reference_weights(tmp_path):
+    """--config.init_from: reference-named arrays in, the dtype rule applied."""
+    from golf_jax import compat, model
+    cfg = tiny_config(tmp_path)
+    other = model.init_params(dataclasses.replace(cfg.model, embedding_dtype="float32"), jax.random.key(7))
+    np.savez(tmp_path / "ref.npz", **compat.params_to_reference(jax.device_get(other), cfg.model))
+    loaded = train.initial_params(cli.apply_overrides(cfg, [("init_from", str(tmp_path / "ref.npz"))]))
+    assert loaded["tok_emb"].dtype == jnp.bfloat16 and loaded["qo_bank"].dtype == jnp.float32
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(other)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))  # bf16-exact values
+
+
 def test_fake_quantize_int6():
     w = jnp.array([[0.31, -0.62, 0.0, 0.155], [1.0, 0.5, -0.25, 0.0]])
     q = np.asarray(train.fake_quantize_int6(w))
