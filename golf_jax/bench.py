@@ -19,6 +19,7 @@ Sections:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import cli, evaluate, model
+from golf_jax import cli, data, evaluate, model, optim, train
 from golf_jax.config import ModelConfig
 
 # bf16 dense matmul rate measured on the device's H100 (8192^3, JAX 0.11.2);
@@ -65,11 +66,6 @@ def matmul_flops_per_token(cfg: ModelConfig, seq_len: int) -> tuple[float, float
     return 2.0 * dense, float(attn)
 
 
-def peak_memory_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
-
-
 def random_tokens(shape, vocab: int, seed: int = 0) -> jax.Array:
     return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
 
@@ -78,7 +74,6 @@ def text_tokens(cfg, shape, seed: int = 0) -> jax.Array:
     """Tokens of real text (the config's train shards) when they can be found,
     else uniform random ones. Real text matters: its skewed token frequencies
     make the embedding gradients' scatter-adds collide, uniform ids do not."""
-    from golf_jax import data
     try:
         ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
                                   cfg.data.val_pattern, cfg.model.vocab_size)
@@ -112,23 +107,19 @@ def bench_grad(params, cfg, tokens_fn, batch_seqs: int, seq_len: int, repeats: i
     tokens = batch_seqs * seq_len
     tflops = 3 * tokens * (dense + attn) / r["median_s"] / 1e12
     r.update(tokens_per_s=tokens / r["median_s"], tflops=tflops, mfu=tflops / H100_MATMUL_TFLOPS,
-             peak_memory_bytes=peak_memory_bytes(), shape=[batch_seqs, seq_len])
+             peak_memory_bytes=train.peak_memory_bytes(), shape=[batch_seqs, seq_len])
     return r
 
 
 def bench_train_step(params, cfg, tokens_fn, micro_batches: int, repeats: int) -> dict:
     """The real optimizer step (golf_jax.train) on one device: `micro_batches`
     accumulation steps of train_batch_tokens / micro_batches_per_step tokens."""
-    import dataclasses
-
-    from golf_jax import optim, train
-
     per_micro = cfg.data.train_batch_tokens // cfg.data.micro_batches_per_step
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, micro_batches_per_step=micro_batches, train_batch_tokens=per_micro * micro_batches),
         run=dataclasses.replace(cfg.run, num_devices=1))
     mesh = train.make_mesh(1)
-    tx = optim.build_optimizer(cfg.optimizer, cfg.model, train.AXIS)
+    tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
     state = train.init_state(params, tx, mesh, cfg.schedule.swa_enabled)
     step = train.make_train_step(cfg, mesh, tx, state)
     seqs = per_micro // cfg.data.train_seq_len
@@ -144,13 +135,12 @@ def bench_train_step(params, cfg, tokens_fn, micro_batches: int, repeats: int) -
 
     r = time_call(run, repeats=repeats)
     tokens = micro_batches * per_micro
-    r.update(tokens_per_s=tokens / r["median_s"], micro_batches=micro_batches, peak_memory_bytes=peak_memory_bytes())
+    r.update(tokens_per_s=tokens / r["median_s"], micro_batches=micro_batches, peak_memory_bytes=train.peak_memory_bytes())
     return r
 
 
 def bench_data_feed(cfg, repeats: int) -> dict | None:
-    """Host time to assemble one optimizer step's batch from the shards (0 if no data)."""
-    from golf_jax import data
+    """Host time to assemble one optimizer step's batch from the shards (None without data)."""
     try:
         ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
                                   cfg.data.val_pattern, cfg.model.vocab_size)

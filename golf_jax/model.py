@@ -54,7 +54,8 @@ def attention_impl(cfg: ModelConfig) -> str:
     return cfg.attention_impl
 
 
-def _path_name(path) -> str:
+def path_name(path) -> str:
+    """A params-tree path as "section/key", e.g. "bigram/proj"."""
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
@@ -64,7 +65,7 @@ def cast_params(params: Params, cfg: ModelConfig) -> Params:
     emb = jnp.dtype(cfg.embedding_dtype)
 
     def cast(path, x):
-        return jnp.asarray(x, emb if _path_name(path) in EMBEDDING_KEYS else jnp.float32)
+        return jnp.asarray(x, emb if path_name(path) in EMBEDDING_KEYS else jnp.float32)
 
     return jax.tree_util.tree_map_with_path(cast, params)
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from golf_jax.config import ModelConfig, OptimizerConfig, ScheduleConfig
-from golf_jax.model import EMBEDDING_KEYS, Params, _path_name
+from golf_jax.config import OptimizerConfig, ScheduleConfig
+from golf_jax.model import EMBEDDING_KEYS, Params, path_name
 
 BANK_KEYS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz (a, b, c)
@@ -107,7 +107,7 @@ def clip_by_global_norm(max_norm: float, axis_name: str | None = None,
         local, replicated = jnp.float32(0), jnp.float32(0)
         for path, g in jax.tree_util.tree_leaves_with_path(updates):
             sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
-            if axis_name is not None and is_sharded(_path_name(path)):
+            if axis_name is not None and is_sharded(path_name(path)):
                 local += sq
             else:
                 replicated += sq
@@ -118,10 +118,6 @@ def clip_by_global_norm(max_norm: float, axis_name: str | None = None,
         return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
-
-
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
 
 # ----------------------------------------------------------------------------- the record's optimizer
@@ -138,7 +134,7 @@ def param_group(name: str) -> str:
 
 
 def param_labels(params: Params) -> Params:
-    return jax.tree_util.tree_map_with_path(lambda path, _: param_group(_path_name(path)), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path_name(path)), params)
 
 
 def muon_momentum_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
@@ -152,15 +148,13 @@ def muon_momentum_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Ar
     return schedule
 
 
-def build_optimizer(cfg: OptimizerConfig, model_cfg: ModelConfig | None = None, axis_name: str | None = None
-                    ) -> optax.GradientTransformation:
+def build_optimizer(cfg: OptimizerConfig, axis_name: str | None = None) -> optax.GradientTransformation:
     """clip(0.3) -> {banks: Muon, embedding tables: AdamW 0.035, the rest: AdamW 0.025}.
 
     Learning rates here are the base rates: the training step multiplies the
     resulting update by the warmdown multiplier, which scales every group's
     rate and, with it, its decoupled weight decay, as the reference does.
     """
-    del model_cfg
     adam = lambda lr: optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps,  # noqa: E731
                                   weight_decay=cfg.adam_weight_decay)
     groups = {

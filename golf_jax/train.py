@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from golf_jax import checkpoint, compat, config as config_lib, data, evaluate, model, optim
 from golf_jax.config import Config, ConfigError
-from golf_jax.model import Params, _path_name
+from golf_jax.model import Params, path_name
 
 AXIS = "data"
 QAT_SMALL = ("bigram/proj", "ve/proj")  # the record's late-QAT scope
@@ -75,7 +75,7 @@ def apply_qat(params: Params, scope: str, enabled: jax.Array) -> Params:
     names = QAT_SMALL + (optim.BANK_KEYS if scope == "all" else ())
 
     def one(path, w):
-        return jnp.where(enabled, fake_quantize_int6(w), w) if _path_name(path) in names else w
+        return jnp.where(enabled, fake_quantize_int6(w), w) if path_name(path) in names else w
 
     return jax.tree_util.tree_map_with_path(one, params)
 
@@ -97,7 +97,7 @@ def _is_bank(path) -> bool:
 def pad_banks(tree: Params, n: int) -> Params:
     """Zero-pad each bank's leading axis to a multiple of n (Parallel Muon)."""
     def pad(path, x):
-        if _path_name(path) not in optim.BANK_KEYS:
+        if path_name(path) not in optim.BANK_KEYS:
             return x
         extra = -x.shape[0] % n
         return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)) if extra else x
@@ -156,7 +156,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         padded = pad_banks(gsum, n)
 
         def reduce(path, g, p):
-            if _path_name(path) in optim.BANK_KEYS:
+            if path_name(path) in optim.BANK_KEYS:
                 g = jax.lax.psum_scatter(g, AXIS, scatter_dimension=0, tiled=True) / (n * accum)
             else:
                 g = jax.lax.pmean(g, AXIS) / accum
@@ -166,7 +166,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         me = jax.lax.axis_index(AXIS)
 
         def local_slice(path, p):
-            if _path_name(path) not in optim.BANK_KEYS:
+            if path_name(path) not in optim.BANK_KEYS:
                 return p
             k = p.shape[0] // n
             return jax.lax.dynamic_slice_in_dim(p, me * k, k, axis=0)
@@ -175,7 +175,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         updates, opt_state = tx.update(grads, state.opt_state, local_params)
 
         def gather(path, u, p):
-            if _path_name(path) in optim.BANK_KEYS:
+            if path_name(path) in optim.BANK_KEYS:
                 u = jax.lax.all_gather(u, AXIS, axis=0, tiled=True)[:p.shape[0]]
             return u
 
@@ -309,6 +309,7 @@ class CompileCounter:
 
 
 def peak_memory_bytes() -> int | None:
+    """The allocator's peak bytes in use on the first device (not the preallocated pool)."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
@@ -377,7 +378,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
                                 cfg.data.train_seq_len, world_size=n, accum_steps=accum)
     params = initial_params(cfg)
 
-    tx = optim.build_optimizer(cfg.optimizer, cfg.model, AXIS)
+    tx = optim.build_optimizer(cfg.optimizer, AXIS)
     state = init_state(params, tx, mesh, sched.swa_enabled)
     ckpts = checkpoint.TrainCheckpoints(out_dir / "checkpoints")
     step, training_s, qat_on, stop_after_step = 0, 0.0, False, None

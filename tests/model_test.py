@@ -122,7 +122,7 @@ def test_init_follows_reference(tiny_cfg):
     L = cfg.num_layers
     # reference quirk: the three embedding tables are bf16 parameters, the rest float32.
     for path, leaf in jax.tree_util.tree_leaves_with_path(p):
-        name = model._path_name(path)
+        name = model.path_name(path)
         want = jnp.bfloat16 if name in model.EMBEDDING_KEYS else jnp.float32
         assert leaf.dtype == want, name
         as_f32 = np.asarray(leaf, np.float32)

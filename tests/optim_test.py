@@ -83,7 +83,7 @@ def test_muon_accepts_schedules(muon_ref):
 def test_every_parameter_lands_in_its_group():
     cfg = ModelConfig()
     params = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
-    got = {model._path_name(p): label for p, label in jax.tree_util.tree_leaves_with_path(optim.param_labels(params))}
+    got = {model.path_name(p): label for p, label in jax.tree_util.tree_leaves_with_path(optim.param_labels(params))}
     want = {
         "qo_bank": "muon", "kv_bank": "muon", "mlp_up_bank": "muon", "mlp_down_bank": "muon",
         "tok_emb": "embed", "bigram/embed": "embed", "ve/embed": "embed",

@@ -39,7 +39,7 @@ def tiny_config(out_dir, **overrides) -> Config:
 
 def restore_last(cfg: Config):
     mesh = train.make_mesh(cfg.run.num_devices)
-    tx = optim.build_optimizer(cfg.optimizer, cfg.model, train.AXIS)
+    tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
     template = train.init_state(train.initial_params(cfg), tx, mesh, cfg.schedule.swa_enabled)
     ckpts = checkpoint.TrainCheckpoints(f"{cfg.run.output_dir}/checkpoints")
     state, meta = ckpts.restore(template)
@@ -195,7 +195,7 @@ MULTI_DEVICE = textwrap.dedent("""
                                           "run.num_devices": str(n), "optimizer.muon_momentum_dtype": "float32",
                                           "optimizer.muon_ns_dtype": "float32", "model.embedding_dtype": "float32"})
         mesh = train.make_mesh(n)
-        tx = optim.build_optimizer(cfg.optimizer, cfg.model, train.AXIS)
+        tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
         state = train.init_state(train.initial_params(cfg), tx, mesh, False)
         step = train.make_train_step(cfg, mesh, tx, state)
         ds = data.resolve_dataset("embedded", "", cfg.data.train_pattern, cfg.data.val_pattern, 1024)
