@@ -91,13 +91,14 @@ def make_mesh(n_devices: int = 0) -> jax.sharding.Mesh:
 
 
 def _is_bank(path) -> bool:
+    """Whether a path in params, gradients or optimizer state leads to a Muon bank."""
     return any(getattr(k, "key", None) in optim.BANK_KEYS for k in path)
 
 
 def pad_banks(tree: Params, n: int) -> Params:
     """Zero-pad each bank's leading axis to a multiple of n (Parallel Muon)."""
     def pad(path, x):
-        if path_name(path) not in optim.BANK_KEYS:
+        if not _is_bank(path):
             return x
         extra = -x.shape[0] % n
         return jnp.pad(x, [(0, extra)] + [(0, 0)] * (x.ndim - 1)) if extra else x
@@ -156,7 +157,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         padded = pad_banks(gsum, n)
 
         def reduce(path, g, p):
-            if path_name(path) in optim.BANK_KEYS:
+            if _is_bank(path):
                 g = jax.lax.psum_scatter(g, AXIS, scatter_dimension=0, tiled=True) / (n * accum)
             else:
                 g = jax.lax.pmean(g, AXIS) / accum
@@ -166,7 +167,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         me = jax.lax.axis_index(AXIS)
 
         def local_slice(path, p):
-            if path_name(path) not in optim.BANK_KEYS:
+            if not _is_bank(path):
                 return p
             k = p.shape[0] // n
             return jax.lax.dynamic_slice_in_dim(p, me * k, k, axis=0)
@@ -175,7 +176,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         updates, opt_state = tx.update(grads, state.opt_state, local_params)
 
         def gather(path, u, p):
-            if path_name(path) in optim.BANK_KEYS:
+            if _is_bank(path):
                 u = jax.lax.all_gather(u, AXIS, axis=0, tiled=True)[:p.shape[0]]
             return u
 
@@ -446,6 +447,10 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
         if ckpts.latest_step() != at_step:
             ckpts.save(at_step, state, _meta(at_step, at_training_s, cursor, qat_on, stop_after_step, cfg, history))
 
+    def validate(params) -> evaluate.EvalResult:
+        return evaluate.standard_eval(params, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
+                                      cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress=False)
+
     def close_outputs() -> None:
         ckpts.wait()
         ckpts.close()
@@ -464,9 +469,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
             if last or (cfg.eval.val_loss_every > 0 and step % cfg.eval.val_loss_every == 0):
                 drain()
                 training_s = training_s_now()
-                val = evaluate.standard_eval(state.params, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
-                                             cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step),
-                                             progress=False)
+                val = validate(state.params)
                 history["val"].append((step, val.loss))
                 log.line(f"step {step}/{sched.iterations} val_loss {val.loss:.4f} val_bpb {val.bpb:.4f} "
                          f"train_time {training_s:.1f}s")
@@ -520,9 +523,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
     else:
         final_f32, source = state.ema, "EMA"
     final = jax.tree.map(lambda f, p: f.astype(p.dtype), final_f32, state.params)
-    final_val = evaluate.standard_eval(final, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
-                                       cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step),
-                                       progress=False)
+    final_val = validate(final)
     log.line(f"final ({source}) val_loss {final_val.loss:.4f} val_bpb {final_val.bpb:.4f}")
     checkpoint.save_params(out_dir / "final_model", jax.device_get(final), cfg)
 
