@@ -22,6 +22,7 @@ D head dim.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -143,13 +144,18 @@ def linear(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w_OxI.astype(x.dtype))
 
 
-def bigram_buckets(tokens_BxT: jax.Array, bigram_vocab_size: int) -> jax.Array:
-    """(36313 t[i] XOR 27191 t[i-1]) mod (Vb - 1) in int32; position 0 -> Vb - 1."""
+def bigram_buckets(tokens_BxT: jax.Array, bigram_vocab_size: int,
+                   prev_token_B: jax.Array | None = None) -> jax.Array:
+    """(36313 t[i] XOR 27191 t[i-1]) mod (Vb - 1) in int32; position 0 -> Vb - 1.
+
+    prev_token_B: the token before tokens[:, 0] when decoding a continuation;
+    None or -1 means tokens[:, 0] starts the sequence.
+    """
     t = tokens_BxT.astype(jnp.int32)
-    mixed = jnp.bitwise_xor(BIGRAM_MUL_CUR * t[:, 1:], BIGRAM_MUL_PREV * t[:, :-1])
-    rest = jnp.mod(mixed, bigram_vocab_size - 1)
-    first = jnp.full_like(t[:, :1], bigram_vocab_size - 1)
-    return jnp.concatenate([first, rest], axis=1)
+    first_prev = jnp.full_like(t[:, :1], -1) if prev_token_B is None else prev_token_B.astype(jnp.int32)[:, None]
+    prev = jnp.concatenate([first_prev, t[:, :-1]], axis=1)
+    mixed = jnp.bitwise_xor(BIGRAM_MUL_CUR * t, BIGRAM_MUL_PREV * prev)
+    return jnp.where(prev < 0, bigram_vocab_size - 1, jnp.mod(mixed, bigram_vocab_size - 1))
 
 
 def rotary_base(cfg: ModelConfig, seq_len: int) -> float:
@@ -178,20 +184,25 @@ def apply_rotary(x_BxTxHxD: jax.Array, cos: jax.Array, sin: jax.Array, rope_dims
     return jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c, rest], axis=-1)
 
 
-def attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array, impl: str) -> jax.Array:
-    """Causal softmax attention, scale 1/sqrt(D), query head h on KV head h // G."""
+def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, impl: str,
+              q_offset: jax.Array | int = 0) -> jax.Array:
+    """Causal softmax attention, scale 1/sqrt(D), query head h on KV head h // G.
+
+    Query t sits at position q_offset + t and sees keys 0..q_offset + t; with
+    S > T the keys are a KV cache (the "jnp" path only).
+    """
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, is_causal=True,
+        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=True,
                                             implementation="cudnn")
     B, T, H, D = q_BxTxHxD.shape
-    K = k_BxTxKxD.shape[2]
+    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
-    s_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxTxKxD,
+    s_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
                              preferred_element_type=jnp.float32) * (D ** -0.5)
-    causal_TxS = jnp.tril(jnp.ones((T, T), dtype=bool))
+    causal_TxS = jnp.arange(S)[None, :] <= (jnp.arange(T) + q_offset)[:, None]
     s_BxKxGxTxS = jnp.where(causal_TxS, s_BxKxGxTxS, -jnp.inf)
-    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxTxKxD.dtype)
-    o_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", p_BxKxGxTxS, v_BxTxKxD)
+    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
+    o_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", p_BxKxGxTxS, v_BxSxKxD)
     return o_BxTxKxGxD.reshape(B, T, H, D)
 
 
@@ -222,32 +233,68 @@ def lookup(table_VxD: jax.Array, ids: jax.Array, dtype) -> jax.Array:
     return table_VxD.astype(jnp.float32)[ids].astype(dtype)
 
 
-def embed(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, dtype) -> jax.Array:
-    """Token + BigramHash embedding, RMSNorm, SmearGate: the x0 of every block."""
+Taps = dict  # {(site, layer): Gram matrix [in, in]}, filled while tracing
+
+
+def gram(x_NxI: jax.Array) -> jax.Array:
+    """X^T X over every leading axis, float32: bf16 products are exact in
+    float32, so only the accumulation rounds."""
+    x = x_NxI.reshape(-1, x_NxI.shape[-1])
+    return jnp.einsum("ni,nj->ij", x, x, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def tap(taps: Taps | None, site: str, layer: int, x: jax.Array) -> None:
+    """Record the Gram matrix of a linear layer's input (Hessian collection)."""
+    if taps is not None:
+        taps[(site, layer)] = gram(x)
+
+
+def normed_embedding(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, dtype,
+                     prev_token_B: jax.Array | None = None, taps: Taps | None = None) -> jax.Array:
+    """Token + BigramHash embedding, RMSNorm (before the SmearGate)."""
     x = lookup(params["tok_emb"], tokens_BxT, dtype)
     if cfg.bigram_enabled:
         bg = params["bigram"]
-        h = lookup(bg["embed"], bigram_buckets(tokens_BxT, cfg.bigram_vocab_size), dtype)
+        h = lookup(bg["embed"], bigram_buckets(tokens_BxT, cfg.bigram_vocab_size, prev_token_B), dtype)
         if "proj" in bg:  # absent (identity) when bigram_dim == model_dim
+            tap(taps, "bigram_proj", 0, h)
             h = linear(h, bg["proj"])
         x = x + h * bg["scale"].astype(dtype)
-    x = rms_norm(x)
-    gate = jax.nn.sigmoid(params["smear_gate"].astype(jnp.float32)).astype(dtype)
-    x_prev = jnp.pad(x[:, :-1], ((0, 0), (1, 0), (0, 0)))
-    return (1 - gate) * x + gate * x_prev
+    return rms_norm(x)
 
 
-def value_embedding(params: Params, tokens_BxT: jax.Array, dtype) -> jax.Array:
+def smear(params: Params, x_BxTxd: jax.Array, prev_x_Bxd: jax.Array | None = None) -> jax.Array:
+    """SmearGate: mix each position with the previous one (zeros before the start)."""
+    gate = jax.nn.sigmoid(params["smear_gate"].astype(jnp.float32)).astype(x_BxTxd.dtype)
+    first = jnp.zeros_like(x_BxTxd[:, :1]) if prev_x_Bxd is None else prev_x_Bxd[:, None].astype(x_BxTxd.dtype)
+    x_prev = jnp.concatenate([first, x_BxTxd[:, :-1]], axis=1)
+    return (1 - gate) * x_BxTxd + gate * x_prev
+
+
+def embed(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, dtype) -> jax.Array:
+    """Token + BigramHash embedding, RMSNorm, SmearGate: the x0 of every block."""
+    return smear(params, normed_embedding(params, cfg, tokens_BxT, dtype))
+
+
+def value_embedding(params: Params, tokens_BxT: jax.Array, dtype, taps: Taps | None = None) -> jax.Array:
     """The shared value embedding, projected to kv_dim, before its per-layer scale."""
     ve = params["ve"]
     h = lookup(ve["embed"], tokens_BxT, dtype)
     if "proj" in ve:  # absent (identity) when ve_dim == kv_dim
+        tap(taps, "ve_proj", 0, h)
         h = linear(h, ve["proj"])
     return h * ve["scale"].astype(dtype)
 
 
+# attend(layer, q, k, v) -> attention output [B, T, H, D]; generation passes
+# one that reads and writes a KV cache.
+Attend = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
 def block(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, x0: jax.Array,
-          ve_BxTxKV: jax.Array | None, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+          ve_BxTxKV: jax.Array | None, rope: tuple[jax.Array, jax.Array],
+          attend: Attend | None = None, taps: Taps | None = None) -> jax.Array:
     L, H, K, D = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     B, T, d = x.shape
     p = jax.tree.map(lambda a: a[layer].astype(x.dtype), params["blocks"])
@@ -255,6 +302,7 @@ def block(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, x0: jax.Ar
 
     x_in = p["resid_mix"][0] * x + p["resid_mix"][1] * x0
     h = rms_norm(x_in) * norm_scale
+    tap(taps, "attn_in", layer, h)
     q = linear(h, params["qo_bank"][layer]).reshape(B, T, H, D)
     k = linear(h, params["kv_bank"][layer]).reshape(B, T, K, D)
     v = linear(h, params["kv_bank"][L + layer])
@@ -263,25 +311,27 @@ def block(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, x0: jax.Ar
     v = v.reshape(B, T, K, D)
     q = apply_rotary(rms_norm(q), *rope, cfg.rotary_dims) * p["q_gain"][None, None, :, None]
     k = apply_rotary(rms_norm(k), *rope, cfg.rotary_dims)
-    y = attention(q, k, v, attention_impl(cfg))
+    y = attend(layer, q, k, v) if attend else attention(q, k, v, attention_impl(cfg))
     if cfg.xsa_on(layer):
         y = exclusive_self_attention(y, v)
-    x = x_in + p["attn_scale"] * linear(y.reshape(B, T, d), params["qo_bank"][L + layer])
+    y = y.reshape(B, T, d)
+    tap(taps, "attn_out", layer, y)
+    x = x_in + p["attn_scale"] * linear(y, params["qo_bank"][L + layer])
 
     h = rms_norm(x) * norm_scale
+    tap(taps, "mlp_in", layer, h)
     u = jax.nn.leaky_relu(linear(h, params["mlp_up_bank"][layer]), LEAKY_SLOPE)
+    tap(taps, "mlp_hidden", layer, u * u)
     return x + p["mlp_scale"] * linear(u * u, params["mlp_down_bank"][layer])
 
 
-def hidden(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> jax.Array:
-    """Final-normed hidden states [B, T, d] in the compute dtype."""
-    dtype = compute_dtype(cfg)
-    T = tokens_BxT.shape[1]
-    rope = rotary_tables(cfg, jnp.arange(T), rotary_base(cfg, T))
-    x = x0 = embed(params, cfg, tokens_BxT, dtype)
+def run_blocks(params: Params, cfg: ModelConfig, x0: jax.Array, ve_base: jax.Array | None,
+               rope: tuple[jax.Array, jax.Array], attend: Attend | None = None,
+               taps: Taps | None = None) -> jax.Array:
+    """Every block with the U-Net skips and the per-layer value embeddings."""
+    dtype = x0.dtype
     ve_layers = cfg.ve_layer_indices
-    ve_base = value_embedding(params, tokens_BxT, dtype) if ve_layers else None
-
+    x = x0
     skips = []
     for layer in range(cfg.num_layers):
         decoder_idx = layer - cfg.num_encoder_layers
@@ -290,10 +340,26 @@ def hidden(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> jax.Array
         ve = None
         if layer in ve_layers:
             ve = ve_base * params["ve"]["layer_scales"][ve_layers.index(layer)].astype(dtype)
-        x = block(params, cfg, layer, x, x0, ve, rope)
+        x = block(params, cfg, layer, x, x0, ve, rope, attend, taps)
         if decoder_idx < 0:
             skips.append(x)
-    return rms_norm(x)
+    return x
+
+
+def hidden(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array, rope_len: int | None = None,
+           taps: Taps | None = None) -> jax.Array:
+    """Final-normed hidden states [B, T, d] in the compute dtype.
+
+    rope_len: the sequence length whose rotary base to use (default T; see
+    `rotary_base`). taps: a dict to fill with the Gram matrix of every linear
+    layer's input, for the GPTQ Hessians.
+    """
+    dtype = compute_dtype(cfg)
+    T = tokens_BxT.shape[1]
+    rope = rotary_tables(cfg, jnp.arange(T), rotary_base(cfg, rope_len or T))
+    x0 = smear(params, normed_embedding(params, cfg, tokens_BxT, dtype, taps=taps))
+    ve_base = value_embedding(params, tokens_BxT, dtype, taps) if cfg.ve_layer_indices else None
+    return rms_norm(run_blocks(params, cfg, x0, ve_base, rope, taps=taps))
 
 
 def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
@@ -306,10 +372,10 @@ def logits_from_hidden(params: Params, cfg: ModelConfig, h_BxTxd: jax.Array) -> 
     return cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def logits(params: Params, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "rope_len"))
+def logits(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | None = None) -> jax.Array:
     """Soft-capped logits [B, T, vocab], float32."""
-    return logits_from_hidden(params, cfg, hidden(params, cfg, tokens))
+    return logits_from_hidden(params, cfg, hidden(params, cfg, tokens, rope_len))
 
 
 @functools.partial(jax.jit, static_argnames="cfg")

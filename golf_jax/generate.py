@@ -1,0 +1,233 @@
+"""Autoregressive generation with a KV cache, the self-generated GPTQ
+calibration set, and the Hessians collected from it.
+
+Generation is one jitted program: a prefill of the prompt, then a
+`lax.scan` that feeds one token per step through the blocks, reading and
+writing a preallocated cache of K and V ([layers, batch, max_len, kv_heads,
+head_dim]). BigramHash and SmearGate need the previous token and its normed
+embedding, which the cache carries too.
+
+Difference from the reference, on purpose: the reference recomputes the whole
+prefix at every step, so its rotary base changes when the prefix passes 1024
+tokens (its NTK quirk, see `model.rotary_base`) and every earlier position's
+keys change with it. A cache cannot follow that; every position here uses the
+base of `rope_len` (the training sequence length, 2048 in the record), the
+base the model was trained and is evaluated with.
+
+    python -m golf_jax.generate --artifact runs/smoke/model.golf --prompt "To be"
+    python -m golf_jax.generate --checkpoint runs/smoke --prompt "To be" --samples 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import time
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from golf_jax import model
+from golf_jax.config import Config, ModelConfig
+from golf_jax.model import Params
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [L, B, S, K, D]: rotated, normed keys
+    v: jax.Array  # [L, B, S, K, D]: values (value embeddings included)
+    prev_token: jax.Array  # [B] int32: the last token fed; -1 before the start
+    prev_x: jax.Array  # [B, d]: its normed embedding, for the SmearGate
+    pos: jax.Array  # int32 scalar: the number of positions filled
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    dtype = dtype or model.compute_dtype(cfg)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch,), -1, jnp.int32),
+                   jnp.zeros((batch, cfg.model_dim), dtype), jnp.zeros((), jnp.int32))
+
+
+def forward_chunk(params: Params, cfg: ModelConfig, cache: KVCache, tokens_BxT: jax.Array,
+                  rope_len: int) -> tuple[jax.Array, KVCache]:
+    """Feed T tokens at positions cache.pos.. (a prefill, or T = 1 per step):
+    soft-capped float32 logits [B, T, V] and the cache with them written."""
+    dtype = cache.k.dtype
+    T = tokens_BxT.shape[1]
+    pos = cache.pos
+    x = model.normed_embedding(params, cfg, tokens_BxT, dtype, cache.prev_token)
+    x0 = model.smear(params, x, cache.prev_x)
+    ve_base = model.value_embedding(params, tokens_BxT, dtype) if cfg.ve_layer_indices else None
+    rope = model.rotary_tables(cfg, pos + jnp.arange(T), model.rotary_base(cfg, rope_len))
+    k_all, v_all = cache.k, cache.v
+
+    def attend(layer, q, k, v):
+        nonlocal k_all, v_all
+        at = (layer, 0, pos, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(dtype), at)
+        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(dtype), at)
+        return model.attention(q, k_all[layer], v_all[layer], "jnp", q_offset=pos)
+
+    h = model.rms_norm(model.run_blocks(params, cfg, x0, ve_base, rope, attend))
+    z = model.logits_from_hidden(params, cfg, h)
+    return z, KVCache(k_all, v_all, tokens_BxT[:, -1].astype(jnp.int32), x[:, -1], pos + T)
+
+
+def sample(key: jax.Array, logits_BxV: jax.Array, temperature: float) -> jax.Array:
+    """Temperature sampling; temperature 0 is greedy."""
+    if temperature == 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits_BxV / temperature, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_new", "temperature", "rope_len"))
+def generate(params: Params, cfg: ModelConfig, prompt_BxP: jax.Array, key: jax.Array, *, num_new: int,
+             temperature: float, rope_len: int) -> jax.Array:
+    """The prompt followed by num_new sampled tokens: int32 [B, P + num_new]."""
+    B, P = prompt_BxP.shape
+    cache = init_cache(cfg, B, P + num_new)
+    z, cache = forward_chunk(params, cfg, cache, prompt_BxP, rope_len)
+
+    def step(carry, step_key):
+        cache, last_z = carry
+        token = sample(step_key, last_z, temperature)
+        z, cache = forward_chunk(params, cfg, cache, token[:, None], rope_len)
+        return (cache, z[:, -1]), token
+
+    # The last step's forward is wasted (1 of num_new); it keeps the loop uniform.
+    _, new_NxB = jax.lax.scan(step, (cache, z[:, -1]), jax.random.split(key, num_new))
+    return jnp.concatenate([prompt_BxP.astype(jnp.int32), new_NxB.T], axis=1)
+
+
+def calibration_tokens(params: Params, cfg: Config, key: jax.Array | None = None,
+                       progress: bool = False) -> np.ndarray:
+    """The self-generated calibration set: calib_num_seqs x calib_seq_len tokens,
+    each sequence from a first token uniform over the vocabulary, sampled at
+    calib_temperature, calib_batch_size sequences per program."""
+    q, mcfg = cfg.quant, cfg.model
+    key = jax.random.key(cfg.run.seed) if key is None else key
+    n, bs = q.calib_num_seqs, min(q.calib_batch_size, q.calib_num_seqs)
+    out = []
+    from tqdm import tqdm
+    for _ in tqdm(range(math.ceil(n / bs)), desc="calibration", unit="batch", disable=not progress):
+        key, k_first, k_rest = jax.random.split(key, 3)
+        first = jax.random.randint(k_first, (bs, 1), 0, mcfg.vocab_size, jnp.int32)
+        out.append(np.asarray(generate(params, mcfg, first, k_rest, num_new=q.calib_seq_len - 1,
+                                       temperature=q.calib_temperature, rope_len=cfg.data.train_seq_len)))
+    return np.concatenate(out)[:n]
+
+
+# ----------------------------------------------------------------------------- Hessians
+
+# Which recorded input feeds which bank row: (bank, [site per row block]).
+BANK_INPUTS = {
+    "qo_bank": ("attn_in", "attn_out"),  # Q, then the out-projection
+    "kv_bank": ("attn_in", "attn_in"),  # K and V share Q's input
+    "mlp_up_bank": ("mlp_in",),
+    "mlp_down_bank": ("mlp_hidden",),
+}
+SMALL_INPUTS = {"bigram/proj": "bigram_proj", "ve/proj": "ve_proj"}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _input_grams(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> dict:
+    taps: model.Taps = {}
+    model.hidden(params, cfg, tokens_BxT, taps=taps)  # the output is unused: XLA drops the last matmul
+    return {f"{site}/{layer}": g for (site, layer), g in taps.items()}
+
+
+def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, batch_size: int,
+                     damping: float = 0.01, progress: bool = False) -> dict[str, jax.Array]:
+    """H = X^T X / N + damping * mean(diag) I for every linear layer's input X,
+    the model run on tokens[:, :-1] (as the reference does), float32.
+
+    Returns {"qo_bank": [2L, d, d], "kv_bank": [2L, d, d], "mlp_up_bank": [L, d, d],
+    "mlp_down_bank": [L, h, h], "bigram/proj", "ve/proj"}, bank rows aligned
+    with the bank's matrices.
+    """
+    from tqdm import tqdm
+    inputs = np.asarray(tokens_NxT)[:, :-1]
+    n = inputs.shape[0]
+    sums: dict | None = None
+    for i in tqdm(range(0, n, batch_size), desc="hessians", unit="batch", disable=not progress):
+        grams = _input_grams(params, cfg, jnp.asarray(inputs[i:i + batch_size]))
+        sums = grams if sums is None else jax.tree.map(jnp.add, sums, grams)
+
+    def finish(g):
+        h = g / n
+        # reference: the mean diagonal is clamped at 1e-6 before scaling
+        return h + damping * jnp.maximum(jnp.mean(jnp.diag(h)), 1e-6) * jnp.eye(h.shape[0], dtype=h.dtype)
+
+    L = cfg.num_layers
+    per_layer = {k: finish(v) for k, v in sums.items()}
+    out = {bank: jnp.stack([per_layer[f"{site}/{layer}"] for site in sites for layer in range(L)])
+           for bank, sites in BANK_INPUTS.items()}
+    out.update({name: per_layer[f"{site}/0"] for name, site in SMALL_INPUTS.items() if f"{site}/0" in per_layer})
+    return out
+
+
+def reference_hessian_names(hessians: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The reference's per-layer names (`blocks.3.attn.c_q.weight`, ...) for our banks."""
+    L = cfg.num_layers
+    out = {}
+    for i in range(L):
+        pre = f"blocks.{i}."
+        out[pre + "attn.c_q.weight"] = hessians["qo_bank"][i]
+        out[pre + "attn.proj.weight"] = hessians["qo_bank"][L + i]
+        out[pre + "attn.c_k.weight"] = hessians["kv_bank"][i]
+        out[pre + "attn.c_v.weight"] = hessians["kv_bank"][L + i]
+        out[pre + "mlp.fc.weight"] = hessians["mlp_up_bank"][i]
+        out[pre + "mlp.proj.weight"] = hessians["mlp_down_bank"][i]
+    if "bigram/proj" in hessians:
+        out["bigram.proj.weight"] = hessians["bigram/proj"]
+    if "ve/proj" in hessians:
+        out["ve_shared.proj.weight"] = hessians["ve/proj"]
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from golf_jax import data, quantize
+
+    parser = argparse.ArgumentParser(prog="python -m golf_jax.generate",
+                                     description="Sample text from a trained model (KV-cached).")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--artifact", help="a quantised artifact written by golf_jax.quantize")
+    src.add_argument("--checkpoint", help="a run directory, its final_model/ or its checkpoints/")
+    parser.add_argument("--prompt", default="", help="text to continue (empty: a uniform random first token)")
+    parser.add_argument("--tokens", type=int, default=200, help="new tokens per sample")
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", help="SentencePiece model (default: the run config's)")
+    args = parser.parse_args(argv)
+    try:
+        params, cfg, source = quantize.load_model(artifact=args.artifact, checkpoint=args.checkpoint)
+        ds = data.resolve_dataset(cfg.data.data_dir, args.tokenizer or cfg.data.tokenizer_path,
+                                  cfg.data.train_pattern, cfg.data.val_pattern, cfg.model.vocab_size)
+        sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
+    except (quantize.LOAD_ERRORS) as e:
+        parser.exit(2, f"error: {e}\n")
+    key = jax.random.key(args.seed)
+    ids = sp.encode(args.prompt) if args.prompt else []
+    if ids:
+        prompt = jnp.tile(jnp.asarray(ids, jnp.int32)[None], (args.samples, 1))
+    else:
+        key, k = jax.random.split(key)
+        prompt = jax.random.randint(k, (args.samples, 1), 0, cfg.model.vocab_size, jnp.int32)
+    t0 = time.perf_counter()
+    out = np.asarray(generate(params, cfg.model, prompt, key, num_new=args.tokens, temperature=args.temperature,
+                              rope_len=cfg.data.train_seq_len))
+    dt = time.perf_counter() - t0
+    print(f"# {source}; {args.samples} x {args.tokens} tokens in {dt:.1f} s (compile included), "
+          f"temperature {args.temperature}")
+    for i, row in enumerate(out):
+        print(f"--- sample {i}")
+        print(sp.decode(row.tolist()))
+
+
+if __name__ == "__main__":
+    main()
