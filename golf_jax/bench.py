@@ -14,6 +14,10 @@ Sections:
   train      the real optimizer step (golf_jax.train: accumulation, Parallel Muon, AdamW,
              EMA) with all micro-batches and with one, and the host time of the data feed.
   attention  causal GQA attention alone, cuDNN vs the jnp path, forward and forward+backward.
+  after      the stages after training, each run twice (the first compiles): AR
+             self-generation of calib_num_seqs x calib_seq_len tokens with the KV cache,
+             Hessian collection over them, GPTQ of every bank matrix with the
+             int8/passthrough of the rest, and the LZMA serialisation of the result.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import cli, data, evaluate, model, optim, train
+from golf_jax import artifact, cli, data, evaluate, generate, model, optim, quant, train
 from golf_jax.config import ModelConfig
 
 # bf16 dense matmul rate measured on the device's H100 (8192^3, JAX 0.11.2);
@@ -181,6 +185,33 @@ def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) ->
     return out
 
 
+def bench_after_training(params, cfg) -> dict:
+    """Each stage after training twice: (first call incl. compilation, second)."""
+    q = cfg.quant
+    out: dict = {"calibration_shape": [q.calib_num_seqs, q.calib_seq_len], "calib_batch_size": q.calib_batch_size}
+
+    def twice(name, fn):
+        runs = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            result = jax.block_until_ready(fn())
+            runs.append(time.perf_counter() - t0)
+        out[name] = {"first_call_s": runs[0], "second_call_s": runs[1]}
+        return result
+
+    calib = twice("generate", lambda: generate.calibration_tokens(params, cfg))
+    out["generate"]["tokens_per_s"] = calib.size / out["generate"]["second_call_s"]
+    hessians = twice("hessians", lambda: generate.collect_hessians(params, cfg.model, calib, q.calib_batch_size))
+    qmodel, report = twice("gptq", lambda: quant.quantize_params(params, cfg.model, hessians, q))
+    out["gptq"]["bank_matrices"] = sum(int(np.prod(t.data.shape[:-2])) for t in qmodel.values()
+                                       if t.kind == quant.INT6)
+    out["gptq"]["fallbacks"] = sorted(k for k, v in report.get("matrices", {}).items() if v.get("fallback"))
+    t0 = time.perf_counter()
+    blob = artifact.serialize(qmodel, {}, q.lzma_preset)
+    out["serialize"] = {"s": time.perf_counter() - t0, "bytes": len(blob), "code_bytes": artifact.code_bytes()}
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m golf_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="eval,grad,train,attention")
@@ -219,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "attention" in sections:
         results["attention"] = bench_attention(cfg.model, args.attention_batch, cfg.data.train_seq_len, args.repeats)
 
+    if "after" in sections:
+        results["after"] = bench_after_training(params, cfg)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
@@ -253,6 +287,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"{'attention ' + impl + ' ' + kind:<44}{r['median_s'] * 1e3:>10.2f}ms{r['first_call_s']:>11.1f}s")
         if "cudnn_vs_jnp_rel_err" in a:
             print(f"attention cudnn vs jnp relative error: {a['cudnn_vs_jnp_rel_err']:.2e}")
+    if "after" in results:
+        a = results["after"]
+        for key, what in (("generate", "AR generation " + "x".join(map(str, a["calibration_shape"]))),
+                          ("hessians", "Hessian collection"), ("gptq", f"GPTQ + int8 ({a['gptq']['bank_matrices']} bank matrices)")):
+            print(f"{what:<44}{a[key]['second_call_s']:>11.2f}s{a[key]['first_call_s']:>11.1f}s")
+        print(f"{'LZMA serialisation':<44}{a['serialize']['s']:>11.2f}s  {a['serialize']['bytes']:,} bytes "
+              f"+ {a['serialize']['code_bytes']:,} code")
     print(f"wrote {out / 'bench.json'}")
 
 

@@ -205,11 +205,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="SentencePiece model (default: the run config's)")
     args = parser.parse_args(argv)
     try:
-        params, cfg, source = quantize.load_model(artifact=args.artifact, checkpoint=args.checkpoint)
+        params, cfg, source = quantize.load_model(artifact_path=args.artifact, checkpoint_path=args.checkpoint)
         ds = data.resolve_dataset(cfg.data.data_dir, args.tokenizer or cfg.data.tokenizer_path,
                                   cfg.data.train_pattern, cfg.data.val_pattern, cfg.model.vocab_size)
         sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
-    except (quantize.LOAD_ERRORS) as e:
+    except quantize.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
     key = jax.random.key(args.seed)
     ids = sp.encode(args.prompt) if args.prompt else []

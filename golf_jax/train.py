@@ -554,10 +554,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python train.py", description="Train the record model.")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-quantize", action="store_true",
+                        help="stop after training (replay later with python -m golf_jax.quantize)")
     cfg, args = cli.parse(parser, argv)
+    from golf_jax import quantize
+
     try:
-        train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, data.DataError, compat.CompatError, checkpoint.CheckpointError, TrainingError) as e:
+        summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+        if not args.no_quantize:
+            # From the saved weights, as a replay reads them: the same artifact either way.
+            out_dir = Path(cfg.run.output_dir)
+            params, _ = checkpoint.load_params(out_dir / "final_model")
+            pre = {"loss": summary["final_val_loss"], "bpb": summary["final_val_bpb"]}
+            quantize.quantize_and_evaluate(params, cfg, out_dir, progress=not args.no_progress, pre_quant=pre)
+    except (TrainingError, *quantize.LOAD_ERRORS) as e:
         parser.exit(2, f"error: {e}\n")
 
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from tests.conftest import fixture_path
 from golf_jax import generate, model

@@ -1,0 +1,205 @@
+"""After training: self-generated calibration, Hessians, GPTQ, pruning to the
+byte budget, the artifact, and the evaluations of what it holds.
+
+    python -m golf_jax.quantize --checkpoint runs/smoke
+    python -m golf_jax.quantize --checkpoint runs/smoke/final_model --config.quant.artifact_budget_bytes=2000000
+
+`--checkpoint` takes a run directory, its `final_model/` (the EMA weights
+train.py saves) or its `checkpoints/` (the latest training state's EMA).
+The config is the checkpoint's own unless `--config FILE` is given;
+`--config.<field>=<value>` overrides either. `python train.py` runs this
+after training, on the `final_model/` it just wrote, so a replay from the
+checkpoint writes the same artifact byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from golf_jax import artifact, checkpoint, compat, data, evaluate, generate, model, quant
+from golf_jax import config as config_lib
+from golf_jax.config import Config, ConfigError
+
+ARTIFACT_NAME = "final_model.int6.golf"
+LOAD_ERRORS = (ConfigError, data.DataError, checkpoint.CheckpointError, artifact.ArtifactError, compat.CompatError,
+               quant.QuantError)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _ema_from_training_checkpoint(directory: Path) -> tuple[model.Params, Config]:
+    ckpts = checkpoint.TrainCheckpoints(directory)
+    try:
+        meta = ckpts.read_meta()
+        cfg = config_lib.from_dict(meta["config"])
+        restored = ckpts.manager.restore(ckpts.latest_step(), args=checkpoint.ocp.args.Composite(
+            state=checkpoint.ocp.args.StandardRestore()))["state"]
+    finally:
+        ckpts.close()
+    template = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
+    ema = restored["ema"] if isinstance(restored, dict) else restored.ema
+
+    def to_param(path, like):
+        # Banks are zero-padded to a multiple of the device count in training.
+        x = np.asarray(ema_flat[model.path_name(path)])
+        return jnp.asarray(x[tuple(slice(0, n) for n in like.shape)], like.dtype)
+
+    ema_flat = {model.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ema)}
+    return jax.tree_util.tree_map_with_path(to_param, template), cfg
+
+
+def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | Path | None = None
+               ) -> tuple[model.Params, Config, str]:
+    """(params, the config they were made with, a description of the source)."""
+    if artifact_path:
+        qmodel, meta = artifact.read_artifact(artifact_path)
+        cfg = config_lib.from_dict(meta["config"])
+        return quant.dequantize_params(qmodel, cfg.model), cfg, f"artifact {artifact_path}"
+    path = Path(checkpoint_path)
+    if not path.exists():
+        raise checkpoint.CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / "final_model").is_dir():
+        path = path / "final_model"
+    if (path / "config.json").is_file():
+        params, cfg = checkpoint.load_params(path)
+        return params, cfg, f"saved model {path}"
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    params, cfg = _ema_from_training_checkpoint(path)
+    return params, cfg, f"EMA weights of the latest training checkpoint in {path}"
+
+
+def run_dir_of(checkpoint_path: str | Path) -> Path:
+    path = Path(checkpoint_path).absolute()
+    return path.parent if path.name in ("final_model", "checkpoints") else path
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def _artifact_meta(cfg: Config, quant_report: dict) -> dict:
+    # Only what follows from the weights and the config (no times, no paths),
+    # so replays write identical bytes; and nothing the pruning search changes,
+    # so the sizes it measures are the size written.
+    return {"config": config_lib.to_dict(cfg), "quantization": quant_report.get("matrices", {})}
+
+
+def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path, progress: bool = True,
+                          pre_quant: dict | None = None, log=print) -> dict:
+    """Every stage after training, timed; writes the artifact and quantize.json
+    in out_dir and returns the same report. pre_quant: the standard evaluation
+    of `params` when the caller already has it (train.py), else it is run."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    q = cfg.quant
+    times: dict[str, float] = {}
+    report: dict = {"config": config_lib.to_dict(cfg), "backend": jax.default_backend(),
+                    "device": jax.devices()[0].device_kind, "times_s": times}
+
+    @contextlib.contextmanager
+    def stage(name):
+        t0 = time.perf_counter()
+        yield
+        times[name] = time.perf_counter() - t0
+        log(f"[{name}] {times[name]:.1f} s")
+
+    # Inputs are checked before the long stages.
+    val_tokens, tables, _ = evaluate.load_eval_data(cfg)
+    if pre_quant is None:
+        with stage("eval_pre_quant"):
+            pre_quant = dataclasses.asdict(evaluate.standard_eval(
+                params, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
+                cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress))
+    report["pre_quant"] = pre_quant
+    log(f"pre-quantisation: val_loss {pre_quant['loss']:.4f} val_bpb {pre_quant['bpb']:.4f}")
+
+    with stage("calibration"):
+        calib = generate.calibration_tokens(params, cfg, progress=progress)
+    with stage("hessians"):
+        hessians = generate.collect_hessians(params, cfg.model, calib, q.calib_batch_size, progress=progress)
+        jax.block_until_ready(hessians)
+    with stage("gptq"):
+        qmodel, quant_report = quant.quantize_params(params, cfg.model, hessians, q)
+    report["quantization"] = quant_report
+    fallbacks = [k for k, v in quant_report.get("matrices", {}).items() if v.get("fallback")]
+    if fallbacks:
+        log(f"GPTQ fell back to the per-row quantiser for {len(fallbacks)} matrices: {', '.join(fallbacks)}")
+
+    code = artifact.code_bytes()
+    meta = _artifact_meta(cfg, quant_report)
+    with stage("compress_and_prune"):
+        qmodel, blob, pruning = quant.fit_to_budget(
+            qmodel, lambda qm: artifact.serialize(qm, meta, q.lzma_preset), q.artifact_budget_bytes, code)
+    report["pruning"] = pruning
+    if not pruning["fits"]:
+        log(f"warning: the artifact does not fit even with every +-1 value pruned: {pruning['bytes']:,} bytes "
+            f"against a budget of {q.artifact_budget_bytes:,}")
+    path = out_dir / ARTIFACT_NAME
+    with stage("write_artifact"):
+        weights_bytes = artifact.write_bytes(path, blob)
+    report["artifact"] = artifact.artifact_budget_report(weights_bytes, q.artifact_budget_bytes)
+    report["artifact"]["path"] = str(path)
+    log(f"artifact {path}: {weights_bytes:,} bytes + {code:,} bytes of code = {weights_bytes + code:,} "
+        f"(budget {q.artifact_budget_bytes:,}); pruned {pruning.get('pruned', 0):,} of "
+        f"{pruning.get('candidates', 0):,} +-1 values")
+
+    with stage("reload"):
+        qparams, _, _ = load_model(artifact_path=path)
+    with stage("eval_int6_roundtrip"):
+        rt = evaluate.standard_eval(qparams, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
+                                    cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress)
+    report["int6_roundtrip"] = dataclasses.asdict(rt)
+    log(f"int6 round trip: val_loss {rt.loss:.4f} val_bpb {rt.bpb:.4f}")
+    with stage("eval_sliding"):
+        e = cfg.eval
+        sl = evaluate.sliding_eval(qparams, cfg.model, val_tokens, tables, e.eval_seq_len, e.sliding_stride,
+                                   e.sliding_batch_windows, e.sliding_score_once, progress)
+    report["sliding"] = dataclasses.asdict(sl)
+    log(f"int6 sliding window (stride {cfg.eval.sliding_stride}): val_loss {sl.loss:.4f} val_bpb {sl.bpb:.4f}")
+
+    out = out_dir / "quantize.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=float))
+    tmp.replace(out)
+    log("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; wrote {out}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from golf_jax import cli
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m golf_jax.quantize",
+                                     description="Quantise a trained model into the artifact and evaluate it.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run directory, its final_model/ or its checkpoints/")
+    parser.add_argument("--config", help="config file (default: the checkpoint's own config)")
+    parser.add_argument("--out", help="output directory (default: the checkpoint's run directory)")
+    parser.add_argument("--no-progress", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides, rest = cli.split_overrides(argv)
+        args = parser.parse_args(rest)
+        params, cfg, source = load_model(checkpoint_path=args.checkpoint)
+        if args.config:
+            saved, cfg = cfg, cli.load_config_file(args.config)
+            if cfg.model != saved.model:
+                raise ConfigError(f"{args.config}: its model section differs from the checkpoint's")
+        cfg = cli.apply_overrides(cfg, overrides).validate()
+        print(f"model: {model.param_count(params):,} parameters from {source}; backend {jax.default_backend()}")
+        quantize_and_evaluate(params, cfg, args.out or run_dir_of(args.checkpoint), progress=not args.no_progress)
+    except LOAD_ERRORS as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
