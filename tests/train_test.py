@@ -63,7 +63,9 @@ def test_run_trains_and_writes_its_outputs(tmp_path):
     losses = [r["loss"] for r in log if r["kind"] == "train"]
     vals = [r for r in log if r["kind"] == "val"]
     assert [v["step"] for v in vals] == [0, 6, 12]
-    assert losses[-1] < losses[0] - 0.5 and vals[-1]["loss"] < vals[0]["loss"]
+    # Single-batch losses are noisy (the pydoc fallback corpus once ended on a
+    # batch 0.3 above its neighbours): compare the mean of the last three.
+    assert np.mean(losses[-3:]) < losses[0] - 0.5 and vals[-1]["loss"] < vals[0]["loss"]
     assert "late QAT on" in (tmp_path / "train.log").read_text()
     assert (tmp_path / "loss.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "summary.json").read_text())
