@@ -153,6 +153,7 @@ def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, b
     sums: dict | None = None
     for i in tqdm(range(0, n, batch_size), desc="hessians", unit="batch", disable=not progress):
         grams = _input_grams(params, cfg, jnp.asarray(inputs[i:i + batch_size]))
+        _check_finite_grams(grams, f"sequences {i}..{min(i + batch_size, n) - 1}")
         sums = grams if sums is None else jax.tree.map(jnp.add, sums, grams)
 
     def finish(g):
@@ -166,6 +167,25 @@ def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, b
            for bank, sites in BANK_INPUTS.items()}
     out.update({name: per_layer[f"{site}/0"] for name, site in SMALL_INPUTS.items() if f"{site}/0" in per_layer})
     return out
+
+
+_SITES = ("bigram_proj", "ve_proj", "attn_in", "attn_out", "mlp_in", "mlp_hidden")
+
+
+def _forward_order(key: str) -> tuple[int, int]:
+    site, layer = key.split("/")
+    return (-1 if site in SMALL_INPUTS.values() else int(layer)), _SITES.index(site)
+
+
+def _check_finite_grams(grams: dict, where: str) -> None:
+    """A NaN or inf in an activation would silently poison GPTQ: name it."""
+    finite = jax.device_get({k: jnp.all(jnp.isfinite(g)) for k, g in grams.items()})
+    bad = sorted((k for k, ok in finite.items() if not ok), key=_forward_order)  # the first is where it starts
+    if bad:
+        from golf_jax.quant import QuantError
+        later = f" (and {len(bad) - 1} inputs after it)" if len(bad) > 1 else ""
+        raise QuantError(f"hessians: the input of {bad[0]} (site/layer){later} holds NaN or inf on calibration "
+                         f"{where}: the model's activations overflow there")
 
 
 def reference_hessian_names(hessians: dict[str, jax.Array], cfg: ModelConfig) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ import numpy as np
 
 from golf_jax import artifact, checkpoint, compat, data, evaluate, generate, model, quant
 from golf_jax import config as config_lib
-from golf_jax.config import Config, ConfigError
+from golf_jax.config import Config, ConfigError, RunConfig
 
 ARTIFACT_NAME = "final_model.int6.golf"
 LOAD_ERRORS = (ConfigError, data.DataError, checkpoint.CheckpointError, artifact.ArtifactError, compat.CompatError,
@@ -87,10 +87,13 @@ def run_dir_of(checkpoint_path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- the pipeline
 
 def _artifact_meta(cfg: Config, quant_report: dict) -> dict:
-    # Only what follows from the weights and the config (no times, no paths),
+    # Only what follows from the weights and the config (no times, no output paths),
     # so replays write identical bytes; and nothing the pruning search changes,
     # so the sizes it measures are the size written.
-    return {"config": config_lib.to_dict(cfg), "quantization": quant_report.get("matrices", {})}
+    # Where the run wrote its files is not part of the model: two runs of one
+    # config in two directories make the same artifact.
+    portable = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=RunConfig.output_dir))
+    return {"config": config_lib.to_dict(portable), "quantization": quant_report.get("matrices", {})}
 
 
 def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path, progress: bool = True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from tests.conftest import fixture_path
 from golf_jax import generate, model
@@ -74,3 +75,11 @@ def test_hessians_match_reference(tiny_params, tiny_cfg):
     L = tiny_cfg.num_layers
     assert hessians["qo_bank"].shape == (2 * L, tiny_cfg.model_dim, tiny_cfg.model_dim)
     assert hessians["mlp_down_bank"].shape == (L, tiny_cfg.mlp_dim, tiny_cfg.mlp_dim)
+
+
+def test_hessian_collection_names_a_non_finite_layer(tiny_params, tiny_cfg):
+    from golf_jax.quant import QuantError
+    poisoned = dict(tiny_params, mlp_up_bank=tiny_params["mlp_up_bank"].at[3, 0, 0].set(jnp.inf))
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (2, 17), 0, tiny_cfg.vocab_size))
+    with pytest.raises(QuantError, match=r"input of mlp_hidden/3 \(site/layer\) \(and \d+ inputs after it\) holds NaN or inf on calibration sequences 0\.\.1"):
+        generate.collect_hessians(poisoned, tiny_cfg, tokens, batch_size=2)
