@@ -1,16 +1,33 @@
 """orbax checkpoints: the training state for `--resume`, and the final weights
 where the quantisation stage finds them.
 
-Both are written through orbax, which writes to a temporary directory and
-renames it when complete, so a half-written checkpoint is never taken for a
-complete one.
+What a crash can leave behind, and why none of it is taken for complete:
+
+- A training checkpoint is written by orbax into `<step>.orbax-checkpoint-tmp*`
+  and renamed to `<step>/` only when every item is on disk; orbax never lists
+  the temporary directory as a step, so a run killed mid-save resumes from the
+  previous checkpoint.
+- A numbered directory that lacks orbax's files (copied in part, damaged by
+  hand or by a filesystem without atomic rename) is not silently skipped: if it
+  is the latest, `TrainCheckpoints` raises `CheckpointError` naming it and the
+  previous complete step. Resuming from an older step than the user believes is
+  a silent loss of work; an error lets them decide (remove the directory).
+- `save_params` writes the whole `final_model/` under a temporary name beside
+  it and renames it into place, so a final_model directory is either complete
+  or absent.
+
+Every failure to read or write becomes a `CheckpointError` naming the
+directory, never an orbax/tensorstore traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +35,16 @@ import jax
 import orbax.checkpoint as ocp
 
 from golf_jax import config as config_lib
-from golf_jax.config import Config
+from golf_jax.config import Config, ConfigError
+
+# Test hook (tests/faults_test.py): "STEP:SECONDS" makes the metadata write of
+# the checkpoint of STEP wait that long inside orbax's temporary directory, so
+# a test can kill the process while a save is certainly half-written.
+STALL_SAVE_ENV = "GOLF_JAX_TEST_STALL_SAVE"
+
+# The files orbax writes last into a step directory and its two items; a step
+# directory without them was not written completely by orbax.
+_STEP_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "meta/metadata")
 
 
 class CheckpointError(ValueError):
@@ -30,70 +56,201 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+class _MetaHandler(ocp.JsonCheckpointHandler):
+    """orbax's JSON handler, plus the test hook `STALL_SAVE_ENV`."""
+
+    async def _save_fn(self, x, directory):
+        stall = os.environ.get(STALL_SAVE_ENV)
+        if stall:
+            step, seconds = stall.split(":")
+            if x.get("step") == int(step):
+                time.sleep(float(seconds))  # a background thread of orbax's; training goes on
+        await super()._save_fn(x, directory)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
 class TrainCheckpoints:
-    """Training state (any pytree of arrays) plus JSON metadata, every N steps."""
+    """Training state (any pytree of arrays) plus JSON metadata, every N steps.
+
+    Saves are asynchronous (training continues while orbax writes); a failed
+    save surfaces as `CheckpointError` at the next `save` or `wait`.
+    """
 
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        # create=False: reading a directory must not create it (a typo in a
+        # path would otherwise read as "no checkpoint yet"); save() creates it.
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, enable_async_checkpointing=True)
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler())
+        registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler())
+        meta = _MetaHandler()
+        registry.add("meta", ocp.args.JsonSave, meta)
+        registry.add("meta", ocp.args.JsonRestore, meta)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
+        self._in_flight: int | None = None
 
     def save(self, step: int, state: Any, meta: dict) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.wait()  # a failure of the previous save is reported before a new one starts
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._in_flight = step
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as e:
+            self._in_flight = None
+            raise self._save_failed(step, e) from e
+
+    def wait(self) -> None:
+        """Block until the save in flight is on disk; raise if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            step, self._in_flight = self._in_flight, None
+            raise self._save_failed(step, e) from e
+        self._in_flight = None
+
+    def _save_failed(self, step: int | None, e: BaseException) -> CheckpointError:
+        try:
+            kept = self._complete_steps()
+        except OSError:
+            kept = []
+        full = " (the disk is full)" if isinstance(e, OSError) and e.errno == errno.ENOSPC else ""
+        previous = f"the last complete checkpoint is step {kept[-1]}" if kept else "there is no complete checkpoint"
+        return CheckpointError(f"{self.directory}: saving checkpoint {step} failed{full}: {_describe(e)}; "
+                               f"{previous}, untouched")
+
+    def _complete_steps(self) -> list[int]:
+        return [s for s in self.manager.all_steps(read=True) if not self._missing(s)]
+
+    def _missing(self, step: int) -> list[str]:
+        root = self.directory / str(step)
+        return [f for f in _STEP_FILES if not (root / f).is_file()]
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The latest complete step; None if there is none; CheckpointError if
+        the latest numbered directory is incomplete (see the module docstring)."""
+        if not self.directory.is_dir():
+            return None
+        steps = sorted(self.manager.all_steps(read=True))
+        if not steps:
+            return None
+        missing = self._missing(steps[-1])
+        if missing:
+            older = [s for s in steps[:-1] if not self._missing(s)]
+            hint = (f"remove it to resume from step {older[-1]}" if older else "and no older complete checkpoint")
+            raise CheckpointError(f"{self.directory / str(steps[-1])}: incomplete checkpoint (missing "
+                                  f"{', '.join(missing)}); {hint}")
+        return steps[-1]
 
-    def read_meta(self, step: int | None = None) -> dict:
+    def _step_to_read(self, step: int | None) -> int:
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such checkpoint directory")
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if self._missing(step):
+            raise CheckpointError(f"{self.directory / str(step)}: no complete checkpoint of step {step}")
+        return step
+
+    def read_meta(self, step: int | None = None) -> dict:
+        step = self._step_to_read(step)
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise CheckpointError(f"{self.directory / str(step)}: unreadable metadata ({_describe(e)})") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{self.directory / str(step)}: metadata is not a JSON object")
+        return meta
 
     def restore(self, template_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore into the shapes, dtypes and shardings of `template_state`."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"{self.directory}: no complete checkpoint to resume from")
+        step = self._step_to_read(step)
+        meta = self.read_meta(step)  # damaged metadata is the clearer error, so it comes first
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(template_state)), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"{self.directory}: checkpoint {step} does not fit this run ({e})") from None
-        return out["state"], out["meta"]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+                state=ocp.args.StandardRestore(_abstract(template_state))))
+        except Exception as e:
+            raise CheckpointError(f"{self.directory / str(step)}: checkpoint does not fit this run "
+                                  f"({_describe(e)})") from None
+        return out["state"], meta
 
     def close(self) -> None:
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def check_writable(directory: str | Path) -> None:
+    """Fail now, naming the directory, if outputs cannot be written there:
+    before hours of training rather than at the first checkpoint."""
+    directory = Path(directory).absolute()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"{directory}: output directory is not writable ({e.strerror or e})") from None
+
+
+def check_free_space(directory: str | Path, need_bytes: int) -> None:
+    """Raise, naming the directory, when its disk has less room than `need_bytes`
+    (a rough estimate: orbax's files are about the arrays' size)."""
+    directory = Path(directory).absolute()
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise CheckpointError(f"{directory}: {free / 1e6:,.1f} MB free on its disk; the checkpoints and final "
+                              f"model need about {need_bytes / 1e6:,.1f} MB")
 
 
 def save_params(directory: str | Path, params: Any, cfg: Config) -> Path:
-    """The final weights (params pytree) and the config that made them."""
+    """The final weights (params pytree) and the config that made them,
+    written beside `directory` under a temporary name and renamed into place."""
     directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "params"
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(target, params, force=True)
-    _write_text_atomic(directory / "config.json", json.dumps(config_lib.to_dict(cfg), indent=1))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params, force=True)
+        (tmp / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=1))
+        old = None
+        if directory.exists():  # a re-run: the old model goes only once the new one is whole
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent)) / "m"
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old.parent, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return directory
 
 
 def load_params(directory: str | Path, template: Any | None = None) -> tuple[Any, Config]:
     """Read weights saved by `save_params`; their config comes with them."""
     directory = Path(directory).absolute()
-    if not (directory / "config.json").is_file() or not (directory / "params").is_dir():
-        raise CheckpointError(f"{directory}: not a saved model (expected config.json and params/)")
-    cfg = config_lib.from_dict(json.loads((directory / "config.json").read_text()))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(directory / "params", _abstract(template) if template is not None else None)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no such saved model directory")
+    if not (directory / "config.json").is_file() or not (directory / "params" / "_METADATA").is_file():
+        raise CheckpointError(f"{directory}: not a complete saved model (expected config.json and params/)")
+    try:
+        cfg = config_lib.from_dict(json.loads((directory / "config.json").read_text()))
+    except (ValueError, TypeError, AttributeError, ConfigError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: not a model config ({_describe(e)})") from None
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(directory / "params", _abstract(template) if template is not None else None)
+    except Exception as e:
+        raise CheckpointError(f"{directory / 'params'}: cannot be read"
+                              f"{' into this model' if template is not None else ''} ({_describe(e)})") from None
     return params, cfg

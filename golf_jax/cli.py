@@ -23,23 +23,64 @@ _FALSE = {"false", "0", "no", "off"}
 def load_config_file(path: str | Path) -> Config:
     """Run a config file and return its `get_config()`; errors name the file."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"{path}: config file not found")
+    if not path.is_file():
+        raise ConfigError(f"{path}: not a file, expected a Python config file")
     spec = importlib.util.spec_from_file_location(f"_golf_config_{path.stem}", path)
+    if spec is None:  # importlib only knows how to run .py (and compiled) files
+        raise ConfigError(f"{path}: not a Python file; a config file is a .py defining get_config()")
     module = importlib.util.module_from_spec(spec)
+    # A config file is the user's own code: whatever it raises (a typo, an
+    # unknown dataclass field, an import that fails) is reported as the file's
+    # error with its line, and the original stays attached as __cause__.
     try:
         spec.loader.exec_module(module)
-    except TypeError as e:  # e.g. an unknown keyword in a dataclass
-        raise ConfigError(f"{path}: {e}") from None
+    except SyntaxError as e:
+        line = f" line {e.lineno}:" if e.lineno else ""
+        raise ConfigError(f"{path}:{line} syntax error: {e.msg}") from e
+    except Exception as e:
+        raise _user_code_error(path, e, "running the config file") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"{path}: defines no get_config()")
     try:
         cfg = module.get_config()
-    except TypeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    except Exception as e:
+        raise _user_code_error(path, e, "calling get_config()") from e
     if not isinstance(cfg, Config):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not golf_jax.config.Config")
+    _check_field_types(cfg, path)
     return cfg
+
+
+# What a field of each annotated type accepts; an int is a fine float, a bool is no int.
+_ACCEPTS = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_field_types(cfg: Config, path: Path) -> None:
+    """Dataclasses do not check types, and a config file's `num_layers="4"`
+    would otherwise surface as a TypeError deep inside validation or jit."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            accepts = _ACCEPTS.get(str(f.type))
+            value = getattr(sub, f.name)
+            if accepts and (not isinstance(value, accepts) or (bool not in accepts and isinstance(value, bool))):
+                raise ConfigError(f"{path}: {section.name}.{f.name} = {value!r} is a {type(value).__name__}, "
+                                  f"expected {f.type}")
+
+
+def _user_code_error(path: Path, e: Exception, doing: str) -> ConfigError:
+    """`path: line N: ...` with the deepest line of the traceback that is in
+    the config file itself (the user's line, not the dataclass machinery's)."""
+    import traceback
+
+    here = path.resolve()
+    lines = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if Path(fr.filename).resolve() == here]
+    where = f"{path}: line {lines[-1]}" if lines else str(path)
+    if isinstance(e, ConfigError):
+        return ConfigError(f"{where}: {e}")
+    return ConfigError(f"{where}: error {doing}: {type(e).__name__}: {e}")
 
 
 def _parse_value(text: str, type_name: str, where: str):

@@ -30,7 +30,17 @@ TOP = {"tok_emb": "tok_emb.weight", "smear_gate": "smear.gate", "lm_head": "lm_h
 
 
 class CompatError(ValueError):
-    """A reference state that does not fit the config; the message names the tensor."""
+    """A reference state that does not fit the config, or a weights file that
+    cannot be read; the message names the file (where known) and the tensor."""
+
+
+class ReferenceState(dict):
+    """Reference name -> array, remembering the file it was read from so that
+    `params_from_reference` can name it in its errors."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], source: str):
+        super().__init__(arrays)
+        self.source = source
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -60,25 +70,32 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 OPTIONAL = ("bigram.proj.weight", "ve_shared.proj.weight")
 
 
-def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> Params:
+def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig, source: str | None = None) -> Params:
     """Reference-named arrays -> params, keeping each array's dtype.
 
-    Every name the config needs must be present with its shape; unknown
-    names are an error, so a state from another architecture fails loudly.
+    Every name the config needs must be present with its shape and a floating
+    dtype; unknown names are an error, so a state from another architecture
+    fails loudly. Errors start with `source` (by default the file a
+    `load_reference_state` result came from).
     """
+    source = source if source is not None else getattr(state, "source", None)
+    prefix = f"{source}: " if source else ""
     shapes = expected_shapes(cfg)
     state = {k: np.asarray(v) for k, v in state.items()}
     missing = [k for k in shapes if k not in state
                and not (k in OPTIONAL and shapes[k][0] == shapes[k][1])]
     unknown = [k for k in state if k not in shapes]
     if missing or unknown:
-        raise CompatError("reference state does not match the config: "
-                          + (f"missing {', '.join(missing)}" if missing else "")
+        raise CompatError(f"{prefix}reference state does not match the config: "
+                          + (f"missing {_some(missing)}" if missing else "")
                           + ("; " if missing and unknown else "")
-                          + (f"unexpected {', '.join(unknown)}" if unknown else ""))
+                          + (f"unexpected {_some(unknown)}" if unknown else ""))
     for k, v in state.items():
         if tuple(v.shape) != shapes[k]:
-            raise CompatError(f"{k}: shape {tuple(v.shape)}, the config needs {shapes[k]}")
+            raise CompatError(f"{prefix}{k}: shape {tuple(v.shape)}, the config needs {shapes[k]}")
+        # jnp.asarray would take int arrays silently and fail on the rest deep inside JAX.
+        if not jnp.issubdtype(v.dtype, jnp.floating):
+            raise CompatError(f"{prefix}{k}: dtype {v.dtype}, expected floating point weights")
 
     params: Params = {k: jnp.asarray(state[k]) for k in BANKS}
     for ours, theirs in TOP.items():
@@ -93,6 +110,12 @@ def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> 
         params["ve"]["layer_scales"] = jnp.stack(
             [jnp.asarray(state[f"ve_layer_scales.{j}"]) for j in range(len(cfg.ve_layer_indices))])
     return params
+
+
+def _some(names: list[str], limit: int = 8) -> str:
+    """The first names of a list, so a wholly wrong file gives one readable line."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
 
 
 def params_to_reference(tree: Params, cfg: ModelConfig) -> dict[str, np.ndarray]:
@@ -120,19 +143,19 @@ def load_reference_state(path: str | Path) -> dict[str, np.ndarray]:
     prefix, as in the fixtures, is accepted) or, with torch installed, a
     reference `final_model.pt` state_dict. bf16 tensors stay bf16."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CompatError(f"{path}: reference weights not found")
+    if not path.is_file():
+        raise CompatError(f"{path}: not a file, expected reference weights (.npz or .pt)")
+    if path.stat().st_size == 0:
+        raise CompatError(f"{path}: empty file, not reference weights")
     if path.suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                names = [k for k in z.files if k.startswith("param/")] or list(z.files)
-                return {k.removeprefix("param/"): z[k] for k in names}
-        except (OSError, ValueError) as e:
-            raise CompatError(f"{path}: not a readable .npz ({e})") from None
+        return ReferenceState(_read_npz(path), str(path))
     try:
         import torch
     except ImportError:
-        raise CompatError(f"{path}: reading a PyTorch checkpoint needs torch installed") from None
+        raise CompatError(f"{path}: reading a PyTorch checkpoint needs torch installed "
+                          "(pip install torch, or pass an .npz of reference-named arrays)") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
@@ -148,4 +171,28 @@ def load_reference_state(path: str | Path) -> dict[str, np.ndarray]:
             out[k] = t.float().numpy().astype(jnp.bfloat16)
         else:
             out[k] = t.numpy()
+    return ReferenceState(out, str(path))
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy and zipfile raise many types for a bad file
+        raise CompatError(f"{path}: not a readable .npz ({type(e).__name__}: {e})") from e
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise CompatError(f"{path}: not a readable .npz (it holds one .npy array, not named arrays)")
+    with z:
+        names = [k for k in z.files if k.startswith("param/")] or list(z.files)
+        out = {}
+        for k in names:
+            try:
+                arr = z[k]  # each member is decompressed and CRC-checked here
+            except Exception as e:
+                raise CompatError(f"{path}: not a readable .npz: cannot read array {k!r} "
+                                  f"({type(e).__name__}: {e})") from e
+            if arr.dtype == np.dtype("V2"):
+                # np.save writes ml_dtypes' bfloat16 as raw 2-byte void ('|V2'),
+                # so an .npz of our own bf16 embeddings comes back as that.
+                arr = arr.view(jnp.bfloat16)
+            out[k.removeprefix("param/")] = arr
     return out

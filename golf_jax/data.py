@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -46,12 +47,17 @@ class DataError(ValueError):
 def read_shard(path: str | Path) -> np.ndarray:
     """Memory-map a shard's tokens after validating its header and size."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: shard not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file, expected a token shard")
     size = path.stat().st_size
     if size < HEADER_BYTES:
         raise DataError(f"{path}: truncated shard: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    try:
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard ({e.strerror or e})") from e
     if header[0] != SHARD_MAGIC:
         raise DataError(f"{path}: bad shard magic {header[0]} (expected {SHARD_MAGIC}); not a token shard")
     if header[1] != SHARD_VERSION:
@@ -59,8 +65,10 @@ def read_shard(path: str | Path) -> np.ndarray:
     count = int(header[2])
     expected = HEADER_BYTES + count * TOKEN_DTYPE.itemsize
     if count < 0 or size != expected:
-        raise DataError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes"
-                        + (" (truncated)" if size < expected else ""))
+        hint = (" (truncated)" if size < expected else
+                # A common exporter slip: token ids written as int32 after the right header.
+                "; 4 bytes a token: written as int32? shards hold uint16" if size == HEADER_BYTES + 4 * count else "")
+        raise DataError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes{hint}")
     if count == 0:
         return np.zeros((0,), TOKEN_DTYPE)
     return np.memmap(path, dtype=TOKEN_DTYPE, mode="r", offset=HEADER_BYTES, shape=(count,))
@@ -113,8 +121,13 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
     import sentencepiece as spm
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: tokenizer not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file, expected a SentencePiece model")
+    if path.stat().st_size == 0:
+        # SentencePiece reads an empty file as an empty model and says "unk is not defined".
+        raise DataError(f"{path}: empty file, not a SentencePiece model")
     sp = spm.SentencePieceProcessor()
     try:
         sp.Load(str(path))
@@ -176,6 +189,11 @@ class TokenStream:
 
     def __init__(self, pattern: str, vocab_size: int):
         self.files = shard_files(pattern)
+        # Headers and sizes of every shard now (a memory map each, no token
+        # read), so a damaged shard stops the run at launch, not when the
+        # stream reaches it mid-training; token ids are checked per shard as it loads.
+        for f in self.files:
+            read_shard(f)
         self.vocab_size = vocab_size
         self.file_idx, self.pos = 0, 0
         self._tokens = self._load(0)
@@ -271,16 +289,26 @@ def iter_documents(path: str | Path) -> Iterator[str]:
     if not path.is_file():
         raise DataError(f"{path}: input not found")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                    text = None
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{n}: expected a JSON object with a string \"text\" field")
+                yield text
     else:
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         for block in re.split(r"\n\s*\n", text):
             if block.strip():
                 yield block.strip()
@@ -290,7 +318,12 @@ def prepare(inputs: Sequence[str | Path], tokenizer: str | Path, out_dir: str | 
             val_docs: int | None = None, val_fraction: float | None = None,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, prefix: str = "fineweb",
             encode_batch: int = 1024) -> dict:
-    """Tokenize documents into val and train shards as the official exporter does."""
+    """Tokenize documents into val and train shards as the official exporter does.
+
+    Shards are written into a staging folder inside `out_dir` and moved into
+    place only when every input has been read, so bad input (a missing file,
+    a malformed line deep in the second input) leaves `out_dir` as it was.
+    """
     sp = load_tokenizer(tokenizer)
     if (val_docs is None) == (val_fraction is None):
         raise ValueError("give exactly one of val_docs and val_fraction")
@@ -298,6 +331,29 @@ def prepare(inputs: Sequence[str | Path], tokenizer: str | Path, out_dir: str | 
         total = sum(1 for p in inputs for _ in iter_documents(p))
         val_docs = int(total * val_fraction)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: output path exists and is not a directory")
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".prepare.", dir=out_dir))
+    try:
+        info = _prepare_into(stage, sp, inputs, val_docs, shard_tokens, prefix, encode_batch)
+        for name in info["shards"]["val"] + info["shards"]["train"]:
+            os.replace(stage / name, out_dir / name)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            try:
+                out_dir.rmdir()  # only if still empty: never take anything else with it
+            except OSError:
+                pass
+        raise
+    stage.rmdir()
+    return info
+
+
+def _prepare_into(out_dir: Path, sp, inputs: Sequence[str | Path], val_docs: int, shard_tokens: int,
+                  prefix: str, encode_batch: int) -> dict:
     bos = sp.bos_id()
     counts = {"val": 0, "train": 0}
     shards = {"val": [], "train": []}

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import queue
+import signal
 import threading
 import time
 from pathlib import Path
@@ -46,6 +47,44 @@ QAT_LEVELS = (-32, 31)  # int6 fake-quantisation range of the reference's QAT
 
 class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the message names the step."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM stopped the run at a step boundary, after a complete checkpoint
+    of that step was saved; `--resume` continues it exactly."""
+
+
+# 128 + SIGTERM: what a shell and a batch scheduler report for a process that
+# SIGTERM ended, so a pre-empted run reads as pre-empted, not as failed or done.
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class StopOnSigterm:
+    """While active (main thread only: Python delivers signals there), SIGTERM
+    sets `requested` instead of killing the process, so the loop can stop at the
+    next step boundary with a checkpoint. A second SIGTERM gets the previous
+    handler's behaviour back (by default: die now), for a run that is stuck.
+    The previous handler is restored on exit: no global state outlives train()."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._installed = False
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
 
 
 class TrainState(NamedTuple):
@@ -355,19 +394,45 @@ def _check_resume_config(saved: dict, cfg: Config, where: Path) -> None:
                     f"this run has {value!r}")
 
 
+@jax.jit
+def finite_flags(params: Params) -> jax.Array:
+    """One bool per parameter tensor: all of it finite. Computed for the
+    parameters entering every step and read only when that step's loss is not
+    finite: a step that goes bad spreads NaN into every tensor through the
+    gradients, so only the state before it can name the culprit. One fused
+    reduction per step, left on the device."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])
+
+
+def non_finite_names(params: Params, flags) -> list[str]:
+    names = [path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return [name for name, ok in zip(names, np.asarray(flags)) if not ok]
+
+
+def checkpoint_bytes(state: TrainState) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(state))
+
+
 def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps: int | None = None) -> dict:
     """Run training as configured; returns the summary (also written as JSON).
 
     `max_steps` stops after that many optimizer steps in this call without
     the end-of-run work (a test hook that stands in for a pre-emption).
+    SIGTERM (a real pre-emption) stops at the next step boundary, saves a
+    checkpoint of that step and raises `TrainingInterrupted`.
     """
+    with StopOnSigterm() as stop:
+        return _train(cfg, resume, progress, max_steps, stop)
+
+
+def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, stop: StopOnSigterm) -> dict:
     t_launch = time.perf_counter()
     cfg.validate()
     mesh = make_mesh(cfg.run.num_devices)
     n = mesh.size
     accum = check_runnable(cfg, n)
     sched, out_dir = cfg.schedule, Path(cfg.run.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.check_writable(out_dir)  # a read-only or missing mount fails now, not at the first save
 
     # Every input is checked before anything compiles.
     ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
@@ -381,12 +446,18 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
 
     tx = optim.build_optimizer(cfg.optimizer, AXIS)
     state = init_state(params, tx, mesh, sched.swa_enabled)
-    ckpts = checkpoint.TrainCheckpoints(out_dir / "checkpoints")
+    # Room for the checkpoints kept, one being written and the final model, so
+    # a full disk is reported before training rather than after it.
+    keep = 2
+    checkpoint.check_free_space(out_dir, (keep + 1) * checkpoint_bytes(state) + model.param_count(params) * 4)
+    ckpts = checkpoint.TrainCheckpoints(out_dir / "checkpoints", keep=keep)
     step, training_s, qat_on, stop_after_step = 0, 0.0, False, None
     history: dict = {"train": [], "val": []}
+    saved_at = None  # the step of the last checkpoint this run holds
     if resume:
-        _check_resume_config(ckpts.read_meta()["config"], cfg, ckpts.directory)
+        _check_resume_config(ckpts.read_meta().get("config", {}), cfg, ckpts.directory)
         state, meta = ckpts.restore(state)
+        saved_at = meta["step"]
         step, training_s, qat_on = meta["step"], meta["training_s"], meta["qat_on"]
         stop_after_step, history = meta["stop_after_step"], meta["history"]
         batches.restore(meta["cursor"])
@@ -426,11 +497,18 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
         nonlocal pending
         if pending is None:
             return
-        s, loss_arr, mult = pending
+        s, loss_arr, mult, flags = pending
         pending = None
         value = float(loss_arr)
         if not math.isfinite(value):
-            raise TrainingError(f"loss is {value} at step {s}; stopping (the last good checkpoint is kept)")
+            # Which tensors were already bad when the step began is the lead to
+            # the cause (an exploding learning rate, a bad init_from, an overflow).
+            bad = non_finite_names(state.params, flags)
+            named = (f"non-finite parameters entering it: {', '.join(bad[:8])}"
+                     + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")) if bad else \
+                "every parameter entering it was finite (the step's own arithmetic overflowed)"
+            raise TrainingError(f"loss is {value} at step {s}; {named}; stopping (the last good checkpoint, "
+                                f"{'step ' + str(saved_at) if saved_at is not None else 'none yet'}, is kept)")
         history["train"].append((s, value))
         if s % cfg.run.train_log_every == 0 or s <= 10:
             avg_ms = 1000 * training_s_now() / max(s, 1)
@@ -444,17 +522,39 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
                             f"lr {mult:.2f} left {max(left, 0):.0f}s")
 
     def save(at_step: int, at_training_s: float) -> None:
-        if ckpts.latest_step() != at_step:
+        nonlocal saved_at
+        if saved_at != at_step:
+            # A step's loss judges the parameters entering it, not those it
+            # leaves: check these too, so no checkpoint ever holds a NaN.
+            bad = non_finite_names(state.params, finite_flags(state.params))
+            if bad:
+                raise TrainingError(f"non-finite parameters after step {at_step}: {', '.join(bad[:8])}"
+                                    + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+                                    + f"; not saved (the last good checkpoint, "
+                                    f"{'step ' + str(saved_at) if saved_at is not None else 'none yet'}, is kept)")
             ckpts.save(at_step, state, _meta(at_step, at_training_s, cursor, qat_on, stop_after_step, cfg, history))
+            saved_at = at_step
 
     def validate(params) -> evaluate.EvalResult:
         return evaluate.standard_eval(params, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
                                       cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress=False)
 
+    closed = False
+
     def close_outputs() -> None:
-        ckpts.wait()
-        ckpts.close()
-        log.close()
+        """Wait for the save in flight (raising if it failed), close the logs; once."""
+        nonlocal closed
+        if closed:
+            return
+        closed = True
+        try:
+            ckpts.close()
+        finally:
+            log.close()
+
+    def interrupted(where: str) -> TrainingInterrupted:
+        return TrainingInterrupted(f"stopped by SIGTERM {where}; checkpoint of step {saved_at} saved in "
+                                   f"{ckpts.directory}; continue with --resume")
 
     t0 = time.perf_counter()
 
@@ -465,6 +565,13 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
     compiles_at_first_step = None
     try:
         while True:
+            if stop.requested:  # a step boundary: the state is whole and its loss known
+                drain()
+                training_s = training_s_now()
+                save(step, training_s)
+                log.line(f"SIGTERM at step {step}/{sched.iterations}: saving its checkpoint and stopping")
+                close_outputs()  # the checkpoint is complete on disk before the process ends
+                raise interrupted(f"at step {step}")
             last = step >= sched.iterations or (stop_after_step is not None and step >= stop_after_step)
             if last or (cfg.eval.val_loss_every > 0 and step % cfg.eval.val_loss_every == 0):
                 drain()
@@ -492,23 +599,36 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
                 log.line(f"late QAT on at step {step} (lr_mult {mult:.3f}, scope {sched.qat_scope})")
             swa_collect = sched.swa_enabled and mult < sched.swa_lr_threshold and (step + 1) % sched.swa_every == 0
             xs, ys, cursor = prefetch.next()
+            flags = finite_flags(state.params)  # dispatched before the step donates these buffers
             state, loss = step_fn(state, xs, ys, mult, qat_on, swa_collect)
             step += 1
             if compiles_at_first_step is None:
                 loss.block_until_ready()
                 compiles_at_first_step = compiles.count
             drain()
-            pending = (step, loss, mult)
+            pending = (step, loss, mult, flags)
             bar.update(1)
             if cap > 0 and stop_after_step is None and training_s_now() >= cap:
                 stop_after_step = step
             if ckpt_every > 0 and step % ckpt_every == 0:
                 drain()  # never save a step whose loss is not known to be finite
                 paused = time.perf_counter()
-                save(step, training_s_now())
+                bad = non_finite_names(state.params, finite_flags(state.params))
+                if bad and step < sched.iterations:
+                    # Not saved, and not yet fatal: the next step's loss judges these
+                    # parameters and its error names them with the step.
+                    log.line(f"step {step}: non-finite parameters ({', '.join(bad[:8])}); checkpoint not saved")
+                else:
+                    save(step, training_s_now())
                 t0 += time.perf_counter() - paused  # checkpointing is not training time
-    except BaseException:
-        close_outputs()  # a save in flight completes; nothing after the failure is saved
+    except BaseException as failure:
+        # A save in flight completes; nothing after the failure is saved. A
+        # failing save is reported as what went wrong, not in place of it.
+        try:
+            close_outputs()
+        except checkpoint.CheckpointError as e:
+            if e is not failure:
+                failure.add_note(str(e))
         raise
     finally:
         compiles.__exit__()
@@ -517,6 +637,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
 
     # End of training: EMA (or SWA) weights, their evaluation, the artifacts.
     save(step, training_s)
+    if stop.requested:
+        close_outputs()
+        raise interrupted(f"at the end of training (step {step}), before the final evaluation")
     if sched.swa_enabled and int(state.swa_count) > 0:
         final_f32 = jax.tree.map(lambda s: s / state.swa_count, state.swa)
         source = f"SWA of {int(state.swa_count)} snapshots"
@@ -561,6 +684,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         summary = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        parser.exit(EXIT_SIGTERM, f"{e}\n")
+    except (TrainingError, *quantize.LOAD_ERRORS) as e:
+        parser.exit(2, f"error: {e}\n")
+    try:
         if not args.no_quantize:
             # From the saved weights, as a replay reads them: the same artifact either way.
             out_dir = Path(cfg.run.output_dir)
