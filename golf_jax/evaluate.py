@@ -145,15 +145,25 @@ def load_eval_data(cfg: Config) -> tuple[np.ndarray, data.ByteTables, data.Datas
     return tokens, data.byte_tables(sp, cfg.model.vocab_size), ds
 
 
+def run_standard(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables,
+                 progress: bool = True) -> EvalResult:
+    """The standard evaluation as configured (the reference's per-rank batch)."""
+    return standard_eval(params, cfg.model, tokens, tables, cfg.eval.eval_seq_len,
+                         cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress)
+
+
+def run_sliding(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables,
+                progress: bool = True) -> EvalResult:
+    """The sliding-window evaluation as configured."""
+    e = cfg.eval
+    return sliding_eval(params, cfg.model, tokens, tables, e.eval_seq_len, e.sliding_stride,
+                        e.sliding_batch_windows, e.sliding_score_once, progress)
+
+
 def run_evaluations(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables,
                     progress: bool = True) -> dict[str, EvalResult]:
-    e = cfg.eval
-    return {
-        "standard": standard_eval(params, cfg.model, tokens, tables, e.eval_seq_len,
-                                  e.standard_batch_windows(cfg.data.micro_batches_per_step), progress),
-        "sliding": sliding_eval(params, cfg.model, tokens, tables, e.eval_seq_len, e.sliding_stride,
-                                e.sliding_batch_windows, e.sliding_score_once, progress),
-    }
+    return {"standard": run_standard(params, cfg, tokens, tables, progress),
+            "sliding": run_sliding(params, cfg, tokens, tables, progress)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

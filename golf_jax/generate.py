@@ -29,6 +29,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from golf_jax import model
 from golf_jax.config import Config, ModelConfig
@@ -110,7 +111,6 @@ def calibration_tokens(params: Params, cfg: Config, key: jax.Array | None = None
     key = jax.random.key(cfg.run.seed) if key is None else key
     n, bs = q.calib_num_seqs, min(q.calib_batch_size, q.calib_num_seqs)
     out = []
-    from tqdm import tqdm
     for _ in tqdm(range(math.ceil(n / bs)), desc="calibration", unit="batch", disable=not progress):
         key, k_first, k_rest = jax.random.split(key, 3)
         first = jax.random.randint(k_first, (bs, 1), 0, mcfg.vocab_size, jnp.int32)
@@ -147,7 +147,6 @@ def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, b
     "mlp_down_bank": [L, h, h], "bigram/proj", "ve/proj"}, bank rows aligned
     with the bank's matrices.
     """
-    from tqdm import tqdm
     inputs = np.asarray(tokens_NxT)[:, :-1]
     n = inputs.shape[0]
     sums: dict | None = None

@@ -40,21 +40,19 @@ LOAD_ERRORS = (ConfigError, data.DataError, checkpoint.CheckpointError, artifact
 def _ema_from_training_checkpoint(directory: Path) -> tuple[model.Params, Config]:
     ckpts = checkpoint.TrainCheckpoints(directory)
     try:
-        meta = ckpts.read_meta()
-        cfg = config_lib.from_dict(meta["config"])
-        restored = ckpts.manager.restore(ckpts.latest_step(), args=checkpoint.ocp.args.Composite(
-            state=checkpoint.ocp.args.StandardRestore()))["state"]
+        state, meta = ckpts.restore(None)  # as saved: its layout depends on the device count
     finally:
         ckpts.close()
-    template = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
-    ema = restored["ema"] if isinstance(restored, dict) else restored.ema
+    cfg = config_lib.from_dict(meta["config"])
+    ema = state["ema"] if isinstance(state, dict) else state.ema
+    ema_by_name = {model.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ema)}
 
     def to_param(path, like):
         # Banks are zero-padded to a multiple of the device count in training.
-        x = np.asarray(ema_flat[model.path_name(path)])
+        x = np.asarray(ema_by_name[model.path_name(path)])
         return jnp.asarray(x[tuple(slice(0, n) for n in like.shape)], like.dtype)
 
-    ema_flat = {model.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ema)}
+    template = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
     return jax.tree_util.tree_map_with_path(to_param, template), cfg
 
 
@@ -119,9 +117,7 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     val_tokens, tables, _ = evaluate.load_eval_data(cfg)
     if pre_quant is None:
         with stage("eval_pre_quant"):
-            pre_quant = dataclasses.asdict(evaluate.standard_eval(
-                params, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
-                cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress))
+            pre_quant = dataclasses.asdict(evaluate.run_standard(params, cfg, val_tokens, tables, progress))
     report["pre_quant"] = pre_quant
     log(f"pre-quantisation: val_loss {pre_quant['loss']:.4f} val_bpb {pre_quant['bpb']:.4f}")
 
@@ -149,7 +145,7 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     path = out_dir / ARTIFACT_NAME
     with stage("write_artifact"):
         weights_bytes = artifact.write_bytes(path, blob)
-    report["artifact"] = artifact.artifact_budget_report(weights_bytes, q.artifact_budget_bytes)
+    report["artifact"] = artifact.artifact_budget_report(weights_bytes, q.artifact_budget_bytes, code)
     report["artifact"]["path"] = str(path)
     log(f"artifact {path}: {weights_bytes:,} bytes + {code:,} bytes of code = {weights_bytes + code:,} "
         f"(budget {q.artifact_budget_bytes:,}); pruned {pruning.get('pruned', 0):,} of "
@@ -158,14 +154,11 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     with stage("reload"):
         qparams, _, _ = load_model(artifact_path=path)
     with stage("eval_int6_roundtrip"):
-        rt = evaluate.standard_eval(qparams, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
-                                    cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress)
+        rt = evaluate.run_standard(qparams, cfg, val_tokens, tables, progress)
     report["int6_roundtrip"] = dataclasses.asdict(rt)
     log(f"int6 round trip: val_loss {rt.loss:.4f} val_bpb {rt.bpb:.4f}")
     with stage("eval_sliding"):
-        e = cfg.eval
-        sl = evaluate.sliding_eval(qparams, cfg.model, val_tokens, tables, e.eval_seq_len, e.sliding_stride,
-                                   e.sliding_batch_windows, e.sliding_score_once, progress)
+        sl = evaluate.run_sliding(qparams, cfg, val_tokens, tables, progress)
     report["sliding"] = dataclasses.asdict(sl)
     log(f"int6 sliding window (stride {cfg.eval.sliding_stride}): val_loss {sl.loss:.4f} val_bpb {sl.bpb:.4f}")
 

@@ -521,23 +521,28 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
         bar.set_postfix_str(f"loss {value:.3f} {tokens_per_step / max(step_s, 1e-9) / 1e6:.3f}M tok/s "
                             f"lr {mult:.2f} left {max(left, 0):.0f}s")
 
-    def save(at_step: int, at_training_s: float) -> None:
+    def save(at_step: int, at_training_s: float, required: bool = True) -> None:
+        """Checkpoint the state. A step's loss judges the parameters entering
+        it, not those it leaves: these are checked here, so no checkpoint ever
+        holds a NaN. Non-finite: a required save (final, SIGTERM) raises; a
+        periodic one is skipped, and the next step's loss error names them."""
         nonlocal saved_at
-        if saved_at != at_step:
-            # A step's loss judges the parameters entering it, not those it
-            # leaves: check these too, so no checkpoint ever holds a NaN.
-            bad = non_finite_names(state.params, finite_flags(state.params))
-            if bad:
-                raise TrainingError(f"non-finite parameters after step {at_step}: {', '.join(bad[:8])}"
-                                    + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
-                                    + f"; not saved (the last good checkpoint, "
-                                    f"{'step ' + str(saved_at) if saved_at is not None else 'none yet'}, is kept)")
-            ckpts.save(at_step, state, _meta(at_step, at_training_s, cursor, qat_on, stop_after_step, cfg, history))
-            saved_at = at_step
+        if saved_at == at_step:
+            return
+        bad = non_finite_names(state.params, finite_flags(state.params))
+        if bad:
+            listed = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+            if not required:
+                log.line(f"step {at_step}: non-finite parameters ({listed}); checkpoint not saved")
+                return
+            raise TrainingError(f"non-finite parameters after step {at_step}: {listed}; not saved (the last good "
+                                f"checkpoint, {'step ' + str(saved_at) if saved_at is not None else 'none yet'}, "
+                                f"is kept)")
+        ckpts.save(at_step, state, _meta(at_step, at_training_s, cursor, qat_on, stop_after_step, cfg, history))
+        saved_at = at_step
 
     def validate(params) -> evaluate.EvalResult:
-        return evaluate.standard_eval(params, cfg.model, val_tokens, tables, cfg.eval.eval_seq_len,
-                                      cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress=False)
+        return evaluate.run_standard(params, cfg, val_tokens, tables, progress=False)
 
     closed = False
 
@@ -613,13 +618,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
             if ckpt_every > 0 and step % ckpt_every == 0:
                 drain()  # never save a step whose loss is not known to be finite
                 paused = time.perf_counter()
-                bad = non_finite_names(state.params, finite_flags(state.params))
-                if bad and step < sched.iterations:
-                    # Not saved, and not yet fatal: the next step's loss judges these
-                    # parameters and its error names them with the step.
-                    log.line(f"step {step}: non-finite parameters ({', '.join(bad[:8])}); checkpoint not saved")
-                else:
-                    save(step, training_s_now())
+                save(step, training_s_now(), required=step >= sched.iterations)
                 t0 += time.perf_counter() - paused  # checkpointing is not training time
     except BaseException as failure:
         # A save in flight completes; nothing after the failure is saved. A
@@ -684,17 +683,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         summary = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except TrainingInterrupted as e:
-        parser.exit(EXIT_SIGTERM, f"{e}\n")
-    except (TrainingError, *quantize.LOAD_ERRORS) as e:
-        parser.exit(2, f"error: {e}\n")
-    try:
         if not args.no_quantize:
             # From the saved weights, as a replay reads them: the same artifact either way.
             out_dir = Path(cfg.run.output_dir)
             params, _ = checkpoint.load_params(out_dir / "final_model")
             pre = {"loss": summary["final_val_loss"], "bpb": summary["final_val_bpb"]}
             quantize.quantize_and_evaluate(params, cfg, out_dir, progress=not args.no_progress, pre_quant=pre)
+    except TrainingInterrupted as e:
+        parser.exit(EXIT_SIGTERM, f"{e}\n")
     except (TrainingError, *quantize.LOAD_ERRORS) as e:
         parser.exit(2, f"error: {e}\n")
 
