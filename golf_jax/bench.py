@@ -18,6 +18,8 @@ Sections:
              self-generation of calib_num_seqs x calib_seq_len tokens with the KV cache,
              Hessian collection over them, GPTQ of every bank matrix with the
              int8/passthrough of the rest, and the LZMA serialisation of the result.
+  ttt        score-first test-time training over --ttt-chunks chunks of train text
+             (scoring + ttt.epochs passes per chunk), projected to FineWeb's validation set.
 """
 
 from __future__ import annotations
@@ -212,6 +214,39 @@ def bench_after_training(params, cfg) -> dict:
     return out
 
 
+# The competition's validation set (fineweb_val_*.bin of the sp1024 export).
+FINEWEB_VAL_TOKENS = 62_021_846
+
+
+def bench_ttt(params, cfg, chunks: int) -> dict | None:
+    """Score-first TTT over `chunks` chunks of the config's train text (the
+    validation text of the embedded data is too short for a timing): one
+    chunk first (compilation), then `chunks`; the per-chunk time projected
+    to the full FineWeb validation set. None without data."""
+    from golf_jax import ttt
+
+    try:
+        ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+                                  cfg.data.val_pattern, cfg.model.vocab_size)
+        tables = data.byte_tables(data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size), cfg.model.vocab_size)
+        stream = data.TokenStream(ds.train_pattern, cfg.model.vocab_size)
+    except data.DataError:
+        return None
+    C = cfg.ttt.chunk_tokens
+    tokens = stream.take(chunks * C + 1).astype(np.int32)
+    t0 = time.perf_counter()
+    ttt.run(params, cfg, tokens, tables, progress=False, max_chunks=1)
+    first = time.perf_counter() - t0
+    r = ttt.run(params, cfg, tokens, tables, progress=False)
+    # The last chunk is scored only; time per trained chunk from the others.
+    per_chunk = r.seconds / chunks
+    full_chunks = -(-(FINEWEB_VAL_TOKENS - 1) // C)
+    return {"chunks": chunks, "chunk_tokens": C, "first_chunk_s": first, "seconds": r.seconds,
+            "score_s": r.score_s, "train_s": r.train_s, "train_steps": r.train_steps, "per_chunk_s": per_chunk,
+            "fineweb_val_chunks": full_chunks, "projected_fineweb_val_s_one_device": per_chunk * full_chunks,
+            "bpb": r.bpb}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m golf_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="eval,grad,train,attention")
@@ -219,6 +254,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--attention-batch", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--random-tokens", action="store_true", help="uniform ids instead of the config's text")
+    parser.add_argument("--ttt-chunks", type=int, default=16, help="chunks timed by the ttt section")
     parser.add_argument("--out", default="runs/bench")
     cfg, args = cli.parse(parser, argv, default_config=str(Path(__file__).resolve().parents[1] / "configs" / "record.py"))
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -252,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if "after" in sections:
         results["after"] = bench_after_training(params, cfg)
+    if "ttt" in sections:
+        results["ttt"] = bench_ttt(params, cfg, args.ttt_chunks)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,6 +332,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{what:<44}{a[key]['second_call_s']:>11.2f}s{a[key]['first_call_s']:>11.1f}s")
         print(f"{'LZMA serialisation':<44}{a['serialize']['s']:>11.2f}s  {a['serialize']['bytes']:,} bytes "
               f"+ {a['serialize']['code_bytes']:,} code")
+    if results.get("ttt"):
+        r = results["ttt"]
+        print(f"{'score-first TTT, ' + str(r['chunks']) + ' chunks of ' + str(r['chunk_tokens']):<44}"
+              f"{r['per_chunk_s']:>10.3f}s{r['first_chunk_s']:>11.1f}s  per chunk (scoring {r['score_s']:.1f} s, "
+              f"training {r['train_s']:.1f} s in all); FineWeb val ({r['fineweb_val_chunks']} chunks) on one "
+              f"device: {r['projected_fineweb_val_s_one_device']:.0f} s")
     print(f"wrote {out / 'bench.json'}")
 
 

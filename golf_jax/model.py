@@ -37,7 +37,6 @@ Params = dict
 RMS_NORM_EPS = float(np.finfo(np.float32).eps)
 XSA_NORM_EPS = 1e-12  # F.normalize's clamp of the value vector's norm
 BIGRAM_MUL_CUR, BIGRAM_MUL_PREV = 36313, 27191
-LEAKY_SLOPE = 0.5
 EMBEDDING_KEYS = ("tok_emb", "bigram/embed", "ve/embed")
 
 
@@ -320,7 +319,7 @@ def block(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, x0: jax.Ar
 
     h = rms_norm(x) * norm_scale
     tap(taps, "mlp_in", layer, h)
-    u = jax.nn.leaky_relu(linear(h, params["mlp_up_bank"][layer]), LEAKY_SLOPE)
+    u = jax.nn.leaky_relu(linear(h, params["mlp_up_bank"][layer]), cfg.mlp_negative_slope)
     tap(taps, "mlp_hidden", layer, u * u)
     return x + p["mlp_scale"] * linear(u * u, params["mlp_down_bank"][layer])
 

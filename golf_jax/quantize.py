@@ -26,8 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import artifact, checkpoint, compat, data, evaluate, generate, model, quant
+from golf_jax import artifact, checkpoint, compat, data, evaluate, generate, model, quant, ttt
 from golf_jax import config as config_lib
+from golf_jax.train import CompileCounter
 from golf_jax.config import Config, ConfigError, RunConfig
 
 ARTIFACT_NAME = "final_model.int6.golf"
@@ -94,23 +95,80 @@ def _artifact_meta(cfg: Config, quant_report: dict) -> dict:
     return {"config": config_lib.to_dict(portable), "quantization": quant_report.get("matrices", {})}
 
 
+BUDGET_STAGES = ("calibration", "hessians", "gptq")  # what budget mode counts in the wall-clock cap
+
+
+def calibrate_and_quantize(params: model.Params, cfg: Config, stage, progress: bool = False
+                           ) -> tuple[quant.QuantizedModel, dict]:
+    """The stages budget mode counts (BUDGET_STAGES, each inside `stage(name)`):
+    AR self-generated calibration, Hessians, GPTQ. Returns the quantised
+    model and GPTQ's report; every result is on the host when a stage ends."""
+    q = cfg.quant
+    with stage("calibration"):
+        calib = generate.calibration_tokens(params, cfg, progress=progress)
+    with stage("hessians"):
+        hessians = generate.collect_hessians(params, cfg.model, calib, q.calib_batch_size, progress=progress)
+        jax.block_until_ready(hessians)
+    with stage("gptq"):
+        qmodel, quant_report = quant.quantize_params(params, cfg.model, hessians, q)
+    return qmodel, quant_report
+
+
+def time_budget_stages(params: model.Params, cfg: Config) -> dict[str, float]:
+    """Seconds of each budget stage on these weights, as they will run after
+    training: one run to compile (not timed), then one timed. The stages'
+    cost depends on shapes, not values, so early weights give the final time."""
+    def untimed(name):
+        return contextlib.nullcontext()
+
+    times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name):
+        t0 = time.perf_counter()
+        yield
+        times[name] = time.perf_counter() - t0
+
+    calibrate_and_quantize(params, cfg, untimed)
+    calibrate_and_quantize(params, cfg, timed)
+    return times
+
+
+def budget_report(cfg: Config, train_summary: dict, times: dict[str, float], compiles: dict[str, int]) -> dict:
+    """Budget mode: each stage's share of the wall-clock cap, against the reserve."""
+    cap = cfg.schedule.max_wallclock_seconds
+    spent = {"training": train_summary["training_s"], **{k: times[k] for k in BUDGET_STAGES}}
+    total = sum(spent.values())
+    reserved = (train_summary.get("budget") or {}).get("reserve_s")
+    return {"cap_s": cap, "stages_s": spent, "share_of_cap": {k: v / cap for k, v in spent.items()},
+            "total_s": total, "within_cap": total <= cap, "reserved_s": reserved,
+            "after_training_s": total - spent["training"],
+            "compilations_in_budget_stages": sum(compiles.get(k, 0) for k in BUDGET_STAGES)}
+
+
 def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path, progress: bool = True,
-                          pre_quant: dict | None = None, log=print) -> dict:
+                          pre_quant: dict | None = None, log=print, train_summary: dict | None = None) -> dict:
     """Every stage after training, timed; writes the artifact and quantize.json
     in out_dir and returns the same report. pre_quant: the standard evaluation
-    of `params` when the caller already has it (train.py), else it is run."""
+    of `params` when the caller already has it (train.py), else it is run.
+    train_summary: train.py's summary; in budget mode the report then gives
+    each stage's share of the wall-clock cap. With ttt.enabled, score-first
+    test-time training runs last, on the artifact's weights."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     q = cfg.quant
     times: dict[str, float] = {}
+    compiles: dict[str, int] = {}
     report: dict = {"config": config_lib.to_dict(cfg), "backend": jax.default_backend(),
-                    "device": jax.devices()[0].device_kind, "times_s": times}
+                    "device": jax.devices()[0].device_kind, "times_s": times, "compilations": compiles}
 
     @contextlib.contextmanager
     def stage(name):
         t0 = time.perf_counter()
-        yield
+        with CompileCounter() as counter:
+            yield
         times[name] = time.perf_counter() - t0
+        compiles[name] = counter.count
         log(f"[{name}] {times[name]:.1f} s")
 
     # Inputs are checked before the long stages.
@@ -121,14 +179,15 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     report["pre_quant"] = pre_quant
     log(f"pre-quantisation: val_loss {pre_quant['loss']:.4f} val_bpb {pre_quant['bpb']:.4f}")
 
-    with stage("calibration"):
-        calib = generate.calibration_tokens(params, cfg, progress=progress)
-    with stage("hessians"):
-        hessians = generate.collect_hessians(params, cfg.model, calib, q.calib_batch_size, progress=progress)
-        jax.block_until_ready(hessians)
-    with stage("gptq"):
-        qmodel, quant_report = quant.quantize_params(params, cfg.model, hessians, q)
+    qmodel, quant_report = calibrate_and_quantize(params, cfg, stage, progress)
     report["quantization"] = quant_report
+    if train_summary is not None and cfg.schedule.quant_in_budget:
+        b = report["budget"] = budget_report(cfg, train_summary, times, compiles)
+        log(f"budget {b['cap_s']:.0f} s: " + ", ".join(f"{k} {v:.1f} s ({b['share_of_cap'][k]:.1%})"
+                                                      for k, v in b["stages_s"].items())
+            + f"; total {b['total_s']:.1f} s, {'within' if b['within_cap'] else 'OVER'} the cap"
+            + (f"; {b['after_training_s']:.1f} s after training against {b['reserved_s']:.1f} s reserved"
+               if b["reserved_s"] is not None else ""))
     fallbacks = [k for k, v in quant_report.get("matrices", {}).items() if v.get("fallback")]
     if fallbacks:
         log(f"GPTQ fell back to the per-row quantiser for {len(fallbacks)} matrices: {', '.join(fallbacks)}")
@@ -161,6 +220,12 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
         sl = evaluate.run_sliding(qparams, cfg, val_tokens, tables, progress)
     report["sliding"] = dataclasses.asdict(sl)
     log(f"int6 sliding window (stride {cfg.eval.sliding_stride}): val_loss {sl.loss:.4f} val_bpb {sl.bpb:.4f}")
+    if cfg.ttt.enabled:
+        with stage("ttt"):
+            result = ttt.run(qparams, cfg, val_tokens, tables, progress)
+        report["ttt"] = ttt.summary(result, sl)
+        log(f"score-first TTT ({result.chunks} chunks, {result.train_steps} steps): val_loss {result.loss:.4f} "
+            f"val_bpb {result.bpb:.4f} ({report['ttt']['gain_bpb']:+.4f} bpb against the sliding window)")
 
     out = out_dir / "quantize.json"
     tmp = out.with_suffix(".json.tmp")

@@ -20,6 +20,7 @@ warmdown multiplier from the wall clock, late QAT, SWA, and the 600 s cap.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import queue
@@ -376,12 +377,12 @@ def check_runnable(cfg: Config, n_devices: int) -> int:
 
 
 def _meta(step: int, training_s: float, cursor: dict, qat_on: bool, stop_after: int | None, cfg: Config,
-          history: dict) -> dict:
+          history: dict, budget: dict | None = None) -> dict:
     # The run's PRNG key is the seed's; training itself draws no random numbers
     # (no dropout), so the key is recorded for what comes after, not consumed.
     key = np.asarray(jax.random.key_data(jax.random.key(cfg.run.seed))).tolist()
     return {"step": step, "training_s": training_s, "cursor": cursor, "qat_on": qat_on, "stop_after_step": stop_after,
-            "rng_key": key, "config": config_lib.to_dict(cfg), "history": history}
+            "rng_key": key, "config": config_lib.to_dict(cfg), "history": history, "budget": budget}
 
 
 def _check_resume_config(saved: dict, cfg: Config, where: Path) -> None:
@@ -411,6 +412,35 @@ def non_finite_names(params: Params, flags) -> list[str]:
 
 def checkpoint_bytes(state: TrainState) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state))
+
+
+def reserve_budget(cfg: Config, params: Params, log: RunLog) -> dict:
+    """Budget mode: how much of the wall-clock cap the stages after training
+    need (schedule.quant_reserve_seconds, or timed now on these weights with
+    schedule.quant_reserve_margin of headroom), and what is left for training.
+    Timing them here also compiles them, so after training they run compiled."""
+    from golf_jax import quantize  # the stages after training; quantize imports this module
+
+    sched = cfg.schedule
+    measured: dict[str, float] = {}
+    if sched.quant_reserve_seconds > 0:
+        reserve, how = sched.quant_reserve_seconds, "configured"
+    else:
+        t0 = time.perf_counter()
+        # Host arrays, as train.main reloads the final model: the same argument
+        # types, so what compiles here is what runs after training.
+        measured = quantize.time_budget_stages(jax.device_get(params), cfg)
+        reserve = sum(measured.values()) * (1 + sched.quant_reserve_margin)
+        how = (", ".join(f"{k} {v:.2f} s" for k, v in measured.items())
+               + f" measured (+{sched.quant_reserve_margin:.0%}); compiling and timing took "
+               f"{time.perf_counter() - t0:.1f} s, outside the cap")
+    cap = sched.max_wallclock_seconds
+    if reserve >= cap:
+        raise ConfigError(f"schedule.quant_in_budget: the stages after training need {reserve:.1f} s, "
+                          f"the whole wall-clock cap of {cap:.0f} s")
+    log.line(f"budget mode: {reserve:.1f} s of the {cap:.0f} s cap reserved for calibration, Hessians and GPTQ "
+             f"({how}); training stops at {cap - reserve:.1f} s")
+    return {"cap_s": cap, "reserve_s": reserve, "measured_s": measured, "training_cap_s": cap - reserve}
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps: int | None = None) -> dict:
@@ -454,12 +484,14 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     step, training_s, qat_on, stop_after_step = 0, 0.0, False, None
     history: dict = {"train": [], "val": []}
     saved_at = None  # the step of the last checkpoint this run holds
+    budget = None  # budget mode: the time reserved for the stages after training
     if resume:
         _check_resume_config(ckpts.read_meta().get("config", {}), cfg, ckpts.directory)
         state, meta = ckpts.restore(state)
         saved_at = meta["step"]
         step, training_s, qat_on = meta["step"], meta["training_s"], meta["qat_on"]
         stop_after_step, history = meta["stop_after_step"], meta["history"]
+        budget = meta.get("budget")
         batches.restore(meta["cursor"])
 
     step_fn = make_train_step(cfg, mesh, tx, state)
@@ -482,12 +514,20 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
                 loss.block_until_ready()
                 t_first_step = time.perf_counter() - t_launch
         jax.block_until_ready(state)
+        log.line(f"warmup: {sched.warmup_steps} steps; launch to first step {t_first_step:.1f} s")
+        if sched.quant_in_budget and budget is None:
+            budget = reserve_budget(cfg, state.params, log)  # on the warm-up's live weights
         state = initial
         batches.restore(cursor0)
-        log.line(f"warmup: {sched.warmup_steps} steps; launch to first step {t_first_step:.1f} s")
+    if sched.quant_in_budget and budget is None:
+        budget = reserve_budget(cfg, state.params, log)
 
     prefetch = Prefetcher(batches, accum, batch_sharding)
     ckpt_every = cfg.run.checkpoint_every
+    if budget is not None:
+        # Training gets the cap minus the reserve: the stop and the warmdown
+        # (which follows the wall clock) both aim at the earlier end.
+        sched = dataclasses.replace(sched, max_wallclock_seconds=budget["training_cap_s"])
     cap = sched.max_wallclock_seconds
     pending = None  # (step, loss array): read one step behind, so the device stays busy
     cursor = batches.state()
@@ -538,7 +578,8 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
             raise TrainingError(f"non-finite parameters after step {at_step}: {listed}; not saved (the last good "
                                 f"checkpoint, {'step ' + str(saved_at) if saved_at is not None else 'none yet'}, "
                                 f"is kept)")
-        ckpts.save(at_step, state, _meta(at_step, at_training_s, cursor, qat_on, stop_after_step, cfg, history))
+        ckpts.save(at_step, state, _meta(at_step, at_training_s, cursor, qat_on, stop_after_step, cfg, history,
+                                         budget))
         saved_at = at_step
 
     def validate(params) -> evaluate.EvalResult:
@@ -613,8 +654,15 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
             drain()
             pending = (step, loss, mult, flags)
             bar.update(1)
-            if cap > 0 and stop_after_step is None and training_s_now() >= cap:
-                stop_after_step = step
+            if cap > 0 and stop_after_step is None:
+                now = training_s_now()
+                # reference quirk: the cap is checked after a step, so the run
+                # ends past it by up to a step. Budget mode must end within it:
+                # the step in flight (the device runs one behind the host) ends
+                # about one mean step time from now.
+                ahead = (now - start_s) / max(step - steps0, 1) if budget is not None else 0.0
+                if now + ahead >= cap:
+                    stop_after_step = step
             if ckpt_every > 0 and step % ckpt_every == 0:
                 drain()  # never save a step whose loss is not known to be finite
                 paused = time.perf_counter()
@@ -661,6 +709,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
         "recompilations_after_first_step": compiles.count - (compiles_at_first_step or 0),
         "steps_this_run": steps_run,
         "wall_s": time.perf_counter() - t_launch, "stopped_by_wallclock": stop_after_step is not None,
+        "budget": budget,
     }
     plot_curves(history["train"], history["val"], out_dir / "loss.png")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -688,7 +737,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             out_dir = Path(cfg.run.output_dir)
             params, _ = checkpoint.load_params(out_dir / "final_model")
             pre = {"loss": summary["final_val_loss"], "bpb": summary["final_val_bpb"]}
-            quantize.quantize_and_evaluate(params, cfg, out_dir, progress=not args.no_progress, pre_quant=pre)
+            quantize.quantize_and_evaluate(params, cfg, out_dir, progress=not args.no_progress, pre_quant=pre,
+                                           train_summary=summary)
     except TrainingInterrupted as e:
         parser.exit(EXIT_SIGTERM, f"{e}\n")
     except (TrainingError, *quantize.LOAD_ERRORS) as e:

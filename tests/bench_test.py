@@ -9,11 +9,12 @@ from tests.conftest import REPO
 
 
 def test_bench_runs_every_section_on_the_cpu(tmp_path, capsys):
-    bench.main(["--config", str(REPO / "configs/smoke.py"), "--sections", "eval,grad,train,attention,after",
+    bench.main(["--config", str(REPO / "configs/smoke.py"), "--sections", "eval,grad,train,attention,after,ttt",
                 "--grad-batch-seqs", "2", "--attention-batch", "1", "--repeats", "1", "--out", str(tmp_path),
                 "--config.num_layers=2", "--config.xsa_last_n=2", "--config.ve_layers=1",
                 "--config.sliding_batch_windows=2", "--config.calib_num_seqs=2", "--config.calib_seq_len=16",
-                "--config.calib_batch_size=2"])
+                "--config.calib_batch_size=2", "--ttt-chunks", "3", "--config.ttt.chunk_tokens=256",
+                "--config.ttt.seq_len=128", "--config.ttt.batch_seqs=2", "--config.ttt.epochs=1"])
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["tokens"] == "text" and result["parameters"] > 0
     assert result["eval"]["forward_tokens_per_s"] > 0 and result["grad"]["tokens_per_s"] > 0
@@ -21,4 +22,7 @@ def test_bench_runs_every_section_on_the_cpu(tmp_path, capsys):
     after = result["after"]
     assert after["gptq"]["bank_matrices"] == 4 * 2 + 2 * 2 and not after["gptq"]["fallbacks"]
     assert after["serialize"]["bytes"] > 0 and after["generate"]["tokens_per_s"] > 0
+    t = result["ttt"]
+    assert t["chunks"] == 3 and t["train_steps"] == 2 and t["per_chunk_s"] > 0  # the last chunk: scored only
+    assert t["fineweb_val_chunks"] == -(-(bench.FINEWEB_VAL_TOKENS - 1) // 256)
     assert "train step" in capsys.readouterr().out

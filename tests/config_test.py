@@ -30,6 +30,31 @@ def test_record_config_is_the_appendix():
     assert cfg.run.seed == 314
 
 
+def test_approach_g_config_is_pr_1234_as_described():
+    cfg = cli.load_config_file(str(REPO / "configs/approach_g.py")).validate()
+    m, q, s, t = cfg.model, cfg.quant, cfg.schedule, cfg.ttt
+    assert (m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_dim) == (11, 512, 8, 8, 1792)
+    assert m.mlp_negative_slope == 0.0 and (m.bigram_vocab_size, m.bigram_dim) == (6144, 128)
+    assert m.ve_layer_indices and m.xsa_last_n == 11
+    assert (q.calib_num_seqs, q.calib_seq_len, q.calib_temperature) == (64, 2048, 0.8)
+    assert s.quant_in_budget and s.max_wallclock_seconds == 600.0
+    assert t.enabled and (t.chunk_tokens, t.optimizer, t.lr, t.momentum, t.epochs, t.batch_seqs, t.grad_clip_norm,
+                          t.freeze_blocks) == (32_768, "sgd", 0.002, 0.9, 3, 32, 1.0, 0)
+    # What the PR does not state is the record's.
+    record = cli.load_config_file(str(REPO / "configs/record.py"))
+    assert cfg.optimizer == record.optimizer and cfg.data == record.data
+
+
+def test_budget_mode_needs_a_cap():
+    import dataclasses
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, quant_in_budget=True,
+                                                                 max_wallclock_seconds=0.0))
+    with pytest.raises(ConfigError, match="schedule.quant_in_budget"):
+        cfg.validate()
+    assert cli.apply_overrides(Config(), [("quant_in_budget", "True")]).schedule.quant_in_budget  # the spelling
+
+
 def test_smoke_config_is_small_and_valid():
     cfg = cli.load_config_file(str(REPO / "configs/smoke.py")).validate()
     assert cfg.model.num_layers <= 4 and cfg.data.data_dir == "embedded"

@@ -168,6 +168,29 @@ def test_features_off_and_untied_head():
     assert float(loss) == pytest.approx(np.log(1024), rel=1e-6)
 
 
+@pytest.mark.parametrize("slope", [0.5, 0.0])
+def test_mlp_activation_is_leaky_relu_squared_with_the_configured_slope(slope):
+    """With attention and the embedding mix switched off, a block is
+    x + mlp_scale * down(act(up(rms_norm(x) * ln_scale)))): checked by hand
+    for the record's 0.5 and ReLU^2 (0, PR #1234)."""
+    cfg = ModelConfig(num_layers=2, model_dim=64, num_heads=2, num_kv_heads=2, mlp_mult=3.5, rope_dims=8,
+                      xsa_last_n=2, ve_layers="1", mlp_negative_slope=slope, compute_dtype="float32", attention_impl="jnp")
+    p = model.init_params(cfg, jax.random.key(0))
+    p["mlp_down_bank"] = jax.random.normal(jax.random.key(1), p["mlp_down_bank"].shape) * 0.05
+    p["blocks"]["attn_scale"] = jnp.zeros_like(p["blocks"]["attn_scale"])
+    p["blocks"]["resid_mix"] = p["blocks"]["resid_mix"].at[:, 1].set(0.0).at[:, 0].set(1.0)
+    x = jax.random.normal(jax.random.key(2), (2, 8, 64))
+    rope = model.rotary_tables(cfg, jnp.arange(8), cfg.rope_base)
+    layer = 1
+    got = model.block(p, cfg, layer, x, jnp.zeros_like(x), None, rope)
+    h = model.rms_norm(x) * (layer + 1) ** -0.5
+    pre = h @ p["mlp_up_bank"][layer].T
+    act = np.where(pre > 0, pre, slope * pre) ** 2
+    want = x + p["blocks"]["mlp_scale"][layer] * (act @ p["mlp_down_bank"][layer].T)
+    assert cfg.mlp_dim == 224
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)  # float32 matmul order
+
+
 def test_bfloat16_compute_close_to_float32(tiny_params, tiny_cfg, tiny_ref):
     x, y = jnp.asarray(tiny_ref["x"]), jnp.asarray(tiny_ref["y"])
     bf16 = dataclasses.replace(tiny_cfg, compute_dtype="bfloat16")

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from golf_jax import artifact, checkpoint, generate, quant, quantize, train
+from golf_jax import artifact, checkpoint, generate, quant, quantize, train, ttt
 from tests.train_test import tiny_config
 
 QUANT = {"quant.calib_num_seqs": "4", "quant.calib_seq_len": "32", "quant.calib_batch_size": "2"}
@@ -134,13 +134,24 @@ def test_fit_to_budget_finds_the_fewest_and_reports_misfits():
 
 def test_quantize_and_generate_command_lines(trained, tmp_path, capsys):
     run, _ = trained
+    small_ttt = ["--config.ttt.chunk_tokens=256", "--config.ttt.seq_len=64", "--config.ttt.batch_seqs=2"]
     quantize.main(["--checkpoint", str(run), "--out", str(tmp_path), "--no-progress",
-                   "--config.quant.calib_num_seqs=2"])
+                   "--config.quant.calib_num_seqs=2", "--config.ttt.enabled=true", *small_ttt])
     out = capsys.readouterr().out
-    for words in ("pre-quantisation: val_loss", "int6 round trip", "sliding window", "stage times", "bytes of code"):
+    for words in ("pre-quantisation: val_loss", "int6 round trip", "sliding window", "stage times", "bytes of code",
+                  "score-first TTT (3 chunks"):
         assert words in out
     report = json.loads((tmp_path / "quantize.json").read_text())
     assert report["config"]["quant"]["calib_num_seqs"] == 2  # the override reached the pipeline
+    # TTT runs on the artifact's weights: its baseline is the int6 sliding score.
+    t = report["ttt"]
+    assert t["pre_bpb"] == report["sliding"]["bpb"] and t["train_steps"] > 0 and np.isfinite(t["post_bpb"])
+    assert t["gain_bpb"] == pytest.approx(t["pre_bpb"] - t["post_bpb"])
+    ttt.main(["--artifact", str(tmp_path / quantize.ARTIFACT_NAME), "--no-progress", "--out",
+              str(tmp_path / "ttt.json"), *small_ttt])
+    assert "post-TTT: val_loss" in capsys.readouterr().out
+    again = json.loads((tmp_path / "ttt.json").read_text())
+    assert again["post_bpb"] == t["post_bpb"] and again["pre_bpb"] == t["pre_bpb"]  # the same run, replayed
     generate.main(["--artifact", str(tmp_path / quantize.ARTIFACT_NAME), "--prompt", "The king", "--tokens", "6",
                    "--samples", "2", "--temperature", "0"])
     out = capsys.readouterr().out

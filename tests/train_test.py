@@ -174,6 +174,57 @@ def test_resume_refuses_another_model(tmp_path):
         train.train(other, resume=True, progress=False)
 
 
+BUDGET = {"schedule.quant_in_budget": "true", "schedule.iterations": "100000", "quant.calib_num_seqs": "4",
+          "quant.calib_seq_len": "32", "quant.calib_batch_size": "2"}
+
+
+def test_budget_mode_measures_its_reserve_once_and_keeps_it_on_resume(tmp_path):
+    from golf_jax import quantize
+
+    cfg = tiny_config(tmp_path, **BUDGET, **{"schedule.max_wallclock_seconds": "3", "schedule.warmup_steps": "1"})
+    assert train.train(cfg, progress=False, max_steps=2)["interrupted"]
+    _, meta = restore_last(cfg)
+    b = meta["budget"]
+    assert set(b["measured_s"]) == set(quantize.BUDGET_STAGES) and min(b["measured_s"].values()) > 0
+    assert b["reserve_s"] == pytest.approx(sum(b["measured_s"].values()) * (1 + cfg.schedule.quant_reserve_margin))
+    assert b["training_cap_s"] == pytest.approx(3.0 - b["reserve_s"])
+    summary = train.train(cfg, resume=True, progress=False)
+    assert summary["budget"] == b  # not measured again
+    assert summary["stopped_by_wallclock"]
+    params, _ = checkpoint.load_params(tmp_path / "final_model")
+    report = quantize.quantize_and_evaluate(params, cfg, tmp_path, progress=False, pre_quant={"loss": 0, "bpb": 0},
+                                            log=lambda *_: None, train_summary=summary)
+    r = report["budget"]
+    # Timing the stages compiled them: after training they run without compiling.
+    assert r["compilations_in_budget_stages"] == 0
+    assert set(r["stages_s"]) == {"training", *quantize.BUDGET_STAGES}
+    assert r["total_s"] == pytest.approx(sum(r["stages_s"].values()))
+    assert r["share_of_cap"]["training"] == pytest.approx(summary["training_s"] / 3.0)
+
+
+def test_budget_mode_with_a_configured_reserve_ends_training_early(tmp_path):
+    from golf_jax import quantize
+
+    cfg = tiny_config(tmp_path, **BUDGET, **{"schedule.max_wallclock_seconds": "4",
+                                             "schedule.quant_reserve_seconds": "2",
+                                             "schedule.warmup_steps": "1"})
+    summary = train.train(cfg, progress=False)
+    b = summary["budget"]
+    assert b["measured_s"] == {} and b["training_cap_s"] == 2.0
+    # The stop looks one mean step ahead, so training ends at the reduced cap,
+    # not a step past it; 0.5 s of slack for a slow step on a loaded CI machine.
+    assert summary["stopped_by_wallclock"] and summary["training_s"] <= 2.5
+    # The warmdown follows the wall clock to the reduced cap: well under way at the end.
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert [r for r in records if r["kind"] == "train"][-1]["lr_mult"] < 0.75
+    params, _ = checkpoint.load_params(tmp_path / "final_model")
+    report = quantize.quantize_and_evaluate(params, cfg, tmp_path, progress=False, pre_quant={"loss": 0, "bpb": 0},
+                                            log=lambda *_: None, train_summary=summary)
+    assert report["budget"]["within_cap"] and report["budget"]["reserved_s"] == 2.0
+    with pytest.raises(ConfigError, match="schedule.quant_in_budget: the stages after training need 9.0 s"):
+        train.train(cli.apply_overrides(cfg, [("quant_reserve_seconds", "9")]), progress=False)
+
+
 def test_main_entry_point(tmp_path, capsys):
     overrides = [f"--config.{k}={v}" for k, v in {
         "num_layers": "2", "model_dim": "64", "num_heads": "2", "num_kv_heads": "1", "ve_layers": "1",

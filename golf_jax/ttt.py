@@ -1,0 +1,311 @@
+"""Score-first test-time training (TTT), the competition's legal protocol
+(PR #461, #549): the validation targets are cut into chunks of
+`ttt.chunk_tokens`; each chunk is first scored by the sliding-window
+evaluation with the parameters as they are (a pure function of frozen
+weights), and only then trained on, `ttt.epochs` passes of SGD with momentum
+(or AdamW). The last chunk is scored and never trained on. So the score of
+chunk N comes from the model adapted on chunks 0..N-1 only, and the tokens
+after chunk N never reach it.
+
+The windows are the sliding evaluation's own (`evaluate.sliding_plan`); a
+window whose scored positions cross a chunk boundary is split there (causal
+attention makes the split exact), so with a learning rate of 0 the result is
+the sliding evaluation's. Chunks are sequential; the work inside one is data
+parallel over the device mesh (windows and training sequences sharded along
+"data", the parameters replicated).
+
+    python -m golf_jax.ttt --artifact runs/smoke/final_model.int6.golf [--config.ttt.lr=0.004]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from golf_jax import data, evaluate, model
+from golf_jax.config import Config, TTTConfig
+from golf_jax.model import Params, path_name
+
+AXIS = "data"
+
+
+@dataclass(frozen=True)
+class TTTResult:
+    loss: float  # mean cross-entropy of every scored target, nats
+    bpb: float
+    tokens: int
+    bytes: int
+    seconds: float
+    chunks: int
+    train_steps: int
+    score_s: float  # device time of scoring and of training, summed over chunks
+    train_s: float
+    chunk_loss_sums: list[float]  # per chunk, float64 sums of the scored targets' loss
+    chunk_tokens: list[int]
+    chunk_bytes: list[int]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Windows (as evaluate.WindowPlan) grouped by chunk: chunk c scores the
+    targets [c * chunk_tokens, (c + 1) * chunk_tokens) and trains on them."""
+
+    windows: list[evaluate.WindowPlan]
+    train_starts: list[np.ndarray]  # token offsets of chunk c's training sequences
+
+
+def chunk_plan(n_targets: int, cfg: Config) -> ChunkPlan:
+    e, t = cfg.eval, cfg.ttt
+    C, seq = t.chunk_tokens, t.seq_len or e.eval_seq_len
+    plan = evaluate.sliding_plan(n_targets, e.eval_seq_len, e.sliding_stride, e.sliding_score_once)
+    starts, lo, hi = plan.starts, plan.lo, plan.hi
+    keep = hi > lo
+    starts, lo, hi = starts[keep], lo[keep], hi[keep]
+    first, last = (starts + lo) // C, (starts + hi - 1) // C
+    # Split every window whose scored targets cross a chunk boundary (few:
+    # about one per chunk), so each piece belongs to exactly one chunk.
+    pieces_s, pieces_lo, pieces_hi = [starts[first == last]], [lo[first == last]], [hi[first == last]]
+    for s, a, b, c0, c1 in zip(starts[first != last], lo[first != last], hi[first != last],
+                               first[first != last], last[first != last]):
+        cuts = [a] + [(c + 1) * C - s for c in range(c0, c1)] + [b]
+        pieces_s.append(np.full(len(cuts) - 1, s))
+        pieces_lo.append(np.array(cuts[:-1]))
+        pieces_hi.append(np.array(cuts[1:]))
+    s_all, lo_all, hi_all = (np.concatenate(x).astype(np.int64) for x in (pieces_s, pieces_lo, pieces_hi))
+    chunk_of = (s_all + lo_all) // C
+    n_chunks = -(-n_targets // C)
+    windows, train_starts = [], []
+    for c in range(n_chunks):
+        sel = np.flatnonzero(chunk_of == c)
+        sel = sel[np.lexsort((lo_all[sel], s_all[sel]))]  # in evaluation order
+        windows.append(evaluate.WindowPlan(s_all[sel], lo_all[sel], hi_all[sel]))
+        chunk_len = min((c + 1) * C, n_targets) - c * C
+        # Whole sequences of the chunk's targets; a remainder shorter than seq is not trained on.
+        train_starts.append(c * C + np.arange(chunk_len // seq, dtype=np.int64) * seq)
+    return ChunkPlan(windows, train_starts)
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+def build_optimizer(t: TTTConfig) -> optax.GradientTransformation:
+    """The update direction at learning rate 1; the step scales it by the
+    chunk's rate (so changing the rate never recompiles). SGD: torch's
+    momentum buffer (buf = m buf + g, p -= lr buf); AdamW: decoupled decay."""
+    if t.optimizer == "sgd":
+        inner = optax.sgd(learning_rate=1.0, momentum=t.momentum or None)
+    else:
+        inner = optax.adamw(learning_rate=1.0, b1=t.momentum, b2=t.beta2, weight_decay=t.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), inner) if t.grad_clip_norm > 0 else inner
+
+
+def chunk_lr(t: TTTConfig, chunk: int, n_chunks: int) -> float:
+    """Cosine decay across the chunks, from ttt.lr at chunk 0 towards 0 at the
+    last one (which is scored only, so every trained chunk has a rate > 0)."""
+    return t.lr * 0.5 * (1.0 + math.cos(math.pi * chunk / max(n_chunks - 1, 1)))
+
+
+def trainable_mask(params: Params, cfg: Config) -> Params:
+    """1 where TTT may change a value, 0 in the first `ttt.freeze_blocks` blocks
+    (their bank rows and per-block vectors); float32, broadcastable."""
+    L, k = cfg.model.num_layers, cfg.ttt.freeze_blocks
+
+    def one(path, x):
+        name = path_name(path)
+        if k == 0 or not (name.endswith("_bank") or name.startswith("blocks/")):
+            return jnp.ones((), jnp.float32)
+        layer = np.arange(x.shape[0]) % L  # qo/kv banks stack [L, L] rows: layer i at i and L + i
+        return jnp.asarray((layer >= k).astype(np.float32).reshape((-1,) + (1,) * (x.ndim - 1)))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_train_step(cfg: Config, tx: optax.GradientTransformation):
+    mcfg = cfg.model
+
+    def loss_fn(params, x_BxT, y_BxT, row_mask_B):
+        nll = model.token_nll(params, mcfg, x_BxT, y_BxT)
+        per_row = jnp.mean(nll, axis=1)
+        return jnp.sum(per_row * row_mask_B) / jnp.maximum(jnp.sum(row_mask_B), 1.0)
+
+    def step(params, opt_state, x_BxT, y_BxT, row_mask_B, lr, mask):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x_BxT, y_BxT, row_mask_B)
+        grads = jax.tree.map(lambda g, m: g.astype(jnp.float32) * m, grads, mask)
+        updates, opt_state = tx.update(grads, opt_state, jax.tree.map(lambda p: p.astype(jnp.float32), params))
+        params = jax.tree.map(lambda p, u, m: (p.astype(jnp.float32) + lr * m * u).astype(p.dtype),
+                              params, updates, mask)
+        return params, opt_state, loss
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+def _mesh(n_devices: int) -> jax.sharding.Mesh:
+    devices = jax.devices()[:n_devices or None]
+    # Auto axes: the jitted functions are written for one device and XLA's
+    # partitioner splits them along the sharded batch (no shard_map needed).
+    return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables, progress: bool = True,
+        max_chunks: int = 0) -> TTTResult:
+    """Score-first TTT over `tokens` (targets tokens[1:]); `params` are not
+    modified (a copy is trained). max_chunks > 0 stops after that many chunks
+    (a timing slice); the result then covers those chunks only."""
+    t_start = time.perf_counter()
+    t, e = cfg.ttt, cfg.eval
+    mesh = _mesh(cfg.run.num_devices)
+    n_dev = mesh.size
+    seq = t.seq_len or e.eval_seq_len
+    plan = chunk_plan(len(tokens) - 1, cfg)
+    n_chunks = len(plan.windows) if max_chunks <= 0 else min(max_chunks, len(plan.windows))
+    n_trained = len(plan.windows) - 1  # the last chunk is only scored
+
+    # On one device nothing is placed explicitly, so the programs compiled for
+    # the sliding evaluation just before are reused. On several: a batch's
+    # leading axis is sharded when it divides evenly, everything else replicated.
+    replicated = NamedSharding(mesh, P()) if n_dev > 1 else None
+
+    def batch_sharding(size):
+        return NamedSharding(mesh, P(AXIS)) if n_dev > 1 and size % n_dev == 0 else replicated
+
+    score_bw = t.score_batch_windows or e.sliding_batch_windows
+    score_sharding = batch_sharding(score_bw)
+    seqs_per_chunk = max((len(s) for s in plan.train_starts[:max(n_trained, 1)]), default=0)
+    train_bs = max(1, min(t.batch_seqs, seqs_per_chunk))
+    train_sharding = batch_sharding(train_bs)
+
+    padded = np.zeros(len(tokens) + e.eval_seq_len + 1, np.int32)
+    padded[:len(tokens)] = tokens
+    tokens_dev = jax.device_put(padded, replicated)
+    cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
+
+    params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), replicated)
+    tx = build_optimizer(t)
+    opt_state = jax.device_put(tx.init(jax.tree.map(lambda p: p.astype(jnp.float32), params)), replicated)
+    mask = jax.device_put(trainable_mask(params, cfg), replicated)
+    train_step = make_train_step(cfg, tx)
+    pos = np.arange(seq + 1)
+
+    sums, counts, nbytes = [], [], []
+    score_s = train_s = 0.0
+    steps = 0
+    for c in tqdm(range(n_chunks), desc="ttt", unit="chunk", disable=not progress):
+        # 1. Score: a pure function of the parameters as they are now.
+        t0 = time.perf_counter()
+        w = plan.windows[c]
+        n_w = len(w.starts)
+        n_b = -(-n_w // score_bw)
+
+        def pad(a):
+            out = np.zeros(n_b * score_bw, np.int32)
+            out[:n_w] = a
+            return out.reshape(n_b, score_bw)
+
+        starts, lo, hi = pad(w.starts), pad(w.lo), pad(w.hi)  # padding windows score nothing (lo = hi = 0)
+        outs = [evaluate._window_loss_sums(params, cfg.model, tokens_dev, jax.device_put(starts[b], score_sharding),
+                                           jax.device_put(lo[b], score_sharding),
+                                           jax.device_put(hi[b], score_sharding), e.eval_seq_len)
+                for b in range(n_b)]
+        sums.append(float(sum(np.sum(np.asarray(o, np.float64)) for o in outs)))
+        counts.append(int(np.sum(w.hi - w.lo)))
+        nbytes.append(int(np.sum(cum_bytes[w.starts + w.hi] - cum_bytes[w.starts + w.lo])))
+        score_s += time.perf_counter() - t0
+
+        # 2. Train on the chunk just scored, never on the last one.
+        ts = plan.train_starts[c]
+        if c >= n_trained or t.epochs == 0 or t.lr == 0 or len(ts) == 0:
+            continue
+        t0 = time.perf_counter()
+        lr = chunk_lr(t, c, len(plan.windows))
+        seqs = padded[ts[:, None] + pos[None, :]]  # [n, seq + 1]
+        n_tb = -(-len(ts) // train_bs)
+        batch = np.zeros((n_tb * train_bs, seq + 1), np.int32)
+        batch[:len(ts)] = seqs
+        row_mask = (np.arange(n_tb * train_bs) < len(ts)).astype(np.float32)
+        for _ in range(t.epochs):
+            for b in range(n_tb):
+                rows = slice(b * train_bs, (b + 1) * train_bs)
+                x = jax.device_put(batch[rows, :-1], train_sharding)
+                y = jax.device_put(batch[rows, 1:], train_sharding)
+                m = jax.device_put(row_mask[rows], train_sharding)
+                params, opt_state, _ = train_step(params, opt_state, x, y, m, jnp.float32(lr), mask)
+                steps += 1
+        jax.block_until_ready(params)
+        train_s += time.perf_counter() - t0
+
+    loss_sum, token_count, byte_count = sum(sums), sum(counts), sum(nbytes)
+    mean_loss, bpb = data.bits_per_byte(loss_sum, token_count, byte_count)
+    return TTTResult(mean_loss, bpb, token_count, byte_count, time.perf_counter() - t_start, n_chunks, steps,
+                     score_s, train_s, sums, counts, nbytes)
+
+
+def summary(result: TTTResult, pre: evaluate.EvalResult | dict | None) -> dict:
+    """The report: post-TTT numbers, with the frozen model's sliding score as pre-TTT."""
+    out = {k: v for k, v in dataclasses.asdict(result).items()
+           if k not in ("chunk_loss_sums", "chunk_tokens", "chunk_bytes")}
+    if pre is not None:
+        pre = pre if isinstance(pre, dict) else dataclasses.asdict(pre)
+        out.update(pre_bpb=pre["bpb"], pre_loss=pre["loss"], post_bpb=result.bpb, gain_bpb=pre["bpb"] - result.bpb)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from golf_jax import cli, quantize
+
+    parser = argparse.ArgumentParser(prog="python -m golf_jax.ttt",
+                                     description="Score-first test-time training on the validation set.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--artifact", help="an int6 artifact (the weights TTT is scored on in the competition)")
+    src.add_argument("--checkpoint", help="a run directory, its final_model/ or checkpoints/")
+    parser.add_argument("--max-chunks", type=int, default=0, help="stop after N chunks (a timing slice)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the frozen model's sliding evaluation")
+    parser.add_argument("--out", help="write the report here as JSON")
+    parser.add_argument("--no-progress", action="store_true")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        overrides, rest = cli.split_overrides(argv)
+        args = parser.parse_args(rest)
+        params, cfg, source = quantize.load_model(args.artifact, args.checkpoint)
+        cfg = cli.apply_overrides(cfg, overrides).validate()
+        tokens, tables, _ = evaluate.load_eval_data(cfg)
+    except quantize.LOAD_ERRORS as e:
+        parser.exit(2, f"error: {e}\n")
+    t = cfg.ttt
+    print(f"TTT on {source}: {len(tokens) - 1:,} targets in chunks of {t.chunk_tokens:,}; {t.optimizer} lr {t.lr} "
+          f"(cosine), {t.epochs} epochs, batches of {t.batch_seqs} x {t.seq_len or cfg.eval.eval_seq_len}")
+    pre = None
+    if not args.no_baseline and args.max_chunks <= 0:
+        pre = evaluate.run_sliding(params, cfg, tokens, tables, progress=not args.no_progress)
+        print(f"pre-TTT (sliding): val_loss {pre.loss:.4f} val_bpb {pre.bpb:.4f}")
+    result = run(params, cfg, tokens, tables, progress=not args.no_progress, max_chunks=args.max_chunks)
+    report = summary(result, pre)
+    print(f"post-TTT: val_loss {result.loss:.4f} val_bpb {result.bpb:.4f} over {result.chunks} chunks, "
+          f"{result.train_steps} steps; {result.seconds:.1f} s (scoring {result.score_s:.1f} s, "
+          f"training {result.train_s:.1f} s)" + (f"; gain {report['gain_bpb']:+.4f} bpb" if pre else ""))
+    if args.out:
+        from pathlib import Path
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+
+
+if __name__ == "__main__":
+    main()
