@@ -236,6 +236,16 @@ def save_params(directory: str | Path, params: Any, cfg: Config) -> Path:
     return directory
 
 
+def write_json(path: str | Path, obj: Any) -> None:
+    """A JSON report written whole or not at all (temporary name, then rename);
+    non-JSON numbers (numpy scalars) are written as floats."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.replace(path)
+
+
 def load_params(directory: str | Path, template: Any | None = None) -> tuple[Any, Config]:
     """Read weights saved by `save_params`; their config comes with them."""
     directory = Path(directory).absolute()

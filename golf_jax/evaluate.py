@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,15 +85,20 @@ def _window_loss_sums(params, cfg: ModelConfig, tokens_N: jax.Array, starts_W: j
     return jnp.sum(jnp.where(scored, nll_WxT, 0.0), axis=1)
 
 
+def padded_tokens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """tokens with seq_len zeros after them, so every window's slice is in
+    range (padded positions are masked). One length for every caller, so the
+    scoring program compiled for one evaluation serves the next (TTT's too)."""
+    padded = np.zeros(len(tokens) + seq_len, np.int32)
+    padded[:len(tokens)] = tokens
+    return padded
+
+
 def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, plan: WindowPlan,
                   seq_len: int, batch_windows: int, desc: str = "eval", progress: bool = True) -> EvalResult:
     """Score every window of `plan` over `tokens` (targets are tokens[1:])."""
     t0 = time.perf_counter()
-    n_targets = len(tokens) - 1
-    # Pad so every window's slice is in range; padded positions are masked.
-    padded = np.zeros(n_targets + 1 + seq_len, np.int32)
-    padded[:len(tokens)] = tokens
-    tokens_dev = jnp.asarray(padded)
+    tokens_dev = jnp.asarray(padded_tokens(tokens, seq_len))
     n = len(plan.starts)
     n_batches = -(-n // batch_windows)
     total = n_batches * batch_windows
@@ -167,7 +171,7 @@ def run_evaluations(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTa
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from golf_jax import cli, compat
+    from golf_jax import checkpoint, cli, compat
 
     parser = argparse.ArgumentParser(prog="python -m golf_jax.evaluate",
                                      description="Evaluate a model (fresh from the seed, or reference weights) in bits per byte.")
@@ -192,10 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, r in results.items():
         print(f"{name:>8}: loss {r.loss:.4f}  bpb {r.bpb:.4f}  ({r.tokens:,} tokens, {r.bytes:,} bytes, {r.seconds:.1f} s)")
     out = Path(cfg.run.output_dir) / "eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({k: asdict(v) for k, v in results.items()}, indent=1))
-    tmp.replace(out)
+    checkpoint.write_json(out, {k: asdict(v) for k, v in results.items()})
     print(f"wrote {out}")
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -228,9 +227,7 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
             f"val_bpb {result.bpb:.4f} ({report['ttt']['gain_bpb']:+.4f} bpb against the sliding window)")
 
     out = out_dir / "quantize.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=float))
-    tmp.replace(out)
+    checkpoint.write_json(out, report)
     log("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; wrote {out}")
     return report
 

@@ -712,7 +712,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
         "budget": budget,
     }
     plot_curves(history["train"], history["val"], out_dir / "loss.png")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    checkpoint.write_json(out_dir / "summary.json", summary)
     log.line(f"{step} steps in {training_s:.1f} s of training ({summary['tokens_per_s'] / 1e6:.3f} M tokens/s); "
              f"final val_bpb {final_val.bpb:.4f}; wrote {out_dir / 'summary.json'}, loss.png, final_model/")
     close_outputs()
@@ -737,8 +737,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             out_dir = Path(cfg.run.output_dir)
             params, _ = checkpoint.load_params(out_dir / "final_model")
             pre = {"loss": summary["final_val_loss"], "bpb": summary["final_val_bpb"]}
-            quantize.quantize_and_evaluate(params, cfg, out_dir, progress=not args.no_progress, pre_quant=pre,
-                                           train_summary=summary)
+            report = quantize.quantize_and_evaluate(params, cfg, out_dir, progress=not args.no_progress,
+                                                    pre_quant=pre, train_summary=summary)
+            if "budget" in report:  # budget mode: the summary gets each stage's share of the cap too
+                summary["budget"] = {**(summary.get("budget") or {}), "spent": report["budget"]}
+                checkpoint.write_json(out_dir / "summary.json", summary)
     except TrainingInterrupted as e:
         parser.exit(EXIT_SIGTERM, f"{e}\n")
     except (TrainingError, *quantize.LOAD_ERRORS) as e:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import functools
 import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from golf_jax import data, evaluate, model
-from golf_jax.config import Config, TTTConfig
+from golf_jax.config import Config, ModelConfig, TTTConfig
 from golf_jax.model import Params, path_name
 
 AXIS = "data"
@@ -134,8 +134,15 @@ def trainable_mask(params: Params, cfg: Config) -> Params:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def make_train_step(cfg: Config, tx: optax.GradientTransformation):
-    mcfg = cfg.model
+@functools.lru_cache(maxsize=8)
+def train_step_for(mcfg: ModelConfig, t: TTTConfig) -> tuple[optax.GradientTransformation, Callable]:
+    """(optimizer, jitted step), one per configuration: a new jit closure per
+    run would compile again every run (seconds on a GPU)."""
+    tx = build_optimizer(t)
+    return tx, make_train_step(mcfg, tx)
+
+
+def make_train_step(mcfg: ModelConfig, tx: optax.GradientTransformation):
 
     def loss_fn(params, x_BxT, y_BxT, row_mask_B):
         nll = model.token_nll(params, mcfg, x_BxT, y_BxT)
@@ -190,16 +197,14 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables
     train_bs = max(1, min(t.batch_seqs, seqs_per_chunk))
     train_sharding = batch_sharding(train_bs)
 
-    padded = np.zeros(len(tokens) + e.eval_seq_len + 1, np.int32)
-    padded[:len(tokens)] = tokens
+    padded = evaluate.padded_tokens(tokens, e.eval_seq_len)
     tokens_dev = jax.device_put(padded, replicated)
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
 
     params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), replicated)
-    tx = build_optimizer(t)
+    tx, train_step = train_step_for(cfg.model, t)
     opt_state = jax.device_put(tx.init(jax.tree.map(lambda p: p.astype(jnp.float32), params)), replicated)
     mask = jax.device_put(trainable_mask(params, cfg), replicated)
-    train_step = make_train_step(cfg, tx)
     pos = np.arange(seq + 1)
 
     sums, counts, nbytes = [], [], []
@@ -266,7 +271,7 @@ def summary(result: TTTResult, pre: evaluate.EvalResult | dict | None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from golf_jax import cli, quantize
+    from golf_jax import checkpoint, cli, quantize
 
     parser = argparse.ArgumentParser(prog="python -m golf_jax.ttt",
                                      description="Score-first test-time training on the validation set.")
@@ -299,12 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{result.train_steps} steps; {result.seconds:.1f} s (scoring {result.score_s:.1f} s, "
           f"training {result.train_s:.1f} s)" + (f"; gain {report['gain_bpb']:+.4f} bpb" if pre else ""))
     if args.out:
-        from pathlib import Path
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(out)
+        checkpoint.write_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -166,8 +166,7 @@ def test_frozen_blocks_stay_fixed(setup):
     cfg, tokens, tables, params = setup
     cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, freeze_blocks=1))
     mask = ttt.trainable_mask(params, cfg)
-    step = ttt.make_train_step(cfg, ttt.build_optimizer(cfg.ttt))
-    tx = ttt.build_optimizer(cfg.ttt)
+    tx, step = ttt.train_step_for(cfg.model, cfg.ttt)
     before = jax.tree.map(np.asarray, params)
     x = jnp.asarray(tokens[:4 * 64].reshape(4, 64))
     y = jnp.asarray(tokens[1:4 * 64 + 1].reshape(4, 64))
@@ -231,3 +230,17 @@ def test_two_devices_agree(tmp_path):
     # After training on three chunks, float32 reduction-order noise in the
     # gradients (~1e-7 relative) moves the scores by far less than 1e-4.
     np.testing.assert_allclose(out["1"], out["2"], rtol=1e-4)
+
+
+def test_scoring_reuses_the_sliding_evaluation_and_a_second_run_compiles_nothing(setup):
+    from golf_jax.train import CompileCounter
+
+    cfg, tokens, tables, params = setup
+    evaluate.run_sliding(params, cfg, tokens, tables, progress=False)
+    frozen = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lr=0.0))
+    with CompileCounter() as scoring:  # as in the pipeline: TTT right after the sliding evaluation
+        ttt.run(params, frozen, tokens, tables, progress=False, max_chunks=2)
+    ttt.run(params, cfg, tokens, tables, progress=False, max_chunks=2)
+    with CompileCounter() as again:
+        ttt.run(params, cfg, tokens, tables, progress=False, max_chunks=2)
+    assert scoring.count == 0 and again.count == 0
