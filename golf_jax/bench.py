@@ -241,10 +241,10 @@ def bench_ttt(params, cfg, chunks: int) -> dict | None:
     # The last chunk is scored only; time per trained chunk from the others.
     per_chunk = r.seconds / chunks
     full_chunks = -(-(FINEWEB_VAL_TOKENS - 1) // C)
-    return {"chunks": chunks, "chunk_tokens": C, "first_chunk_s": first, "seconds": r.seconds,
-            "score_s": r.score_s, "train_s": r.train_s, "train_steps": r.train_steps, "per_chunk_s": per_chunk,
-            "fineweb_val_chunks": full_chunks, "projected_fineweb_val_s_one_device": per_chunk * full_chunks,
-            "bpb": r.bpb}
+    return {"chunks": chunks, "chunk_tokens": C, "devices": cfg.run.num_devices or jax.device_count(),
+            "first_chunk_s": first, "seconds": r.seconds, "score_s": r.score_s, "train_s": r.train_s,
+            "train_steps": r.train_steps, "per_chunk_s": per_chunk, "fineweb_val_chunks": full_chunks,
+            "projected_fineweb_val_s": per_chunk * full_chunks, "bpb": r.bpb}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -336,8 +336,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         r = results["ttt"]
         print(f"{'score-first TTT, ' + str(r['chunks']) + ' chunks of ' + str(r['chunk_tokens']):<44}"
               f"{r['per_chunk_s']:>10.3f}s{r['first_chunk_s']:>11.1f}s  per chunk (scoring {r['score_s']:.1f} s, "
-              f"training {r['train_s']:.1f} s in all); FineWeb val ({r['fineweb_val_chunks']} chunks) on one "
-              f"device: {r['projected_fineweb_val_s_one_device']:.0f} s")
+              f"training {r['train_s']:.1f} s in all); FineWeb val ({r['fineweb_val_chunks']} chunks) on "
+              f"{r['devices']} device(s): {r['projected_fineweb_val_s']:.0f} s")
     print(f"wrote {out / 'bench.json'}")
 
 

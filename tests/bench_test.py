@@ -24,5 +24,5 @@ def test_bench_runs_every_section_on_the_cpu(tmp_path, capsys):
     assert after["serialize"]["bytes"] > 0 and after["generate"]["tokens_per_s"] > 0
     t = result["ttt"]
     assert t["chunks"] == 3 and t["train_steps"] == 2 and t["per_chunk_s"] > 0  # the last chunk: scored only
-    assert t["fineweb_val_chunks"] == -(-(bench.FINEWEB_VAL_TOKENS - 1) // 256)
+    assert t["fineweb_val_chunks"] == -(-(bench.FINEWEB_VAL_TOKENS - 1) // 256) and t["devices"] == 1
     assert "train step" in capsys.readouterr().out
