@@ -20,6 +20,9 @@ Sections:
              int8/passthrough of the rest, and the LZMA serialisation of the result.
   ttt        score-first test-time training over --ttt-chunks chunks of train text
              (scoring + ttt.epochs passes per chunk), projected to FineWeb's validation set.
+  profile    jax.profiler traces of the loss+grad micro-step and of the whole optimizer
+             step, summarised per kernel and per category (matmul, attention, XLA fusion,
+             ...); the perfetto traces stay under OUT/traces.
 """
 
 from __future__ import annotations
@@ -214,6 +217,97 @@ def bench_after_training(params, cfg) -> dict:
     return out
 
 
+# Kernel-name patterns of a device trace, first match wins (XLA on an H100:
+# cuBLAS/CUTLASS GEMMs, cuDNN flash attention, XLA's own fused kernels).
+KERNEL_CATEGORIES = (
+    ("attention", ("cudnn", "fmha", "flash", "sdpa")),
+    ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "xmma", "sm90_", "sm80_")),
+    ("collective", ("nccl", "all-reduce", "all-gather", "reduce-scatter")),
+    ("memcpy", ("memcpy", "memset")),
+    ("xla fusion", ("fusion", "loop_", "input_", "wrapped_", "triton", "reduce", "convert", "transpose",
+                    "copy", "scatter", "gather", "select", "dynamic")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    for category, patterns in KERNEL_CATEGORIES:
+        if any(p in low for p in patterns):
+            return category
+    return "other"
+
+
+def summarize_trace(trace_path: Path, repeats: int, top: int = 25) -> dict:
+    """Device time per kernel and per category, per repeat, from a perfetto
+    trace of `repeats` calls. Device tracks when there are any (GPU), else the
+    host's (the CPU backend records no kernels; the plumbing still runs)."""
+    import gzip
+
+    with gzip.open(trace_path, "rt") as f:
+        raw = json.load(f)
+    events = raw["traceEvents"] if isinstance(raw, dict) else raw
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device = {pid for pid, name in procs.items() if name.startswith("/device:")}
+    pids = device or set(procs)
+    spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
+    per_kernel: dict[str, list] = {}
+    for e in spans:
+        k = per_kernel.setdefault(e["name"], [0.0, 0])
+        k[0] += e["dur"] / 1e3 / repeats  # microseconds -> ms per repeat
+        k[1] += 1
+    busy = sum(v[0] for v in per_kernel.values())
+    categories: dict[str, float] = {}
+    for name, (ms, _) in per_kernel.items():
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"tracks": sorted(procs[p] for p in pids), "busy_ms": busy,
+            "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "top": [{"kernel": n[:160], "ms": ms, "calls": c // repeats, "category": kernel_category(n)}
+                    for n, (ms, c) in ranked]}
+
+
+def profile_call(fn: Callable, out_dir: Path, repeats: int = 3) -> dict:
+    """Trace `repeats` calls of an already compiled fn (jax.profiler, perfetto
+    format) and summarise its device kernels; the trace stays in out_dir for
+    Perfetto or TensorBoard."""
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
+        for _ in range(repeats):
+            jax.block_until_ready(fn())
+    wall_ms = (time.perf_counter() - t0) * 1e3 / repeats
+    trace = max(out_dir.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    summary = summarize_trace(trace, repeats)
+    summary.update(wall_ms=wall_ms, trace=str(trace))
+    return summary
+
+
+def bench_profile(params, cfg, tokens_fn, batch_seqs: int, out_dir: Path) -> dict:
+    """Where a training micro-step's device time goes: loss + gradient of one
+    micro-batch, and the whole optimizer step (8 micro-batches, Muon, AdamW, EMA)."""
+    x = tokens_fn((batch_seqs, cfg.data.train_seq_len), 1)
+    y = tokens_fn((batch_seqs, cfg.data.train_seq_len), 2)
+    grad = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
+    out = {"grad": profile_call(lambda: grad(params, cfg.model, x, y), out_dir / "grad")}
+    mesh = train.make_mesh(1)
+    one = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_devices=1))
+    tx = optim.build_optimizer(one.optimizer, train.AXIS)
+    state = train.init_state(params, tx, mesh, one.schedule.swa_enabled)
+    step = train.make_train_step(one, mesh, tx, state)
+    shape = (one.data.micro_batches_per_step, one.data.train_batch_tokens // one.data.micro_batches_per_step
+             // one.data.train_seq_len, one.data.train_seq_len)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train.AXIS))
+    xs, ys = (jax.device_put(tokens_fn(shape, s), sharding) for s in (4, 5))
+    box = [state]
+
+    def run():
+        box[0], loss = step(box[0], xs, ys, 1.0, False, False)
+        return loss
+
+    out["train_step"] = profile_call(run, out_dir / "train_step", repeats=1)
+    return out
+
+
 # The competition's validation set (fineweb_val_*.bin of the sp1024 export).
 FINEWEB_VAL_TOKENS = 62_021_846
 
@@ -290,6 +384,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         results["after"] = bench_after_training(params, cfg)
     if "ttt" in sections:
         results["ttt"] = bench_ttt(params, cfg, args.ttt_chunks)
+    if "profile" in sections:
+        results["profile"] = bench_profile(params, cfg, tokens, args.grad_batch_seqs, Path(args.out) / "traces")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,6 +434,13 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{r['per_chunk_s']:>10.3f}s{r['first_chunk_s']:>11.1f}s  per chunk (scoring {r['score_s']:.1f} s, "
               f"training {r['train_s']:.1f} s in all); FineWeb val ({r['fineweb_val_chunks']} chunks) on "
               f"{r['devices']} device(s): {r['projected_fineweb_val_s']:.0f} s")
+    for key, prof in (results.get("profile") or {}).items():
+        print(f"\nprofile of {key}: {prof['wall_ms']:.1f} ms wall, {prof['busy_ms']:.1f} ms of kernels on "
+              f"{', '.join(prof['tracks'])}")
+        print("  by category: " + ", ".join(f"{c} {ms:.1f} ms ({ms / max(prof['busy_ms'], 1e-9):.0%})"
+                                             for c, ms in prof["categories_ms"].items()))
+        for k in prof["top"][:15]:
+            print(f"  {k['ms']:>9.2f} ms {k['calls']:>5}x  {k['category']:<11} {k['kernel'][:90]}")
     print(f"wrote {out / 'bench.json'}")
 
 

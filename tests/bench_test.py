@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from golf_jax import bench
 from tests.conftest import REPO
 
 
 def test_bench_runs_every_section_on_the_cpu(tmp_path, capsys):
-    bench.main(["--config", str(REPO / "configs/smoke.py"), "--sections", "eval,grad,train,attention,after,ttt",
+    bench.main(["--config", str(REPO / "configs/smoke.py"), "--sections", "eval,grad,train,attention,after,ttt,profile",
                 "--grad-batch-seqs", "2", "--attention-batch", "1", "--repeats", "1", "--out", str(tmp_path),
                 "--config.num_layers=2", "--config.xsa_last_n=2", "--config.ve_layers=1",
                 "--config.sliding_batch_windows=2", "--config.calib_num_seqs=2", "--config.calib_seq_len=16",
@@ -25,4 +26,11 @@ def test_bench_runs_every_section_on_the_cpu(tmp_path, capsys):
     t = result["ttt"]
     assert t["chunks"] == 3 and t["train_steps"] == 2 and t["per_chunk_s"] > 0  # the last chunk: scored only
     assert t["fineweb_val_chunks"] == -(-(bench.FINEWEB_VAL_TOKENS - 1) // 256) and t["devices"] == 1
+    for key in ("grad", "train_step"):
+        prof = result["profile"][key]  # the CPU records host events only: the plumbing, not kernels
+        assert prof["busy_ms"] > 0 and prof["wall_ms"] > 0 and Path(prof["trace"]).is_file()
+        assert [k["ms"] for k in prof["top"]] == sorted((k["ms"] for k in prof["top"]), reverse=True)
+    assert bench.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert bench.kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    assert bench.kernel_category("loop_multiply_fusion_3") == "xla fusion"
     assert "train step" in capsys.readouterr().out
