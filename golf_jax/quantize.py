@@ -113,13 +113,16 @@ def calibrate_and_quantize(params: model.Params, cfg: Config, stage, progress: b
     return qmodel, quant_report
 
 
+def compile_budget_stages(params: model.Params, cfg: Config) -> None:
+    """Run the budget stages once, untimed: everything they compile is then
+    in this process's caches for the run after training."""
+    calibrate_and_quantize(params, cfg, lambda name: contextlib.nullcontext())
+
+
 def time_budget_stages(params: model.Params, cfg: Config) -> dict[str, float]:
     """Seconds of each budget stage on these weights, as they will run after
     training: one run to compile (not timed), then one timed. The stages'
     cost depends on shapes, not values, so early weights give the final time."""
-    def untimed(name):
-        return contextlib.nullcontext()
-
     times: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -128,7 +131,7 @@ def time_budget_stages(params: model.Params, cfg: Config) -> dict[str, float]:
         yield
         times[name] = time.perf_counter() - t0
 
-    calibrate_and_quantize(params, cfg, untimed)
+    compile_budget_stages(params, cfg)
     calibrate_and_quantize(params, cfg, timed)
     return times
 

@@ -414,32 +414,40 @@ def checkpoint_bytes(state: TrainState) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(state))
 
 
-def reserve_budget(cfg: Config, params: Params, log: RunLog) -> dict:
+def reserve_budget(cfg: Config, params: Params, log: RunLog, saved: dict | None = None) -> dict:
     """Budget mode: how much of the wall-clock cap the stages after training
     need (schedule.quant_reserve_seconds, or timed now on these weights with
     schedule.quant_reserve_margin of headroom), and what is left for training.
-    Timing them here also compiles them, so after training they run compiled."""
+    Either way the stages are compiled here, outside the cap, so after training
+    they run compiled. `saved`: a resumed run's reserve, kept as it was."""
     from golf_jax import quantize  # the stages after training; quantize imports this module
 
     sched = cfg.schedule
+    t0 = time.perf_counter()
+    # Host arrays, as train.main reloads the final model: the same argument
+    # types, so what compiles here is what runs after training.
+    host = jax.device_get(params)
+    if saved is not None:
+        quantize.compile_budget_stages(host, cfg)
+        log.line(f"budget mode: {saved['reserve_s']:.1f} s reserved as when the run began; training stops at "
+                 f"{saved['training_cap_s']:.1f} s (stages compiled in {time.perf_counter() - t0:.1f} s)")
+        return saved
     measured: dict[str, float] = {}
     if sched.quant_reserve_seconds > 0:
+        quantize.compile_budget_stages(host, cfg)
         reserve, how = sched.quant_reserve_seconds, "configured"
     else:
-        t0 = time.perf_counter()
-        # Host arrays, as train.main reloads the final model: the same argument
-        # types, so what compiles here is what runs after training.
-        measured = quantize.time_budget_stages(jax.device_get(params), cfg)
+        measured = quantize.time_budget_stages(host, cfg)
         reserve = sum(measured.values()) * (1 + sched.quant_reserve_margin)
         how = (", ".join(f"{k} {v:.2f} s" for k, v in measured.items())
-               + f" measured (+{sched.quant_reserve_margin:.0%}); compiling and timing took "
-               f"{time.perf_counter() - t0:.1f} s, outside the cap")
+               + f" measured (+{sched.quant_reserve_margin:.0%})")
     cap = sched.max_wallclock_seconds
     if reserve >= cap:
         raise ConfigError(f"schedule.quant_in_budget: the stages after training need {reserve:.1f} s, "
                           f"the whole wall-clock cap of {cap:.0f} s")
     log.line(f"budget mode: {reserve:.1f} s of the {cap:.0f} s cap reserved for calibration, Hessians and GPTQ "
-             f"({how}); training stops at {cap - reserve:.1f} s")
+             f"({how}; compiling{' and timing' if measured else ''} took {time.perf_counter() - t0:.1f} s, "
+             f"outside the cap); training stops at {cap - reserve:.1f} s")
     return {"cap_s": cap, "reserve_s": reserve, "measured_s": measured, "training_cap_s": cap - reserve}
 
 
@@ -515,12 +523,12 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
                 t_first_step = time.perf_counter() - t_launch
         jax.block_until_ready(state)
         log.line(f"warmup: {sched.warmup_steps} steps; launch to first step {t_first_step:.1f} s")
-        if sched.quant_in_budget and budget is None:
-            budget = reserve_budget(cfg, state.params, log)  # on the warm-up's live weights
+        if sched.quant_in_budget:
+            budget = reserve_budget(cfg, state.params, log, budget)  # on the warm-up's live weights
         state = initial
         batches.restore(cursor0)
-    if sched.quant_in_budget and budget is None:
-        budget = reserve_budget(cfg, state.params, log)
+    elif sched.quant_in_budget:
+        budget = reserve_budget(cfg, state.params, log, budget)
 
     prefetch = Prefetcher(batches, accum, batch_sharding)
     ckpt_every = cfg.run.checkpoint_every

@@ -169,6 +169,43 @@ def _mesh(n_devices: int) -> jax.sharding.Mesh:
     return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
+def _score_chunk(params, cfg: Config, tokens_dev: jax.Array, windows: evaluate.WindowPlan, batch_windows: int,
+                 sharding) -> float:
+    """Sum of the loss of every target the chunk's windows score, float64 on
+    the host. Fixed-shape calls of the sliding evaluation's own program;
+    padding windows (lo = hi = 0) score nothing."""
+    n_w = len(windows.starts)
+    n_b = -(-n_w // batch_windows)
+
+    def batches(a):
+        out = np.zeros(n_b * batch_windows, np.int32)
+        out[:n_w] = a
+        return [jax.device_put(b, sharding) for b in out.reshape(n_b, batch_windows)]
+
+    outs = [evaluate._window_loss_sums(params, cfg.model, tokens_dev, s, lo, hi, cfg.eval.eval_seq_len)
+            for s, lo, hi in zip(batches(windows.starts), batches(windows.lo), batches(windows.hi))]
+    return float(sum(np.sum(np.asarray(o, np.float64)) for o in outs))
+
+
+def _train_on_chunk(params, opt_state, train_step, mask, padded: np.ndarray, starts: np.ndarray, seq: int,
+                    batch_seqs: int, epochs: int, lr: float, sharding):
+    """`epochs` passes over the chunk's sequences (in order) in fixed-shape
+    batches, the last one padded with rows that carry no loss. Returns
+    (params, opt_state, steps)."""
+    n_b = -(-len(starts) // batch_seqs)
+    batch = np.zeros((n_b * batch_seqs, seq + 1), np.int32)
+    batch[:len(starts)] = padded[starts[:, None] + np.arange(seq + 1)[None, :]]
+    row_mask = (np.arange(n_b * batch_seqs) < len(starts)).astype(np.float32)
+    steps = 0
+    for _ in range(epochs):
+        for b in range(n_b):
+            rows = slice(b * batch_seqs, (b + 1) * batch_seqs)
+            x, y, m = (jax.device_put(a, sharding) for a in (batch[rows, :-1], batch[rows, 1:], row_mask[rows]))
+            params, opt_state, _ = train_step(params, opt_state, x, y, m, jnp.float32(lr), mask)
+            steps += 1
+    return params, opt_state, steps
+
+
 def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables, progress: bool = True,
         max_chunks: int = 0) -> TTTResult:
     """Score-first TTT over `tokens` (targets tokens[1:]); `params` are not
@@ -192,20 +229,16 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables
         return NamedSharding(mesh, P(AXIS)) if n_dev > 1 and size % n_dev == 0 else replicated
 
     score_bw = t.score_batch_windows or e.sliding_batch_windows
-    score_sharding = batch_sharding(score_bw)
     seqs_per_chunk = max((len(s) for s in plan.train_starts[:max(n_trained, 1)]), default=0)
     train_bs = max(1, min(t.batch_seqs, seqs_per_chunk))
-    train_sharding = batch_sharding(train_bs)
 
     padded = evaluate.padded_tokens(tokens, e.eval_seq_len)
     tokens_dev = jax.device_put(padded, replicated)
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
-
     params = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), params), replicated)
     tx, train_step = train_step_for(cfg.model, t)
     opt_state = jax.device_put(tx.init(jax.tree.map(lambda p: p.astype(jnp.float32), params)), replicated)
     mask = jax.device_put(trainable_mask(params, cfg), replicated)
-    pos = np.arange(seq + 1)
 
     sums, counts, nbytes = [], [], []
     score_s = train_s = 0.0
@@ -214,43 +247,19 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables
         # 1. Score: a pure function of the parameters as they are now.
         t0 = time.perf_counter()
         w = plan.windows[c]
-        n_w = len(w.starts)
-        n_b = -(-n_w // score_bw)
-
-        def pad(a):
-            out = np.zeros(n_b * score_bw, np.int32)
-            out[:n_w] = a
-            return out.reshape(n_b, score_bw)
-
-        starts, lo, hi = pad(w.starts), pad(w.lo), pad(w.hi)  # padding windows score nothing (lo = hi = 0)
-        outs = [evaluate._window_loss_sums(params, cfg.model, tokens_dev, jax.device_put(starts[b], score_sharding),
-                                           jax.device_put(lo[b], score_sharding),
-                                           jax.device_put(hi[b], score_sharding), e.eval_seq_len)
-                for b in range(n_b)]
-        sums.append(float(sum(np.sum(np.asarray(o, np.float64)) for o in outs)))
+        sums.append(_score_chunk(params, cfg, tokens_dev, w, score_bw, batch_sharding(score_bw)))
         counts.append(int(np.sum(w.hi - w.lo)))
         nbytes.append(int(np.sum(cum_bytes[w.starts + w.hi] - cum_bytes[w.starts + w.lo])))
         score_s += time.perf_counter() - t0
 
         # 2. Train on the chunk just scored, never on the last one.
-        ts = plan.train_starts[c]
-        if c >= n_trained or t.epochs == 0 or t.lr == 0 or len(ts) == 0:
+        if c >= n_trained or t.epochs == 0 or t.lr == 0 or len(plan.train_starts[c]) == 0:
             continue
         t0 = time.perf_counter()
-        lr = chunk_lr(t, c, len(plan.windows))
-        seqs = padded[ts[:, None] + pos[None, :]]  # [n, seq + 1]
-        n_tb = -(-len(ts) // train_bs)
-        batch = np.zeros((n_tb * train_bs, seq + 1), np.int32)
-        batch[:len(ts)] = seqs
-        row_mask = (np.arange(n_tb * train_bs) < len(ts)).astype(np.float32)
-        for _ in range(t.epochs):
-            for b in range(n_tb):
-                rows = slice(b * train_bs, (b + 1) * train_bs)
-                x = jax.device_put(batch[rows, :-1], train_sharding)
-                y = jax.device_put(batch[rows, 1:], train_sharding)
-                m = jax.device_put(row_mask[rows], train_sharding)
-                params, opt_state, _ = train_step(params, opt_state, x, y, m, jnp.float32(lr), mask)
-                steps += 1
+        params, opt_state, n = _train_on_chunk(params, opt_state, train_step, mask, padded, plan.train_starts[c], seq,
+                                               train_bs, t.epochs, chunk_lr(t, c, len(plan.windows)),
+                                               batch_sharding(train_bs))
+        steps += n
         jax.block_until_ready(params)
         train_s += time.perf_counter() - t0
 
