@@ -256,14 +256,50 @@ def summarize_trace(trace_path: Path, repeats: int, top: int = 25) -> dict:
         k[0] += e["dur"] / 1e3 / repeats  # microseconds -> ms per repeat
         k[1] += 1
     busy = sum(v[0] for v in per_kernel.values())
+    overlap = collective_overlap(spans, repeats)
     categories: dict[str, float] = {}
     for name, (ms, _) in per_kernel.items():
         categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"tracks": sorted(procs[p] for p in pids), "busy_ms": busy,
+    return {"tracks": sorted(procs[p] for p in pids), "busy_ms": busy, "collectives": overlap,
             "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": n[:160], "ms": ms, "calls": c // repeats, "category": kernel_category(n)}
                     for n, (ms, c) in ranked]}
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def collective_overlap(spans: list[dict], repeats: int) -> dict:
+    """Per device: ms per repeat during which a collective kernel (NCCL) runs,
+    and how much of that time a compute kernel runs beside it on the same
+    device (other streams). Hidden communication overlaps; exposed does not."""
+    per_device: dict = {}
+    for pid in sorted({e["pid"] for e in spans}):
+        mine = [e for e in spans if e["pid"] == pid]
+        comm = _merged([(e["ts"], e["ts"] + e["dur"]) for e in mine if kernel_category(e["name"]) == "collective"])
+        if not comm:
+            continue
+        compute = _merged([(e["ts"], e["ts"] + e["dur"]) for e in mine
+                           if kernel_category(e["name"]) not in ("collective", "memcpy")])
+        total = sum(b - a for a, b in comm)
+        hidden, j = 0.0, 0
+        for a, b in comm:  # both lists sorted and disjoint: one sweep
+            while j < len(compute) and compute[j][1] <= a:
+                j += 1
+            k = j
+            while k < len(compute) and compute[k][0] < b:
+                hidden += min(b, compute[k][1]) - max(a, compute[k][0])
+                k += 1
+        per_device[pid] = {"collective_ms": total / 1e3 / repeats, "overlapped_ms": hidden / 1e3 / repeats}
+    return per_device
 
 
 def profile_call(fn: Callable, out_dir: Path, repeats: int = 3) -> dict:
@@ -284,18 +320,20 @@ def profile_call(fn: Callable, out_dir: Path, repeats: int = 3) -> dict:
 
 def bench_profile(params, cfg, tokens_fn, batch_seqs: int, out_dir: Path) -> dict:
     """Where a training micro-step's device time goes: loss + gradient of one
-    micro-batch, and the whole optimizer step (8 micro-batches, Muon, AdamW, EMA)."""
+    micro-batch on one device, and the whole optimizer step (accumulation,
+    Parallel Muon's collectives, AdamW, EMA) on every local device, or on
+    run.num_devices of them."""
     x = tokens_fn((batch_seqs, cfg.data.train_seq_len), 1)
     y = tokens_fn((batch_seqs, cfg.data.train_seq_len), 2)
     grad = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
     out = {"grad": profile_call(lambda: grad(params, cfg.model, x, y), out_dir / "grad")}
-    mesh = train.make_mesh(1)
-    one = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_devices=1))
-    tx = optim.build_optimizer(one.optimizer, train.AXIS)
-    state = train.init_state(params, tx, mesh, one.schedule.swa_enabled)
-    step = train.make_train_step(one, mesh, tx, state)
-    shape = (one.data.micro_batches_per_step, one.data.train_batch_tokens // one.data.micro_batches_per_step
-             // one.data.train_seq_len, one.data.train_seq_len)
+    mesh = train.make_mesh(cfg.run.num_devices)  # every local device unless run.num_devices says otherwise
+    tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
+    state = train.init_state(params, tx, mesh, cfg.schedule.swa_enabled)
+    step = train.make_train_step(cfg, mesh, tx, state)
+    d = cfg.data  # [accumulation steps, sequences of one micro-step over all devices, T]
+    shape = (d.micro_batches_per_step // mesh.size,
+             d.train_batch_tokens // d.micro_batches_per_step // d.train_seq_len * mesh.size, d.train_seq_len)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train.AXIS))
     xs, ys = (jax.device_put(tokens_fn(shape, s), sharding) for s in (4, 5))
     box = [state]
@@ -439,6 +477,9 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{', '.join(prof['tracks'])}")
         print("  by category: " + ", ".join(f"{c} {ms:.1f} ms ({ms / max(prof['busy_ms'], 1e-9):.0%})"
                                              for c, ms in prof["categories_ms"].items()))
+        for pid, c in prof["collectives"].items():
+            print(f"  collectives on track {pid}: {c['collective_ms']:.2f} ms, {c['overlapped_ms']:.2f} ms of it "
+                  f"beside compute kernels")
         for k in prof["top"][:15]:
             print(f"  {k['ms']:>9.2f} ms {k['calls']:>5}x  {k['category']:<11} {k['kernel'][:90]}")
     print(f"wrote {out / 'bench.json'}")

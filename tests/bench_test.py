@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from golf_jax import bench
 from tests.conftest import REPO
 
@@ -34,3 +36,20 @@ def test_bench_runs_every_section_on_the_cpu(tmp_path, capsys):
     assert bench.kernel_category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
     assert bench.kernel_category("loop_multiply_fusion_3") == "xla fusion"
     assert "train step" in capsys.readouterr().out
+
+
+def test_collective_overlap_from_trace_spans():
+    """Two devices: on 0 an all-reduce of 10 us, 6 us of it beside a GEMM; on 1
+    one of 4 us alone. Microseconds in, ms per repeat out."""
+    spans = [
+        {"pid": 0, "name": "ncclDevKernel_AllReduce_Sum_bf16", "ts": 100.0, "dur": 10.0},
+        {"pid": 0, "name": "nvjet_sm90_tst_128x128", "ts": 94.0, "dur": 10.0},  # 100..104 overlaps
+        {"pid": 0, "name": "loop_add_fusion_3", "ts": 106.0, "dur": 2.0},  # 106..108 overlaps
+        {"pid": 0, "name": "loop_add_fusion_4", "ts": 107.0, "dur": 2.0},  # 108..109 more (107..108 merged)
+        {"pid": 0, "name": "loop_add_fusion_5", "ts": 120.0, "dur": 5.0},  # after it
+        {"pid": 1, "name": "ncclDevKernel_ReduceScatter", "ts": 0.0, "dur": 4.0},
+        {"pid": 1, "name": "loop_add_fusion_3", "ts": 4.0, "dur": 2.0},
+    ]
+    got = bench.collective_overlap(spans, repeats=1)
+    assert got[0]["collective_ms"] == pytest.approx(0.010) and got[0]["overlapped_ms"] == pytest.approx(0.007)
+    assert got[1]["collective_ms"] == pytest.approx(0.004) and got[1]["overlapped_ms"] == 0.0

@@ -1,0 +1,56 @@
+"""Overlay the training-loss curves of several runs (their train.jsonl), with
+the largest absolute difference to the first run, e.g. the same config on 1
+and 2 GPUs against a second seed on 1 GPU.
+
+    python scripts/overlay_losses.py runs/g1 runs/g2 runs/g1_seed2 --labels "1 GPU" "2 GPUs" "1 GPU, seed 2" \
+        --out docs/img/scaling_loss.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--labels", nargs="+")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    labels = args.labels or [str(r) for r in args.runs]
+    curves = [losses(r) for r in args.runs]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, c in zip(labels, curves):
+        steps = sorted(c)
+        ax.plot(steps, [c[s] for s in steps], lw=0.9, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    base = curves[0]
+    for label, c in zip(labels[1:], curves[1:]):
+        common = sorted(set(base) & set(c))
+        diff = np.abs(np.array([c[s] - base[s] for s in common]))
+        print(f"{label} vs {labels[0]}: {len(common)} common steps, max |diff| {diff.max():.4f}, "
+              f"mean |diff| {diff.mean():.4f}, last step {common[-1]}: {c[common[-1]]:.4f} vs {base[common[-1]]:.4f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
