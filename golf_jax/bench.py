@@ -99,7 +99,7 @@ def bench_eval(params, cfg, tokens_fn, seq_len: int, stride: int, batch_windows:
     starts = (jnp.arange(batch_windows) * stride) % (n_tokens - seq_len)
     lo = jnp.full((batch_windows,), seq_len - stride, jnp.int32)
     hi = jnp.full((batch_windows,), seq_len, jnp.int32)
-    r = time_call(evaluate._window_loss_sums, params, cfg.model, tokens, starts, lo, hi, seq_len, repeats=repeats)
+    r = time_call(evaluate.window_loss_sums, params, cfg.model, tokens, starts, lo, hi, seq_len, repeats=repeats)
     dense, attn = matmul_flops_per_token(cfg.model, seq_len)
     fwd_tokens = batch_windows * seq_len
     r.update(forward_tokens_per_s=fwd_tokens / r["median_s"], scored_tokens_per_s=batch_windows * stride / r["median_s"],

@@ -152,6 +152,14 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
     return overrides, rest
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
+                         ) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    """(the parser's arguments, the `--config.<field>` overrides) of argv
+    (default sys.argv[1:]); for commands whose config comes from elsewhere."""
+    overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    return parser.parse_args(rest), overrides
+
+
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
           default_config: str | None = None) -> tuple[Config, argparse.Namespace]:
     """Parse a command line with `--config FILE` plus overrides.
@@ -159,12 +167,10 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
     Returns the validated config and the remaining arguments. Configuration
     errors exit with a one-line message instead of a traceback.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
     parser.add_argument("--config", default=default_config, required=default_config is None,
                         help="config file (a Python file defining get_config())")
     try:
-        overrides, rest = split_overrides(argv)
-        args = parser.parse_args(rest)
+        args, overrides = parse_with_overrides(parser, argv)
         cfg = apply_overrides(load_config_file(args.config), overrides).validate()
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: config error: {e}\n")

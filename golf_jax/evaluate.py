@@ -74,7 +74,7 @@ def sliding_plan(n_targets: int, seq_len: int, stride: int, score_once: bool = F
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "seq_len"))
-def _window_loss_sums(params, cfg: ModelConfig, tokens_N: jax.Array, starts_W: jax.Array,
+def window_loss_sums(params, cfg: ModelConfig, tokens_N: jax.Array, starts_W: jax.Array,
                       lo_W: jax.Array, hi_W: jax.Array, seq_len: int) -> jax.Array:
     """Sum of the scored positions' cross-entropy for each window, float32 [W]."""
     pos_T = jnp.arange(seq_len + 1)
@@ -112,7 +112,7 @@ def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Byt
     loss_sum = 0.0
     in_flight: collections.deque = collections.deque()
     for b in tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False):
-        in_flight.append(_window_loss_sums(params, cfg, tokens_dev, starts[b], lo[b], hi[b], seq_len))
+        in_flight.append(window_loss_sums(params, cfg, tokens_dev, starts[b], lo[b], hi[b], seq_len))
         # Read back two batches behind: the device stays busy while the
         # progress bar tracks finished work.
         while len(in_flight) > 2 or (b == n_batches - 1 and in_flight):

@@ -213,9 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m golf_jax.generate",
                                      description="Sample text from a trained model (KV-cached).")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--artifact", help="a quantised artifact written by golf_jax.quantize")
-    src.add_argument("--checkpoint", help="a run directory, its final_model/ or its checkpoints/")
+    quantize.add_model_source(parser)
     parser.add_argument("--prompt", default="", help="text to continue (empty: a uniform random first token)")
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per sample")
     parser.add_argument("--samples", type=int, default=1)

@@ -124,16 +124,26 @@ def time_budget_stages(params: model.Params, cfg: Config) -> dict[str, float]:
     training: one run to compile (not timed), then one timed. The stages'
     cost depends on shapes, not values, so early weights give the final time."""
     times: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def timed(name):
-        t0 = time.perf_counter()
-        yield
-        times[name] = time.perf_counter() - t0
-
     compile_budget_stages(params, cfg)
-    calibrate_and_quantize(params, cfg, timed)
+    calibrate_and_quantize(params, cfg, stage_timer(times))
     return times
+
+
+def stage_timer(times: dict[str, float], compiles: dict[str, int] | None = None, log=None):
+    """A `stage(name)` context manager that records each stage's seconds in
+    `times` (and its XLA compilations in `compiles`, a line in `log`)."""
+    @contextlib.contextmanager
+    def stage(name: str):
+        t0 = time.perf_counter()
+        with CompileCounter() as counter:
+            yield
+        times[name] = time.perf_counter() - t0
+        if compiles is not None:
+            compiles[name] = counter.count
+        if log is not None:
+            log(f"[{name}] {times[name]:.1f} s")
+
+    return stage
 
 
 def budget_report(cfg: Config, train_summary: dict, times: dict[str, float], compiles: dict[str, int]) -> dict:
@@ -164,14 +174,7 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     report: dict = {"config": config_lib.to_dict(cfg), "backend": jax.default_backend(),
                     "device": jax.devices()[0].device_kind, "times_s": times, "compilations": compiles}
 
-    @contextlib.contextmanager
-    def stage(name):
-        t0 = time.perf_counter()
-        with CompileCounter() as counter:
-            yield
-        times[name] = time.perf_counter() - t0
-        compiles[name] = counter.count
-        log(f"[{name}] {times[name]:.1f} s")
+    stage = stage_timer(times, compiles, log)
 
     # Inputs are checked before the long stages.
     val_tokens, tables, _ = evaluate.load_eval_data(cfg)
@@ -235,9 +238,15 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     return report
 
 
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """--artifact | --checkpoint, one required: what `load_model` reads."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--artifact", help="an int6 artifact written by golf_jax.quantize")
+    src.add_argument("--checkpoint", help="a run directory, its final_model/ or its checkpoints/")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from golf_jax import cli
-    import sys
 
     parser = argparse.ArgumentParser(prog="python -m golf_jax.quantize",
                                      description="Quantise a trained model into the artifact and evaluate it.")
@@ -246,10 +255,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", help="config file (default: the checkpoint's own config)")
     parser.add_argument("--out", help="output directory (default: the checkpoint's run directory)")
     parser.add_argument("--no-progress", action="store_true")
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        overrides, rest = cli.split_overrides(argv)
-        args = parser.parse_args(rest)
+        args, overrides = cli.parse_with_overrides(parser, argv)
         params, cfg, source = load_model(checkpoint_path=args.checkpoint)
         if args.config:
             saved, cfg = cfg, cli.load_config_file(args.config)

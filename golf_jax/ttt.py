@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import functools
 import math
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -89,10 +88,11 @@ def chunk_plan(n_targets: int, cfg: Config) -> ChunkPlan:
     s_all, lo_all, hi_all = (np.concatenate(x).astype(np.int64) for x in (pieces_s, pieces_lo, pieces_hi))
     chunk_of = (s_all + lo_all) // C
     n_chunks = -(-n_targets // C)
+    order = np.lexsort((lo_all, s_all, chunk_of))  # by chunk, then in evaluation order
+    bounds = np.searchsorted(chunk_of[order], np.arange(n_chunks + 1))
     windows, train_starts = [], []
     for c in range(n_chunks):
-        sel = np.flatnonzero(chunk_of == c)
-        sel = sel[np.lexsort((lo_all[sel], s_all[sel]))]  # in evaluation order
+        sel = order[bounds[c]:bounds[c + 1]]
         windows.append(evaluate.WindowPlan(s_all[sel], lo_all[sel], hi_all[sel]))
         chunk_len = min((c + 1) * C, n_targets) - c * C
         # Whole sequences of the chunk's targets; a remainder shorter than seq is not trained on.
@@ -182,7 +182,7 @@ def _score_chunk(params, cfg: Config, tokens_dev: jax.Array, windows: evaluate.W
         out[:n_w] = a
         return [jax.device_put(b, sharding) for b in out.reshape(n_b, batch_windows)]
 
-    outs = [evaluate._window_loss_sums(params, cfg.model, tokens_dev, s, lo, hi, cfg.eval.eval_seq_len)
+    outs = [evaluate.window_loss_sums(params, cfg.model, tokens_dev, s, lo, hi, cfg.eval.eval_seq_len)
             for s, lo, hi in zip(batches(windows.starts), batches(windows.lo), batches(windows.hi))]
     return float(sum(np.sum(np.asarray(o, np.float64)) for o in outs))
 
@@ -284,17 +284,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m golf_jax.ttt",
                                      description="Score-first test-time training on the validation set.")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--artifact", help="an int6 artifact (the weights TTT is scored on in the competition)")
-    src.add_argument("--checkpoint", help="a run directory, its final_model/ or checkpoints/")
+    quantize.add_model_source(parser)
     parser.add_argument("--max-chunks", type=int, default=0, help="stop after N chunks (a timing slice)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen model's sliding evaluation")
     parser.add_argument("--out", help="write the report here as JSON")
     parser.add_argument("--no-progress", action="store_true")
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        overrides, rest = cli.split_overrides(argv)
-        args = parser.parse_args(rest)
+        args, overrides = cli.parse_with_overrides(parser, argv)
         params, cfg, source = quantize.load_model(args.artifact, args.checkpoint)
         cfg = cli.apply_overrides(cfg, overrides).validate()
         tokens, tables, _ = evaluate.load_eval_data(cfg)

@@ -108,7 +108,7 @@ def test_standard_and_sliding_share_one_compilation(tiny_params, tiny_cfg, eval_
     cfg = cli.apply_overrides(record, [("eval_seq_len", "128"), ("sliding_stride", "32"), ("sliding_batch_windows", "4"),
                                        ("val_batch_tokens", str(4 * 128 * 8))])
     cfg = dataclasses.replace(cfg, model=tiny_cfg)
-    before = evaluate._window_loss_sums._cache_size()
+    before = evaluate.window_loss_sums._cache_size()
     results = evaluate.run_evaluations(tiny_params, cfg, eval_ref["val_tokens"][:1025], tables, progress=False)
     assert results["standard"].tokens == 1024 and results["sliding"].tokens > 1024
-    assert evaluate._window_loss_sums._cache_size() == before + 1
+    assert evaluate.window_loss_sums._cache_size() == before + 1
