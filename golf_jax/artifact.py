@@ -369,17 +369,23 @@ def _region(region, dtypes: tuple[str, ...], payload: memoryview, what: str, fai
 
 # ----------------------------------------------------------------------------- the budget
 
+# The packages that load and evaluate an artifact: golf_jax and the kernels
+# its model runs on GPUs.
+CODE_PACKAGES = ("golf_jax", "kernels")
+
+
 def code_bytes(root: str | Path | None = None) -> int:
     """Bytes of the code that loads and evaluates the artifact.
 
     The reference counts the UTF-8 bytes of its one training script, which
-    both trains and evaluates. Our equivalent is the package: every `*.py`
-    under the `golf_jax` directory (subpackages included), counted as file
-    sizes on disk. Entry points outside the package (`train.py`, configs,
-    tests) are not needed to load and evaluate, and third-party libraries
-    (jax here, torch there) are not counted by either."""
-    root = Path(__file__).parent if root is None else Path(root)
-    return sum(p.stat().st_size for p in sorted(root.rglob("*.py")) if p.is_file())
+    both trains and evaluates. Our equivalent is the packages: every `*.py`
+    under `golf_jax/` and `kernels/` (subpackages included), counted as file
+    sizes on disk; `root` counts one directory tree instead. Entry points
+    outside them (`train.py`, configs, tests) are not needed to load and
+    evaluate, and third-party libraries (jax here, torch there) are not
+    counted by either."""
+    roots = [Path(root)] if root is not None else [Path(__file__).parents[1] / p for p in CODE_PACKAGES]
+    return sum(p.stat().st_size for r in roots for p in sorted(r.rglob("*.py")) if p.is_file())
 
 
 def artifact_budget_report(artifact_bytes: int, budget: int, code: int | None = None) -> dict:

@@ -3,7 +3,7 @@ fit for one device call. Each section warms up (the first call's time,
 compilation included, is reported separately), then reports the median of
 repeats, synchronising on the result.
 
-    python -m golf_jax.bench [--config configs/record.py] [--sections eval,grad,attention] [--out DIR]
+    python -m golf_jax.bench [--config configs/record.py] [--sections eval,grad,...] [--out DIR]
 
 Sections:
   eval       sliding-window evaluation batches (windows of eval_seq_len, stride
@@ -14,6 +14,8 @@ Sections:
   train      the real optimizer step (golf_jax.train: accumulation, Parallel Muon, AdamW,
              EMA) with all micro-batches and with one, and the host time of the data feed.
   attention  causal GQA attention alone, cuDNN vs the jnp path, forward and forward+backward.
+  mlp        the MLP alone at a micro-step's shape (rows x model_dim x mlp_dim): the fused
+             Triton kernels vs the jnp path, forward (inference) and forward+backward.
   after      the stages after training, each run twice (the first compiles): AR
              self-generation of calib_num_seqs x calib_seq_len tokens with the KV cache,
              Hessian collection over them, GPTQ of every bank matrix with the
@@ -22,14 +24,20 @@ Sections:
              (scoring + ttt.epochs passes per chunk), projected to FineWeb's validation set.
   profile    jax.profiler traces of the loss+grad micro-step and of the whole optimizer
              step, summarised per kernel and per category (matmul, attention, XLA fusion,
-             ...); the perfetto traces stay under OUT/traces.
+             ...), each kernel with the model source lines of the HLO ops it runs; the
+             perfetto traces stay under OUT/traces.
+
+With the fused MLP kernels on (the default on GPUs), eval and grad are also
+timed with model.mlp_impl="jnp", for the comparison.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -99,12 +107,50 @@ def bench_eval(params, cfg, tokens_fn, seq_len: int, stride: int, batch_windows:
     starts = (jnp.arange(batch_windows) * stride) % (n_tokens - seq_len)
     lo = jnp.full((batch_windows,), seq_len - stride, jnp.int32)
     hi = jnp.full((batch_windows,), seq_len, jnp.int32)
-    r = time_call(evaluate.window_loss_sums, params, cfg.model, tokens, starts, lo, hi, seq_len, repeats=repeats)
+    # A steady-state sliding batch: every window scores its last `stride`
+    # positions, so the evaluation runs its logits-for-those-only program.
+    span = evaluate.span_for(np.asarray(lo), np.asarray(hi), stride)
+    r = time_call(evaluate.window_loss_sums, params, cfg.model, tokens, starts, lo, hi, seq_len, span, repeats=repeats)
     dense, attn = matmul_flops_per_token(cfg.model, seq_len)
     fwd_tokens = batch_windows * seq_len
     r.update(forward_tokens_per_s=fwd_tokens / r["median_s"], scored_tokens_per_s=batch_windows * stride / r["median_s"],
              tflops=fwd_tokens * (dense + attn) / r["median_s"] / 1e12, shape=[batch_windows, seq_len])
     return r
+
+
+def with_mlp_impl(cfg, impl: str):
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_impl=impl))
+
+
+def bench_mlp(cfg: ModelConfig, rows: int, repeats: int) -> dict:
+    """The MLP alone on `rows` x model_dim bf16 activations: forward (inference:
+    no pre-activation saved) and loss+gradient of all three inputs, for the
+    jnp path and, on GPUs with jax-triton, the fused kernels."""
+    from kernels import mlp as mlp_kernels
+
+    K, N, slope = cfg.model_dim, cfg.mlp_dim, cfg.mlp_negative_slope
+    keys = jax.random.split(jax.random.key(5), 4)
+    x = jax.random.normal(keys[0], (rows, K), jnp.bfloat16)
+    w_up = (jax.random.normal(keys[1], (N, K)) * K ** -0.5).astype(jnp.bfloat16)
+    w_down = (jax.random.normal(keys[2], (K, N)) * N ** -0.5).astype(jnp.bfloat16)
+    dy = jax.random.normal(keys[3], (rows, K), jnp.bfloat16)
+    flops = 2 * 2 * rows * K * N  # two GEMMs forward; the backward is twice that
+    out: dict = {"shape": [rows, K, N]}
+    impls = ["jnp"] + (["triton"] if mlp_kernels.triton_available() else [])
+    for impl in impls:
+        fwd = jax.jit(lambda x, u, d, impl=impl: mlp_kernels.mlp(x, u, d, slope, impl))
+        grad = jax.jit(jax.grad(lambda x, u, d, impl=impl: jnp.sum(
+            (mlp_kernels.mlp(x, u, d, slope, impl) * dy).astype(jnp.float32)), argnums=(0, 1, 2)))
+        r = {"forward": time_call(fwd, x, w_up, w_down, repeats=repeats),
+             "forward_backward": time_call(grad, x, w_up, w_down, repeats=repeats)}
+        r["forward"]["tflops"] = flops / r["forward"]["median_s"] / 1e12
+        r["forward_backward"]["tflops"] = 3 * flops / r["forward_backward"]["median_s"] / 1e12
+        out[impl] = r
+    if "triton" in out:
+        a = np.asarray(jax.jit(lambda x, u, d: mlp_kernels.mlp(x, u, d, slope, "triton"))(x, w_up, w_down), np.float32)
+        b = np.asarray(jax.jit(lambda x, u, d: mlp_kernels.mlp(x, u, d, slope, "jnp"))(x, w_up, w_down), np.float32)
+        out["triton_vs_jnp_rel_err"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    return out
 
 
 def bench_grad(params, cfg, tokens_fn, batch_seqs: int, seq_len: int, repeats: int) -> dict:
@@ -144,7 +190,10 @@ def bench_train_step(params, cfg, tokens_fn, micro_batches: int, repeats: int) -
 
     r = time_call(run, repeats=repeats)
     tokens = micro_batches * per_micro
-    r.update(tokens_per_s=tokens / r["median_s"], micro_batches=micro_batches, peak_memory_bytes=train.peak_memory_bytes())
+    dense, attn = matmul_flops_per_token(cfg.model, cfg.data.train_seq_len)
+    tflops = 3 * tokens * (dense + attn) / r["median_s"] / 1e12  # the model's FLOPs; the optimizer's are ~1%
+    r.update(tokens_per_s=tokens / r["median_s"], micro_batches=micro_batches, tflops=tflops,
+             mfu=tflops / H100_MATMUL_TFLOPS, peak_memory_bytes=train.peak_memory_bytes())
     return r
 
 
@@ -220,6 +269,7 @@ def bench_after_training(params, cfg) -> dict:
 # Kernel-name patterns of a device trace, first match wins (XLA on an H100:
 # cuBLAS/CUTLASS GEMMs, cuDNN flash attention, XLA's own fused kernels).
 KERNEL_CATEGORIES = (
+    ("triton mlp", ("up_act_kernel", "down_grad_kernel")),  # kernels/mlp_triton.py
     ("attention", ("cudnn", "fmha", "flash", "sdpa")),
     ("matmul", ("gemm", "cublas", "cutlass", "nvjet", "xmma", "sm90_", "sm80_")),
     ("collective", ("nccl", "all-reduce", "all-gather", "reduce-scatter")),
@@ -251,20 +301,25 @@ def summarize_trace(trace_path: Path, repeats: int, top: int = 25) -> dict:
     pids = device or set(procs)
     spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
     per_kernel: dict[str, list] = {}
+    hlo_ops: dict[str, str] = {}  # kernel -> the HLO instruction that launched it, when the trace says
     for e in spans:
         k = per_kernel.setdefault(e["name"], [0.0, 0])
         k[0] += e["dur"] / 1e3 / repeats  # microseconds -> ms per repeat
         k[1] += 1
+        op = (e.get("args") or {}).get("hlo_op")
+        if op:
+            hlo_ops.setdefault(e["name"], str(op))
     busy = sum(v[0] for v in per_kernel.values())
     overlap = collective_overlap(spans, repeats)
     categories: dict[str, float] = {}
     for name, (ms, _) in per_kernel.items():
         categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
-    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
     return {"tracks": sorted(procs[p] for p in pids), "busy_ms": busy, "collectives": overlap,
             "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
-            "top": [{"kernel": n[:160], "ms": ms, "calls": c // repeats, "category": kernel_category(n)}
-                    for n, (ms, c) in ranked]}
+            "top": [{"kernel": n[:160], "ms": ms, "calls": c // repeats, "category": kernel_category(n),
+                     "hlo_op": hlo_ops.get(n, "")} for n, (ms, c) in ranked[:top]],
+            "kernels": {n: [ms, c // repeats] for n, (ms, c) in ranked}}
 
 
 def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -302,10 +357,168 @@ def collective_overlap(spans: list[dict], repeats: int) -> dict:
     return per_device
 
 
-def profile_call(fn: Callable, out_dir: Path, repeats: int = 3) -> dict:
+_METADATA = re.compile(r'metadata=\{([^}]*)\}')
+_META_FIELD = re.compile(r'(op_name|source_file|source_line|stack_frame_id)=("(?:[^"\\]|\\.)*"|\d+)')
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=')
+_CALLS = re.compile(r'calls=%?([\w.\-]+)')
+_TABLE_ROW = re.compile(r'^(\d+) (.*)$')
+_TABLE_FIELD = re.compile(r'(\w+)=(\d+)')
+
+
+def kernel_key(name: str) -> str:
+    """HLO instruction and kernel names compared with every non-alphanumeric
+    character as "_" (XLA names a fusion's kernel after it that way)."""
+    return re.sub(r"[^A-Za-z0-9]", "_", name)
+
+
+def _stack_frames(lines: list[str], depth: int) -> dict[str, str]:
+    """The module's stack-frame tables (FileNames, FunctionNames, FileLocations,
+    StackFrames) as {frame id: "function:line<caller:line<..."}, innermost first."""
+    tables: dict[str, dict[str, str]] = {}
+    current = None
+    for line in lines:
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+            continue
+        row = _TABLE_ROW.match(line) if current is not None else None
+        if row:
+            current[row.group(1)] = row.group(2)
+        elif current is not None and line.strip():
+            current = None
+    functions = {k: v.strip('"') for k, v in tables.get("FunctionNames", {}).items()}
+    locations = {k: dict(_TABLE_FIELD.findall(v)) for k, v in tables.get("FileLocations", {}).items()}
+    frames = {k: dict(_TABLE_FIELD.findall(v)) for k, v in tables.get("StackFrames", {}).items()}
+
+    def render(frame_id: str) -> str:
+        parts, seen = [], set()
+        while frame_id in frames and frame_id not in seen and len(parts) < depth:
+            seen.add(frame_id)
+            loc = locations.get(frames[frame_id].get("file_location_id", ""), {})
+            part = f"{functions.get(loc.get('function_name_id', ''), '?')}:{loc.get('line', '?')}"
+            if not parts or parts[-1] != part:
+                parts.append(part)
+            frame_id = frames[frame_id].get("parent_frame_id", "")  # a root frame is its own parent
+        return "<".join(parts)
+
+    return {k: render(k) for k in frames}
+
+
+def hlo_sources(hlo_text: str, top: int = 3, depth: int = 3) -> dict[str, str]:
+    """For each instruction of an optimised HLO module (a fusion with the ops
+    it calls): where in the model code its ops come from, as "op @
+    function:line<caller:line; ...", the most frequent first."""
+    lines = hlo_text.splitlines()
+    frames = _stack_frames(lines, depth)
+
+    def source(line: str):
+        m = _METADATA.search(line)
+        if not m:
+            return None
+        fields = {k: v.strip('"') for k, v in _META_FIELD.findall(m.group(1))}
+        op = fields.get("op_name", "").rsplit("/", 1)[-1]
+        if fields.get("stack_frame_id") in frames:
+            where = frames[fields["stack_frame_id"]]
+        elif "source_line" in fields:
+            where = f"{Path(fields.get('source_file', '?')).name}:{fields['source_line']}"
+        else:
+            return op or None
+        return f"{op} @ {where}"
+
+    per_computation: dict[str, list] = {}
+    calls: dict[str, tuple[str | None, str | None]] = {}
+    current = None
+    for line in lines:
+        head = _COMPUTATION.match(line)
+        if head and "=" not in line.split("{", 1)[0]:
+            current = per_computation.setdefault(head.group(1), [])
+            continue
+        inst = _INSTRUCTION.match(line)
+        if not inst:
+            continue
+        src = source(line)
+        if current is not None and src:
+            current.append(src)
+        called = _CALLS.search(line)
+        calls[inst.group(1)] = (called.group(1) if called else None, src)
+    out = {}
+    for name, (callee, src) in calls.items():
+        found = list(per_computation.get(callee, [])) if callee else []
+        if src:
+            found.append(src)
+        if found:
+            out[kernel_key(name)] = "; ".join(s for s, _ in collections.Counter(found).most_common(top))
+    return out
+
+
+_ARRAY_TYPE = re.compile(r'\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]')
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+                "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+_OPERANDS = re.compile(r'fusion\((.*?)\), kind=')
+
+
+def _type_bytes(type_text: str) -> int:
+    return sum(_DTYPE_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+               for dt, dims in _ARRAY_TYPE.findall(type_text))
+
+
+def hlo_fusion_bytes(hlo_text: str) -> dict[str, int]:
+    """For each fusion of an optimised HLO module: the bytes of its operands
+    and results, i.e. what it moves through memory if it reads each operand
+    once (an upper bound for fusions that read slices of an operand, a lower
+    one for those that read an operand twice)."""
+    result_type: dict[str, str] = {}
+    fusions: dict[str, tuple[str, list[str]]] = {}
+    for line in hlo_text.splitlines():
+        inst = _INSTRUCTION.match(line)
+        if not inst:
+            continue
+        rhs = line.split("=", 1)[1]
+        # The result type runs up to the opcode: "bf16[48,2048,512]{2,1,0} fusion(" or a tuple "(...) fusion(".
+        head = rhs.split(" fusion(", 1)[0] if " fusion(" in rhs else rhs.split("(", 1)[0] if not rhs.lstrip().startswith("(") else rhs
+        result_type[inst.group(1)] = head
+        ops = _OPERANDS.search(line)
+        if ops:
+            fusions[inst.group(1)] = (head, re.findall(r'%([\w.\-]+)', ops.group(1)))
+    return {kernel_key(name): _type_bytes(head) + sum(_type_bytes(result_type.get(o, "")) for o in operands)
+            for name, (head, operands) in fusions.items()}
+
+
+def fusion_traffic(kernels: dict[str, list], fusion_bytes: dict[str, int], hbm_gbps: float | None) -> dict:
+    """The XLA fusions' time against the bytes they move: achieved bandwidth,
+    and what they would take at the measured HBM rate (their floor).
+
+    kernels: {kernel name: [ms per repeat, calls per repeat]}. XLA compiles
+    identical fusions once and names the kernel after the first of them, so a
+    kernel called n times moves n times its first fusion's bytes."""
+    matched = {k: (ms, fusion_bytes[kernel_key(k)] * calls) for k, (ms, calls) in kernels.items()
+               if kernel_category(k) == "xla fusion" and kernel_key(k) in fusion_bytes}
+    ms = sum(v[0] for v in matched.values())
+    gb = sum(v[1] for v in matched.values()) / 1e9
+    out = {"fusions": len(matched), "ms": ms, "gbytes": gb, "achieved_gbps": gb / ms * 1e3 if ms else None,
+           "unmatched_ms": sum(v[0] for k, v in kernels.items()
+                               if kernel_category(k) == "xla fusion" and kernel_key(k) not in fusion_bytes)}
+    if hbm_gbps:
+        out["floor_ms_at_measured_hbm"] = gb / hbm_gbps * 1e3
+    out["slowest"] = [{"kernel": k, "ms": v[0], "mbytes": v[1] / 1e6, "gbps": v[1] / v[0] / 1e6 if v[0] else None}
+                      for k, v in sorted(matched.items(), key=lambda kv: -(kv[1][0] - kv[1][1] / 3e9))[:12]]
+    return out
+
+
+def measure_hbm_gbps() -> float:
+    """Read+write rate of a 1 GiB bf16 elementwise op (what a memory-bound
+    fusion can reach on this device)."""
+    a = jnp.ones((512, 1024, 1024), jnp.bfloat16)
+    double = jax.jit(lambda a: a * 2)
+    r = time_call(double, a, repeats=10)
+    return 2 * a.nbytes / r["median_s"] / 1e9
+
+
+def profile_call(fn: Callable, out_dir: Path, repeats: int = 3, hlo_text: str | None = None) -> dict:
     """Trace `repeats` calls of an already compiled fn (jax.profiler, perfetto
     format) and summarise its device kernels; the trace stays in out_dir for
-    Perfetto or TensorBoard."""
+    Perfetto or TensorBoard. With the optimised HLO of fn's program, each top
+    kernel gets the model source lines of its ops."""
     jax.block_until_ready(fn())
     t0 = time.perf_counter()
     with jax.profiler.trace(str(out_dir), create_perfetto_trace=True):
@@ -315,6 +528,12 @@ def profile_call(fn: Callable, out_dir: Path, repeats: int = 3) -> dict:
     trace = max(out_dir.glob("**/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
     summary = summarize_trace(trace, repeats)
     summary.update(wall_ms=wall_ms, trace=str(trace))
+    if hlo_text:
+        sources = hlo_sources(hlo_text)
+        for k in summary["top"]:
+            # A fusion's kernel is named after it; a library call (cuBLAS,
+            # cuDNN, Triton) after the library's kernel, so its HLO op instead.
+            k["source"] = sources.get(kernel_key(k["kernel"])) or sources.get(kernel_key(k.get("hlo_op") or ""), "")
     return summary
 
 
@@ -326,7 +545,13 @@ def bench_profile(params, cfg, tokens_fn, batch_seqs: int, out_dir: Path) -> dic
     x = tokens_fn((batch_seqs, cfg.data.train_seq_len), 1)
     y = tokens_fn((batch_seqs, cfg.data.train_seq_len), 2)
     grad = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
-    out = {"grad": profile_call(lambda: grad(params, cfg.model, x, y), out_dir / "grad")}
+    hlo = grad.lower(params, cfg.model, x, y).compile().as_text()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "grad_optimized_hlo.txt").write_text(hlo)
+    out = {"grad": profile_call(lambda: grad(params, cfg.model, x, y), out_dir / "grad", hlo_text=hlo)}
+    hbm = measure_hbm_gbps() if jax.default_backend() == "gpu" else None
+    out["grad"]["hbm_gbps"] = hbm
+    out["grad"]["fusion_traffic"] = fusion_traffic(out["grad"]["kernels"], hlo_fusion_bytes(hlo), hbm)
     mesh = train.make_mesh(cfg.run.num_devices)  # every local device unless run.num_devices says otherwise
     tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
     state = train.init_state(params, tx, mesh, cfg.schedule.swa_enabled)
@@ -381,7 +606,8 @@ def bench_ttt(params, cfg, chunks: int) -> dict | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m golf_jax.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="eval,grad,train,attention")
+    parser.add_argument("--sections", default="eval,grad,train,attention,mlp,after",
+                        help="comma-separated; the default is every section but ttt and profile")
     parser.add_argument("--grad-batch-seqs", type=int, default=48, help="the reference's per-GPU micro-batch")
     parser.add_argument("--attention-batch", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=10)
@@ -393,10 +619,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokens = ((lambda shape, seed=0: random_tokens(shape, cfg.model.vocab_size, seed)) if args.random_tokens
               else (lambda shape, seed=0: text_tokens(cfg, shape, seed)))
 
+    t_start = time.perf_counter()
     dev = jax.devices()[0]
     results: dict = {"device": dev.device_kind, "tokens": "uniform random" if args.random_tokens else "text", "backend": jax.default_backend(), "jax": jax.__version__,
                      "compute_dtype": jnp.dtype(model.compute_dtype(cfg.model)).name,
-                     "attention_impl": model.attention_impl(cfg.model)}
+                     "attention_impl": model.attention_impl(cfg.model), "mlp_impl": model.mlp_impl(cfg.model)}
     params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
     # A freshly initialised model has zero out-projections; perturb every
     # weight so the timed arithmetic is on non-trivial values.
@@ -406,10 +633,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                                           for x, k in zip(leaves, keys)])
     results["parameters"] = model.param_count(params)
     e = cfg.eval
+    compare_jnp_mlp = model.mlp_impl(cfg.model) != "jnp"
     if "eval" in sections:
         results["eval"] = bench_eval(params, cfg, tokens, e.eval_seq_len, e.sliding_stride, e.sliding_batch_windows, args.repeats)
     if "grad" in sections:
         results["grad"] = bench_grad(params, cfg, tokens, args.grad_batch_seqs, cfg.data.train_seq_len, args.repeats)
+    if "mlp" in sections:
+        results["mlp"] = bench_mlp(cfg.model, args.grad_batch_seqs * cfg.data.train_seq_len, args.repeats)
     if "train" in sections:
         results["train"] = bench_train_step(params, cfg, tokens, cfg.data.micro_batches_per_step,
                                             max(3, args.repeats // 2))
@@ -424,29 +654,40 @@ def main(argv: Sequence[str] | None = None) -> None:
         results["ttt"] = bench_ttt(params, cfg, args.ttt_chunks)
     if "profile" in sections:
         results["profile"] = bench_profile(params, cfg, tokens, args.grad_batch_seqs, Path(args.out) / "traces")
+    # The jnp-MLP comparisons last: peak memory is a high-water mark for the
+    # whole process, so every figure above is the fused kernels' own.
+    if compare_jnp_mlp and "eval" in sections:
+        results["eval_jnp_mlp"] = bench_eval(params, with_mlp_impl(cfg, "jnp"), tokens, e.eval_seq_len,
+                                             e.sliding_stride, e.sliding_batch_windows, args.repeats)
+    if compare_jnp_mlp and "grad" in sections:
+        results["grad_jnp_mlp"] = bench_grad(params, with_mlp_impl(cfg, "jnp"), tokens, args.grad_batch_seqs,
+                                             cfg.data.train_seq_len, args.repeats)
 
+    results["bench_wall_s"] = time.perf_counter() - t_start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     print(f"\n{results['device']} ({results['backend']}, jax {results['jax']}), {results['parameters']:,} params, "
-          f"compute {results['compute_dtype']}, attention {results['attention_impl']}")
+          f"compute {results['compute_dtype']}, attention {results['attention_impl']}, MLP {results['mlp_impl']}")
     print(f"{'measure':<44}{'median':>12}{'first call':>12}  rate")
-    if "eval" in results:
-        r = results["eval"]
-        print(f"{'sliding eval batch ' + 'x'.join(map(str, r['shape'])):<44}{r['median_s'] * 1e3:>10.2f}ms"
-              f"{r['first_call_s']:>11.1f}s  {r['forward_tokens_per_s'] / 1e6:.2f} M fwd tok/s, "
-              f"{r['scored_tokens_per_s'] / 1e6:.3f} M scored tok/s, {r['tflops']:.0f} TFLOP/s")
-    if "grad" in results:
-        r = results["grad"]
-        mem = r["peak_memory_bytes"]
-        print(f"{'loss+grad micro-batch ' + 'x'.join(map(str, r['shape'])):<44}{r['median_s'] * 1e3:>10.2f}ms"
-              f"{r['first_call_s']:>11.1f}s  {r['tokens_per_s'] / 1e6:.3f} M tok/s, {r['tflops']:.0f} TFLOP/s, "
-              f"MFU {r['mfu']:.1%}" + (f", peak {mem / 2**30:.1f} GiB" if mem else ""))
+    for key, note in (("eval", ""), ("eval_jnp_mlp", " (jnp MLP)")):
+        if key in results:
+            r = results[key]
+            print(f"{'sliding eval batch ' + 'x'.join(map(str, r['shape'])) + note:<44}{r['median_s'] * 1e3:>10.2f}ms"
+                  f"{r['first_call_s']:>11.1f}s  {r['forward_tokens_per_s'] / 1e6:.2f} M fwd tok/s, "
+                  f"{r['scored_tokens_per_s'] / 1e6:.3f} M scored tok/s, {r['tflops']:.0f} TFLOP/s")
+    for key, note in (("grad", ""), ("grad_jnp_mlp", " (jnp MLP)")):
+        if key in results:
+            r = results[key]
+            mem = r["peak_memory_bytes"]
+            print(f"{'loss+grad micro-batch ' + 'x'.join(map(str, r['shape'])) + note:<44}{r['median_s'] * 1e3:>10.2f}ms"
+                  f"{r['first_call_s']:>11.1f}s  {r['tokens_per_s'] / 1e6:.3f} M tok/s, {r['tflops']:.0f} TFLOP/s, "
+                  f"MFU {r['mfu']:.1%}" + (f", peak {mem / 2**30:.1f} GiB" if mem else ""))
     for key in ("train", "train_one_micro"):
         if key in results:
             r = results[key]
             print(f"{'train step, ' + str(r['micro_batches']) + ' micro-batches':<44}{r['median_s'] * 1e3:>10.2f}ms"
-                  f"{r['first_call_s']:>11.1f}s  {r['tokens_per_s'] / 1e6:.3f} M tok/s, "
+                  f"{r['first_call_s']:>11.1f}s  {r['tokens_per_s'] / 1e6:.3f} M tok/s, MFU {r['mfu']:.1%}, "
                   f"peak {r['peak_memory_bytes'] / 2**30 if r['peak_memory_bytes'] else float('nan'):.1f} GiB")
     if results.get("data_feed"):
         print(f"{'data feed, one step (host)':<44}{results['data_feed']['median_s'] * 1e3:>10.2f}ms")
@@ -459,6 +700,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                     print(f"{'attention ' + impl + ' ' + kind:<44}{r['median_s'] * 1e3:>10.2f}ms{r['first_call_s']:>11.1f}s")
         if "cudnn_vs_jnp_rel_err" in a:
             print(f"attention cudnn vs jnp relative error: {a['cudnn_vs_jnp_rel_err']:.2e}")
+    if "mlp" in results:
+        m = results["mlp"]
+        for impl in ("triton", "jnp"):
+            for kind in ("forward", "forward_backward") if impl in m else ():
+                r = m[impl][kind]
+                print(f"{'MLP ' + impl + ' ' + kind + ' ' + 'x'.join(map(str, m['shape'])):<44}"
+                      f"{r['median_s'] * 1e3:>10.2f}ms{r['first_call_s']:>11.1f}s  {r['tflops']:.0f} TFLOP/s")
+        if "triton_vs_jnp_rel_err" in m:
+            print(f"MLP triton vs jnp relative error: {m['triton_vs_jnp_rel_err']:.2e}")
     if "after" in results:
         a = results["after"]
         for key, what in (("generate", "AR generation " + "x".join(map(str, a["calibration_shape"]))),
@@ -480,9 +730,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         for pid, c in prof["collectives"].items():
             print(f"  collectives on track {pid}: {c['collective_ms']:.2f} ms, {c['overlapped_ms']:.2f} ms of it "
                   f"beside compute kernels")
-        for k in prof["top"][:15]:
-            print(f"  {k['ms']:>9.2f} ms {k['calls']:>5}x  {k['category']:<11} {k['kernel'][:90]}")
-    print(f"wrote {out / 'bench.json'}")
+        for k in prof["top"][:25]:
+            print(f"  {k['ms']:>9.2f} ms {k['calls']:>5}x  {k['category']:<11} {k['kernel'][:60]}"
+                  + (f"  <- {k['source'][:150]}" if k.get("source") else ""))
+        ft = prof.get("fusion_traffic")
+        if ft and ft["ms"]:
+            print(f"  XLA fusions: {ft['fusions']} kernels, {ft['ms']:.1f} ms moving {ft['gbytes']:.1f} GB "
+                  f"({ft['achieved_gbps']:.0f} GB/s; measured HBM rate {prof.get('hbm_gbps') or float('nan'):.0f} GB/s"
+                  + (f", floor {ft['floor_ms_at_measured_hbm']:.1f} ms" if "floor_ms_at_measured_hbm" in ft else "")
+                  + f"); {ft['unmatched_ms']:.1f} ms of fusion kernels not found in the HLO")
+            for k in ft["slowest"]:
+                print(f"    {k['ms']:7.3f} ms {k['mbytes']:8.1f} MB {k['gbps'] or 0:6.0f} GB/s  {k['kernel'][:60]}")
+    print(f"wrote {out / 'bench.json'} ({results['bench_wall_s']:.0f} s in all)")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,11 @@ class ModelConfig:
     # The MLP's activation is leaky_relu(x, slope)^2: 0.5 in the record,
     # 0 for the ReLU^2 of earlier entries (e.g. PR #1234's "Approach G").
     mlp_negative_slope: float = 0.5
+    # "auto": the fused jax-triton MLP kernels (kernels/mlp.py) on GPUs with
+    # jax-triton installed and a bf16 compute dtype, the jnp path elsewhere;
+    # "jnp" switches the kernels off; "reference" runs the kernels' jnp
+    # references through the same custom_vjp (tests).
+    mlp_impl: str = "auto"
 
     # Derived shapes: one source of truth.
     @property
@@ -125,6 +130,7 @@ class ModelConfig:
         need(self.compute_dtype in ("auto", "bfloat16", "float32"), "compute_dtype", "auto, bfloat16 or float32")
         need(self.attention_impl in ("auto", "cudnn", "jnp"), "attention_impl", "auto, cudnn or jnp")
         need(0.0 <= self.mlp_negative_slope <= 1.0, "mlp_negative_slope", "must be in [0, 1]")
+        need(self.mlp_impl in ("auto", "triton", "jnp", "reference"), "mlp_impl", "auto, triton, jnp or reference")
 
 
 @dataclass(frozen=True)

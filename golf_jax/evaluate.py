@@ -73,16 +73,39 @@ def sliding_plan(n_targets: int, seq_len: int, stride: int, score_once: bool = F
     return WindowPlan(starts, lo, hi)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "seq_len"))
+@functools.partial(jax.jit, static_argnames=("cfg", "seq_len", "score_span"))
 def window_loss_sums(params, cfg: ModelConfig, tokens_N: jax.Array, starts_W: jax.Array,
-                      lo_W: jax.Array, hi_W: jax.Array, seq_len: int) -> jax.Array:
-    """Sum of the scored positions' cross-entropy for each window, float32 [W]."""
+                     lo_W: jax.Array, hi_W: jax.Array, seq_len: int, score_span: int = 0) -> jax.Array:
+    """Sum of the scored positions' cross-entropy for each window, float32 [W].
+
+    score_span > 0: every window scores only positions in [hi - score_span,
+    hi) (a sliding window past the first scores its last `stride`), so the
+    tied head, the softcap and the cross-entropy run on those positions only
+    (the hidden states of the others are still needed: they are the context).
+    `span_for` says when a batch allows it.
+    """
     pos_T = jnp.arange(seq_len + 1)
     chunk_WxT1 = tokens_N[starts_W[:, None] + pos_T[None, :]]
     x = jnp.where(pos_T[None, :-1] < hi_W[:, None], chunk_WxT1[:, :-1], 0)  # zero padding, as the reference
-    nll_WxT = model.token_nll(params, cfg, x, chunk_WxT1[:, 1:])
-    scored = (pos_T[None, :-1] >= lo_W[:, None]) & (pos_T[None, :-1] < hi_W[:, None])
-    return jnp.sum(jnp.where(scored, nll_WxT, 0.0), axis=1)
+    targets_WxT = chunk_WxT1[:, 1:]
+    if not score_span:
+        nll_WxT = model.token_nll(params, cfg, x, targets_WxT)
+        scored = (pos_T[None, :-1] >= lo_W[:, None]) & (pos_T[None, :-1] < hi_W[:, None])
+        return jnp.sum(jnp.where(scored, nll_WxT, 0.0), axis=1)
+    raw_WxS = hi_W[:, None] - score_span + jnp.arange(score_span)[None, :]
+    pos_WxS = jnp.clip(raw_WxS, 0, seq_len - 1)  # below 0 only when hi < span: masked below
+    h_WxSxd = jnp.take_along_axis(model.hidden(params, cfg, x), pos_WxS[..., None], axis=1)
+    z = model.logits_from_hidden(params, cfg, h_WxSxd)
+    target_WxS = jnp.take_along_axis(targets_WxT, pos_WxS, axis=1).astype(jnp.int32)
+    nll_WxS = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, target_WxS[..., None], axis=-1)[..., 0]
+    scored = (raw_WxS >= lo_W[:, None]) & (raw_WxS < hi_W[:, None])
+    return jnp.sum(jnp.where(scored, nll_WxS, 0.0), axis=1)
+
+
+def span_for(lo: np.ndarray, hi: np.ndarray, span: int) -> int:
+    """`span` when every window of a batch scores at most its last `span`
+    positions (window_loss_sums's score_span), else 0 (all positions)."""
+    return span if span and int(np.max(hi - lo, initial=0)) <= span else 0
 
 
 def padded_tokens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -95,8 +118,11 @@ def padded_tokens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 
 def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, plan: WindowPlan,
-                  seq_len: int, batch_windows: int, desc: str = "eval", progress: bool = True) -> EvalResult:
-    """Score every window of `plan` over `tokens` (targets are tokens[1:])."""
+                  seq_len: int, batch_windows: int, desc: str = "eval", progress: bool = True,
+                  score_span: int = 0) -> EvalResult:
+    """Score every window of `plan` over `tokens` (targets are tokens[1:]).
+    score_span: batches whose windows all score at most their last score_span
+    positions run the program that computes logits only there."""
     t0 = time.perf_counter()
     tokens_dev = jnp.asarray(padded_tokens(tokens, seq_len))
     n = len(plan.starts)
@@ -112,7 +138,8 @@ def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Byt
     loss_sum = 0.0
     in_flight: collections.deque = collections.deque()
     for b in tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False):
-        in_flight.append(window_loss_sums(params, cfg, tokens_dev, starts[b], lo[b], hi[b], seq_len))
+        span = span_for(lo[b], hi[b], score_span)
+        in_flight.append(window_loss_sums(params, cfg, tokens_dev, starts[b], lo[b], hi[b], seq_len, span))
         # Read back two batches behind: the device stays busy while the
         # progress bar tracks finished work.
         while len(in_flight) > 2 or (b == n_batches - 1 and in_flight):
@@ -136,7 +163,8 @@ def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Byte
                  stride: int, batch_windows: int, score_once: bool = False, progress: bool = True) -> EvalResult:
     """The reference's sliding-window evaluation (stride 64 in the record)."""
     plan = sliding_plan(len(tokens) - 1, seq_len, stride, score_once)
-    return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, batch_windows, "sliding eval", progress)
+    return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, batch_windows, "sliding eval", progress,
+                         score_span=stride)
 
 
 def load_eval_data(cfg: Config) -> tuple[np.ndarray, data.ByteTables, data.Dataset]:

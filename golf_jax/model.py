@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from golf_jax.config import ModelConfig
+from kernels import mlp as mlp_kernels
 
 Params = dict
 
@@ -52,6 +53,14 @@ def attention_impl(cfg: ModelConfig) -> str:
     if cfg.attention_impl == "auto":
         return "cudnn" if jax.default_backend() == "gpu" else "jnp"
     return cfg.attention_impl
+
+
+def mlp_impl(cfg: ModelConfig) -> str:
+    """The MLP path: the fused Triton kernels on GPUs (bf16, jax-triton
+    installed) unless the config says otherwise, the jnp path elsewhere."""
+    if cfg.mlp_impl != "auto":
+        return cfg.mlp_impl
+    return "triton" if compute_dtype(cfg) == jnp.bfloat16 and mlp_kernels.triton_available() else "jnp"
 
 
 def path_name(path) -> str:
@@ -318,10 +327,15 @@ def block(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, x0: jax.Ar
     x = x_in + p["attn_scale"] * linear(y, params["qo_bank"][L + layer])
 
     h = rms_norm(x) * norm_scale
-    tap(taps, "mlp_in", layer, h)
-    u = jax.nn.leaky_relu(linear(h, params["mlp_up_bank"][layer]), cfg.mlp_negative_slope)
-    tap(taps, "mlp_hidden", layer, u * u)
-    return x + p["mlp_scale"] * linear(u * u, params["mlp_down_bank"][layer])
+    w_up, w_down = (params[bank][layer].astype(x.dtype) for bank in ("mlp_up_bank", "mlp_down_bank"))
+    if taps is None:
+        y = mlp_kernels.mlp(h, w_up, w_down, cfg.mlp_negative_slope, mlp_impl(cfg))
+    else:  # Hessian collection needs the hidden activation itself
+        tap(taps, "mlp_in", layer, h)
+        act = mlp_kernels.leaky_squared(linear(h, w_up), cfg.mlp_negative_slope)
+        tap(taps, "mlp_hidden", layer, act)
+        y = linear(act, w_down)
+    return x + p["mlp_scale"] * y
 
 
 def run_blocks(params: Params, cfg: ModelConfig, x0: jax.Array, ve_base: jax.Array | None,

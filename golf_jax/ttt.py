@@ -177,13 +177,20 @@ def _score_chunk(params, cfg: Config, tokens_dev: jax.Array, windows: evaluate.W
     n_w = len(windows.starts)
     n_b = -(-n_w // batch_windows)
 
-    def batches(a):
+    def pad(a):
         out = np.zeros(n_b * batch_windows, np.int32)
         out[:n_w] = a
-        return [jax.device_put(b, sharding) for b in out.reshape(n_b, batch_windows)]
+        return out
 
-    outs = [evaluate.window_loss_sums(params, cfg.model, tokens_dev, s, lo, hi, cfg.eval.eval_seq_len)
-            for s, lo, hi in zip(batches(windows.starts), batches(windows.lo), batches(windows.hi))]
+    def batches(a):
+        return [jax.device_put(b, sharding) for b in pad(a).reshape(n_b, batch_windows)]
+
+    # The same programs as the sliding evaluation: logits for the last
+    # `stride` positions only where every window of the batch allows it.
+    spans = [evaluate.span_for(lo, hi, cfg.eval.sliding_stride)
+             for lo, hi in zip(*(a.reshape(n_b, batch_windows) for a in (pad(windows.lo), pad(windows.hi))))]
+    outs = [evaluate.window_loss_sums(params, cfg.model, tokens_dev, s, lo, hi, cfg.eval.eval_seq_len, span)
+            for s, lo, hi, span in zip(batches(windows.starts), batches(windows.lo), batches(windows.hi), spans)]
     return float(sum(np.sum(np.asarray(o, np.float64)) for o in outs))
 
 

@@ -101,7 +101,10 @@ def test_main_job_errors_before_compiling(tmp_path, capsys):
 
 
 def test_standard_and_sliding_share_one_compilation(tiny_params, tiny_cfg, eval_ref, tables):
-    """With the record's batch rule both evaluations run one compiled program."""
+    """With the record's batch rule the standard evaluation and the sliding
+    one's first batch run one compiled program; the sliding batches after it
+    (every window scoring its last `stride`) one more, the logits-for-those-
+    positions-only program."""
     from golf_jax import cli
     record = cli.load_config_file(str(REPO / "configs/record.py"))
     assert record.eval.standard_batch_windows(record.data.micro_batches_per_step) == record.eval.sliding_batch_windows
@@ -111,4 +114,20 @@ def test_standard_and_sliding_share_one_compilation(tiny_params, tiny_cfg, eval_
     before = evaluate.window_loss_sums._cache_size()
     results = evaluate.run_evaluations(tiny_params, cfg, eval_ref["val_tokens"][:1025], tables, progress=False)
     assert results["standard"].tokens == 1024 and results["sliding"].tokens > 1024
-    assert evaluate.window_loss_sums._cache_size() == before + 1
+    assert evaluate.window_loss_sums._cache_size() == before + 2
+
+
+def test_scored_span_program_equals_the_full_one(tiny_params, tiny_cfg, eval_ref):
+    """Logits for the last `span` positions only give the same per-window
+    sums as logits everywhere (float32: rel 1e-6), for the plan's windows
+    including the short tail ones (hi < span: clipped positions are masked)."""
+    tokens = jnp.asarray(evaluate.padded_tokens(eval_ref["val_tokens"][:700].astype(np.int32), 128))
+    plan = evaluate.sliding_plan(699, 128, 32)
+    first = 1  # window 0 scores all its positions: the full program only
+    lo, hi, starts = (a[first:].astype(np.int32) for a in (plan.lo, plan.hi, plan.starts))
+    assert evaluate.span_for(lo, hi, 32) == 32 and evaluate.span_for(plan.lo, plan.hi, 32) == 0
+    assert np.min(hi) < 32  # the tail
+    full = evaluate.window_loss_sums(tiny_params, tiny_cfg, tokens, starts, lo, hi, 128)
+    span = evaluate.window_loss_sums(tiny_params, tiny_cfg, tokens, starts, lo, hi, 128, 32)
+    np.testing.assert_allclose(np.asarray(span), np.asarray(full), rtol=1e-6)
+    assert float(jnp.min(full)) > 0
