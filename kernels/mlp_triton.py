@@ -9,10 +9,11 @@ elementwise epilogue:
   up_act      pre = x W_up^T      -> act = leaky_relu(pre)^2 [, pre]
   down_grad   dact = dy W_down    -> dpre = dact * act'(pre), act (recomputed)
 
-Operands are 2-D row-major. Block sizes are autotuned per (M, N, K) by
-jax-triton at the first execution (configs below, chosen for Hopper's wgmma:
-the record's 98,304 x 512 x 1536 per device micro-step and the 65,536-row
-evaluation batches).
+Operands are 2-D row-major. Block sizes are tuned offline, by the sweep of
+`scripts/mlp_kernel_sweep.py` on an H100 at the record's shapes (98,304 x 512
+x 1536 per device micro-step, 65,536-row evaluation batches), and fixed in
+`TUNED`: not by jax-triton's autotuner, which would compile every candidate per
+call site and time them at the first execution inside the running program.
 """
 
 from __future__ import annotations
@@ -27,17 +28,15 @@ def _config(bm, bn, bk, stages, warps, persistent=False):
                          num_stages=stages, num_warps=warps)
 
 
-# The autotuner's candidates (Hopper, bf16, K = 512), from the sweep of
-# SWEEP_CONFIGS on an H100 (docs/performance.md): persistent grids won every
-# use; 128x256 tiles the forward (0.379 ms saving pre, 0.291 ms without, at
-# 98,304 rows), 128x128 the backward (0.550 ms). Few candidates: each is
-# compiled per kernel and shape before the first step.
-CONFIGS = [
-    _config(128, 256, 64, 4, 8, persistent=True),
-    _config(128, 128, 64, 3, 8, persistent=True),
-    _config(128, 128, 64, 4, 8, persistent=True),
-]
-# Every config the sweep (scripts/mlp_kernel_sweep.py) times; CONFIGS is what it kept.
+# The sweep's winners on an H100 (docs/performance.md), persistent grids for
+# every use: 128x256 tiles for the forward (0.379 ms saving pre, 0.291 ms
+# without, at 98,304 rows; 0.199 ms at 65,536), 128x128 for the backward
+# (0.550 ms). Both are valid for any shape (ragged tiles are masked).
+TUNED = {
+    "up_act": _config(128, 256, 64, 4, 8, persistent=True),
+    "down_grad": _config(128, 128, 64, 3, 8, persistent=True),
+}
+# Every config the sweep (scripts/mlp_kernel_sweep.py) times.
 SWEEP_CONFIGS = [
     _config(bm, bn, 64, stages, 8, persistent)
     for bm, bn in ((128, 128), (128, 256))
@@ -173,8 +172,6 @@ def down_grad_kernel(dy_ptr, w_ptr, pre_ptr, dpre_ptr, act_ptr, M: tl.constexpr,
                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
-_up_act_autotuned = triton.autotune(configs=CONFIGS, key=["M", "N", "K"])(up_act_kernel)
-_down_grad_autotuned = triton.autotune(configs=CONFIGS, key=["M", "N", "K"])(down_grad_kernel)
 
 
 def num_sms() -> int:
@@ -195,9 +192,14 @@ def _check(name, *arrays):
             raise ValueError(f"{name}: expected 2-D bfloat16 operands, got {a.dtype} {a.shape}")
 
 
-def up_act(x_MxK: jax.Array, w_up_NxK: jax.Array, slope: float, save_pre: bool, kernel=None, **config):
-    """(act, pre or None), as `kernels.mlp.up_act_reference`. kernel/config:
-    one fixed configuration instead of the autotuner (the sweep)."""
+def _launch(config: triton.Config) -> dict:
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def up_act(x_MxK: jax.Array, w_up_NxK: jax.Array, slope: float, save_pre: bool,
+           config: triton.Config | None = None):
+    """(act, pre or None), as `kernels.mlp.up_act_reference`; config: another
+    block configuration than TUNED's (the sweep)."""
     import jax_triton as jt
 
     _check("up_act", x_MxK, w_up_NxK)
@@ -206,22 +208,23 @@ def up_act(x_MxK: jax.Array, w_up_NxK: jax.Array, slope: float, save_pre: bool, 
     # Without save_pre, pre's output is a 1-element placeholder the kernel
     # never writes (jax-triton's kernels take a fixed argument list).
     pre_shape = out if save_pre else jax.ShapeDtypeStruct((1,), jnp.bfloat16)
-    act, pre = jt.triton_call(x_MxK, w_up_NxK, kernel=kernel or _up_act_autotuned, out_shape=(out, pre_shape),
+    act, pre = jt.triton_call(x_MxK, w_up_NxK, kernel=up_act_kernel, out_shape=(out, pre_shape),
                               grid=_grid(M, N), name="mlp_up_act", M=M, N=N, K=K, SLOPE=float(slope),
-                              SAVE_PRE=bool(save_pre), NUM_SMS=num_sms(), **config)
+                              SAVE_PRE=bool(save_pre), NUM_SMS=num_sms(), **_launch(config or TUNED["up_act"]))
     return act, (pre if save_pre else None)
 
 
-def down_grad(dy_MxO: jax.Array, w_down_OxN: jax.Array, pre_MxN: jax.Array, slope: float, kernel=None, **config):
+def down_grad(dy_MxO: jax.Array, w_down_OxN: jax.Array, pre_MxN: jax.Array, slope: float,
+              config: triton.Config | None = None):
     """(dpre, act), as `kernels.mlp.down_grad_reference`."""
     import jax_triton as jt
 
     _check("down_grad", dy_MxO, w_down_OxN, pre_MxN)
     (M, O), N = dy_MxO.shape, w_down_OxN.shape[1]
     out = jax.ShapeDtypeStruct((M, N), jnp.bfloat16)
-    return jt.triton_call(dy_MxO, w_down_OxN, pre_MxN, kernel=kernel or _down_grad_autotuned, out_shape=(out, out),
+    return jt.triton_call(dy_MxO, w_down_OxN, pre_MxN, kernel=down_grad_kernel, out_shape=(out, out),
                           grid=_grid(M, N), name="mlp_down_grad", M=M, N=N, K=O, SLOPE=float(slope),
-                          NUM_SMS=num_sms(), **config)
+                          NUM_SMS=num_sms(), **_launch(config or TUNED["down_grad"]))
 
 
 # The pointer arguments of each kernel, in order (what jax-triton passes: the

@@ -6,7 +6,7 @@ sliding evaluation's (32 x 2048 = 65,536), every config of
 kernels.mlp_triton.SWEEP_CONFIGS is compiled, checked against the jnp
 reference (norm-relative error) and timed: 50 calls dispatched back to back,
 one sync, so the GPU never idles between them. Prints a table per use, best
-first, and writes sweep.json; CONFIGS in mlp_triton.py is chosen from it.
+first, and writes sweep.json; TUNED in mlp_triton.py is chosen from it.
 
     python scripts/mlp_kernel_sweep.py --out DIR [--rows 98304,65536]
 """
@@ -64,17 +64,15 @@ def main() -> None:
         jnp_down = jax.jit(lambda dy, w, p: mlp.down_grad_reference(dy, w, p, slope))
         results.append({"use": "jnp down_grad", "rows": M, "ms": timed(jnp_down, dy, w_down, pre_r) * 1e3})
         for cfg in mlp_triton.SWEEP_CONFIGS:
-            meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             name = (f"{cfg.kwargs['BLOCK_M']}x{cfg.kwargs['BLOCK_N']}x{cfg.kwargs['BLOCK_K']} s{cfg.num_stages} "
                     f"w{cfg.num_warps}" + (" persistent" if cfg.kwargs["PERSISTENT"] else ""))
             uses = {
-                "up_act saving pre": (jax.jit(lambda x, w, m=meta: mlp_triton.up_act(
-                    x, w, slope, True, kernel=mlp_triton.up_act_kernel, **m)), (x, w_up), lambda o: rel(o[1], pre_r)),
-                "up_act inference": (jax.jit(lambda x, w, m=meta: mlp_triton.up_act(
-                    x, w, slope, False, kernel=mlp_triton.up_act_kernel, **m)[0]), (x, w_up), lambda o: rel(o, act_r)),
-                "down_grad": (jax.jit(lambda dy, w, p, m=meta: mlp_triton.down_grad(
-                    dy, w, p, slope, kernel=mlp_triton.down_grad_kernel, **m)), (dy, w_down, pre_r),
-                    lambda o: rel(o[0], dpre_r)),
+                "up_act saving pre": (jax.jit(lambda x, w, c=cfg: mlp_triton.up_act(x, w, slope, True, c)),
+                                      (x, w_up), lambda o: rel(o[1], pre_r)),
+                "up_act inference": (jax.jit(lambda x, w, c=cfg: mlp_triton.up_act(x, w, slope, False, c)[0]),
+                                     (x, w_up), lambda o: rel(o, act_r)),
+                "down_grad": (jax.jit(lambda dy, w, p, c=cfg: mlp_triton.down_grad(dy, w, p, slope, c)),
+                              (dy, w_down, pre_r), lambda o: rel(o[0], dpre_r)),
             }
             if M != rows[0]:  # the evaluation's rows: only the inference forward runs there
                 uses = {k: v for k, v in uses.items() if k == "up_act inference"}

@@ -116,7 +116,7 @@ def test_mlp_impl_resolution_and_errors():
 
 
 def test_triton_kernels_compile_for_hopper():
-    """Each kernel compiles for sm_90 with its tuned configs at the record's
+    """Each kernel compiles for sm_90 with its tuned config at the record's
     shape, and the code is the fast path: wgmma tensor-core instructions fed
     by cp.async software pipelining. The ragged shape compiles the masked
     tile edges. Needs triton (the device image's 3.6), not a GPU."""
@@ -124,9 +124,9 @@ def test_triton_kernels_compile_for_hopper():
     from kernels import mlp_triton as mt
 
     record = dict(M=98_304, N=1536, K=512, SLOPE=0.5, NUM_SMS=132)
-    builds = [(mt.up_act_kernel, mt.CONFIGS[0], dict(record, SAVE_PRE=True)),
-              (mt.down_grad_kernel, mt.CONFIGS[1], record),
-              (mt.up_act_kernel, mt.CONFIGS[1], dict(record, M=1000, N=200, K=64, SLOPE=0.0, SAVE_PRE=False))]
+    builds = [(mt.up_act_kernel, mt.TUNED["up_act"], dict(record, SAVE_PRE=True)),
+              (mt.down_grad_kernel, mt.TUNED["down_grad"], record),
+              (mt.up_act_kernel, mt.TUNED["up_act"], dict(record, M=1000, N=200, K=64, SLOPE=0.0, SAVE_PRE=False))]
     for kernel, config, constants in builds:
         ptx = mt.compile_ptx(kernel, config, **constants).asm["ptx"]
         assert "wgmma.mma_async" in ptx and "cp.async" in ptx, (kernel, config)
