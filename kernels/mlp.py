@@ -19,6 +19,9 @@ leaky value, act, dact and each product are rounded to bf16 where a bf16
 tensor op would round them; d(l^2)/dl is 2 * bf16(dact * l), exactly what
 autodiff of l * l gives in bf16.
 
+Each kernel is one `custom_partitioning` op: under GSPMD a row-sharded batch
+runs on each device's rows (weights replicated) instead of being gathered.
+
 `impl`: "triton" runs the kernels of `kernels.mlp_triton` (GPU, bf16);
 "reference" runs the same functions in jnp (any backend, any float dtype), so
 the custom_vjp wiring is testable on a CPU; "jnp" is plain autodiff of the
@@ -164,6 +167,9 @@ def mlp(x: jax.Array, w_up_NxK: jax.Array, w_down_OxN: jax.Array, slope: float, 
     """
     if impl == "jnp":
         return mlp_jnp(x, w_up_NxK, w_down_OxN, slope)
+    if impl == "triton" and not triton_available():
+        raise ValueError("the Triton MLP kernels need a GPU and jax-triton (pip install -e '.[gpu]'); "
+                         f"backend {jax.default_backend()!r} (set model.mlp_impl='jnp' or 'auto')")
     if impl == "triton" and x.dtype != jnp.bfloat16:
         raise ValueError(f"the Triton MLP kernels take bfloat16 inputs, got {x.dtype} "
                          "(set model.mlp_impl='jnp' for other dtypes)")

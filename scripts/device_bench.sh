@@ -7,12 +7,7 @@
 # jax-triton travels as a wheel in .whl (../shared/notes/reference_numbers.md).
 # Usage (device): OUT=/some/dir DATA=.shared/data bash scripts/device_bench.sh [extra bench sections]
 set -uo pipefail
-DATA=${DATA:-.shared/data}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:. GOLF_JAX_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
-D="--config.data.data_dir=$DATA/tinyshakespeare_sp1024 --config.data.tokenizer_path=$DATA/tokenizers/fineweb_1024_bpe.model"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3
 timeout 480 python3 -m golf_jax.bench --config configs/record.py --sections "eval,grad,train,attention,mlp,after${1:+,$1}" \
   $D --out "$OUT/bench" 2>&1 | grep -v "^WARNING\|^I0000" | tail -45

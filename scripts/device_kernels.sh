@@ -6,12 +6,7 @@
 # Usage (device): [SWEEP=1] OUT=/some/dir DATA=.shared/data bash scripts/device_kernels.sh [sections] [pytest -k expr]
 set -uo pipefail
 SECTIONS=${1:-mlp,eval,grad,profile}
-DATA=${DATA:-.shared/data}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:. GOLF_JAX_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
-D="--config.data.data_dir=$DATA/tinyshakespeare_sp1024 --config.data.tokenizer_path=$DATA/tokenizers/fineweb_1024_bpe.model"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 if [ -n "${SWEEP:-}" ]; then  # the block-size sweep of the kernels first
   timeout 300 python3 scripts/mlp_kernel_sweep.py --out "$OUT/sweep" 2>&1 | grep -v "^WARNING\|^I0000" | tail -60
 fi
