@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from golf_jax import bench
 from tests.conftest import REPO
 
