@@ -7,10 +7,7 @@
 # Usage (device): OUT=/some/dir DATA=.shared/data bash scripts/device_after_training.sh [train_seconds]
 set -uo pipefail
 SECONDS_CAP=${1:-60}
-DATA=${DATA:-.shared/data}
-export GOLF_JAX_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
-D="--config.data.data_dir=$DATA/tinyshakespeare_sp1024 --config.data.tokenizer_path=$DATA/tokenizers/fineweb_1024_bpe.model"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 timeout 240 python -m golf_jax.bench --sections after $D --out "$OUT/bench" 2>&1 | tail -8
 timeout 420 python train.py --config configs/record.py $D --config.max_wallclock_seconds=$SECONDS_CAP \
   --config.val_loss_every=0 --config.output_dir="$OUT/run" --no-progress 2>&1 | grep -v "^step [0-9]*/.*train_loss" | tail -30

@@ -10,10 +10,7 @@
 set -uo pipefail
 PART=${1:?bench or run}
 CAP=${2:-240}
-DATA=${DATA:-.shared/data}
-export GOLF_JAX_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
-D="--config.data.data_dir=$DATA/tinyshakespeare_sp1024 --config.data.tokenizer_path=$DATA/tokenizers/fineweb_1024_bpe.model"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source "$(dirname "$0")/device_env.sh"
 if [ "$PART" = bench ]; then
   timeout 330 python -m golf_jax.bench --config configs/approach_g.py --sections after,ttt $D --out "$OUT/bench_g" 2>&1 | tail -9
   timeout 200 python -m golf_jax.bench --config configs/record.py --sections ttt $D --out "$OUT/bench_record" 2>&1 | tail -4

@@ -1,9 +1,17 @@
-# Sourced by the device scripts that run the Triton kernels: installs the
-# carried jax-triton wheel (.whl, see ../shared/notes/reference_numbers.md),
-# points Python at it and the repo, and sets D to the embedded data's overrides.
+# Sourced by every device script: installs the carried jax-triton wheel (.whl,
+# see ../shared/notes/reference_numbers.md; carry ".whl" with ".shared"),
+# points Python at it and the repo, and sets D to the embedded data's
+# overrides. Without .whl the model runs the jnp MLP, as every device figure
+# in docs/performance.md before the fused kernels (issue 5) did.
 DATA=${DATA:-.shared/data}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:. GOLF_JAX_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:.
+else
+  echo "no .whl carried: jax-triton absent, the MLP runs the jnp path" >&2
+  export PYTHONPATH=.
+fi
+export GOLF_JAX_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
 D="--config.data.data_dir=$DATA/tinyshakespeare_sp1024 --config.data.tokenizer_path=$DATA/tokenizers/fineweb_1024_bpe.model"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -9,12 +9,9 @@
 set -uo pipefail
 ITER=${1:-200}
 PARTS=${2:-"g2 g1 g1_seed2 profile"}
-DATA=${DATA:-.shared/data}
-export GOLF_JAX_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
-D="--config.data.data_dir=$DATA/tinyshakespeare_sp1024 --config.data.tokenizer_path=$DATA/tokenizers/fineweb_1024_bpe.model"
+source "$(dirname "$0")/device_env.sh"
 R="--config.iterations=$ITER --config.max_wallclock_seconds=0 --config.warmdown_iters=50 --config.val_loss_every=50 \
    --config.warmup_steps=2 --config.train_log_every=1 --config.checkpoint_every=0 --no-progress --no-quantize"
-nvidia-smi --query-gpu=name --format=csv,noheader
 run() {  # name devices seed
   timeout 300 python train.py --config configs/record.py $D $R --config.num_devices=$2 --config.seed=$3 \
     --config.output_dir="$OUT/$1" 2>&1 | grep -E "devices:|warmup|val_loss|steps in" | tail -8
