@@ -96,8 +96,7 @@ def window_loss_sums(params, cfg: ModelConfig, tokens_N: jax.Array, starts_W: ja
     pos_WxS = jnp.clip(raw_WxS, 0, seq_len - 1)  # below 0 only when hi < span: masked below
     h_WxSxd = jnp.take_along_axis(model.hidden(params, cfg, x), pos_WxS[..., None], axis=1)
     z = model.logits_from_hidden(params, cfg, h_WxSxd)
-    target_WxS = jnp.take_along_axis(targets_WxT, pos_WxS, axis=1).astype(jnp.int32)
-    nll_WxS = jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, target_WxS[..., None], axis=-1)[..., 0]
+    nll_WxS = model.nll_from_logits(z, jnp.take_along_axis(targets_WxT, pos_WxS, axis=1))
     scored = (raw_WxS >= lo_W[:, None]) & (raw_WxS < hi_W[:, None])
     return jnp.sum(jnp.where(scored, nll_WxS, 0.0), axis=1)
 

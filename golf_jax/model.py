@@ -60,7 +60,8 @@ def mlp_impl(cfg: ModelConfig) -> str:
     installed) unless the config says otherwise, the jnp path elsewhere."""
     if cfg.mlp_impl != "auto":
         return cfg.mlp_impl
-    return "triton" if compute_dtype(cfg) == jnp.bfloat16 and mlp_kernels.triton_available() else "jnp"
+    fits = mlp_kernels.triton_supports(cfg.model_dim, cfg.mlp_dim)
+    return "triton" if compute_dtype(cfg) == jnp.bfloat16 and fits and mlp_kernels.triton_available() else "jnp"
 
 
 def path_name(path) -> str:
@@ -394,7 +395,11 @@ def logits(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | 
 @functools.partial(jax.jit, static_argnames="cfg")
 def token_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array) -> jax.Array:
     """Per-token cross-entropy [B, T], float32."""
-    z = logits(params, cfg, tokens)
+    return nll_from_logits(logits(params, cfg, tokens), targets)
+
+
+def nll_from_logits(z: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy of each target under logits z [..., vocab]."""
     return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 

@@ -208,6 +208,7 @@ _ARRAY_TYPE = re.compile(r'\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f6
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
                 "f32": 4, "s64": 8, "u64": 8, "f64": 8}
 _OPERANDS = re.compile(r'fusion\((.*?)\), kind=')
+_RESULT_TYPE = re.compile(r'=\s*(.*?)\s+[\w\-]+\(')  # "= TYPE opcode(": TYPE may be a tuple "(...)"
 
 
 def _type_bytes(type_text: str) -> int:
@@ -226,9 +227,8 @@ def hlo_fusion_bytes(hlo_text: str) -> dict[str, int]:
         inst = _INSTRUCTION.match(line)
         if not inst:
             continue
-        rhs = line.split("=", 1)[1]
-        # The result type runs up to the opcode: "bf16[48,2048,512]{2,1,0} fusion(" or a tuple "(...) fusion(".
-        head = rhs.split(" fusion(", 1)[0] if " fusion(" in rhs else rhs.split("(", 1)[0] if not rhs.lstrip().startswith("(") else rhs
+        result = _RESULT_TYPE.search(line)
+        head = result.group(1) if result else ""
         result_type[inst.group(1)] = head
         ops = _OPERANDS.search(line)
         if ops:
@@ -248,14 +248,13 @@ def fusion_traffic(kernels: dict[str, list], fusion_bytes: dict[str, int], hbm_g
                if kernel_category(k) == "xla fusion" and kernel_key(k) in fusion_bytes}
     ms = sum(v[0] for v in matched.values())
     gb = sum(v[1] for v in matched.values()) / 1e9
-    out = {"fusions": len(matched), "ms": ms, "gbytes": gb, "achieved_gbps": gb / ms * 1e3 if ms else None,
-           "unmatched_ms": sum(v[0] for k, v in kernels.items()
-                               if kernel_category(k) == "xla fusion" and kernel_key(k) not in fusion_bytes)}
-    out["hbm_gbps"] = hbm_gbps
-    out["floor_ms"] = gb / hbm_gbps * 1e3
-    out["slowest"] = [{"kernel": k, "ms": v[0], "mbytes": v[1] / 1e6, "gbps": v[1] / v[0] / 1e6 if v[0] else None}
-                      for k, v in sorted(matched.items(), key=lambda kv: -(kv[1][0] - kv[1][1] / 3e9))[:12]]
-    return out
+    above_floor = lambda kv: kv[1][0] - kv[1][1] / (hbm_gbps * 1e6)  # noqa: E731  ms lost to the bandwidth
+    return {"fusions": len(matched), "ms": ms, "gbytes": gb, "achieved_gbps": gb / ms * 1e3 if ms else None,
+            "unmatched_ms": sum(v[0] for k, v in kernels.items()
+                                if kernel_category(k) == "xla fusion" and kernel_key(k) not in fusion_bytes),
+            "hbm_gbps": hbm_gbps, "floor_ms": gb / hbm_gbps * 1e3,
+            "slowest": [{"kernel": k, "ms": v[0], "mbytes": v[1] / 1e6, "gbps": v[1] / v[0] / 1e6 if v[0] else None}
+                        for k, v in sorted(matched.items(), key=above_floor, reverse=True)[:12]]}
 
 
 def profile_call(fn: Callable, out_dir: Path, repeats: int = 3, hlo_text: str | None = None) -> dict:

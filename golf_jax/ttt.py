@@ -177,20 +177,19 @@ def _score_chunk(params, cfg: Config, tokens_dev: jax.Array, windows: evaluate.W
     n_w = len(windows.starts)
     n_b = -(-n_w // batch_windows)
 
-    def pad(a):
+    def batches(a):
         out = np.zeros(n_b * batch_windows, np.int32)
         out[:n_w] = a
-        return out
+        return out.reshape(n_b, batch_windows)
 
-    def batches(a):
-        return [jax.device_put(b, sharding) for b in pad(a).reshape(n_b, batch_windows)]
-
-    # The same programs as the sliding evaluation: logits for the last
-    # `stride` positions only where every window of the batch allows it.
-    spans = [evaluate.span_for(lo, hi, cfg.eval.sliding_stride)
-             for lo, hi in zip(*(a.reshape(n_b, batch_windows) for a in (pad(windows.lo), pad(windows.hi))))]
-    outs = [evaluate.window_loss_sums(params, cfg.model, tokens_dev, s, lo, hi, cfg.eval.eval_seq_len, span)
-            for s, lo, hi, span in zip(batches(windows.starts), batches(windows.lo), batches(windows.hi), spans)]
+    starts, lo, hi = batches(windows.starts), batches(windows.lo), batches(windows.hi)
+    outs = []
+    for b in range(n_b):
+        # The sliding evaluation's programs: logits for the last `stride`
+        # positions only where every window of the batch allows it.
+        span = evaluate.span_for(lo[b], hi[b], cfg.eval.sliding_stride)
+        args = (jax.device_put(a[b], sharding) for a in (starts, lo, hi))
+        outs.append(evaluate.window_loss_sums(params, cfg.model, tokens_dev, *args, cfg.eval.eval_seq_len, span))
     return float(sum(np.sum(np.asarray(o, np.float64)) for o in outs))
 
 

@@ -83,6 +83,12 @@ def triton_available() -> bool:
     return True
 
 
+def triton_supports(model_dim: int, hidden_dim: int) -> bool:
+    """The Triton kernels load 16-byte vectors along rows (jax-triton assumes
+    16-byte aligned buffers), so every bf16 row length must be a multiple of 8."""
+    return model_dim % 8 == 0 and hidden_dim % 8 == 0
+
+
 def _kernels(impl: str):
     if impl == "triton":
         from kernels import mlp_triton  # needs triton and jax-triton: GPU only
@@ -170,6 +176,9 @@ def mlp(x: jax.Array, w_up_NxK: jax.Array, w_down_OxN: jax.Array, slope: float, 
     if impl == "triton" and not triton_available():
         raise ValueError("the Triton MLP kernels need a GPU and jax-triton (pip install -e '.[gpu]'); "
                          f"backend {jax.default_backend()!r} (set model.mlp_impl='jnp' or 'auto')")
+    if impl == "triton" and not triton_supports(x.shape[-1], w_up_NxK.shape[0]):
+        raise ValueError(f"the Triton MLP kernels need model and hidden sizes divisible by 8, got "
+                         f"{x.shape[-1]} and {w_up_NxK.shape[0]} (set model.mlp_impl='jnp')")
     if impl == "triton" and x.dtype != jnp.bfloat16:
         raise ValueError(f"the Triton MLP kernels take bfloat16 inputs, got {x.dtype} "
                          "(set model.mlp_impl='jnp' for other dtypes)")

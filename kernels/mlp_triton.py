@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+
 def _config(bm, bn, bk, stages, warps, persistent=False):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": persistent},
                          num_stages=stages, num_warps=warps)
@@ -143,7 +144,9 @@ def _down_grad_tile(tile_id, dy_ptr, w_ptr, pre_ptr, dpre_ptr, act_ptr, M: tl.co
 
 # The kernels: a program per tile, or (PERSISTENT) NUM_SMS programs walking
 # the tiles in one flattened loop, which Triton software-pipelines across
-# tiles (the next tile's loads start during this tile's epilogue).
+# tiles (the next tile's loads start during this tile's epilogue). The two
+# entry points have the same shape; the tile functions they call do not
+# share an argument list, so they stay two.
 @triton.jit
 def up_act_kernel(x_ptr, w_ptr, act_ptr, pre_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr,
                   SLOPE: tl.constexpr, SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -170,8 +173,6 @@ def down_grad_kernel(dy_ptr, w_ptr, pre_ptr, dpre_ptr, act_ptr, M: tl.constexpr,
     else:
         _down_grad_tile(tl.program_id(0), dy_ptr, w_ptr, pre_ptr, dpre_ptr, act_ptr, M, N, K, SLOPE,
                         BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-
-
 
 
 def num_sms() -> int:

@@ -100,11 +100,14 @@ def test_model_loss_and_grads_same_with_reference_kernels():
 
 
 def test_mlp_impl_resolution_and_errors():
-    cfg = ModelConfig(compute_dtype="float32")
-    assert model.mlp_impl(cfg) == ("triton" if mlp.triton_available() else "jnp") or model.mlp_impl(cfg) == "jnp"
-    assert model.mlp_impl(dataclasses.replace(cfg, mlp_impl="jnp")) == "jnp"
+    bf16 = ModelConfig(compute_dtype="bfloat16")
+    assert model.mlp_impl(bf16) == ("triton" if mlp.triton_available() else "jnp")
+    assert model.mlp_impl(dataclasses.replace(bf16, compute_dtype="float32")) == "jnp"  # the kernels are bf16
+    assert model.mlp_impl(dataclasses.replace(bf16, model_dim=100, num_heads=4, num_kv_heads=2)) == "jnp"  # rows % 8
+    assert model.mlp_impl(dataclasses.replace(bf16, mlp_impl="jnp")) == "jnp"
     if jax.default_backend() != "gpu":
-        assert not mlp.triton_available() and model.mlp_impl(cfg) == "jnp"
+        assert not mlp.triton_available() and model.mlp_impl(bf16) == "jnp"
+    assert mlp.triton_supports(512, 1536) and mlp.triton_supports(512, 1792) and not mlp.triton_supports(512, 1540)
     x = jnp.zeros((4, 8), jnp.float32)
     with pytest.raises(ValueError, match="bfloat16" if mlp.triton_available() else "need a GPU and jax-triton"):
         mlp.mlp(x, jnp.zeros((12, 8)), jnp.zeros((8, 12)), 0.5, "triton")
