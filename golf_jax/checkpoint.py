@@ -213,6 +213,15 @@ def check_free_space(directory: str | Path, need_bytes: int) -> None:
                               f"model need about {need_bytes / 1e6:,.1f} MB")
 
 
+def _this_process_checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer for host arrays that this process alone reads or writes
+    (the final model, by process 0 of a multi-process run): orbax would
+    otherwise wait at barriers for every process."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 def save_params(directory: str | Path, params: Any, cfg: Config) -> Path:
     """The final weights (params pytree) and the config that made them,
     written beside `directory` under a temporary name and renamed into place."""
@@ -220,7 +229,7 @@ def save_params(directory: str | Path, params: Any, cfg: Config) -> Path:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _this_process_checkpointer() as ckptr:
             ckptr.save(tmp / "params", params, force=True)
         (tmp / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=1))
         old = None
@@ -258,7 +267,7 @@ def load_params(directory: str | Path, template: Any | None = None) -> tuple[Any
     except (ValueError, TypeError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{directory / 'config.json'}: not a model config ({_describe(e)})") from None
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _this_process_checkpointer() as ckptr:
             params = ckptr.restore(directory / "params", _abstract(template) if template is not None else None)
     except Exception as e:
         raise CheckpointError(f"{directory / 'params'}: cannot be read"

@@ -205,6 +205,15 @@ class TokenStream:
 
     def take(self, n: int) -> np.ndarray:
         out = np.empty(n, dtype=np.int32)
+        self._advance(n, out)
+        return out
+
+    def skip(self, n: int) -> None:
+        """Move the cursor past n tokens without copying them (another
+        process's spans), loading and checking only the shards it lands in."""
+        self._advance(n, None)
+
+    def _advance(self, n: int, out: np.ndarray | None) -> None:
         filled, empty_files = 0, 0
         while filled < n:
             avail = len(self._tokens) - self.pos
@@ -217,10 +226,10 @@ class TokenStream:
                 self._tokens = self._load(self.file_idx)
                 continue
             k = min(n - filled, avail)
-            out[filled:filled + k] = self._tokens[self.pos:self.pos + k]
+            if out is not None:
+                out[filled:filled + k] = self._tokens[self.pos:self.pos + k]
             self.pos += k
             filled += k
-        return out
 
     def state(self) -> dict:
         return {"file_idx": self.file_idx, "pos": self.pos}
@@ -238,21 +247,38 @@ class TrainBatches:
     rank r gets the r-th contiguous span, inputs and targets being that span
     shifted by one. With world_size x accumulation steps fixed (8 in the
     record) every device count consumes the same tokens in the same order.
+
+    `ranks`: the ranks whose spans this process loads (a multi-process run:
+    its own devices'); the others' spans are skipped, not read. Every process
+    moves the cursor by the whole micro-step, so all hold the same cursor.
     """
 
     def __init__(self, pattern: str, vocab_size: int, global_tokens: int, seq_len: int,
-                 world_size: int, accum_steps: int):
+                 world_size: int, accum_steps: int, ranks: Sequence[int] | None = None):
         local = global_tokens // (world_size * accum_steps)
         if local * world_size * accum_steps != global_tokens or local % seq_len:
             raise DataError(f"global batch {global_tokens} is not divisible into {world_size} ranks x "
                             f"{accum_steps} micro-steps of whole {seq_len}-token sequences")
+        self.ranks = tuple(range(world_size)) if ranks is None else tuple(sorted(ranks))
+        if not self.ranks or not all(0 <= r < world_size for r in self.ranks):
+            raise DataError(f"ranks {list(self.ranks)}: expected some of 0 .. {world_size - 1}")
         self.stream = TokenStream(pattern, vocab_size)
         self.world_size, self.local_tokens, self.seq_len = world_size, local, seq_len
 
     def next_micro_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """x, y int32 [world_size * local_seqs, seq_len]; rank r owns rows r*local_seqs..."""
+        """x, y int32 [len(ranks) * local_seqs, seq_len]: the spans of `ranks`
+        in order (all ranks by default: rank r owns rows r*local_seqs...)."""
         span = self.local_tokens + 1
-        chunk = self.stream.take(self.world_size * span).reshape(self.world_size, span)
+        if len(self.ranks) == self.world_size:
+            chunk = self.stream.take(self.world_size * span).reshape(self.world_size, span)
+        else:
+            chunk = np.empty((len(self.ranks), span), np.int32)
+            mine = iter(range(len(self.ranks)))
+            for r in range(self.world_size):
+                if r in self.ranks:
+                    chunk[next(mine)] = self.stream.take(span)
+                else:
+                    self.stream.skip(span)
         x = chunk[:, :-1].reshape(-1, self.seq_len)
         y = chunk[:, 1:].reshape(-1, self.seq_len)
         return x, y

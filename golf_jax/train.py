@@ -37,7 +37,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from golf_jax import checkpoint, compat, config as config_lib, data, evaluate, model, optim
+from golf_jax import checkpoint, compat, config as config_lib, data, distributed, evaluate, model, optim
 from golf_jax.config import Config, ConfigError
 from golf_jax.model import Params, path_name
 
@@ -123,11 +123,23 @@ def apply_qat(params: Params, scope: str, enabled: jax.Array) -> Params:
 # ----------------------------------------------------------------------------- mesh and state
 
 def make_mesh(n_devices: int = 0) -> jax.sharding.Mesh:
+    """The data-parallel mesh: the first n devices (all by default). With
+    several processes it spans every process's devices, so n must be all."""
     devices = jax.devices()
     n = n_devices or len(devices)
     if n > len(devices):
         raise ConfigError(f"run.num_devices: {n} requested, {len(devices)} available")
+    if jax.process_count() > 1 and n != len(devices):
+        raise ConfigError(f"run.num_devices: {n} of the {len(devices)} devices of {jax.process_count()} processes; "
+                          f"a multi-process run uses all of them (0)")
     return jax.make_mesh((n,), (AXIS,), devices=devices[:n])
+
+
+def local_ranks(mesh: jax.sharding.Mesh) -> list[int]:
+    """The data ranks (mesh positions) of this process's devices: the spans of
+    the token stream it loads."""
+    me = jax.process_index()
+    return [r for r, d in enumerate(mesh.devices.flat) if d.process_index == me]
 
 
 def _is_bank(path) -> bool:
@@ -280,32 +292,54 @@ class Prefetcher:
 
 
 def next_step_batch(batches: data.TrainBatches, accum: int, sharding):
+    """One optimizer step's micro-batches as global arrays [accum, rows, seq]
+    sharded by rows over the mesh, built from this process's ranks only."""
     micro = [batches.next_micro_batch() for _ in range(accum)]
     xs = np.stack([x for x, _ in micro])
     ys = np.stack([y for _, y in micro])
-    return jax.device_put(xs, sharding), jax.device_put(ys, sharding), batches.state()
+    return _global_rows(xs, batches, sharding), _global_rows(ys, batches, sharding), batches.state()
+
+
+def _global_rows(local: np.ndarray, batches: data.TrainBatches, sharding) -> jax.Array:
+    rows = batches.local_tokens // batches.seq_len  # per rank
+    first = {r: i * rows for i, r in enumerate(batches.ranks)}  # rank -> its first row in `local`
+    shape = (local.shape[0], batches.world_size * rows, local.shape[2])
+
+    def block(index):  # the rows of one of this process's devices
+        start = index[1].start or 0
+        at = first[start // rows]
+        return local[:, at:at + (index[1].stop or shape[1]) - start]
+
+    return jax.make_array_from_callback(shape, sharding, block)
 
 
 # ----------------------------------------------------------------------------- logging
 
 class RunLog:
-    """Human log lines (console and train.log) and machine records (train.jsonl)."""
+    """Human log lines (console and train.log) and machine records
+    (train.jsonl). Only process 0 of a multi-process run writes them; the
+    others' logs are silent, so the files hold each line once."""
 
-    def __init__(self, out_dir: Path, bar=None):
-        self.text = open(out_dir / "train.log", "a", buffering=1)
-        self.jsonl = open(out_dir / "train.jsonl", "a", buffering=1)
+    def __init__(self, out_dir: Path, bar=None, active: bool = True):
+        self.active = active
+        if active:
+            self.text = open(out_dir / "train.log", "a", buffering=1)
+            self.jsonl = open(out_dir / "train.jsonl", "a", buffering=1)
         self.bar = bar
 
     def line(self, msg: str) -> None:
-        (self.bar.write if self.bar is not None else print)(msg)
-        self.text.write(msg + "\n")
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(msg)
+            self.text.write(msg + "\n")
 
     def record(self, **fields) -> None:
-        self.jsonl.write(json.dumps(fields) + "\n")
+        if self.active:
+            self.jsonl.write(json.dumps(fields) + "\n")
 
     def close(self) -> None:
-        self.text.close()
-        self.jsonl.close()
+        if self.active:
+            self.text.close()
+            self.jsonl.close()
 
 
 def plot_curves(train_points, val_points, path: Path) -> None:
@@ -350,8 +384,8 @@ class CompileCounter:
 
 
 def peak_memory_bytes() -> int | None:
-    """The allocator's peak bytes in use on the first device (not the preallocated pool)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """The allocator's peak bytes in use on this process's first device (not the preallocated pool)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     return stats.get("peak_bytes_in_use")
 
 
@@ -426,7 +460,7 @@ def reserve_budget(cfg: Config, params: Params, log: RunLog, saved: dict | None 
     t0 = time.perf_counter()
     # Host arrays, as train.main reloads the final model: the same argument
     # types, so what compiles here is what runs after training.
-    host = jax.device_get(params)
+    host = jax.device_get(distributed.local_copy(params))
     if saved is not None:
         quantize.compile_budget_stages(host, cfg)
         log.line(f"budget mode: {saved['reserve_s']:.1f} s reserved as when the run began; training stops at "
@@ -469,6 +503,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     mesh = make_mesh(cfg.run.num_devices)
     n = mesh.size
     accum = check_runnable(cfg, n)
+    primary = distributed.is_primary()
     sched, out_dir = cfg.schedule, Path(cfg.run.output_dir)
     checkpoint.check_writable(out_dir)  # a read-only or missing mount fails now, not at the first save
 
@@ -479,7 +514,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     val_tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
                                              cfg.eval.max_val_tokens)
     batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
-                                cfg.data.train_seq_len, world_size=n, accum_steps=accum)
+                                cfg.data.train_seq_len, world_size=n, accum_steps=accum, ranks=local_ranks(mesh))
     params = initial_params(cfg)
 
     tx = optim.build_optimizer(cfg.optimizer, AXIS)
@@ -505,9 +540,11 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     step_fn = make_train_step(cfg, mesh, tx, state)
     batch_sharding = NamedSharding(mesh, P(None, AXIS))
     tokens_per_step = cfg.data.train_batch_tokens
+    progress = progress and primary
     bar = tqdm(total=sched.iterations, initial=step, unit="step", disable=not progress, dynamic_ncols=True)
-    log = RunLog(out_dir, bar if progress else None)
-    log.line(f"devices: {n} x {jax.devices()[0].device_kind}; {accum} micro-batches of "
+    log = RunLog(out_dir, bar if progress else None, active=primary)
+    processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    log.line(f"devices: {n} x {jax.devices()[0].device_kind}{processes}; {accum} micro-batches of "
              f"{tokens_per_step // cfg.data.micro_batches_per_step:,} tokens per device per step; "
              f"{model.param_count(params):,} parameters; compute {jnp.dtype(model.compute_dtype(cfg.model)).name}")
 
@@ -523,11 +560,11 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
                 t_first_step = time.perf_counter() - t_launch
         jax.block_until_ready(state)
         log.line(f"warmup: {sched.warmup_steps} steps; launch to first step {t_first_step:.1f} s")
-        if sched.quant_in_budget:
+        if sched.quant_in_budget and primary:
             budget = reserve_budget(cfg, state.params, log, budget)  # on the warm-up's live weights
         state = initial
         batches.restore(cursor0)
-    elif sched.quant_in_budget:
+    elif sched.quant_in_budget and primary:
         budget = reserve_budget(cfg, state.params, log, budget)
 
     prefetch = Prefetcher(batches, accum, batch_sharding)
@@ -540,6 +577,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     pending = None  # (step, loss array): read one step behind, so the device stays busy
     cursor = batches.state()
     steps0, start_s = step, training_s
+    agreement = distributed.StepAgreement()  # process 0's clock decides, with several processes
 
     def drain() -> None:
         nonlocal pending
@@ -548,6 +586,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
         s, loss_arr, mult, flags = pending
         pending = None
         value = float(loss_arr)
+        agreement.done(s - 1)  # every process has run step s, so each read its decision
         if not math.isfinite(value):
             # Which tensors were already bad when the step began is the lead to
             # the cause (an exploding learning rate, a bad init_from, an overflow).
@@ -590,8 +629,12 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
                                          budget))
         saved_at = at_step
 
-    def validate(params) -> evaluate.EvalResult:
-        return evaluate.run_standard(params, cfg, val_tokens, tables, progress=False)
+    def validate(params) -> evaluate.EvalResult | None:
+        """Process 0 evaluates its own copy of the replicated weights; the
+        others go on to the next step, which waits for it in its collectives."""
+        if not primary:
+            return None
+        return evaluate.run_standard(distributed.local_copy(params), cfg, val_tokens, tables, progress=False)
 
     closed = False
 
@@ -617,9 +660,17 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
 
     compiles = CompileCounter().__enter__()
     compiles_at_first_step = None
+    def decide(sigterm: bool) -> dict:
+        return {"sigterm": sigterm, "stop_after_step": stop_after_step,
+                "mult": optim.lr_multiplier(step, training_s_now(), sched)}
+
     try:
         while True:
-            if stop.requested:  # a step boundary: the state is whole and its loss known
+            # With several processes, process 0's decision (its wall clock, a
+            # SIGTERM any process got); with one, this process's own.
+            agreed = agreement.decide(step, decide, stop.requested)
+            stop_after_step = agreed["stop_after_step"]
+            if agreed["sigterm"]:  # a step boundary: the state is whole and its loss known
                 drain()
                 training_s = training_s_now()
                 save(step, training_s)
@@ -631,10 +682,11 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
                 drain()
                 training_s = training_s_now()
                 val = validate(state.params)
-                history["val"].append((step, val.loss))
-                log.line(f"step {step}/{sched.iterations} val_loss {val.loss:.4f} val_bpb {val.bpb:.4f} "
-                         f"train_time {training_s:.1f}s")
-                log.record(kind="val", step=step, loss=val.loss, bpb=val.bpb, training_s=training_s)
+                if val is not None:
+                    history["val"].append((step, val.loss))
+                    log.line(f"step {step}/{sched.iterations} val_loss {val.loss:.4f} val_bpb {val.bpb:.4f} "
+                             f"train_time {training_s:.1f}s")
+                    log.record(kind="val", step=step, loss=val.loss, bpb=val.bpb, training_s=training_s)
                 t0 = time.perf_counter()
             if last:
                 if stop_after_step is not None and step < sched.iterations:
@@ -647,7 +699,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
                 close_outputs()
                 return {"step": step, "interrupted": True}
 
-            mult = optim.lr_multiplier(step, training_s_now(), sched)
+            mult = agreed["mult"]
             if not qat_on and sched.late_qat_threshold > 0 and mult < sched.late_qat_threshold:
                 qat_on = True
                 log.line(f"late QAT on at step {step} (lr_mult {mult:.3f}, scope {sched.qat_scope})")
@@ -695,12 +747,16 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     if stop.requested:
         close_outputs()
         raise interrupted(f"at the end of training (step {step}), before the final evaluation")
-    if sched.swa_enabled and int(state.swa_count) > 0:
-        final_f32 = jax.tree.map(lambda s: s / state.swa_count, state.swa)
-        source = f"SWA of {int(state.swa_count)} snapshots"
+    if not primary:  # the final weights, their evaluation and the reports are process 0's
+        close_outputs()
+        return {"step": step, "process_index": jax.process_index()}
+    mine = distributed.local_copy(state)
+    if sched.swa_enabled and int(mine.swa_count) > 0:
+        final_f32 = jax.tree.map(lambda s: s / mine.swa_count, mine.swa)
+        source = f"SWA of {int(mine.swa_count)} snapshots"
     else:
-        final_f32, source = state.ema, "EMA"
-    final = jax.tree.map(lambda f, p: f.astype(p.dtype), final_f32, state.params)
+        final_f32, source = mine.ema, "EMA"
+    final = jax.tree.map(lambda f, p: f.astype(p.dtype), final_f32, mine.params)
     final_val = validate(final)
     log.line(f"final ({source}) val_loss {final_val.loss:.4f} val_bpb {final_val.bpb:.4f}")
     checkpoint.save_params(out_dir / "final_model", jax.device_get(final), cfg)
@@ -709,6 +765,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     summary = {
         "steps": step, "training_s": training_s, "tokens_per_s": tokens_per_step * step / max(training_s, 1e-9),
         "step_avg_ms": 1000 * training_s / max(step, 1), "devices": n, "device_kind": jax.devices()[0].device_kind,
+        "processes": jax.process_count(),
         "final_weights": source, "final_val_loss": final_val.loss, "final_val_bpb": final_val.bpb,
         "last_val": history["val"][-1] if history["val"] else None,
         "launch_to_first_step_s": t_first_step, "peak_memory_bytes": peak_memory_bytes(),
@@ -735,12 +792,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-quantize", action="store_true",
                         help="stop after training (replay later with python -m golf_jax.quantize)")
+    distributed.add_arguments(parser)
     cfg, args = cli.parse(parser, argv)
     from golf_jax import quantize
 
     try:
+        distributed.initialize(args)  # before anything touches a device
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: {e}\n")
+    try:
         summary = train(cfg, resume=args.resume, progress=not args.no_progress)
-        if not args.no_quantize:
+        if not args.no_quantize and distributed.is_primary():
             # From the saved weights, as a replay reads them: the same artifact either way.
             out_dir = Path(cfg.run.output_dir)
             params, _ = checkpoint.load_params(out_dir / "final_model")

@@ -163,7 +163,9 @@ def make_train_step(mcfg: ModelConfig, tx: optax.GradientTransformation):
 # ----------------------------------------------------------------------------- the protocol
 
 def _mesh(n_devices: int) -> jax.sharding.Mesh:
-    devices = jax.devices()[:n_devices or None]
+    # This process's devices: after a multi-process training run, the stages
+    # after training (TTT among them) run in process 0 alone.
+    devices = jax.local_devices()[:n_devices or None]
     # Auto axes: the jitted functions are written for one device and XLA's
     # partitioner splits them along the sharded batch (no shard_map needed).
     return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)

@@ -120,6 +120,28 @@ def test_train_batches_same_tokens_for_every_device_count(tmp_path):
         np.testing.assert_array_equal(streams[world][1], streams[1][1])
 
 
+def test_train_batches_of_some_ranks_are_their_rows_of_the_whole(tmp_path):
+    """A process of a multi-process run loads only its devices' spans: the
+    same rows as the whole micro-batch's, and the same cursor after it."""
+    rng = np.random.default_rng(1)
+    write(tmp_path / "t_000000.bin", rng.integers(0, 64, 1500))
+    write(tmp_path / "t_000001.bin", rng.integers(0, 64, 700))  # spans cross this boundary and wrap
+    pattern, rows = str(tmp_path / "t_*.bin"), 2  # 4 ranks x 2 rows of 16 tokens per micro-step
+    whole = data.TrainBatches(pattern, 64, 512, 16, world_size=4, accum_steps=4)
+    parts = {ranks: data.TrainBatches(pattern, 64, 512, 16, world_size=4, accum_steps=4, ranks=ranks)
+             for ranks in [(0, 1), (2, 3), (1, 3)]}
+    for _ in range(20):
+        x, y = whole.next_micro_batch()
+        for ranks, b in parts.items():
+            px, py = b.next_micro_batch()
+            want = np.concatenate([np.arange(r * rows, (r + 1) * rows) for r in ranks])
+            np.testing.assert_array_equal(px, x[want])
+            np.testing.assert_array_equal(py, y[want])
+            assert b.state() == whole.state()
+    with pytest.raises(data.DataError, match=r"ranks \[4\]: expected some of 0 .. 3"):
+        data.TrainBatches(pattern, 64, 512, 16, world_size=4, accum_steps=4, ranks=[4])
+
+
 def test_train_batch_layout_matches_reference_spans(tmp_path):
     toks = np.arange(10_000) % 1000
     write(tmp_path / "t_000000.bin", toks)
