@@ -45,3 +45,6 @@ for part in $PARTS; do
                  rm -rf "$OUT/overlap_lhs/trace" ;;
   esac
 done
+# At most 8 files come back from a device call: everything small in one archive.
+tar czf "$OUT/scaling.tar.gz" --exclude=final_model --exclude=checkpoints --exclude=trace -C "$OUT" \
+  $(cd "$OUT" && ls -d g* overlap* 2>/dev/null) && find "$OUT" -mindepth 1 -maxdepth 1 ! -name scaling.tar.gz -exec rm -rf {} +
