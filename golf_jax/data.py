@@ -108,10 +108,12 @@ def shard_files(pattern: str) -> list[Path]:
     return files
 
 
-def _check_ids(tokens: np.ndarray, vocab_size: int, path: Path) -> None:
+def _check_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int = 0) -> None:
+    """tokens: the shard's from position `offset` on."""
     if tokens.size and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
-        raise DataError(f"{path}: token id {int(tokens[bad])} at position {bad} is >= vocab_size {vocab_size}")
+        raise DataError(f"{path}: token id {int(tokens[bad])} at position {offset + bad} is >= vocab_size "
+                        f"{vocab_size}")
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -191,7 +193,8 @@ class TokenStream:
         self.files = shard_files(pattern)
         # Headers and sizes of every shard now (a memory map each, no token
         # read), so a damaged shard stops the run at launch, not when the
-        # stream reaches it mid-training; token ids are checked per shard as it loads.
+        # stream reaches it mid-training. Token ids are checked as they are
+        # taken: a process of a multi-process run reads only its own spans.
         for f in self.files:
             read_shard(f)
         self.vocab_size = vocab_size
@@ -199,9 +202,7 @@ class TokenStream:
         self._tokens = self._load(0)
 
     def _load(self, idx: int) -> np.ndarray:
-        tokens = read_shard(self.files[idx])
-        _check_ids(tokens, self.vocab_size, self.files[idx])
-        return tokens
+        return read_shard(self.files[idx])
 
     def take(self, n: int) -> np.ndarray:
         out = np.empty(n, dtype=np.int32)
@@ -227,7 +228,9 @@ class TokenStream:
                 continue
             k = min(n - filled, avail)
             if out is not None:
-                out[filled:filled + k] = self._tokens[self.pos:self.pos + k]
+                span = self._tokens[self.pos:self.pos + k]
+                _check_ids(span, self.vocab_size, self.files[self.file_idx], self.pos)
+                out[filled:filled + k] = span
             self.pos += k
             filled += k
 

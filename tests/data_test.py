@@ -172,8 +172,16 @@ def test_token_ids_beyond_vocab_are_an_error(tmp_path):
     with pytest.raises(data.DataError, match=r"token id 1500 at position 3 is >= vocab_size 1024") as e:
         data.load_validation_tokens(str(tmp_path / "v_*.bin"), 2, 1024)
     assert str(path) in str(e.value)
-    with pytest.raises(data.DataError, match="vocab_size"):
-        data.TokenStream(str(tmp_path / "v_*.bin"), 1024)
+    # The training stream checks the tokens it takes (a process of a
+    # multi-process run takes only its own spans and skips the others').
+    stream = data.TokenStream(str(tmp_path / "v_*.bin"), 1024)
+    stream.skip(3)
+    with pytest.raises(data.DataError, match=r"v_000000.bin: token id 1500 at position 3 is >= vocab_size 1024"):
+        stream.take(2)
+    stream = data.TokenStream(str(tmp_path / "v_*.bin"), 1024)
+    np.testing.assert_array_equal(stream.take(3), [1, 2, 3])
+    stream.skip(1)  # past the bad id, unread
+    np.testing.assert_array_equal(stream.take(2), [4, 1])  # wraps to the start
 
 
 # ----------------------------------------------------------------------------- tokenizer and bytes
