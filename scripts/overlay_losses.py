@@ -32,14 +32,21 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, c in zip(labels, curves):
+    # Top: the curves (they lie on each other); bottom: each minus the first, where seed noise shows.
+    fig, (ax, dx) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 2))
+    for i, (label, c) in enumerate(zip(labels, curves)):
         steps = sorted(c)
         ax.plot(steps, [c[s] for s in steps], lw=0.9, label=label)
-    ax.set_xlabel("step")
+        if i:
+            common = [s for s in steps if s in curves[0]]
+            dx.plot(common, [c[s] - curves[0][s] for s in common], lw=0.8, color=f"C{i}", label=label)
     ax.set_ylabel("train loss (nats)")
     ax.grid(alpha=0.3)
     ax.legend()
+    dx.axhline(0, color="C0", lw=0.8)
+    dx.set_xlabel("step")
+    dx.set_ylabel(f"minus {labels[0]}")
+    dx.grid(alpha=0.3)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
