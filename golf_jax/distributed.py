@@ -104,6 +104,15 @@ def local_copy(tree):
     return jax.tree.map(lambda x: x.addressable_shards[0].data if isinstance(x, jax.Array) else x, tree)
 
 
+def wait_for_all(name: str = "golf_jax/end", timeout_s: float = 7 * 24 * 3600) -> None:
+    """Block until every process reaches the same point: at the end of
+    train.py the other processes wait here for process 0's stages after
+    training, instead of in JAX's exit barrier, which times out (300 s) when
+    the final evaluation of a full validation set takes longer."""
+    if jax.process_count() > 1:
+        _client().wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def _client():
     # The coordinator's key-value store, as orbax uses it for its barriers;
     # JAX exposes it only through this module.

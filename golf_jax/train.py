@@ -676,12 +676,13 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     def training_s_now() -> float:
         return training_s + (time.perf_counter() - t0)
 
-    compiles = CompileCounter().__enter__()
-    compiles_at_first_step = None
     def decide(sigterm: bool) -> dict:
+        """This process's decisions for the coming step, from its clock."""
         return {"sigterm": sigterm, "stop_after_step": stop_after_step,
                 "mult": optim.lr_multiplier(step, training_s_now(), sched)}
 
+    compiles = CompileCounter().__enter__()
+    compiles_at_first_step = None
     try:
         while True:
             # With several processes, process 0's decision (its wall clock, a
@@ -832,9 +833,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 summary["budget"] = {**(summary.get("budget") or {}), "spent": report["budget"]}
                 checkpoint.write_json(out_dir / "summary.json", summary)
     except TrainingInterrupted as e:
+        distributed.wait_for_all()
         parser.exit(EXIT_SIGTERM, f"{e}\n")
     except (TrainingError, *quantize.LOAD_ERRORS) as e:
+        distributed.wait_for_all()
         parser.exit(2, f"error: {e}\n")
+    distributed.wait_for_all()
 
 
 if __name__ == "__main__":
