@@ -107,8 +107,8 @@ def local_copy(tree):
 def wait_for_all(name: str = "golf_jax/end", timeout_s: float = 7 * 24 * 3600) -> None:
     """Block until every process reaches the same point: at the end of
     train.py the other processes wait here for process 0's stages after
-    training, instead of in JAX's exit barrier, which times out (300 s) when
-    the final evaluation of a full validation set takes longer."""
+    training, instead of in JAX's exit barrier, whose 300 s timeout is
+    shorter than a full validation set's final evaluation."""
     if jax.process_count() > 1:
         _client().wait_at_barrier(name, int(timeout_s * 1000))
 
