@@ -278,15 +278,7 @@ def bench_profile(params, cfg, tokens_fn, batch_seqs: int, out_dir: Path) -> dic
     (out_dir / "grad_optimized_hlo.txt").write_text(hlo)
     out = {"grad": profiling.profile_call(lambda: grad(params, cfg.model, x, y), out_dir / "grad", hlo_text=hlo)}
     out["grad"]["fusion_traffic"] = profiling.fusion_traffic(out["grad"]["kernels"], profiling.hlo_fusion_bytes(hlo))
-    mesh = train.make_mesh(cfg.run.num_devices)  # every local device unless run.num_devices says otherwise
-    tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
-    state = train.init_state(params, tx, mesh, cfg.schedule.swa_enabled)
-    step = train.make_train_step(cfg, mesh, tx, state)
-    d = cfg.data  # [accumulation steps, sequences of one micro-step over all devices, T]
-    shape = (d.micro_batches_per_step // mesh.size,
-             d.train_batch_tokens // d.micro_batches_per_step // d.train_seq_len * mesh.size, d.train_seq_len)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train.AXIS))
-    xs, ys = (jax.device_put(tokens_fn(shape, s), sharding) for s in (4, 5))
+    step, state, xs, ys = optimizer_step(params, cfg, tokens_fn)
     box = [state]
 
     def run():
@@ -295,6 +287,23 @@ def bench_profile(params, cfg, tokens_fn, batch_seqs: int, out_dir: Path) -> dic
 
     out["train_step"] = profiling.profile_call(run, out_dir / "train_step", repeats=1)
     return out
+
+
+def optimizer_step(params, cfg, tokens_fn):
+    """The training step (golf_jax.train) on every local device, or on
+    run.num_devices of them, with its state and one step's batch
+    [accumulation steps, sequences of one micro-step over all devices, T]:
+    (step, state, xs, ys)."""
+    mesh = train.make_mesh(cfg.run.num_devices)
+    tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
+    state = train.init_state(params, tx, mesh, cfg.schedule.swa_enabled)
+    step = train.make_train_step(cfg, mesh, tx, state)
+    d = cfg.data
+    shape = (d.micro_batches_per_step // mesh.size,
+             d.train_batch_tokens // d.micro_batches_per_step // d.train_seq_len * mesh.size, d.train_seq_len)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train.AXIS))
+    xs, ys = (jax.device_put(tokens_fn(shape, s), sharding) for s in (4, 5))
+    return step, state, xs, ys
 
 
 # The competition's validation set (fineweb_val_*.bin of the sp1024 export).

@@ -275,13 +275,13 @@ class TrainBatches:
         if len(self.ranks) == self.world_size:
             chunk = self.stream.take(self.world_size * span).reshape(self.world_size, span)
         else:
-            chunk = np.empty((len(self.ranks), span), np.int32)
-            mine = iter(range(len(self.ranks)))
+            mine = []
             for r in range(self.world_size):
                 if r in self.ranks:
-                    chunk[next(mine)] = self.stream.take(span)
+                    mine.append(self.stream.take(span))
                 else:
                     self.stream.skip(span)
+            chunk = np.stack(mine)
         x = chunk[:, :-1].reshape(-1, self.seq_len)
         y = chunk[:, 1:].reshape(-1, self.seq_len)
         return x, y

@@ -8,10 +8,8 @@ the token stream (`train.local_ranks`), orbax writes every checkpoint once
 (each array by one of its replicas, the metadata by process 0), and process 0
 alone writes logs, plots, the summary, the final model and the artifact.
 
-    # host 0 (the coordinator; any free port)      # host 1
-    python train.py --config configs/record.py \\   python train.py --config configs/record.py \\
-      --coordinator-address host0:8476 \\             --coordinator-address host0:8476 \\
-      --num-processes 2 --process-id 0                --num-processes 2 --process-id 1
+    # on host 0 (the coordinator: any free port), then the same with --process-id 1 on host 1
+    python train.py --config configs/record.py --coordinator-address host0:8476 --num-processes 2 --process-id 0
 
 The same from the environment: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID (and JAX's own JAX_LOCAL_DEVICE_IDS). `--distributed` alone lets
@@ -138,10 +136,9 @@ class StepAgreement:
     PREFIX = "golf_jax/step"
 
     def __init__(self, timeout_s: float = 3600.0, client=None):
-        self.processes = jax.process_count()
-        self.primary = jax.process_index() == 0
         self.index = jax.process_index()
-        self.client = client if client is not None else (_client() if self.processes > 1 else None)
+        self.primary = self.index == 0
+        self.client = client if client is not None else (_client() if jax.process_count() > 1 else None)
         self.timeout_ms = int(timeout_s * 1000)
         self._signalled = False
 

@@ -42,17 +42,24 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def summarize_trace(trace_path: Path, repeats: int, top: int = 25) -> dict:
-    """Device time per kernel and per category, per repeat, from a perfetto
-    trace of `repeats` calls. Device tracks when there are any (GPU), else the
-    host's (the CPU backend records no kernels; the plumbing still runs)."""
+def trace_spans(trace_path: Path) -> tuple[dict, list[dict]]:
+    """(track names by pid, the timed events of the device tracks), from a
+    perfetto trace; the host's tracks when there is no device track (the CPU
+    backend records no kernels)."""
     with gzip.open(trace_path, "rt") as f:
         raw = json.load(f)
     events = raw["traceEvents"] if isinstance(raw, dict) else raw
     procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device = {pid for pid, name in procs.items() if name.startswith("/device:")}
     pids = device or set(procs)
-    spans = [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
+    return {p: procs[p] for p in pids}, [e for e in events if e.get("ph") == "X" and e.get("pid") in pids and "dur" in e]
+
+
+def summarize_trace(trace_path: Path, repeats: int, top: int = 25) -> dict:
+    """Device time per kernel and per category, per repeat, from a perfetto
+    trace of `repeats` calls. Device tracks when there are any (GPU), else the
+    host's (the CPU backend records no kernels; the plumbing still runs)."""
+    tracks, spans = trace_spans(trace_path)
     per_kernel: dict[str, list] = {}
     hlo_ops: dict[str, str] = {}  # kernel -> the HLO instruction that launched it, when the trace says
     for e in spans:
@@ -68,7 +75,7 @@ def summarize_trace(trace_path: Path, repeats: int, top: int = 25) -> dict:
     for name, (ms, _) in per_kernel.items():
         categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])
-    return {"tracks": sorted(procs[p] for p in pids), "busy_ms": busy, "collectives": overlap,
+    return {"tracks": sorted(tracks.values()), "busy_ms": busy, "collectives": overlap,
             "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top": [{"kernel": n[:160], "ms": ms, "calls": c // repeats, "category": kernel_category(n),
                      "hlo_op": hlo_ops.get(n, "")} for n, (ms, c) in ranked[:top]],

@@ -833,12 +833,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 summary["budget"] = {**(summary.get("budget") or {}), "spent": report["budget"]}
                 checkpoint.write_json(out_dir / "summary.json", summary)
     except TrainingInterrupted as e:
-        distributed.wait_for_all()
-        parser.exit(EXIT_SIGTERM, f"{e}\n")
+        status, message = EXIT_SIGTERM, f"{e}\n"
     except (TrainingError, *quantize.LOAD_ERRORS) as e:
-        distributed.wait_for_all()
-        parser.exit(2, f"error: {e}\n")
-    distributed.wait_for_all()
+        status, message = 2, f"error: {e}\n"
+    else:
+        status = None
+    distributed.wait_for_all()  # every process ends here, after process 0's stages after training
+    if status is not None:
+        parser.exit(status, message)
 
 
 if __name__ == "__main__":

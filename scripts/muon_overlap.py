@@ -16,7 +16,6 @@ EMA), under whatever XLA_FLAGS the caller set:
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import re
@@ -29,7 +28,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from golf_jax import cli, optim, profiling, train  # noqa: E402
+from golf_jax import bench, cli, profiling, train  # noqa: E402
 
 _START = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\b([\w\-]+-start)\(")
 _DONE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\b([\w\-]+-done)\(.*?%([\w.\-]+)")
@@ -63,13 +62,11 @@ def scheduled_collectives(hlo: str) -> list[dict]:
 
 
 def nccl_timeline(trace: Path, device_prefix: str = "/device:GPU:0") -> list[dict]:
-    with gzip.open(trace, "rt") as f:
-        raw = json.load(f)
-    events = raw["traceEvents"] if isinstance(raw, dict) else raw
-    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-    pid = next((p for p, n in procs.items() if n.startswith(device_prefix)), None)
-    spans = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") == pid and "dur" in e),
-                   key=lambda e: e["ts"])
+    """Each NCCL kernel of one device: when in the step, how long, and how
+    much of it a compute kernel of that device runs beside."""
+    tracks, spans = profiling.trace_spans(trace)
+    pid = next((p for p, n in tracks.items() if n.startswith(device_prefix)), None)
+    spans = sorted((e for e in spans if e["pid"] == pid), key=lambda e: e["ts"])
     if not spans:
         return []
     t0 = spans[0]["ts"]
@@ -92,18 +89,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     cfg, args = cli.parse(parser, default_config="configs/record.py")
     args.out.mkdir(parents=True, exist_ok=True)
-    mesh = train.make_mesh(cfg.run.num_devices)
-    params = train.initial_params(cfg)
-    tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
-    state = train.init_state(params, tx, mesh, cfg.schedule.swa_enabled)
-    step = train.make_train_step(cfg, mesh, tx, state)
-    d = cfg.data
-    shape = (d.micro_batches_per_step // mesh.size,
-             d.train_batch_tokens // d.micro_batches_per_step // d.train_seq_len * mesh.size, d.train_seq_len)
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train.AXIS))
     rng = np.random.default_rng(0)
-    xs, ys = (jax.device_put(rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32), sharding)
-              for _ in range(2))
+    step, state, xs, ys = bench.optimizer_step(
+        train.initial_params(cfg), cfg, lambda shape, _: rng.integers(0, cfg.model.vocab_size, shape, dtype=np.int32))
+    mesh, d = xs.sharding.mesh, cfg.data
     t0 = time.perf_counter()
     compiled = step.lower(state, xs, ys, 1.0, False, False).compile()
     compile_s = time.perf_counter() - t0
