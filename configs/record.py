@@ -16,7 +16,7 @@ def get_config() -> Config:
             tie_embeddings=True, tied_embed_init_std=0.005, logit_softcap=30.0, rope_base=10000.0,
             qk_gain_init=1.5, bigram_vocab_size=3072, bigram_dim=112, xsa_last_n=11, rope_dims=16,
             ln_scale=True, ve_enabled=True, ve_dim=128, ve_layers="9,10",
-            rope_ntk_base_len=1024, embedding_dtype="bfloat16",
+            rope_ntk_base_len=1024, embedding_dtype="bfloat16", round_logits=True,
         ),
         data=DataConfig(
             data_dir="data/datasets/fineweb10B_sp1024",
@@ -28,12 +28,12 @@ def get_config() -> Config:
             muon_momentum_warmup_steps=1500, muon_backend_steps=5, muon_weight_decay=0.04,
             muon_momentum_dtype="bfloat16", muon_ns_dtype="bfloat16",
             tied_embed_lr=0.035, scalar_lr=0.025, beta1=0.9, beta2=0.95, adam_eps=1e-8,
-            adam_weight_decay=0.04, grad_clip_norm=0.3,
+            adam_weight_decay=0.04, grad_clip_norm=0.3, grad_accum_dtype="param",
         ),
         schedule=ScheduleConfig(
             iterations=20_000, warmup_steps=20, warmdown_iters=4000, max_wallclock_seconds=600.0,
             ema_decay=0.997, swa_enabled=False, swa_every=50, swa_lr_threshold=0.2,
-            late_qat_threshold=0.15, qat_scope="small",
+            late_qat_threshold=0.15, qat_scope="none",
         ),
         quant=QuantConfig(
             clip_range=31, gptq_block_size=128, calib_num_seqs=64, calib_seq_len=2048,

@@ -140,7 +140,7 @@ def params_to_reference(tree: Params, cfg: ModelConfig) -> dict[str, np.ndarray]
 
 def load_reference_state(path: str | Path) -> dict[str, np.ndarray]:
     """Read reference weights: an .npz of reference-named arrays (a `param/`
-    prefix, as in the fixtures, is accepted) or, with torch installed, a
+    prefix, as in the fixtures, is accepted; uint16 arrays are bf16 bits) or, with torch installed, a
     reference `final_model.pt` state_dict. bf16 tensors stay bf16."""
     path = Path(path)
     if not path.exists():
@@ -193,6 +193,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
             if arr.dtype == np.dtype("V2"):
                 # np.save writes ml_dtypes' bfloat16 as raw 2-byte void ('|V2'),
                 # so an .npz of our own bf16 embeddings comes back as that.
+                arr = arr.view(jnp.bfloat16)
+            elif arr.dtype == np.uint16:
+                # bf16 bit patterns (the fixtures' *_bf16bits.npz): the upper
+                # half of each float32. No weight is an integer, so this is unambiguous.
                 arr = arr.view(jnp.bfloat16)
             out[k.removeprefix("param/")] = arr
     return out

@@ -144,9 +144,15 @@ def param_count(params: Params) -> int:
 
 # ----------------------------------------------------------------------------- pieces
 
-def rms_norm(x: jax.Array) -> jax.Array:
+def rms_norm(x: jax.Array, scale: float = 1.0) -> jax.Array:
+    """Weightless RMSNorm times a constant, in float32, rounded once to x's dtype.
+
+    The constant is applied here, in float32, because a Python float times a
+    bf16 array is rounded to bf16 first in JAX (1/sqrt(3) becomes 0.578125),
+    where PyTorch multiplies in float32.
+    """
     xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + RMS_NORM_EPS)).astype(x.dtype)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + RMS_NORM_EPS) * scale).astype(x.dtype)
 
 
 def linear(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
@@ -217,15 +223,20 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
 
 def exclusive_self_attention(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
     """XSA: remove from each head's output its component along the unit value
-    vector of its KV group at the same position."""
+    vector of its KV group at the same position.
+
+    In float32 whatever the inputs, returned in y's dtype: under the
+    reference's autocast F.normalize is a float32 op, so the unit vector, the
+    projection and the difference are float32 until the out-projection.
+    """
     B, T, H, D = y_BxTxHxD.shape
     K = v_BxTxKxD.shape[2]
     vf = v_BxTxKxD.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(vf * vf, axis=-1, keepdims=True))
-    vn_BxTxKx1xD = (vf / jnp.maximum(norm, XSA_NORM_EPS))[:, :, :, None, :].astype(y_BxTxHxD.dtype)
-    y_BxTxKxGxD = y_BxTxHxD.reshape(B, T, K, H // K, D)
+    vn_BxTxKx1xD = (vf / jnp.maximum(norm, XSA_NORM_EPS))[:, :, :, None, :]
+    y_BxTxKxGxD = y_BxTxHxD.reshape(B, T, K, H // K, D).astype(jnp.float32)
     along = jnp.sum(y_BxTxKxGxD * vn_BxTxKx1xD, axis=-1, keepdims=True)
-    return (y_BxTxKxGxD - along * vn_BxTxKx1xD).reshape(B, T, H, D)
+    return (y_BxTxKxGxD - along * vn_BxTxKx1xD).reshape(B, T, H, D).astype(y_BxTxHxD.dtype)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -310,7 +321,7 @@ def block(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, x0: jax.Ar
     norm_scale = (layer + 1) ** -0.5 if cfg.ln_scale else 1.0
 
     x_in = p["resid_mix"][0] * x + p["resid_mix"][1] * x0
-    h = rms_norm(x_in) * norm_scale
+    h = rms_norm(x_in, norm_scale)
     tap(taps, "attn_in", layer, h)
     q = linear(h, params["qo_bank"][layer]).reshape(B, T, H, D)
     k = linear(h, params["kv_bank"][layer]).reshape(B, T, K, D)
@@ -327,7 +338,7 @@ def block(params: Params, cfg: ModelConfig, layer: int, x: jax.Array, x0: jax.Ar
     tap(taps, "attn_out", layer, y)
     x = x_in + p["attn_scale"] * linear(y, params["qo_bank"][L + layer])
 
-    h = rms_norm(x) * norm_scale
+    h = rms_norm(x, norm_scale)
     w_up, w_down = (params[bank][layer].astype(x.dtype) for bank in ("mlp_up_bank", "mlp_down_bank"))
     if taps is None:
         y = mlp_kernels.mlp(h, w_up, w_down, cfg.mlp_negative_slope, mlp_impl(cfg))
@@ -381,8 +392,13 @@ def head_weight(params: Params, cfg: ModelConfig) -> jax.Array:
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array:
+    """Soft-capped float32 logits of final-normed hidden states."""
     w = head_weight(params, cfg).astype(h_BxTxd.dtype)
-    z = jnp.einsum("btd,vd->btv", h_BxTxd, w, preferred_element_type=jnp.float32)
+    # reference quirk: under autocast the head's matmul returns the compute
+    # dtype, so the logits are rounded to bf16 before the float32 softcap
+    # (model.round_logits=False keeps the float32 accumulator).
+    out = None if cfg.round_logits else jnp.float32
+    z = jnp.einsum("btd,vd->btv", h_BxTxd, w, preferred_element_type=out).astype(jnp.float32)
     return cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
 
 

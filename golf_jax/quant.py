@@ -306,10 +306,14 @@ def tensor_kind(name: str, x: jax.Array) -> str:
         # that changes nothing, and quantising bank matrices whatever their
         # size lets small configs exercise GPTQ.
         return INT6
+    # As the reference: every tensor of at most 65,536 values (per layer for
+    # our stacked block params) is kept fp16, the control scalars included;
+    # only a larger control tensor would stay fp32.
+    per_tensor = x.size // x.shape[0] if name.startswith("blocks/") else x.size
+    if per_tensor <= KEEP_FLOAT_MAX_NUMEL:
+        return FP16
     if name.startswith("blocks/") or name in CONTROL_NAMES:
         return FP32
-    if x.size <= KEEP_FLOAT_MAX_NUMEL or x.ndim < 2:
-        return FP16
     return INT8  # the embedding tables at the record size, an untied lm_head
 
 
@@ -401,24 +405,44 @@ def dequantize_params(qmodel: QuantizedModel, cfg: ModelConfig) -> Params:
 
 # ----------------------------------------------------------------------------- pruning
 
+def _reference_matrix_rank(name: str, matrix: np.ndarray, n_matrices: int) -> np.ndarray:
+    """The position of bank matrices in the reference's unbanked state dict,
+    within their bank: Q/out-proj (and K/V) interleaved per layer
+    (blocks.0.attn.c_q, blocks.0.attn.proj, blocks.1.attn.c_q, ...)."""
+    if name in ("qo_bank", "kv_bank"):
+        half = n_matrices // 2
+        return np.where(matrix < half, 2 * matrix, 2 * (matrix - half) + 1)
+    return matrix
+
+
 def plus_minus_one_order(qmodel: QuantizedModel) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Every int6 value equal to +-1, cheapest first: ordered by its row's
-    scale squared (the squared error of zeroing it), ties in tensor order,
-    then row-major position. Returns (int6 tensor names, tensor index, flat index)."""
-    names, tensor_ids, flats, costs = [], [], [], []
-    for name, t in qmodel.items():
+    scale squared (the squared error of zeroing it). reference quirk: ties
+    (frequent: the 1/31 scale floor) go in the reference's state-dict order
+    of the unbanked matrices (banks qo, kv, mlp_up, mlp_down, each layer's
+    pair interleaved), then row-major position in the matrix.
+    Returns (int6 tensor names, tensor index, flat index into the tensor)."""
+    names, tensor_ids, flats, costs, ranks, within = [], [], [], [], [], []
+    bank_first = {name: i for i, name in enumerate(BANK_KEYS)}
+    offset = 0
+    for name, t in sorted(qmodel.items(), key=lambda kv: bank_first.get(kv[0], len(BANK_KEYS))):
         if t.kind != INT6:
             continue
         q_RxC = t.data.reshape(-1, t.data.shape[-1])
+        rows_per_matrix = t.data.shape[-2] if t.data.ndim >= 2 else 1
+        n_matrices = q_RxC.shape[0] // rows_per_matrix
         rows, cols = np.nonzero(np.abs(q_RxC) == 1)
         scale_sq = np.square(t.scale.astype(np.float32).reshape(-1))
         tensor_ids.append(np.full(rows.size, len(names), np.int32))
         flats.append(rows.astype(np.int64) * q_RxC.shape[1] + cols)
         costs.append(scale_sq[rows])
+        ranks.append(offset + _reference_matrix_rank(name, rows // rows_per_matrix, n_matrices))
+        within.append((rows % rows_per_matrix).astype(np.int64) * q_RxC.shape[1] + cols)
+        offset += n_matrices
         names.append(name)
     if not names:
         return [], np.zeros(0, np.int32), np.zeros(0, np.int64)
-    order = np.argsort(np.concatenate(costs), kind="stable")
+    order = np.lexsort((np.concatenate(within), np.concatenate(ranks), np.concatenate(costs)))
     return names, np.concatenate(tensor_ids)[order], np.concatenate(flats)[order]
 
 

@@ -100,20 +100,23 @@ class TrainState(NamedTuple):
 # ----------------------------------------------------------------------------- QAT
 
 def fake_quantize_int6(w: jax.Array) -> jax.Array:
-    """Straight-through int6 fake quantisation per output row: scale = amax / 31,
-    values rounded and clamped to [-32, 31]."""
+    """Straight-through int6 fake quantisation per output row: scale =
+    max(amax / 31, 1 / 31), values rounded and clamped to [-32, 31]."""
     w32 = w.astype(jnp.float32)
     amax = jnp.max(jnp.abs(w32), axis=-1, keepdims=True)
-    scale = jnp.where(amax > 0, amax / 31.0, 1.0)
+    # reference quirk: the step has a floor of 1/31, so rows whose largest
+    # weight is under 1 all get that step.
+    scale = jnp.maximum(amax / 31.0, 1.0 / 31.0)
     q = (jnp.clip(jnp.round(w32 / scale), *QAT_LEVELS) * scale).astype(w.dtype)
     return w + jax.lax.stop_gradient(q - w)
 
 
 def apply_qat(params: Params, scope: str, enabled: jax.Array) -> Params:
     """Fake-quantise the weights in `scope` when `enabled` (a traced bool, so
-    switching QAT on never recompiles). reference quirk: the record's scope is
-    the bigram and VE projections only ("small"); "all" adds the banks."""
-    names = QAT_SMALL + (optim.BANK_KEYS if scope == "all" else ())
+    switching QAT on never recompiles): "small" the bigram and VE projections
+    (the record's CastedLinears), "all" the banks too, "none" nothing (the
+    record as it runs: see ScheduleConfig.qat_scope)."""
+    names = {"none": (), "small": QAT_SMALL, "all": QAT_SMALL + optim.BANK_KEYS}[scope]
 
     def one(path, w):
         return jnp.where(enabled, fake_quantize_int6(w), w) if path_name(path) in names else w
@@ -188,6 +191,9 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
     decay = cfg.schedule.ema_decay
     scope = cfg.schedule.qat_scope
     f32 = jnp.float32
+    # reference quirk ("param"): micro-batch gradients summed, and averaged over
+    # devices, in each parameter's dtype (bf16 for the embedding tables).
+    accum_dtype = (lambda p: p.dtype) if cfg.optimizer.grad_accum_dtype == "param" else (lambda p: f32)
 
     def loss_fn(params, x, y, qat_on):
         return model.loss(apply_qat(params, scope, qat_on), mcfg, x, y)
@@ -200,9 +206,9 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         def micro(carry, xy):
             gsum, lsum = carry
             loss, g = grad_fn(params, xy[0], xy[1], qat_on)
-            return (jax.tree.map(lambda a, b: a + b.astype(f32), gsum, g), lsum + loss), None
+            return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, g), lsum + loss), None
 
-        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, f32), params), jnp.zeros([], f32))
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype(p)), params), jnp.zeros([], f32))
         (gsum, lsum), _ = jax.lax.scan(micro, zeros, (xs, ys))
         loss = jax.lax.pmean(lsum / accum, AXIS)
 

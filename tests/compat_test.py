@@ -76,3 +76,14 @@ def test_reads_reference_final_model_pt(tmp_path, tiny_ref, tiny_cfg):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(compat.CompatError, match="bad.pt: not a readable PyTorch state_dict"):
         compat.load_reference_state(tmp_path / "bad.pt")
+
+
+def test_npz_of_bf16_bits(tmp_path, tiny_ref, tiny_cfg):
+    """The fixtures' *_bf16bits.npz: uint16 arrays are the upper halves of float32 values."""
+    ref = compat.load_reference_state(fixture_path("model_tiny.npz"))
+    as_bf16 = {k: np.asarray(v, np.float32).astype(jnp.bfloat16) for k, v in ref.items()}
+    np.savez(tmp_path / "w_bf16bits.npz", **{k: v.view(np.uint16) for k, v in as_bf16.items()})
+    got = compat.load_reference_state(tmp_path / "w_bf16bits.npz")
+    for k, v in as_bf16.items():
+        assert got[k].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(v, np.float32))

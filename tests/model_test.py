@@ -209,3 +209,20 @@ def test_cudnn_attention_matches_jnp_path_on_gpu():
     got = model.attention(q, k, v, "cudnn")
     want = model.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), "jnp")
     assert rel_err(got, want) < 1e-2  # bf16 inputs and output
+
+
+def test_bf16_head_rounds_logits_and_scales_norms_in_float32(tiny_params, tiny_cfg):
+    bf16 = dataclasses.replace(tiny_cfg, compute_dtype="bfloat16")
+    params = model.cast_params(tiny_params, bf16)
+    h = jax.random.normal(jax.random.key(0), (2, 5, bf16.model_dim)).astype(jnp.bfloat16)
+    # reference quirk: autocast's head matmul returns bf16, then the softcap runs in float32.
+    z = jnp.einsum("btd,vd->btv", h, params["tok_emb"].astype(jnp.bfloat16)).astype(jnp.float32)
+    want = bf16.logit_softcap * jnp.tanh(z / bf16.logit_softcap)
+    np.testing.assert_array_equal(model.logits_from_hidden(params, bf16, h), want)
+    unrounded = model.logits_from_hidden(params, dataclasses.replace(bf16, round_logits=False), h)
+    assert not np.array_equal(unrounded, want)
+    # The LN scale multiplies in float32 (a Python float times bf16 would round 1/sqrt(3) to 0.578125).
+    x = jax.random.normal(jax.random.key(1), (4, 64)).astype(jnp.bfloat16)
+    xf = x.astype(jnp.float32)
+    exact = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + model.RMS_NORM_EPS) * 3 ** -0.5
+    np.testing.assert_array_equal(model.rms_norm(x, 3 ** -0.5), exact.astype(jnp.bfloat16))

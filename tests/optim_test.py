@@ -30,9 +30,11 @@ def relative_to_step(got, ref, prev) -> float:
 
 @pytest.mark.parametrize("dtype, suffix, tol", [
     (jnp.float32, "_fp32", 1e-4),  # a float32 port lands near 3e-6
-    # Two correct bf16 Newton-Schulz implementations differ by 7-13% of the
-    # step: the iteration amplifies bf16 rounding.
-    (jnp.bfloat16, "", 0.2),
+    # The bf16 Newton-Schulz alone is bit-exact (next test), but the fixture's
+    # two steps are not reproduced bit for bit from its float32 gradients
+    # (measured 2.5-5.0% of the step; before the reference's rounding order
+    # was followed, 7-13%): the iteration amplifies one bf16 rounding apart.
+    (jnp.bfloat16, "", 0.06),
 ])
 def test_muon_two_steps_match_reference(muon_ref, dtype, suffix, tol):
     tx = optim.muon(0.025, 0.95, nesterov=True, ns_steps=5, weight_decay=0.04, momentum_dtype=dtype, ns_dtype=dtype)
@@ -50,9 +52,13 @@ def test_muon_two_steps_match_reference(muon_ref, dtype, suffix, tol):
         prev = {b: muon_ref[f"after{k}{suffix}/{b}"] for b in BANKS}
 
 
-@pytest.mark.parametrize("dtype, key, tol", [(jnp.float32, "ns_out_fp32", 1e-4), (jnp.bfloat16, "ns_out_bf16", 0.2)])
+# float32: a float32 port lands near 1e-6. bf16: every bf16 rounding of the
+# reference's eager PyTorch reproduced, so exact (on the CPU; cuBLAS may sum
+# the float32 accumulators in another order).
+@pytest.mark.parametrize("dtype, key, tol", [(jnp.float32, "ns_out_fp32", 1e-5), (jnp.bfloat16, "ns_out_bf16", 0.0)])
 def test_newton_schulz_matches_reference(muon_ref, dtype, key, tol):
-    got = np.asarray(optim.newton_schulz(jnp.asarray(muon_ref["ns_in"]), 5, dtype), np.float64)
+    got = np.asarray(jax.jit(optim.newton_schulz, static_argnums=(1, 2))(jnp.asarray(muon_ref["ns_in"]), 5, dtype),
+                     np.float64)
     ref = muon_ref[key]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= tol
 

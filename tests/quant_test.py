@@ -170,9 +170,10 @@ EXPECTED_KINDS = {
     "qo_bank": quant.INT6, "kv_bank": quant.INT6, "mlp_up_bank": quant.INT6, "mlp_down_bank": quant.INT6,
     "tok_emb": quant.INT8, "bigram/embed": quant.INT8, "ve/embed": quant.INT8,  # > 65,536 values
     "bigram/proj": quant.FP16, "ve/proj": quant.FP16,  # <= 65,536 values
-    "blocks/attn_scale": quant.FP32, "blocks/mlp_scale": quant.FP32, "blocks/resid_mix": quant.FP32,
-    "blocks/q_gain": quant.FP32, "skip_weights": quant.FP32, "smear_gate": quant.FP32,
-    "bigram/scale": quant.FP32, "ve/scale": quant.FP32, "ve/layer_scales": quant.FP32,
+    # reference quirk: the <= 65,536-value rule comes first, so the control scalars are fp16 too
+    "blocks/attn_scale": quant.FP16, "blocks/mlp_scale": quant.FP16, "blocks/resid_mix": quant.FP16,
+    "blocks/q_gain": quant.FP16, "skip_weights": quant.FP16, "smear_gate": quant.FP16,
+    "bigram/scale": quant.FP16, "ve/scale": quant.FP16, "ve/layer_scales": quant.FP16,
 }
 GPTQ_BANKS = ("qo_bank", "mlp_down_bank")  # the other two take the Hessian-free path
 

@@ -54,7 +54,7 @@ def test_artifact_holds_what_the_rules_say(trained, tmp_path):
         t = qmodel[bank]
         assert t.kind == quant.INT6 and np.abs(t.data).max() <= cfg.quant.clip_range
         assert t.scale.dtype == np.float16 and t.scale.shape == t.data.shape[:-1]
-    assert qmodel["blocks/attn_scale"].kind == quant.FP32
+    assert qmodel["blocks/attn_scale"].kind == quant.FP16
     loaded, lcfg, _ = quantize.load_model(artifact_path=tmp_path / quantize.ARTIFACT_NAME)
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
@@ -95,6 +95,16 @@ def test_pruning_order_is_cheapest_first():
     assert pruned["bank"].data.reshape(-1)[6] == 0 and pruned["bank"].data.reshape(-1)[4] == 0
     assert q.reshape(-1)[6] == -1  # the input is not modified
     assert pruned["emb"] is qm["emb"]
+
+
+def test_pruning_ties_follow_the_reference_matrix_order():
+    # Four equal-scale matrices of one qo_bank (2 layers): the reference's
+    # unbanked order is c_q 0, proj 0, c_q 1, proj 1, i.e. bank matrices 0, 2, 1, 3.
+    q = np.zeros((4, 2, 2), np.int8)
+    q[:, 1, 0] = 1
+    qm = {"qo_bank": quant.QTensor(quant.INT6, q, np.ones((4, 2), np.float16), "float32")}
+    _, _, flats = quant.plus_minus_one_order(qm)
+    np.testing.assert_array_equal(flats // 4, [0, 2, 1, 3])
 
 
 def test_replay_from_training_checkpoint_dir(trained):

@@ -126,11 +126,13 @@ def test_init_from_reference_weights(tmp_path):
 
 
 def test_fake_quantize_int6():
-    w = jnp.array([[0.31, -0.62, 0.0, 0.155], [1.0, 0.5, -0.25, 0.0]])
+    w = jnp.array([[3.0, -6.2, 0.0, 1.2], [1.0, 0.5, -0.25, 0.0], [0.31, -0.62, 0.0, 0.01]])
     q = np.asarray(train.fake_quantize_int6(w))
-    scale = np.array([[0.62 / 31], [1.0 / 31]])
+    # The third row's largest weight is under 1: the reference's floor of 1/31 sets its step.
+    scale = np.array([[6.2 / 31], [1.0 / 31], [1.0 / 31]])
     np.testing.assert_allclose(q, np.clip(np.round(np.asarray(w) / scale), -32, 31) * scale, rtol=1e-6)
     assert len(np.unique(np.round(q[1] / scale[1]))) == 4
+    assert q[2, 3] == 0.0 and q[2, 1] == np.float32(-19 / 31)
     # Straight-through: the gradient passes as if the rounding were the identity.
     g = jax.grad(lambda w: jnp.sum(train.fake_quantize_int6(w) * 3.0))(w)
     np.testing.assert_array_equal(np.asarray(g), 3.0)
@@ -146,6 +148,7 @@ def test_qat_scope_and_switch():
     assert not np.array_equal(small["bigram"]["proj"], params["bigram"]["proj"])
     np.testing.assert_array_equal(small["qo_bank"], params["qo_bank"])
     assert not np.array_equal(every["qo_bank"], params["qo_bank"])
+    assert_trees_equal(train.apply_qat(params, "none", jnp.asarray(True)), params)
     np.testing.assert_array_equal(every["tok_emb"], params["tok_emb"])  # embeddings are never QAT'd
 
 
