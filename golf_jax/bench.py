@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import artifact, cli, data, evaluate, generate, model, optim, profiling, quant, train
+from golf_jax import artifact, cli, data, evaluate, generate, model, optim, profiling, quant, runlog, train
 from golf_jax.config import ModelConfig
 
 # bf16 dense matmul rate measured on the device's H100 (8192^3, JAX 0.11.2);
@@ -161,7 +161,7 @@ def bench_grad(params, cfg, tokens_fn, batch_seqs: int, seq_len: int, repeats: i
     tokens = batch_seqs * seq_len
     tflops = 3 * tokens * (dense + attn) / r["median_s"] / 1e12
     r.update(tokens_per_s=tokens / r["median_s"], tflops=tflops, mfu=tflops / H100_MATMUL_TFLOPS,
-             peak_memory_bytes=train.peak_memory_bytes(), shape=[batch_seqs, seq_len])
+             peak_memory_bytes=runlog.peak_memory_bytes(), shape=[batch_seqs, seq_len])
     return r
 
 
@@ -192,7 +192,7 @@ def bench_train_step(params, cfg, tokens_fn, micro_batches: int, repeats: int) -
     dense, attn = matmul_flops_per_token(cfg.model, cfg.data.train_seq_len)
     tflops = 3 * tokens * (dense + attn) / r["median_s"] / 1e12  # the model's FLOPs; the optimizer's are ~1%
     r.update(tokens_per_s=tokens / r["median_s"], micro_batches=micro_batches, tflops=tflops,
-             mfu=tflops / H100_MATMUL_TFLOPS, peak_memory_bytes=train.peak_memory_bytes())
+             mfu=tflops / H100_MATMUL_TFLOPS, peak_memory_bytes=runlog.peak_memory_bytes())
     return r
 
 

@@ -31,9 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import argparse
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from golf_jax import artifact, compat, data, model, quant
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError
 
@@ -273,3 +278,56 @@ def load_params(directory: str | Path, template: Any | None = None) -> tuple[Any
         raise CheckpointError(f"{directory / 'params'}: cannot be read"
                               f"{' into this model' if template is not None else ''} ({_describe(e)})") from None
     return params, cfg
+
+
+# ----------------------------------------------------------------------------- loading a model
+
+LOAD_ERRORS = (ConfigError, data.DataError, CheckpointError, artifact.ArtifactError, compat.CompatError,
+               quant.QuantError)
+
+
+def _ema_from_training_checkpoint(directory: Path) -> tuple[model.Params, Config]:
+    ckpts = TrainCheckpoints(directory)
+    try:
+        state, meta = ckpts.restore(None)  # as saved: its layout depends on the device count
+    finally:
+        ckpts.close()
+    cfg = config_lib.from_dict(meta["config"])
+    ema = state["ema"] if isinstance(state, dict) else state.ema
+    ema_by_name = {model.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ema)}
+
+    def to_param(path, like):
+        # Banks are zero-padded to a multiple of the device count in training.
+        x = np.asarray(ema_by_name[model.path_name(path)])
+        return jnp.asarray(x[tuple(slice(0, n) for n in like.shape)], like.dtype)
+
+    template = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
+    return jax.tree_util.tree_map_with_path(to_param, template), cfg
+
+
+def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | Path | None = None
+               ) -> tuple[model.Params, Config, str]:
+    """(params, the config they were made with, a description of the source)."""
+    if artifact_path:
+        qmodel, meta = artifact.read_artifact(artifact_path)
+        cfg = config_lib.from_dict(meta["config"])
+        return quant.dequantize_params(qmodel, cfg.model), cfg, f"artifact {artifact_path}"
+    path = Path(checkpoint_path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / "final_model").is_dir():
+        path = path / "final_model"
+    if (path / "config.json").is_file():
+        params, cfg = load_params(path)
+        return params, cfg, f"saved model {path}"
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    params, cfg = _ema_from_training_checkpoint(path)
+    return params, cfg, f"EMA weights of the latest training checkpoint in {path}"
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """--artifact | --checkpoint, one required: what `load_model` reads."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--artifact", help="an int6 artifact written by golf_jax.quantize")
+    src.add_argument("--checkpoint", help="a run directory, its final_model/ or its checkpoints/")

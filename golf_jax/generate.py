@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from golf_jax import model
+from golf_jax import checkpoint, data, model
 from golf_jax.config import Config, ModelConfig
 from golf_jax.model import Params
 
@@ -209,11 +209,9 @@ def reference_hessian_names(hessians: dict[str, jax.Array], cfg: ModelConfig) ->
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from golf_jax import data, quantize
-
     parser = argparse.ArgumentParser(prog="python -m golf_jax.generate",
                                      description="Sample text from a trained model (KV-cached).")
-    quantize.add_model_source(parser)
+    checkpoint.add_model_source(parser)
     parser.add_argument("--prompt", default="", help="text to continue (empty: a uniform random first token)")
     parser.add_argument("--tokens", type=int, default=200, help="new tokens per sample")
     parser.add_argument("--samples", type=int, default=1)
@@ -222,11 +220,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="SentencePiece model (default: the run config's)")
     args = parser.parse_args(argv)
     try:
-        params, cfg, source = quantize.load_model(artifact_path=args.artifact, checkpoint_path=args.checkpoint)
+        params, cfg, source = checkpoint.load_model(artifact_path=args.artifact, checkpoint_path=args.checkpoint)
         ds = data.resolve_dataset(cfg.data.data_dir, args.tokenizer or cfg.data.tokenizer_path,
                                   cfg.data.train_pattern, cfg.data.val_pattern, cfg.model.vocab_size)
         sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
-    except quantize.LOAD_ERRORS as e:
+    except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
     key = jax.random.key(args.seed)
     ids = sp.encode(args.prompt) if args.prompt else []

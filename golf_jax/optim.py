@@ -30,10 +30,12 @@ ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 def rounding_to(dtype) -> Callable[[jax.Array], jax.Array]:
     """Round float32 values to `dtype`'s precision, keeping them float32.
 
-    An explicit reduce_precision, because XLA's excess precision drops a
-    convert pair inside a fusion: the reference's Muon, eager PyTorch, rounds
-    to bf16 after every operation, and with those roundings dropped the
-    Newton-Schulz output came out 2.7% smaller in norm (docs/fidelity.md).
+    The reference's Muon is eager PyTorch: each bf16 op computes in float32
+    (a Python scalar included) and rounds its result once. Computing in
+    float32 and rounding here reproduces that; bf16 arithmetic in JAX would
+    round the scalar too (3.4445 -> 3.4375, which shrank the Newton-Schulz
+    output by 2.7%, docs/fidelity.md). reduce_precision rather than a convert
+    pair, which XLA's excess precision may drop inside a fusion.
     """
     info = jnp.finfo(dtype)
     if info.bits >= 32:

@@ -22,61 +22,13 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from golf_jax import artifact, checkpoint, compat, data, evaluate, generate, model, quant, ttt
+from golf_jax import artifact, checkpoint, evaluate, generate, model, quant, ttt
 from golf_jax import config as config_lib
-from golf_jax.train import CompileCounter
 from golf_jax.config import Config, ConfigError, RunConfig
+from golf_jax.runlog import CompileCounter
 
 ARTIFACT_NAME = "final_model.int6.golf"
-LOAD_ERRORS = (ConfigError, data.DataError, checkpoint.CheckpointError, artifact.ArtifactError, compat.CompatError,
-               quant.QuantError)
-
-
-# ----------------------------------------------------------------------------- loading
-
-def _ema_from_training_checkpoint(directory: Path) -> tuple[model.Params, Config]:
-    ckpts = checkpoint.TrainCheckpoints(directory)
-    try:
-        state, meta = ckpts.restore(None)  # as saved: its layout depends on the device count
-    finally:
-        ckpts.close()
-    cfg = config_lib.from_dict(meta["config"])
-    ema = state["ema"] if isinstance(state, dict) else state.ema
-    ema_by_name = {model.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ema)}
-
-    def to_param(path, like):
-        # Banks are zero-padded to a multiple of the device count in training.
-        x = np.asarray(ema_by_name[model.path_name(path)])
-        return jnp.asarray(x[tuple(slice(0, n) for n in like.shape)], like.dtype)
-
-    template = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
-    return jax.tree_util.tree_map_with_path(to_param, template), cfg
-
-
-def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | Path | None = None
-               ) -> tuple[model.Params, Config, str]:
-    """(params, the config they were made with, a description of the source)."""
-    if artifact_path:
-        qmodel, meta = artifact.read_artifact(artifact_path)
-        cfg = config_lib.from_dict(meta["config"])
-        return quant.dequantize_params(qmodel, cfg.model), cfg, f"artifact {artifact_path}"
-    path = Path(checkpoint_path)
-    if not path.exists():
-        raise checkpoint.CheckpointError(f"{path}: no such checkpoint directory")
-    if (path / "final_model").is_dir():
-        path = path / "final_model"
-    if (path / "config.json").is_file():
-        params, cfg = checkpoint.load_params(path)
-        return params, cfg, f"saved model {path}"
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    params, cfg = _ema_from_training_checkpoint(path)
-    return params, cfg, f"EMA weights of the latest training checkpoint in {path}"
-
-
 def run_dir_of(checkpoint_path: str | Path) -> Path:
     path = Path(checkpoint_path).absolute()
     return path.parent if path.name in ("final_model", "checkpoints") else path
@@ -216,7 +168,7 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
         f"{pruning.get('candidates', 0):,} +-1 values")
 
     with stage("reload"):
-        qparams, _, _ = load_model(artifact_path=path)
+        qparams, _, _ = checkpoint.load_model(artifact_path=path)
     with stage("eval_int6_roundtrip"):
         rt = evaluate.run_standard(qparams, cfg, val_tokens, tables, progress)
     report["int6_roundtrip"] = dataclasses.asdict(rt)
@@ -238,13 +190,6 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     return report
 
 
-def add_model_source(parser: argparse.ArgumentParser) -> None:
-    """--artifact | --checkpoint, one required: what `load_model` reads."""
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--artifact", help="an int6 artifact written by golf_jax.quantize")
-    src.add_argument("--checkpoint", help="a run directory, its final_model/ or its checkpoints/")
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     from golf_jax import cli
 
@@ -257,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     try:
         args, overrides = cli.parse_with_overrides(parser, argv)
-        params, cfg, source = load_model(checkpoint_path=args.checkpoint)
+        params, cfg, source = checkpoint.load_model(checkpoint_path=args.checkpoint)
         if args.config:
             saved, cfg = cfg, cli.load_config_file(args.config)
             if cfg.model != saved.model:
@@ -265,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = cli.apply_overrides(cfg, overrides).validate()
         print(f"model: {model.param_count(params):,} parameters from {source}; backend {jax.default_backend()}")
         quantize_and_evaluate(params, cfg, args.out or run_dir_of(args.checkpoint), progress=not args.no_progress)
-    except LOAD_ERRORS as e:
+    except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
 
 

@@ -20,9 +20,7 @@ warmdown multiplier from the wall clock, late QAT, SWA, and the 600 s cap.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import json
 import math
 import queue
 import signal
@@ -38,7 +36,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from golf_jax import checkpoint, compat, config as config_lib, data, distributed, evaluate, model, optim
+from golf_jax import checkpoint, compat, config as config_lib, data, distributed, evaluate, model, optim, quantize
+from golf_jax.runlog import CompileCounter, RunLog, peak_memory_bytes, plot_curves
 from golf_jax.config import Config, ConfigError
 from golf_jax.model import Params, path_name
 
@@ -193,7 +192,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
     f32 = jnp.float32
     # reference quirk ("param"): micro-batch gradients summed, and averaged over
     # devices, in each parameter's dtype (bf16 for the embedding tables).
-    accum_dtype = (lambda p: p.dtype) if cfg.optimizer.grad_accum_dtype == "param" else (lambda p: f32)
+    in_param_dtype = cfg.optimizer.grad_accum_dtype == "param"
 
     def loss_fn(params, x, y, qat_on):
         return model.loss(apply_qat(params, scope, qat_on), mcfg, x, y)
@@ -208,7 +207,8 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
             loss, g = grad_fn(params, xy[0], xy[1], qat_on)
             return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, g), lsum + loss), None
 
-        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, accum_dtype(p)), params), jnp.zeros([], f32))
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype if in_param_dtype else f32), params),
+                 jnp.zeros([], f32))
         (gsum, lsum), _ = jax.lax.scan(micro, zeros, (xs, ys))
         loss = jax.lax.pmean(lsum / accum, AXIS)
 
@@ -320,96 +320,6 @@ def _global_rows(local: np.ndarray, batches: data.TrainBatches, sharding) -> jax
     return jax.make_array_from_callback(shape, sharding, block)
 
 
-# ----------------------------------------------------------------------------- logging
-
-class RunLog:
-    """Human log lines (console and train.log) and machine records
-    (train.jsonl). Only process 0 of a multi-process run writes them; the
-    others' logs are silent, so the files hold each line once."""
-
-    def __init__(self, out_dir: Path, bar=None, active: bool = True):
-        self.active = active
-        if active:
-            self.text = open(out_dir / "train.log", "a", buffering=1)
-            self.jsonl = open(out_dir / "train.jsonl", "a", buffering=1)
-        self.bar = bar
-
-    def line(self, msg: str) -> None:
-        if self.active:
-            (self.bar.write if self.bar is not None else print)(msg)
-            self.text.write(msg + "\n")
-
-    def record(self, **fields) -> None:
-        if self.active:
-            self.jsonl.write(json.dumps(fields) + "\n")
-
-    def close(self) -> None:
-        if self.active:
-            self.text.close()
-            self.jsonl.close()
-
-
-def plot_curves(train_points, val_points, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_points:
-        s, v = zip(*train_points)
-        ax.plot(s, v, lw=0.8, label="train loss")
-    if val_points:
-        s, v = zip(*val_points)
-        ax.plot(s, v, "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-class CompileCounter:
-    """Counts XLA compilations (any function) while active; those inside
-    `aside()` are counted apart, in `aside_count`."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.count = 0
-        self.aside_count = 0
-        self._aside = False
-
-    def _listener(self, event: str, duration: float, **kwargs) -> None:
-        if event == self.EVENT:
-            if self._aside:
-                self.aside_count += 1
-            else:
-                self.count += 1
-
-    @contextlib.contextmanager
-    def aside(self):
-        self._aside = True
-        try:
-            yield
-        finally:
-            self._aside = False
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-
-
-def peak_memory_bytes() -> int | None:
-    """The allocator's peak bytes in use on this process's first device (not the preallocated pool)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
-
-
 # ----------------------------------------------------------------------------- the run
 
 def initial_params(cfg: Config) -> Params:
@@ -475,8 +385,6 @@ def reserve_budget(cfg: Config, params: Params, log: RunLog, saved: dict | None 
     schedule.quant_reserve_margin of headroom), and what is left for training.
     Either way the stages are compiled here, outside the cap, so after training
     they run compiled. `saved`: a resumed run's reserve, kept as it was."""
-    from golf_jax import quantize  # the stages after training; quantize imports this module
-
     sched = cfg.schedule
     t0 = time.perf_counter()
     # Host arrays, as train.main reloads the final model: the same argument
@@ -820,7 +728,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="stop after training (replay later with python -m golf_jax.quantize)")
     distributed.add_arguments(parser)
     cfg, args = cli.parse(parser, argv)
-    from golf_jax import quantize
 
     try:
         distributed.initialize(args)  # before anything touches a device
@@ -840,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 checkpoint.write_json(out_dir / "summary.json", summary)
     except TrainingInterrupted as e:
         status, message = EXIT_SIGTERM, f"{e}\n"
-    except (TrainingError, *quantize.LOAD_ERRORS) as e:
+    except (TrainingError, *checkpoint.LOAD_ERRORS) as e:
         status, message = 2, f"error: {e}\n"
     else:
         status = None

@@ -288,21 +288,21 @@ def summary(result: TTTResult, pre: evaluate.EvalResult | dict | None) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from golf_jax import checkpoint, cli, quantize
+    from golf_jax import checkpoint, cli
 
     parser = argparse.ArgumentParser(prog="python -m golf_jax.ttt",
                                      description="Score-first test-time training on the validation set.")
-    quantize.add_model_source(parser)
+    checkpoint.add_model_source(parser)
     parser.add_argument("--max-chunks", type=int, default=0, help="stop after N chunks (a timing slice)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen model's sliding evaluation")
     parser.add_argument("--out", help="write the report here as JSON")
     parser.add_argument("--no-progress", action="store_true")
     try:
         args, overrides = cli.parse_with_overrides(parser, argv)
-        params, cfg, source = quantize.load_model(args.artifact, args.checkpoint)
+        params, cfg, source = checkpoint.load_model(args.artifact, args.checkpoint)
         cfg = cli.apply_overrides(cfg, overrides).validate()
         tokens, tables, _ = evaluate.load_eval_data(cfg)
-    except quantize.LOAD_ERRORS as e:
+    except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
     t = cfg.ttt
     print(f"TTT on {source}: {len(tokens) - 1:,} targets in chunks of {t.chunk_tokens:,}; {t.optimizer} lr {t.lr} "

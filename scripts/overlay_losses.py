@@ -9,15 +9,14 @@ and 2 GPUs against a second seed on 1 GPU.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
+from fidelity_curve import golf_run  # a sibling script: the one train.jsonl reader
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    return golf_run(run_dir).train
 
 
 def main() -> None:

@@ -55,7 +55,7 @@ def test_artifact_holds_what_the_rules_say(trained, tmp_path):
         assert t.kind == quant.INT6 and np.abs(t.data).max() <= cfg.quant.clip_range
         assert t.scale.dtype == np.float16 and t.scale.shape == t.data.shape[:-1]
     assert qmodel["blocks/attn_scale"].kind == quant.FP16
-    loaded, lcfg, _ = quantize.load_model(artifact_path=tmp_path / quantize.ARTIFACT_NAME)
+    loaded, lcfg, _ = checkpoint.load_model(artifact_path=tmp_path / quantize.ARTIFACT_NAME)
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         assert x.shape == y.shape and x.dtype == y.dtype
@@ -109,8 +109,8 @@ def test_pruning_ties_follow_the_reference_matrix_order():
 
 def test_replay_from_training_checkpoint_dir(trained):
     run, cfg = trained
-    from_ckpt, ccfg, source = quantize.load_model(checkpoint_path=run / "checkpoints")
-    final, _, _ = quantize.load_model(checkpoint_path=run)
+    from_ckpt, ccfg, source = checkpoint.load_model(checkpoint_path=run / "checkpoints")
+    final, _, _ = checkpoint.load_model(checkpoint_path=run)
     assert "checkpoint" in source and ccfg.model == cfg.model
     # The last checkpoint is the final step's state; its EMA is what final_model holds.
     for x, y in zip(jax.tree.leaves(from_ckpt), jax.tree.leaves(final)):

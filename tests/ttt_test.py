@@ -233,7 +233,7 @@ def test_two_devices_agree(tmp_path):
 
 
 def test_scoring_reuses_the_sliding_evaluation_and_a_second_run_compiles_nothing(setup):
-    from golf_jax.train import CompileCounter
+    from golf_jax.runlog import CompileCounter
 
     cfg, tokens, tables, params = setup
     evaluate.run_sliding(params, cfg, tokens, tables, progress=False)

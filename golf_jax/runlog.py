@@ -1,0 +1,99 @@
+"""What a run reports: its log lines and records, its loss plot, the XLA
+compilations it causes and its peak device memory. Used by training and by the
+stages after it, so neither imports the other for them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import jax
+
+
+class RunLog:
+    """Human log lines (console and train.log) and machine records
+    (train.jsonl). Only process 0 of a multi-process run writes them; the
+    others' logs are silent, so the files hold each line once."""
+
+    def __init__(self, out_dir: Path, bar=None, active: bool = True):
+        self.active = active
+        if active:
+            self.text = open(out_dir / "train.log", "a", buffering=1)
+            self.jsonl = open(out_dir / "train.jsonl", "a", buffering=1)
+        self.bar = bar
+
+    def line(self, msg: str) -> None:
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(msg)
+            self.text.write(msg + "\n")
+
+    def record(self, **fields) -> None:
+        if self.active:
+            self.jsonl.write(json.dumps(fields) + "\n")
+
+    def close(self) -> None:
+        if self.active:
+            self.text.close()
+            self.jsonl.close()
+
+
+def plot_curves(train_points, val_points, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_points:
+        s, v = zip(*train_points)
+        ax.plot(s, v, lw=0.8, label="train loss")
+    if val_points:
+        s, v = zip(*val_points)
+        ax.plot(s, v, "o-", label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class CompileCounter:
+    """Counts XLA compilations (any function) while active; those inside
+    `aside()` are counted apart, in `aside_count`."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+        self.aside_count = 0
+        self._aside = False
+
+    def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            if self._aside:
+                self.aside_count += 1
+            else:
+                self.count += 1
+
+    @contextlib.contextmanager
+    def aside(self):
+        self._aside = True
+        try:
+            yield
+        finally:
+            self._aside = False
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
+def peak_memory_bytes() -> int | None:
+    """The allocator's peak bytes in use on this process's first device (not the preallocated pool)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
