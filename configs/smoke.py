@@ -8,9 +8,11 @@ from golf_jax.config import Config, DataConfig, EvalConfig, ModelConfig, QuantCo
 
 def get_config() -> Config:
     return Config(
+        # ve_dim is half of kv_dim (64), as in the record (128 of 256), so that the
+        # value embedding has its projection.
         model=ModelConfig(
             num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=3.0,
-            bigram_vocab_size=3072, bigram_dim=112, xsa_last_n=4, rope_dims=16, ve_dim=64, ve_layers="2,3",
+            bigram_vocab_size=3072, bigram_dim=112, xsa_last_n=4, rope_dims=16, ve_dim=32, ve_layers="2,3",
         ),
         data=DataConfig(data_dir="embedded", train_seq_len=256, train_batch_tokens=4096, micro_batches_per_step=1),
         schedule=ScheduleConfig(iterations=150, warmup_steps=2, warmdown_iters=50, max_wallclock_seconds=0.0,

@@ -181,7 +181,7 @@ class TrainCheckpoints:
                 state=ocp.args.StandardRestore(_abstract(template_state))))
         except Exception as e:
             raise CheckpointError(f"{self.directory / str(step)}: checkpoint does not fit this run "
-                                  f"({_describe(e)})") from None
+                                  f"({_describe(e)}){_legacy_note(meta.get('config'))}") from None
         return out["state"], meta
 
     def close(self) -> None:
@@ -277,7 +277,24 @@ def load_params(directory: str | Path, template: Any | None = None) -> tuple[Any
     except Exception as e:
         raise CheckpointError(f"{directory / 'params'}: cannot be read"
                               f"{' into this model' if template is not None else ''} ({_describe(e)})") from None
+    _check_no_legacy_params(params, cfg, directory / "params")
     return params, cfg
+
+
+def _legacy_note(config: dict | None) -> str:
+    """Why a checkpoint of this config may not fit: saved under params layout 1."""
+    try:
+        legacy = model.legacy_projections(config_lib.from_dict(config).model) if config else ()
+    except (ValueError, TypeError, AttributeError, ConfigError):
+        return ""
+    return f"; if it holds {' or '.join(legacy)}: {model.LEGACY_LAYOUT}" if legacy else ""
+
+
+def _check_no_legacy_params(params: Any, cfg: Config, where: Path) -> None:
+    names = {model.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    for name in model.legacy_projections(cfg.model):
+        if name in names:
+            raise CheckpointError(f"{where}: {name}: {model.LEGACY_LAYOUT}")
 
 
 # ----------------------------------------------------------------------------- loading a model
@@ -294,6 +311,7 @@ def _ema_from_training_checkpoint(directory: Path) -> tuple[model.Params, Config
         ckpts.close()
     cfg = config_lib.from_dict(meta["config"])
     ema = state["ema"] if isinstance(state, dict) else state.ema
+    _check_no_legacy_params(ema, cfg, directory)
     ema_by_name = {model.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ema)}
 
     def to_param(path, like):
@@ -311,7 +329,11 @@ def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | P
     if artifact_path:
         qmodel, meta = artifact.read_artifact(artifact_path)
         cfg = config_lib.from_dict(meta["config"])
-        return quant.dequantize_params(qmodel, cfg.model), cfg, f"artifact {artifact_path}"
+        try:
+            params = quant.dequantize_params(qmodel, cfg.model)
+        except quant.QuantError as e:
+            raise quant.QuantError(f"{artifact_path}: {e}") from None
+        return params, cfg, f"artifact {artifact_path}"
     path = Path(checkpoint_path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")

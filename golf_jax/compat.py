@@ -44,7 +44,7 @@ class ReferenceState(dict):
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Reference name -> shape for this config (optional projections included)."""
+    """Reference name -> shape for this config."""
     L, d, kv, hid, V = cfg.num_layers, cfg.model_dim, cfg.kv_dim, cfg.mlp_dim, cfg.vocab_size
     shapes = {
         "tok_emb.weight": (V, d), "qo_bank": (2 * L, d, d), "kv_bank": (2 * L, kv, d),
@@ -55,19 +55,17 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes.update({f"blocks.{i}.attn_scale": (d,), f"blocks.{i}.mlp_scale": (d,),
                        f"blocks.{i}.resid_mix": (2, d), f"blocks.{i}.attn.q_gain": (cfg.num_heads,)})
     if cfg.bigram_enabled:
-        shapes.update({"bigram.embed.weight": (cfg.bigram_vocab_size, cfg.bigram_dim),
-                       "bigram.proj.weight": (d, cfg.bigram_dim), "bigram.scale": ()})
+        shapes.update({"bigram.embed.weight": (cfg.bigram_vocab_size, cfg.bigram_dim), "bigram.scale": ()})
+        if cfg.bigram_dim != d:  # an identity, absent, between equal widths
+            shapes["bigram.proj.weight"] = (d, cfg.bigram_dim)
     if cfg.ve_layer_indices:
-        shapes.update({"ve_shared.embed.weight": (V, cfg.ve_dim), "ve_shared.proj.weight": (kv, cfg.ve_dim),
-                       "ve_shared.scale": ()})
+        shapes.update({"ve_shared.embed.weight": (V, cfg.ve_dim), "ve_shared.scale": ()})
+        if cfg.ve_dim != kv:
+            shapes["ve_shared.proj.weight"] = (kv, cfg.ve_dim)
         shapes.update({f"ve_layer_scales.{j}": (1,) for j in range(len(cfg.ve_layer_indices))})
     if not cfg.tie_embeddings:
         shapes["lm_head.weight"] = (V, d)
     return shapes
-
-
-# A projection whose two sides are equal may be absent (an identity) in the reference.
-OPTIONAL = ("bigram.proj.weight", "ve_shared.proj.weight")
 
 
 def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig, source: str | None = None) -> Params:
@@ -82,8 +80,7 @@ def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig, sou
     prefix = f"{source}: " if source else ""
     shapes = expected_shapes(cfg)
     state = {k: np.asarray(v) for k, v in state.items()}
-    missing = [k for k in shapes if k not in state
-               and not (k in OPTIONAL and shapes[k][0] == shapes[k][1])]
+    missing = [k for k in shapes if k not in state]
     unknown = [k for k in state if k not in shapes]
     if missing or unknown:
         raise CompatError(f"{prefix}reference state does not match the config: "

@@ -2,10 +2,10 @@
 calibration set, and the Hessians collected from it.
 
 Generation is one jitted program: a prefill of the prompt, then a
-`lax.scan` that feeds one token per step through the blocks, reading and
-writing a preallocated cache of K and V ([layers, batch, max_len, kv_heads,
-head_dim]). BigramHash and SmearGate need the previous token and its normed
-embedding, which the cache carries too.
+`lax.scan` that feeds one token per step through the blocks. The KV cache is
+`model.GPT`'s "cache" collection: each attention layer's K and V
+([batch, max_len, kv_heads, head_dim]), and the position, the previous token
+and its normed embedding (BigramHash and SmearGate need them).
 
 Difference from the reference, on purpose: the reference recomputes the whole
 prefix at every step, so its rotary base changes when the prefix passes 1024
@@ -24,7 +24,7 @@ import argparse
 import functools
 import math
 import time
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,46 +34,32 @@ from tqdm.auto import tqdm
 from golf_jax import checkpoint, data, model
 from golf_jax.config import Config, ModelConfig
 from golf_jax.model import Params
+from golf_jax.quant import QuantError
 
 
-class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, S, K, D]: rotated, normed keys
-    v: jax.Array  # [L, B, S, K, D]: values (value embeddings included)
-    prev_token: jax.Array  # [B] int32: the last token fed; -1 before the start
-    prev_x: jax.Array  # [B, d]: its normed embedding, for the SmearGate
-    pos: jax.Array  # int32 scalar: the number of positions filled
+Cache = dict  # the "cache" collection of `model.GPT` (see its docstring)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    dtype = dtype or model.compute_dtype(cfg)
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch,), -1, jnp.int32),
-                   jnp.zeros((batch, cfg.model_dim), dtype), jnp.zeros((), jnp.int32))
+@functools.partial(jax.jit, static_argnames=("cfg", "batch", "max_len"))
+def init_cache(params: Params, cfg: ModelConfig, batch: int, max_len: int) -> Cache:
+    """An empty cache for `batch` sequences of up to `max_len` positions.
+
+    Flax's way: a decode call on an input of the cache's shape creates the
+    cache variables; the forward it traces is dead code, dropped by XLA.
+    """
+    dummy = jnp.zeros((batch, max_len), jnp.int32)
+    _, state = model.GPT(cfg).apply({"params": params}, dummy, rope_len=max_len, decode=True,
+                                    method=model.GPT.hidden, mutable=["cache"])
+    return state["cache"]
 
 
-def forward_chunk(params: Params, cfg: ModelConfig, cache: KVCache, tokens_BxT: jax.Array,
-                  rope_len: int) -> tuple[jax.Array, KVCache]:
-    """Feed T tokens at positions cache.pos.. (a prefill, or T = 1 per step):
+def forward_chunk(params: Params, cfg: ModelConfig, cache: Cache, tokens_BxT: jax.Array,
+                  rope_len: int) -> tuple[jax.Array, Cache]:
+    """Feed T tokens at positions cache["pos"].. (a prefill, or T = 1 per step):
     soft-capped float32 logits [B, T, V] and the cache with them written."""
-    dtype = cache.k.dtype
-    T = tokens_BxT.shape[1]
-    pos = cache.pos
-    x = model.normed_embedding(params, cfg, tokens_BxT, dtype, cache.prev_token)
-    x0 = model.smear(params, x, cache.prev_x)
-    ve_base = model.value_embedding(params, tokens_BxT, dtype) if cfg.ve_layer_indices else None
-    rope = model.rotary_tables(cfg, pos + jnp.arange(T), model.rotary_base(cfg, rope_len))
-    k_all, v_all = cache.k, cache.v
-
-    def attend(layer, q, k, v):
-        nonlocal k_all, v_all
-        at = (layer, 0, pos, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(dtype), at)
-        v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(dtype), at)
-        return model.attention(q, k_all[layer], v_all[layer], "jnp", q_offset=pos)
-
-    h = model.rms_norm(model.run_blocks(params, cfg, x0, ve_base, rope, attend))
-    z = model.logits_from_hidden(params, cfg, h)
-    return z, KVCache(k_all, v_all, tokens_BxT[:, -1].astype(jnp.int32), x[:, -1], pos + T)
+    z, state = model.GPT(cfg).apply({"params": params, "cache": cache}, tokens_BxT, rope_len=rope_len,
+                                    decode=True, mutable=["cache"])
+    return z, state["cache"]
 
 
 def sample(key: jax.Array, logits_BxV: jax.Array, temperature: float) -> jax.Array:
@@ -88,7 +74,7 @@ def generate(params: Params, cfg: ModelConfig, prompt_BxP: jax.Array, key: jax.A
              temperature: float, rope_len: int) -> jax.Array:
     """The prompt followed by num_new sampled tokens: int32 [B, P + num_new]."""
     B, P = prompt_BxP.shape
-    cache = init_cache(cfg, B, P + num_new)
+    cache = init_cache(params, cfg, B, P + num_new)
     z, cache = forward_chunk(params, cfg, cache, prompt_BxP, rope_len)
 
     def step(carry, step_key):
@@ -121,21 +107,26 @@ def calibration_tokens(params: Params, cfg: Config, key: jax.Array | None = None
 
 # ----------------------------------------------------------------------------- Hessians
 
-# Which recorded input feeds which bank row: (bank, [site per row block]).
+# The sown Gram matrices that feed each bank's row blocks: Q (and K, V) and
+# the out-projection read the attention's input and output, the MLP's banks
+# its input and hidden activation.
 BANK_INPUTS = {
-    "qo_bank": ("attn_in", "attn_out"),  # Q, then the out-projection
-    "kv_bank": ("attn_in", "attn_in"),  # K and V share Q's input
-    "mlp_up_bank": ("mlp_in",),
-    "mlp_down_bank": ("mlp_hidden",),
+    "qo_bank": ("attn/qkv", "attn/proj"),
+    "kv_bank": ("attn/qkv", "attn/qkv"),
+    "mlp_up_bank": ("mlp/fc",),
+    "mlp_down_bank": ("mlp/proj",),
 }
-SMALL_INPUTS = {"bigram/proj": "bigram_proj", "ve/proj": "ve_proj"}
+SMALL_INPUTS = ("bigram/proj", "ve/proj")  # sown under the parameter's own path
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _input_grams(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> dict:
-    taps: model.Taps = {}
-    model.hidden(params, cfg, tokens_BxT, taps=taps)  # the output is unused: XLA drops the last matmul
-    return {f"{site}/{layer}": g for (site, layer), g in taps.items()}
+def _input_grams(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+    """{"layers_3/attn/qkv": X^T X, "bigram/proj": ...} of one batch; the
+    forward's output is unused, so XLA drops the last matmul."""
+    _, state = model.GPT(cfg).apply({"params": params}, tokens_BxT, method=model.GPT.hidden,
+                                    mutable=[model.INPUT_GRAMS])
+    flat = jax.tree_util.tree_flatten_with_path(state[model.INPUT_GRAMS], is_leaf=lambda x: isinstance(x, tuple))[0]
+    return {model.path_name(path): sown[0] for path, sown in flat}  # sown values are 1-tuples: one call each
 
 
 def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, batch_size: int,
@@ -161,19 +152,22 @@ def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, b
         return h + damping * jnp.maximum(jnp.mean(jnp.diag(h)), 1e-6) * jnp.eye(h.shape[0], dtype=h.dtype)
 
     L = cfg.num_layers
-    per_layer = {k: finish(v) for k, v in sums.items()}
-    out = {bank: jnp.stack([per_layer[f"{site}/{layer}"] for site in sites for layer in range(L)])
+    hessians = {k: finish(v) for k, v in sums.items()}
+    out = {bank: jnp.stack([hessians[f"layers_{layer}/{site}"] for site in sites for layer in range(L)])
            for bank, sites in BANK_INPUTS.items()}
-    out.update({name: per_layer[f"{site}/0"] for name, site in SMALL_INPUTS.items() if f"{site}/0" in per_layer})
+    out.update({name: hessians[name] for name in SMALL_INPUTS if name in hessians})
     return out
 
 
-_SITES = ("bigram_proj", "ve_proj", "attn_in", "attn_out", "mlp_in", "mlp_hidden")
+_SITES = ("bigram/proj", "ve/proj", "attn/qkv", "attn/proj", "mlp/fc", "mlp/proj")
 
 
 def _forward_order(key: str) -> tuple[int, int]:
-    site, layer = key.split("/")
-    return (-1 if site in SMALL_INPUTS.values() else int(layer)), _SITES.index(site)
+    """Where a sown Gram's input is computed in the forward pass."""
+    if key in SMALL_INPUTS:
+        return -1, _SITES.index(key)
+    layer, site = key.split("/", 1)
+    return int(layer.removeprefix("layers_")), _SITES.index(site)
 
 
 def _check_finite_grams(grams: dict, where: str) -> None:
@@ -181,9 +175,8 @@ def _check_finite_grams(grams: dict, where: str) -> None:
     finite = jax.device_get({k: jnp.all(jnp.isfinite(g)) for k, g in grams.items()})
     bad = sorted((k for k, ok in finite.items() if not ok), key=_forward_order)  # the first is where it starts
     if bad:
-        from golf_jax.quant import QuantError
         later = f" (and {len(bad) - 1} inputs after it)" if len(bad) > 1 else ""
-        raise QuantError(f"hessians: the input of {bad[0]} (site/layer){later} holds NaN or inf on calibration "
+        raise QuantError(f"hessians: the input of {bad[0]}{later} holds NaN or inf on calibration "
                          f"{where}: the model's activations overflow there")
 
 

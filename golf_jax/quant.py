@@ -69,8 +69,6 @@ INT8_CLIP_RANGE = 127
 DAMPING_LADDER = (0.01, 0.1, 1.0)
 # Scalars and per-channel gains: few values, large effect, kept exact.
 CONTROL_NAMES = ("skip_weights", "smear_gate", "bigram/scale", "ve/scale", "ve/layer_scales")
-# Projections that may be absent (an identity) when their two sides are equal.
-OPTIONAL_NAMES = ("bigram/proj", "ve/proj")
 HIGHEST = jax.lax.Precision.HIGHEST  # float32 matmuls even where TF32 is the default
 
 
@@ -375,14 +373,14 @@ def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _check_names(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
-    """Raise QuantError unless `shapes` (name -> shape) are the config's
-    params, the identity-able projections optional."""
+    """Raise QuantError unless `shapes` (name -> shape) are the config's params."""
     expected = _expected_shapes(cfg)
-    optional = {n for n in OPTIONAL_NAMES if n in expected and expected[n][0] == expected[n][1]}
-    missing = sorted(set(expected) - set(shapes) - optional)
+    missing = sorted(set(expected) - set(shapes))
     if missing:
         raise QuantError(f"{', '.join(missing)}: missing for this model config")
     for name, shape in shapes.items():
+        if name in model.legacy_projections(cfg):
+            raise QuantError(f"{name}: {model.LEGACY_LAYOUT}")
         if name not in expected:
             raise QuantError(f"{name}: not a param of this model config")
         if shape != expected[name]:

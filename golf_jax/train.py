@@ -476,6 +476,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     log.line(f"devices: {n} x {jax.devices()[0].device_kind}{processes}; {accum} micro-batches of "
              f"{tokens_per_step // cfg.data.micro_batches_per_step:,} tokens per device per step; "
              f"{model.param_count(params):,} parameters; compute {jnp.dtype(model.compute_dtype(cfg.model)).name}")
+    log.line(model.summary(params))
 
     # Warm-up: real steps compile and prime, then state and stream are restored.
     t_first_step = None

@@ -3,6 +3,8 @@ flags, whether each is then bit-repeatable, and what it costs, on the local
 GPU. Each case runs in a child process (XLA reads XLA_FLAGS once, at start):
 
     python scripts/determinism_probe.py            # every case, with and without the flag
+    python scripts/determinism_probe.py --bisect   # variants of the model under the exclude flag
+    python scripts/determinism_probe.py --plan exclude_no_cmdbuf/model none/model:batch=1   # chosen pairs
 
 Cases: the cuDNN attention's gradient, the embedding gradient (a scatter-add
 through the float32 view of a bf16 table), and the record model's whole
@@ -20,8 +22,17 @@ import sys
 import time
 
 FLAGS = {"none": "", "exclude": "--xla_gpu_exclude_nondeterministic_ops=true",
-         "deterministic": "--xla_gpu_deterministic_ops=true"}
+         "deterministic": "--xla_gpu_deterministic_ops=true",
+         # the same without CUDA-graph command buffers (a suspect in the compile failure)
+         "exclude_no_cmdbuf": "--xla_gpu_exclude_nondeterministic_ops=true --xla_gpu_enable_command_buffer=",
+         "deterministic_no_cmdbuf": "--xla_gpu_deterministic_ops=true --xla_gpu_enable_command_buffer="}
 CASES = ("attention", "embedding", "model")
+# (batch=8 where the jnp attention materialises its scores)
+BISECT = ("model:forward=1", "model:batch=1", "model:num_layers=1,xsa_last_n=1,ve_enabled=false",
+          "model:attention_impl=jnp,batch=8", "model:mlp_impl=jnp", "model:attention_impl=jnp,mlp_impl=jnp,batch=8",
+          "model:xsa_last_n=0", "model:bigram_vocab_size=0,ve_enabled=false", "model:round_logits=false",
+          "model:embedding_dtype=float32", "model:compute_dtype=float32,attention_impl=jnp,mlp_impl=jnp,batch=8",
+          "model")
 
 
 def run_case(case: str) -> dict:
@@ -43,13 +54,20 @@ def run_case(case: str) -> dict:
         dy = jax.random.normal(jax.random.key(2), (48, 2048, 512), jnp.bfloat16)
         f = jax.jit(jax.grad(lambda t: jnp.sum(t.astype(jnp.float32)[ids].astype(jnp.bfloat16) * dy)))
         args = (table,)
-    else:
+    else:  # "model" or "model:field=value,...": the record model, its fields overridden
+        import dataclasses
+
         from golf_jax import model
         from golf_jax.config import ModelConfig
-        cfg = ModelConfig()
+        options = dict(kv.split("=") for kv in case.partition(":")[2].split(",") if kv)
+        forward_only, batch = options.pop("forward", "0") == "1", int(options.pop("batch", "48"))
+        fields = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+        cast = {"int": int, "float": float, "bool": lambda v: v in ("1", "true", "True"), "str": str}
+        cfg = ModelConfig(**{k: cast[fields[k]](v) for k, v in options.items()})
         params = model.init_params(cfg, key)
-        x = jax.random.randint(jax.random.key(1), (48, 2048), 0, 1024)
-        f = jax.jit(jax.grad(lambda p, x: model.loss(p, cfg, x, jnp.roll(x, -1, 1))))
+        x = jax.random.randint(jax.random.key(1), (batch, 2048), 0, 1024)
+        loss = lambda p, x: model.loss(p, cfg, x, jnp.roll(x, -1, 1))  # noqa: E731
+        f = jax.jit(loss if forward_only else jax.grad(loss))
         args = (params, x)
     out = {"case": case}
     try:
@@ -69,17 +87,23 @@ def main() -> None:
         print(json.dumps(run_case(sys.argv[2])))
         return
     results = []
-    for flag, value in FLAGS.items():
-        for case in CASES:
-            env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + value).strip()}
-            p = subprocess.run([sys.executable, __file__, "--case", case], env=env, capture_output=True, text=True,
-                               timeout=300)
-            lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-            r = json.loads(lines[-1]) if lines else {"case": case, "error": p.stderr.strip().splitlines()[-1][:200]}
-            r["flag"] = flag
-            results.append(r)
-            print(json.dumps(r), flush=True)
-
+    # --bisect: which part of the model the "exclude" flag fails to compile
+    # (variants of the "model" case, each switching one part off or to its jnp path).
+    if sys.argv[1:2] == ["--bisect"]:
+        plan = [("exclude", c) for c in BISECT]
+    elif sys.argv[1:2] == ["--plan"]:  # --plan FLAG/CASE ...: chosen pairs, e.g. exclude_no_cmdbuf/model
+        plan = [tuple(item.split("/", 1)) for item in sys.argv[2:]]
+    else:
+        plan = [(flag, case) for flag in ("none", "exclude", "deterministic") for case in CASES]
+    for flag, case in plan:
+        env = {**os.environ, "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") + " " + FLAGS[flag]).strip()}
+        p = subprocess.run([sys.executable, __file__, "--case", case], env=env, capture_output=True, text=True,
+                           timeout=300)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        r = json.loads(lines[-1]) if lines else {"case": case, "error": (p.stderr.strip().splitlines() or ["?"])[-1][:200]}
+        r["flag"] = flag
+        results.append(r)
+        print(json.dumps(r), flush=True)
 
 if __name__ == "__main__":
     main()

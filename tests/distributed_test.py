@@ -105,7 +105,7 @@ def test_every_process_takes_process_zeros_decision():
 # the only difference between the runs is the order of float32 sums in the
 # all-reduce (see train_test.test_one_two_four_eight_devices_agree).
 TINY = {"num_layers": "2", "model_dim": "64", "num_heads": "2", "num_kv_heads": "1", "ve_layers": "1",
-        "xsa_last_n": "2", "bigram_dim": "32", "ve_dim": "32", "iterations": "10", "warmup_steps": "0",
+        "xsa_last_n": "2", "bigram_dim": "32", "ve_dim": "16", "iterations": "10", "warmup_steps": "0",
         "max_val_tokens": "512", "micro_batches_per_step": "4", "checkpoint_every": "0", "val_loss_every": "0",
         "train_log_every": "1", "muon_momentum_dtype": "float32", "muon_ns_dtype": "float32",
         "embedding_dtype": "float32"}

@@ -409,3 +409,17 @@ def test_non_finite_parameters_are_named_with_the_step(tmp_path, monkeypatch):
         train.train(tiny_config(tmp_path / "b", **{"run.checkpoint_every": "2"}), progress=False)
     assert "step 4: non-finite parameters (skip_weights); checkpoint not saved" in (tmp_path / "b/train.log").read_text()
     assert latest_step(tmp_path / "b") == 2
+
+
+def test_saved_model_of_params_layout_1_is_refused_naming_the_layout(tmp_path):
+    """Before the Flax model (params layout 1) a value embedding as wide as
+    kv_dim had a projection; layout 2 has none there, as the reference."""
+    cfg = fault_config(tmp_path)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ve_layers="1", ve_dim=cfg.model.kv_dim))
+    assert model.legacy_projections(cfg.model) == ("ve/proj",)
+    params = model.init_params(cfg.model, jax.random.key(0))
+    params["ve"]["proj"] = jnp.zeros((cfg.model.kv_dim, cfg.model.ve_dim))  # what layout 1 saved
+    checkpoint.save_params(tmp_path / "final_model", params, cfg)
+    with pytest.raises(CheckpointError, match=r"params: ve/proj: a projection between equal widths, saved by "
+                                              r"golf_jax before 2026-11-30 \(params layout 1\)"):
+        checkpoint.load_params(tmp_path / "final_model")

@@ -18,7 +18,7 @@ ROPE_LEN = 2048  # > rope_ntk_base_len, so the NTK-scaled base is the one under 
 def test_cached_logits_equal_full_forward(tiny_params, tiny_cfg):
     tokens = jax.random.randint(jax.random.key(0), (2, 40), 0, tiny_cfg.vocab_size)
     full = model.logits(tiny_params, tiny_cfg, tokens, rope_len=ROPE_LEN)
-    cache = generate.init_cache(tiny_cfg, 2, 40)
+    cache = generate.init_cache(tiny_params, tiny_cfg, 2, 40)
     step = jax.jit(generate.forward_chunk, static_argnames=("cfg", "rope_len"))
     got = []
     z, cache = step(tiny_params, tiny_cfg, cache, tokens[:, :9], rope_len=ROPE_LEN)  # a prefill
@@ -30,7 +30,7 @@ def test_cached_logits_equal_full_forward(tiny_params, tiny_cfg):
     # float32 both ways; the cache path only changes the summation order of
     # the attention (masked keys beyond the prefix): ~1e-6 seen.
     np.testing.assert_allclose(got, np.asarray(full), atol=1e-4, rtol=0)
-    assert int(cache.pos) == 40
+    assert int(cache["pos"]) == 40
 
 
 def test_greedy_generation_is_the_full_forwards_argmax(tiny_params, tiny_cfg):
@@ -81,5 +81,5 @@ def test_hessian_collection_names_a_non_finite_layer(tiny_params, tiny_cfg):
     from golf_jax.quant import QuantError
     poisoned = dict(tiny_params, mlp_up_bank=tiny_params["mlp_up_bank"].at[3, 0, 0].set(jnp.inf))
     tokens = np.asarray(jax.random.randint(jax.random.key(0), (2, 17), 0, tiny_cfg.vocab_size))
-    with pytest.raises(QuantError, match=r"input of mlp_hidden/3 \(site/layer\) \(and \d+ inputs after it\) holds NaN or inf on calibration sequences 0\.\.1"):
+    with pytest.raises(QuantError, match=r"input of layers_3/mlp/proj \(and \d+ inputs after it\) holds NaN or inf on calibration sequences 0\.\.1"):
         generate.collect_hessians(poisoned, tiny_cfg, tokens, batch_size=2)

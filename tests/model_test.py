@@ -114,6 +114,21 @@ def test_record_param_count_and_shapes():
     assert model.param_count(shapes) == RECORD_PARAMS
     assert shapes["qo_bank"].shape == (22, 512, 512) and shapes["kv_bank"].shape == (22, 256, 512)
     assert shapes["mlp_up_bank"].shape == (11, 1536, 512) and shapes["mlp_down_bank"].shape == (11, 512, 1536)
+    table = model.summary(shapes).splitlines()
+    assert table[-1].split() == ["total", f"{RECORD_PARAMS:,}"]
+    assert "bigram (module)" in table[4] and table[4].split()[-1] == "401,409"  # embed + proj + scale
+    assert sum(int(line.split()[-1].replace(",", "")) for line in table[1:-1]
+               if "(module)" not in line) == RECORD_PARAMS
+
+
+def test_approach_g_variant_is_the_same_modules_with_its_shapes():
+    from golf_jax import cli
+    from tests.conftest import REPO
+    cfg = cli.load_config_file(str(REPO / "configs/approach_g.py")).model
+    shapes = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
+    assert shapes["kv_bank"].shape == (22, 512, 512)  # 8 KV heads: full multi-head K/V
+    assert shapes["mlp_up_bank"].shape == (11, 1792, 512) and shapes["bigram"]["embed"].shape == (6144, 128)
+    assert shapes["ve"]["proj"].shape == (512, 128)
 
 
 def test_init_follows_reference(tiny_cfg):
@@ -145,10 +160,19 @@ def test_init_follows_reference(tiny_cfg):
 
 
 def test_small_projections_below_64_stay_zero():
-    cfg = ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, bigram_dim=16, ve_dim=16,
+    cfg = ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, bigram_dim=16, ve_dim=8,
                       ve_layers="1", xsa_last_n=2, rope_dims=8)
     p = model.init_params(cfg, jax.random.key(0))
     assert not np.any(np.asarray(p["bigram"]["proj"])) and not np.any(np.asarray(p["ve"]["proj"]))
+
+
+def test_projection_between_equal_widths_is_absent_as_in_the_reference():
+    cfg = ModelConfig(num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, bigram_dim=32, ve_dim=16,
+                      ve_layers="1", xsa_last_n=2, rope_dims=8)
+    p = model.init_params(cfg, jax.random.key(0))
+    assert cfg.kv_dim == cfg.ve_dim and "proj" not in p["bigram"] and "proj" not in p["ve"]
+    x = jnp.arange(16).reshape(2, 8)
+    assert np.isfinite(float(model.loss(p, cfg, x, x)))
 
 
 def test_float32_embedding_option(tiny_cfg):
@@ -182,7 +206,8 @@ def test_mlp_activation_is_leaky_relu_squared_with_the_configured_slope(slope):
     x = jax.random.normal(jax.random.key(2), (2, 8, 64))
     rope = model.rotary_tables(cfg, jnp.arange(8), cfg.rope_base)
     layer = 1
-    got = model.block(p, cfg, layer, x, jnp.zeros_like(x), None, rope)
+    weights = model.GPT(cfg).apply({"params": p}, layer, jnp.float32, method=model.GPT.layer_weights)
+    got = model.Block(cfg, layer).apply({}, x, jnp.zeros_like(x), weights, None, rope)
     h = model.rms_norm(x) * (layer + 1) ** -0.5
     pre = h @ p["mlp_up_bank"][layer].T
     act = np.where(pre > 0, pre, slope * pre) ** 2

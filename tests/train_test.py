@@ -24,7 +24,7 @@ def tiny_config(out_dir, **overrides) -> Config:
     cfg = cli.load_config_file(str(REPO / "configs/smoke.py"))
     base = {
         "model.num_layers": "2", "model.model_dim": "64", "model.num_heads": "2", "model.num_kv_heads": "1",
-        "model.bigram_dim": "32", "model.ve_dim": "32", "model.ve_layers": "1", "model.xsa_last_n": "2",
+        "model.bigram_dim": "32", "model.ve_dim": "16", "model.ve_layers": "1", "model.xsa_last_n": "2",
         "model.rope_dims": "8",
         "data.train_seq_len": "64", "data.train_batch_tokens": "1024", "data.micro_batches_per_step": "1",
         "schedule.iterations": "6", "schedule.warmup_steps": "0", "schedule.warmdown_iters": "4",
@@ -232,7 +232,7 @@ def test_budget_mode_with_a_configured_reserve_ends_training_early(tmp_path):
 def test_main_entry_point(tmp_path, capsys):
     overrides = [f"--config.{k}={v}" for k, v in {
         "num_layers": "2", "model_dim": "64", "num_heads": "2", "num_kv_heads": "1", "ve_layers": "1",
-        "xsa_last_n": "2", "bigram_dim": "32", "ve_dim": "32", "iterations": "2", "warmup_steps": "1",
+        "xsa_last_n": "2", "bigram_dim": "32", "ve_dim": "16", "iterations": "2", "warmup_steps": "1",
         "max_val_tokens": "512", "output_dir": str(tmp_path),
         # Budget mode, as the issue spells it; the cap is far off, iterations end the run.
         "quant_in_budget": "True", "max_wallclock_seconds": "600", "calib_num_seqs": "2", "calib_seq_len": "32",
@@ -240,6 +240,7 @@ def test_main_entry_point(tmp_path, capsys):
     train.main(["--config", str(REPO / "configs/smoke.py"), "--no-progress", *overrides])
     out = capsys.readouterr().out
     assert "final (EMA) val_loss" in out and "budget mode:" in out and "budget 600 s: training" in out
+    assert "qo_bank " in out and "blocks (module)" in out  # the parameter table at launch
     summary = json.loads((tmp_path / "summary.json").read_text())
     spent = summary["budget"]["spent"]  # train.py's summary has each stage's share after quantisation
     assert spent["within_cap"] and set(spent["share_of_cap"]) == {"training", "calibration", "hessians", "gptq"}
