@@ -52,7 +52,8 @@ class ModelConfig:
     # reference quirk: the tied head's matmul output is rounded to the compute
     # dtype before the softcap; False keeps its float32 accumulator.
     round_logits: bool = True
-    # "auto": cuDNN flash attention on GPUs, the plain jnp path elsewhere.
+    # "auto": cuDNN flash attention on GPUs (the Pallas kernel under XLA's
+    # determinism flags, see model.attention_impl), the plain jnp path elsewhere.
     attention_impl: str = "auto"
     # The MLP's activation is leaky_relu(x, slope)^2: 0.5 in the record,
     # 0 for the ReLU^2 of earlier entries (e.g. PR #1234's "Approach G").
@@ -131,7 +132,7 @@ class ModelConfig:
         need(not layers or self.ve_dim > 0, "ve_dim", "must be positive when value embeddings are on")
         need(self.embedding_dtype in ("bfloat16", "float32"), "embedding_dtype", "bfloat16 or float32")
         need(self.compute_dtype in ("auto", "bfloat16", "float32"), "compute_dtype", "auto, bfloat16 or float32")
-        need(self.attention_impl in ("auto", "cudnn", "jnp"), "attention_impl", "auto, cudnn or jnp")
+        need(self.attention_impl in ("auto", "cudnn", "pallas", "jnp"), "attention_impl", "auto, cudnn, pallas or jnp")
         need(0.0 <= self.mlp_negative_slope <= 1.0, "mlp_negative_slope", "must be in [0, 1]")
         need(self.mlp_impl in ("auto", "triton", "jnp", "reference"), "mlp_impl", "auto, triton, jnp or reference")
 

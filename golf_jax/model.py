@@ -50,12 +50,14 @@ D head dim, d model dim.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 
 from golf_jax.config import ModelConfig
 from kernels import mlp as mlp_kernels
@@ -79,9 +81,19 @@ def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
     return jnp.dtype(cfg.compute_dtype)
 
 
+# XLA's flags for repeatable GPU runs; under them cuDNN's attention backward
+# does not compile with two or more layers (docs/fidelity.md).
+DETERMINISM_FLAGS = ("--xla_gpu_exclude_nondeterministic_ops=true", "--xla_gpu_deterministic_ops=true")
+
+
 def attention_impl(cfg: ModelConfig) -> str:
+    """"auto": cuDNN flash attention on GPUs, the Pallas kernel there when
+    XLA's determinism flags are set (repeatable runs), jnp elsewhere."""
     if cfg.attention_impl == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "jnp"
+        if jax.default_backend() != "gpu":
+            return "jnp"
+        flags = os.environ.get("XLA_FLAGS", "").split()
+        return "pallas" if any(flag in flags for flag in DETERMINISM_FLAGS) else "cudnn"
     return cfg.attention_impl
 
 
@@ -271,6 +283,8 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=True,
                                             implementation="cudnn")
+    if impl == "pallas":
+        return pallas_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
     B, T, H, D = q_BxTxHxD.shape
     S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
     q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
@@ -281,6 +295,20 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
     p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
     o_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", p_BxKxGxTxS, v_BxSxKxD)
     return o_BxTxKxGxD.reshape(B, T, H, D)
+
+
+def pallas_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
+    """Causal attention through JAX's Pallas flash-attention kernel (Triton on
+    GPUs, interpreted elsewhere, for the tests). Its backward has no atomics,
+    so under XLA's determinism flags runs repeat bit for bit. The kernel has
+    no GQA: the KV heads are repeated to the query heads, and their gradient
+    sums over each group. T must be a multiple of 32 (its backward's blocks).
+    """
+    B, T, H, D = q_BxTxHxD.shape
+    G = H // k_BxTxKxD.shape[2]
+    k_BxTxHxD, v_BxTxHxD = (jnp.repeat(x, G, axis=2) for x in (k_BxTxKxD, v_BxTxKxD))
+    return pallas_gpu_attention.mha(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, None, sm_scale=D ** -0.5, causal=True,
+                                    interpret=jax.default_backend() != "gpu")
 
 
 def exclusive_self_attention(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:

@@ -475,7 +475,8 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log.line(f"devices: {n} x {jax.devices()[0].device_kind}{processes}; {accum} micro-batches of "
              f"{tokens_per_step // cfg.data.micro_batches_per_step:,} tokens per device per step; "
-             f"{model.param_count(params):,} parameters; compute {jnp.dtype(model.compute_dtype(cfg.model)).name}")
+             f"{model.param_count(params):,} parameters; compute {jnp.dtype(model.compute_dtype(cfg.model)).name}, "
+             f"attention {model.attention_impl(cfg.model)}")
     log.line(model.summary(params))
 
     # Warm-up: real steps compile and prime, then state and stream are restored.
