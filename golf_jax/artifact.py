@@ -65,14 +65,13 @@ from __future__ import annotations
 import json
 import lzma
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from golf_jax import atomic
 from golf_jax.quant import FP16, FP32, INT6, INT8, KINDS, QTensor, QuantizedModel
 
 MAGIC = b"GOLFJAX\x00"
@@ -182,42 +181,7 @@ def write_artifact(path: str | Path, qmodel: QuantizedModel, meta, preset: int =
 
 def write_bytes(path: str | Path, buf: bytes) -> int:
     """Write already-serialised artifact bytes atomically (as write_artifact)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return len(buf)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    # The rename is durable only once the directory entry is; best effort,
-    # as some platforms and file systems cannot open a directory.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return atomic.write_bytes(path, buf)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -369,9 +333,11 @@ def _region(region, dtypes: tuple[str, ...], payload: memoryview, what: str, fai
 
 # ----------------------------------------------------------------------------- the budget
 
-# The packages that load and evaluate an artifact: golf_jax and the kernels
-# its model runs on GPUs.
+# The packages that train, quantise, load and evaluate a model: golf_jax and
+# the kernels its model runs on GPUs, without golf_jax/tools (bench,
+# profiling: see its docstring).
 CODE_PACKAGES = ("golf_jax", "kernels")
+NOT_COUNTED = ("golf_jax/tools",)
 
 
 def code_bytes(root: str | Path | None = None) -> int:
@@ -379,13 +345,16 @@ def code_bytes(root: str | Path | None = None) -> int:
 
     The reference counts the UTF-8 bytes of its one training script, which
     both trains and evaluates. Our equivalent is the packages: every `*.py`
-    under `golf_jax/` and `kernels/` (subpackages included), counted as file
+    under `golf_jax/` and `kernels/` (subpackages included, `golf_jax/tools` excepted), counted as file
     sizes on disk; `root` counts one directory tree instead. Entry points
     outside them (`train.py`, configs, tests) are not needed to load and
     evaluate, and third-party libraries (jax here, torch there) are not
     counted by either."""
-    roots = [Path(root)] if root is not None else [Path(__file__).parents[1] / p for p in CODE_PACKAGES]
-    return sum(p.stat().st_size for r in roots for p in sorted(r.rglob("*.py")) if p.is_file())
+    repo = Path(__file__).parents[1]
+    roots = [Path(root)] if root is not None else [repo / p for p in CODE_PACKAGES]
+    excluded = [repo / p for p in NOT_COUNTED]
+    return sum(p.stat().st_size for r in roots for p in sorted(r.rglob("*.py"))
+               if p.is_file() and not any(p.is_relative_to(x) for x in excluded))
 
 
 def artifact_budget_report(artifact_bytes: int, budget: int, code: int | None = None) -> dict:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from golf_jax import artifact, compat, data, model, quant
+from golf_jax import artifact, atomic, compat, data, model, quant
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError
 
@@ -236,12 +236,13 @@ def save_params(directory: str | Path, params: Any, cfg: Config) -> Path:
     try:
         with _this_process_checkpointer() as ckptr:
             ckptr.save(tmp / "params", params, force=True)
-        (tmp / "config.json").write_text(json.dumps(config_lib.to_dict(cfg), indent=1))
+        atomic.write_text(tmp / "config.json", json.dumps(config_lib.to_dict(cfg), indent=1))
         old = None
         if directory.exists():  # a re-run: the old model goes only once the new one is whole
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent)) / "m"
             os.replace(directory, old)
         os.replace(tmp, directory)
+        atomic.fsync_dir(directory.parent)
         if old is not None:
             shutil.rmtree(old.parent, ignore_errors=True)
     except BaseException:
@@ -251,13 +252,9 @@ def save_params(directory: str | Path, params: Any, cfg: Config) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """A JSON report written whole or not at all (temporary name, then rename);
+    """A JSON report written whole or not at all (golf_jax.atomic);
     non-JSON numbers (numpy scalars) are written as floats."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(obj, indent=1, default=float))
 
 
 def load_params(directory: str | Path, template: Any | None = None) -> tuple[Any, Config]:

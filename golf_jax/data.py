@@ -26,6 +26,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from golf_jax import atomic
+
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
@@ -75,30 +77,14 @@ def read_shard(path: str | Path) -> np.ndarray:
 
 
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:
-    """Write a shard atomically (temporary name, then rename)."""
+    """Write a shard atomically (temporary name, fsync, rename: golf_jax.atomic)."""
     path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
         raise DataError(f"{path}: token ids must fit in uint16")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype(TOKEN_DTYPE).tobytes())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    atomic.write_bytes(path, header.tobytes() + tokens.astype(TOKEN_DTYPE).tobytes())
 
 
 def shard_files(pattern: str) -> list[Path]:
@@ -369,6 +355,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer: str | Path, out_dir: str | 
         info = _prepare_into(stage, sp, inputs, val_docs, shard_tokens, prefix, encode_batch)
         for name in info["shards"]["val"] + info["shards"]["train"]:
             os.replace(stage / name, out_dir / name)
+        atomic.fsync_dir(out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         if created:
@@ -481,9 +468,10 @@ def pydoc_dataset(vocab_size: int = 1024) -> Path:
         pad_id=0, bos_id=1, eos_id=2, unk_id=3, add_dummy_prefix=False, normalization_rule_name="nmt_nfkc",
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
     prepare([corpus], work / "tokenizer.model", work, val_fraction=0.1)
-    os.chmod(work, 0o777 & ~_umask())
+    os.chmod(work, 0o777 & ~atomic.current_umask())
     try:
         os.replace(work, target)
+        atomic.fsync_dir(target.parent)
     except OSError:  # another process built it first
         pass
     return target

@@ -50,7 +50,7 @@ bench)
   run() {  # side sections
     local tree=$([ "$1" = before ] && echo "$BEFORE" || echo "$ROOT")
     echo "=== $1: $2"
-    in_tree "$tree" timeout 200 python3 -m golf_jax.bench --config configs/record.py --sections "$2" $D \
+    in_tree "$tree" timeout 200 python3 -m golf_jax.tools.bench --config configs/record.py --sections "$2" $D \
       --out "$OUT/bench_$1_$3" 2>&1 | grep -v "^WARNING\|^I0000" | tail -25
   }
   run before "$sections" 1; run after "$sections" 1; run before grad 2; run after grad 2

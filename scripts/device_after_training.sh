@@ -8,7 +8,7 @@
 set -uo pipefail
 SECONDS_CAP=${1:-60}
 source "$(dirname "$0")/device_env.sh"
-timeout 240 python -m golf_jax.bench --sections after $D --out "$OUT/bench" 2>&1 | tail -8
+timeout 240 python -m golf_jax.tools.bench --sections after $D --out "$OUT/bench" 2>&1 | tail -8
 timeout 420 python train.py --config configs/record.py $D --config.max_wallclock_seconds=$SECONDS_CAP \
   --config.val_loss_every=0 --config.output_dir="$OUT/run" --no-progress 2>&1 | grep -v "^step [0-9]*/.*train_loss" | tail -30
 timeout 240 python -m golf_jax.quantize --checkpoint "$OUT/run" --out "$OUT/replay" --no-progress 2>&1 | tail -12

@@ -9,7 +9,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tail -3
-timeout 480 python3 -m golf_jax.bench --config configs/record.py --sections "eval,grad,train,attention,mlp,after${1:+,$1}" \
+timeout 480 python3 -m golf_jax.tools.bench --config configs/record.py --sections "eval,grad,train,attention,mlp,after${1:+,$1}" \
   $D --out "$OUT/bench" 2>&1 | grep -v "^WARNING\|^I0000" | tail -45
 timeout 240 python3 train.py --config configs/record.py $D --config.iterations=40 \
   --config.output_dir="$OUT/run" --no-quantize --no-progress 2>&1 | grep -v "train_loss" | tail -8

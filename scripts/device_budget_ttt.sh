@@ -12,8 +12,8 @@ PART=${1:?bench or run}
 CAP=${2:-240}
 source "$(dirname "$0")/device_env.sh"
 if [ "$PART" = bench ]; then
-  timeout 330 python -m golf_jax.bench --config configs/approach_g.py --sections after,ttt $D --out "$OUT/bench_g" 2>&1 | tail -9
-  timeout 200 python -m golf_jax.bench --config configs/record.py --sections ttt $D --out "$OUT/bench_record" 2>&1 | tail -4
+  timeout 330 python -m golf_jax.tools.bench --config configs/approach_g.py --sections after,ttt $D --out "$OUT/bench_g" 2>&1 | tail -9
+  timeout 200 python -m golf_jax.tools.bench --config configs/record.py --sections ttt $D --out "$OUT/bench_record" 2>&1 | tail -4
 else
   # The approach-G model (33.3 M parameters) does not fit 16 MB unpruned; the
   # pruning search (one LZMA pass of ~40 s per step) is not what this measures.

@@ -13,6 +13,6 @@ fi
 if [ -n "${2:-}" ]; then
   timeout 300 python3 -m pytest -q -x -p no:cacheprovider -rs tests/kernels_mlp_test.py -k "$2" 2>&1 | tail -25
 fi
-timeout 420 python3 -m golf_jax.bench --config configs/record.py --sections "$SECTIONS" $D --out "$OUT/bench" 2>&1 \
+timeout 420 python3 -m golf_jax.tools.bench --config configs/record.py --sections "$SECTIONS" $D --out "$OUT/bench" 2>&1 \
   | grep -v "^WARNING\|^I0000" | tail -60
 rm -rf "$OUT"/bench/traces/*/plugins 2>/dev/null; true

@@ -28,7 +28,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from golf_jax import bench, cli, profiling, train  # noqa: E402
+from golf_jax import cli, train  # noqa: E402
+from golf_jax.tools import bench, profiling  # noqa: E402
 
 _START = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\b([\w\-]+-start)\(")
 _DONE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?\b([\w\-]+-done)\(.*?%([\w.\-]+)")

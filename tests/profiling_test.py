@@ -1,11 +1,11 @@
-"""golf_jax.profiling: kernel categories, collective overlap from trace spans,
+"""golf_jax.tools.profiling: kernel categories, collective overlap from trace spans,
 and the HLO analysis (source lines, bytes moved) on a small hand-written module."""
 
 from __future__ import annotations
 
 import pytest
 
-from golf_jax import profiling
+from golf_jax.tools import profiling
 
 
 def test_kernel_categories():

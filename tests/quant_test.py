@@ -51,12 +51,11 @@ def test_gptq_matches_reference(gptq_ref):
     q, s = np.asarray(q), np.asarray(s)
     assert q.dtype == np.int8 and s.dtype == np.float16 and q.shape == W.shape
     assert report == quant.GPTQReport(damping=pytest.approx(0.01), fallback=False)
-    # A float32 port of the same algorithm: only last-bit differences between
-    # LAPACK/BLAS builds could flip a rounding; in practice every value matches.
-    assert np.mean(q == gptq_ref["q"]) >= 0.99
+    # A float32 port of the same algorithm: every quantised value matches (100% measured).
+    np.testing.assert_array_equal(q, gptq_ref["q"])
     np.testing.assert_array_equal(s, gptq_ref["scale_f16"])
-    # 0.1% for the rare flipped rounding above; a faithful port lands on it.
-    assert recon_err_H(W, q, s, H) <= 1.001 * float(gptq_ref["ref_recon_err_H"])
+    # Same values, so the same error up to float32 summation order.
+    assert recon_err_H(W, q, s, H) <= (1 + 1e-5) * float(gptq_ref["ref_recon_err_H"])
     # The point of GPTQ: less output error than rounding row by row.
     assert recon_err_H(W, q, s, H) < float(gptq_ref["ref_recon_err_H_rowwise"])
 

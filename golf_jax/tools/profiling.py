@@ -1,7 +1,7 @@
 """Where a program's GPU time goes: device traces (jax.profiler, perfetto
 format) summarised per kernel and per category, collective overlap per device,
 and each kernel tied to the optimised HLO: the model source lines of its ops
-and the bytes it moves. Used by `python -m golf_jax.bench --sections profile`.
+and the bytes it moves. Used by `python -m golf_jax.tools.bench --sections profile`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ fit for one device call. Each section warms up (the first call's time,
 compilation included, is reported separately), then reports the median of
 repeats, synchronising on the result.
 
-    python -m golf_jax.bench [--config configs/record.py] [--sections eval,grad,...] [--out DIR]
+    python -m golf_jax.tools.bench [--config configs/record.py] [--sections eval,grad,...] [--out DIR]
 
 Sections:
   eval       sliding-window evaluation batches (windows of eval_seq_len, stride
@@ -45,7 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import artifact, cli, data, evaluate, generate, model, optim, profiling, quant, runlog, train
+from golf_jax import artifact, cli, data, evaluate, generate, model, optim, quant, runlog, train
+from golf_jax.tools import profiling
 from golf_jax.config import ModelConfig
 
 # bf16 dense matmul rate measured on the device's H100 (8192^3, JAX 0.11.2);
@@ -340,7 +341,7 @@ def bench_ttt(params, cfg, chunks: int) -> dict | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m golf_jax.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m golf_jax.tools.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sections", default="eval,grad,train,attention,mlp,after",
                         help="comma-separated; the default is every section but ttt and profile")
     parser.add_argument("--grad-batch-seqs", type=int, default=48, help="the reference's per-GPU micro-batch")
@@ -349,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--random-tokens", action="store_true", help="uniform ids instead of the config's text")
     parser.add_argument("--ttt-chunks", type=int, default=16, help="chunks timed by the ttt section")
     parser.add_argument("--out", default="runs/bench")
-    cfg, args = cli.parse(parser, argv, default_config=str(Path(__file__).resolve().parents[1] / "configs" / "record.py"))
+    cfg, args = cli.parse(parser, argv, default_config=str(Path(__file__).resolve().parents[2] / "configs" / "record.py"))
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     tokens = ((lambda shape, seed=0: random_tokens(shape, cfg.model.vocab_size, seed)) if args.random_tokens
               else (lambda shape, seed=0: text_tokens(cfg, shape, seed)))
