@@ -3,7 +3,8 @@ one global gradient-norm clip before both, and the learning-rate multiplier
 (warmdown) that scales every group.
 
 Each piece is an optax GradientTransformation, so the whole is
-`optax.chain(clip, optax.multi_transform({...}, labels))`.
+`optax.chain(clip, optax.multi_transform({...}, labels))`, and Muon itself is
+`optax.chain(scale_by_muon, add_decayed_weights, scale_by_learning_rate)`.
 """
 
 from __future__ import annotations
@@ -68,54 +69,61 @@ def newton_schulz(g: jax.Array, steps: int = 5, dtype=jnp.bfloat16) -> jax.Array
     return (jnp.swapaxes(x, -1, -2) if transposed else x).astype(dtype)
 
 
-class MuonState(NamedTuple):
+class ScaleByMuonState(NamedTuple):
     count: jax.Array
-    momentum: Any
+    momentum: Any  # the momentum buffer of each bank, in momentum_dtype
 
 
 def _value(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return v(count) if callable(v) else jnp.asarray(v, jnp.float32)
 
 
-def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: int = 5,
-         weight_decay: float = 0.0, momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
-    """Muon on banks of matrices [n, rows, cols] (each matrix orthogonalised alone).
+def scale_by_muon(momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: int = 5,
+                  momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+    """Muon's direction for banks of matrices [n, rows, cols], float32:
+    max(1, rows/cols)^0.5 NewtonSchulz(u), each matrix orthogonalised alone,
 
-    buf = momentum * buf + g; u = g + momentum * buf (nesterov) or buf;
-    O = NewtonSchulz(u); p <- p (1 - lr wd) - lr max(1, rows/cols)^0.5 O.
+        buf = momentum * buf + g;  u = g + momentum * buf (nesterov) or buf.
+
     reference quirk: the gradient is cast to bf16 and the buffer and the
     iteration stay bf16 (momentum_dtype, ns_dtype); float32 is better.
     """
     momentum_dtype, ns_dtype = jnp.dtype(momentum_dtype), jnp.dtype(ns_dtype)
+    rnd = rounding_to(momentum_dtype)
 
     def init_fn(params):
-        return MuonState(jnp.zeros([], jnp.int32), jax.tree.map(lambda p: jnp.zeros(p.shape, momentum_dtype), params))
+        return ScaleByMuonState(jnp.zeros([], jnp.int32),
+                                jax.tree.map(lambda p: jnp.zeros(p.shape, momentum_dtype), params))
 
     def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError("muon needs params for its decoupled weight decay")
-        lr, mom = _value(learning_rate, state.count), _value(momentum, state.count)
+        del params
+        mom = _value(momentum, state.count)
 
-        rnd = rounding_to(momentum_dtype)
-
-        def one(g, buf, p):
+        def one(g, buf):
             # As the reference's in-place bf16 ops round: g.bfloat16();
             # buf.mul_(m).add_(g) (twice); g.add(buf, alpha=m) (once).
             g = rnd(g.astype(jnp.float32))
             buf = rnd(rnd(mom * buf.astype(jnp.float32)) + g)
             u = rnd(g + mom * buf) if nesterov else buf
-            o = newton_schulz(u, ns_steps, ns_dtype).astype(jnp.float32)
-            rows, cols = p.shape[-2], p.shape[-1]
+            rows, cols = g.shape[-2], g.shape[-1]
             scale = max(1.0, rows / cols) ** 0.5
-            delta = -lr * (weight_decay * p.astype(jnp.float32) + scale * o)
-            return delta.astype(p.dtype), buf.astype(momentum_dtype)
+            return scale * newton_schulz(u, ns_steps, ns_dtype).astype(jnp.float32), buf.astype(momentum_dtype)
 
-        out = jax.tree.map(one, updates, state.momentum, params)
-        deltas = jax.tree.map(lambda _, o: o[0], updates, out)
+        out = jax.tree.map(one, updates, state.momentum)
+        directions = jax.tree.map(lambda _, o: o[0], updates, out)
         bufs = jax.tree.map(lambda _, o: o[1], updates, out)
-        return deltas, MuonState(optax.safe_increment(state.count), bufs)
+        return directions, ScaleByMuonState(optax.safe_increment(state.count), bufs)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: int = 5,
+         weight_decay: float = 0.0, momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+    """Muon: p <- p - lr (wd p + max(1, rows/cols)^0.5 O), its decoupled weight
+    decay scaled by the learning rate as the reference's p.mul_(1 - lr wd)."""
+    return optax.chain(scale_by_muon(momentum, nesterov, ns_steps, momentum_dtype, ns_dtype),
+                       optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
 
 
 # ----------------------------------------------------------------------------- clipping
@@ -163,15 +171,11 @@ def param_labels(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(lambda path, _: param_group(path_name(path)), params)
 
 
-def muon_momentum_schedule(cfg: OptimizerConfig) -> Callable[[jax.Array], jax.Array]:
+def muon_momentum_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """Linear warmup from muon_momentum_warmup_start to muon_momentum over the first steps."""
-    start, end, steps = cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps
-
-    def schedule(count):
-        frac = jnp.minimum(count.astype(jnp.float32) / max(steps, 1), 1.0) if steps > 0 else 1.0
-        return (1 - frac) * start + frac * end
-
-    return schedule
+    if cfg.muon_momentum_warmup_steps <= 0:  # optax's linear schedule would stay at its start
+        return optax.constant_schedule(cfg.muon_momentum)
+    return optax.linear_schedule(cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps)
 
 
 def build_optimizer(cfg: OptimizerConfig, axis_name: str | None = None) -> optax.GradientTransformation:
@@ -200,7 +204,10 @@ def lr_multiplier(step: int, elapsed_s: float, cfg: ScheduleConfig) -> float:
 
     With a wall-clock cap the warmdown covers the last `warmdown_iters` steps
     as estimated from the mean step time so far; without one, the last
-    `warmdown_iters` iterations, linearly.
+    `warmdown_iters` iterations, linearly. Not an optax schedule: it is a
+    function of the wall clock, decided on the host (by process 0 in a
+    multi-process run) and passed to the step, which scales every group's
+    update by it.
     """
     if cfg.warmdown_iters <= 0:
         return 1.0

@@ -183,6 +183,40 @@ def init_state(params: Params, tx: optax.GradientTransformation, mesh, swa: bool
 
 # ----------------------------------------------------------------------------- the step
 
+def parallel_update(tx: optax.GradientTransformation, grad_sum: Params, opt_state, params: Params, n: int,
+                    accum: int) -> tuple[Params, Any]:
+    """One device's optimizer update inside shard_map over AXIS (n devices),
+    from its sum of `accum` micro-batch gradients: Parallel Muon.
+
+    Banks are reduce-scattered along their bank axis, so each device updates
+    (and keeps the momentum of) its own 1/n of the matrices; then the updates
+    are all-gathered. Everything else is all-reduced and updated everywhere.
+    """
+    def reduce(path, g, p):
+        if _is_bank(path):
+            g = jax.lax.psum_scatter(g, AXIS, scatter_dimension=0, tiled=True) / (n * accum)
+        else:
+            g = jax.lax.pmean(g, AXIS) / accum
+        return g.astype(p.dtype)
+
+    padded = pad_banks(params, n)
+    grads = jax.tree_util.tree_map_with_path(reduce, pad_banks(grad_sum, n), padded)
+    me = jax.lax.axis_index(AXIS)
+
+    def local_slice(path, p):
+        if not _is_bank(path):
+            return p
+        k = p.shape[0] // n
+        return jax.lax.dynamic_slice_in_dim(p, me * k, k, axis=0)
+
+    updates, opt_state = tx.update(grads, opt_state, jax.tree_util.tree_map_with_path(local_slice, padded))
+
+    def gather(path, u, p):
+        return jax.lax.all_gather(u, AXIS, axis=0, tiled=True)[:p.shape[0]] if _is_bank(path) else u
+
+    return jax.tree_util.tree_map_with_path(gather, updates, params), opt_state
+
+
 def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, template: TrainState):
     """jit(shard_map(one optimizer step)); the state is donated."""
     mcfg, n = cfg.model, mesh.size
@@ -211,35 +245,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
                  jnp.zeros([], f32))
         (gsum, lsum), _ = jax.lax.scan(micro, zeros, (xs, ys))
         loss = jax.lax.pmean(lsum / accum, AXIS)
-
-        # Banks: reduce-scatter along the bank axis; the rest: all-reduce.
-        padded = pad_banks(gsum, n)
-
-        def reduce(path, g, p):
-            if _is_bank(path):
-                g = jax.lax.psum_scatter(g, AXIS, scatter_dimension=0, tiled=True) / (n * accum)
-            else:
-                g = jax.lax.pmean(g, AXIS) / accum
-            return g.astype(p.dtype)
-
-        grads = jax.tree_util.tree_map_with_path(reduce, padded, params)
-        me = jax.lax.axis_index(AXIS)
-
-        def local_slice(path, p):
-            if not _is_bank(path):
-                return p
-            k = p.shape[0] // n
-            return jax.lax.dynamic_slice_in_dim(p, me * k, k, axis=0)
-
-        local_params = jax.tree_util.tree_map_with_path(local_slice, pad_banks(params, n))
-        updates, opt_state = tx.update(grads, state.opt_state, local_params)
-
-        def gather(path, u, p):
-            if _is_bank(path):
-                u = jax.lax.all_gather(u, AXIS, axis=0, tiled=True)[:p.shape[0]]
-            return u
-
-        updates = jax.tree_util.tree_map_with_path(gather, updates, params)
+        updates, opt_state = parallel_update(tx, gsum, state.opt_state, params, n, accum)
         # The warmdown multiplier scales every group's rate and decoupled decay.
         params = jax.tree.map(lambda p, u: (p.astype(f32) + lr_mult * u.astype(f32)).astype(p.dtype), params, updates)
         ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p.astype(f32), state.ema, params)

@@ -86,6 +86,23 @@ def test_muon_accepts_schedules(muon_ref):
     np.testing.assert_array_equal(np.asarray(a["qo_bank"]), np.asarray(b["qo_bank"]))
 
 
+def test_muon_is_its_direction_then_decoupled_decay_then_the_learning_rate(muon_ref):
+    """muon = chain(scale_by_muon, add_decayed_weights, scale_by_learning_rate):
+    the update is -lr (direction + wd p), the direction max(1, rows/cols)^0.5 O."""
+    p = {b: jnp.asarray(muon_ref[f"init/{b}"]) for b in BANKS}
+    g = {b: jnp.asarray(muon_ref[f"grad0/{b}"]) for b in BANKS}
+    direction = optim.scale_by_muon(0.95, momentum_dtype=jnp.float32, ns_dtype=jnp.float32)
+    d, _ = direction.update(g, direction.init(p))
+    full = optim.muon(0.025, 0.95, weight_decay=0.04, momentum_dtype=jnp.float32, ns_dtype=jnp.float32)
+    u, _ = full.update(g, full.init(p), p)
+    for b in BANKS:
+        np.testing.assert_array_equal(u[b], -0.025 * (d[b] + 0.04 * p[b]))
+        rows, cols = p[b].shape[-2:]
+        # The first step's nesterov input is g + 0.95 (0.95 * 0 + g) = 1.95 g.
+        np.testing.assert_allclose(d[b], max(1.0, rows / cols) ** 0.5 * optim.newton_schulz(1.95 * g[b], 5, jnp.float32),
+                                   rtol=1e-5, atol=1e-6)  # float32 rounding of 1.95 g apart (~1e-7 seen)
+
+
 def test_every_parameter_lands_in_its_group():
     cfg = ModelConfig()
     params = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
