@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from golf_jax import artifact, atomic, compat, data, model, quant
+from golf_jax import artifact, atomic, compat, data, model, param_tree, quant
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError
 
@@ -281,17 +281,17 @@ def load_params(directory: str | Path, template: Any | None = None) -> tuple[Any
 def _legacy_note(config: dict | None) -> str:
     """Why a checkpoint of this config may not fit: saved under params layout 1."""
     try:
-        legacy = model.legacy_projections(config_lib.from_dict(config).model) if config else ()
+        legacy = param_tree.legacy_projections(config_lib.from_dict(config).model) if config else ()
     except (ValueError, TypeError, AttributeError, ConfigError):
         return ""
-    return f"; if it holds {' or '.join(legacy)}: {model.LEGACY_LAYOUT}" if legacy else ""
+    return f"; if it holds {' or '.join(legacy)}: {param_tree.LEGACY_LAYOUT}" if legacy else ""
 
 
 def _check_no_legacy_params(params: Any, cfg: Config, where: Path) -> None:
-    names = {model.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
-    for name in model.legacy_projections(cfg.model):
+    names = {param_tree.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    for name in param_tree.legacy_projections(cfg.model):
         if name in names:
-            raise CheckpointError(f"{where}: {name}: {model.LEGACY_LAYOUT}")
+            raise CheckpointError(f"{where}: {name}: {param_tree.LEGACY_LAYOUT}")
 
 
 # ----------------------------------------------------------------------------- loading a model
@@ -300,7 +300,7 @@ LOAD_ERRORS = (ConfigError, data.DataError, CheckpointError, artifact.ArtifactEr
                quant.QuantError)
 
 
-def _ema_from_training_checkpoint(directory: Path) -> tuple[model.Params, Config]:
+def _ema_from_training_checkpoint(directory: Path) -> tuple[param_tree.Params, Config]:
     ckpts = TrainCheckpoints(directory)
     try:
         state, meta = ckpts.restore(None)  # as saved: its layout depends on the device count
@@ -309,11 +309,11 @@ def _ema_from_training_checkpoint(directory: Path) -> tuple[model.Params, Config
     cfg = config_lib.from_dict(meta["config"])
     ema = state["ema"] if isinstance(state, dict) else state.ema
     _check_no_legacy_params(ema, cfg, directory)
-    ema_by_name = {model.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ema)}
+    ema_by_name = {param_tree.path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(ema)}
 
     def to_param(path, like):
         # Banks are zero-padded to a multiple of the device count in training.
-        x = np.asarray(ema_by_name[model.path_name(path)])
+        x = np.asarray(ema_by_name[param_tree.path_name(path)])
         return jnp.asarray(x[tuple(slice(0, n) for n in like.shape)], like.dtype)
 
     template = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
@@ -321,7 +321,7 @@ def _ema_from_training_checkpoint(directory: Path) -> tuple[model.Params, Config
 
 
 def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | Path | None = None
-               ) -> tuple[model.Params, Config, str]:
+               ) -> tuple[param_tree.Params, Config, str]:
     """(params, the config they were made with, a description of the source)."""
     if artifact_path:
         qmodel, meta = artifact.read_artifact(artifact_path)

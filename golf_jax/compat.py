@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from golf_jax.config import ModelConfig
-from golf_jax.model import Params
+from golf_jax.param_tree import Params
 
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "skip_weights")
 # Per-block tensors: our key under params["blocks"] -> the reference's suffix.

@@ -53,7 +53,7 @@ class ModelConfig:
     # dtype before the softcap; False keeps its float32 accumulator.
     round_logits: bool = True
     # "auto": cuDNN flash attention on GPUs (the Pallas kernel under XLA's
-    # determinism flags, see model.attention_impl), the plain jnp path elsewhere.
+    # determinism flags, see layers.attention_impl), the plain jnp path elsewhere.
     attention_impl: str = "auto"
     # The MLP's activation is leaky_relu(x, slope)^2: 0.5 in the record,
     # 0 for the ReLU^2 of earlier entries (e.g. PR #1234's "Approach G").
@@ -140,7 +140,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # "embedded": the tinyshakespeare shards in ../shared/data when present,
-    # else a corpus built once from CPython's pydoc_data (see golf_jax.data).
+    # else a corpus built once from CPython's pydoc_data (see golf_jax.datasets).
     data_dir: str = "embedded"
     tokenizer_path: str = ""  # "" = the tokenizer that comes with data_dir
     train_pattern: str = "fineweb_train_*.bin"

@@ -1,28 +1,20 @@
 """Data: competition-format shards, the tokenizer's byte tables, the training
-token stream in the reference's order, validation tokens, and the embedded
-default dataset.
+token stream in the reference's order and validation tokens. Which shards and
+tokenizer a config means, the embedded default data, and preparing shards
+from text: golf_jax/datasets.py.
 
 Shard format (the official exporter's): a header of 256 little-endian int32
 (magic 20240520, version 1, token count, zeros), then the tokens as
 little-endian uint16. Documents are written as [bos_id] + tokens, no eos.
-
-    python -m golf_jax.data prepare corpus.txt --tokenizer sp.model --out DIR --val-fraction 0.1
 """
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
 import math
-import os
-import re
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -33,11 +25,7 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
-DEFAULT_SHARD_TOKENS = 100_000_000  # the official exporter's shard size
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED_TOKENIZER = "tokenizers/fineweb_1024_bpe.model"
-EMBEDDED_SHARDS = "tinyshakespeare_sp1024"
 
 
 class DataError(ValueError):
@@ -294,242 +282,3 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_toke
     if usable <= 0:
         raise DataError(f"{pattern}: {len(tokens)} validation tokens, fewer than one {seq_len}-token sequence + 1")
     return tokens[:usable + 1]
-
-
-# ----------------------------------------------------------------------------- preparing shards
-
-def iter_documents(path: str | Path) -> Iterator[str]:
-    """Documents of a .txt (blank-line-separated blocks) or .jsonl ("text" field) file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: input not found")
-    if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-                    text = None
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{n}: expected a JSON object with a string \"text\" field")
-                yield text
-    else:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        for block in re.split(r"\n\s*\n", text):
-            if block.strip():
-                yield block.strip()
-
-
-def prepare(inputs: Sequence[str | Path], tokenizer: str | Path, out_dir: str | Path, *,
-            val_docs: int | None = None, val_fraction: float | None = None,
-            shard_tokens: int = DEFAULT_SHARD_TOKENS, prefix: str = "fineweb",
-            encode_batch: int = 1024) -> dict:
-    """Tokenize documents into val and train shards as the official exporter does.
-
-    Shards are written into a staging folder inside `out_dir` and moved into
-    place only when every input has been read, so bad input (a missing file,
-    a malformed line deep in the second input) leaves `out_dir` as it was.
-    """
-    sp = load_tokenizer(tokenizer)
-    if (val_docs is None) == (val_fraction is None):
-        raise ValueError("give exactly one of val_docs and val_fraction")
-    if val_docs is None:
-        total = sum(1 for p in inputs for _ in iter_documents(p))
-        val_docs = int(total * val_fraction)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"{out_dir}: output path exists and is not a directory")
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".prepare.", dir=out_dir))
-    try:
-        info = _prepare_into(stage, sp, inputs, val_docs, shard_tokens, prefix, encode_batch)
-        for name in info["shards"]["val"] + info["shards"]["train"]:
-            os.replace(stage / name, out_dir / name)
-        atomic.fsync_dir(out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if created:
-            try:
-                out_dir.rmdir()  # only if still empty: never take anything else with it
-            except OSError:
-                pass
-        raise
-    stage.rmdir()
-    return info
-
-
-def _prepare_into(out_dir: Path, sp, inputs: Sequence[str | Path], val_docs: int, shard_tokens: int,
-                  prefix: str, encode_batch: int) -> dict:
-    bos = sp.bos_id()
-    counts = {"val": 0, "train": 0}
-    shards = {"val": [], "train": []}
-    buf: dict[str, list[np.ndarray]] = {"val": [], "train": []}
-    buffered = {"val": 0, "train": 0}
-
-    def flush(split: str, final: bool) -> None:
-        while buffered[split] >= shard_tokens or (final and buffered[split] > 0):
-            joined = np.concatenate(buf[split])
-            take = joined[:shard_tokens]
-            path = out_dir / f"{prefix}_{split}_{len(shards[split]):06d}.bin"
-            write_shard(path, take)
-            shards[split].append(path.name)
-            rest = joined[shard_tokens:]
-            buf[split] = [rest] if rest.size else []
-            buffered[split] = rest.size
-
-    def docs() -> Iterator[str]:
-        for p in inputs:
-            yield from iter_documents(p)
-
-    n_docs = 0
-    for batch in _batched(docs(), encode_batch):
-        for ids in sp.encode(batch):
-            split = "val" if n_docs < val_docs else "train"
-            arr = np.asarray([bos] + ids, dtype=np.uint16)
-            buf[split].append(arr)
-            buffered[split] += arr.size
-            counts[split] += arr.size
-            n_docs += 1
-        flush("val", n_docs >= val_docs)
-        flush("train", False)
-    flush("val", True)
-    flush("train", True)
-    return {"documents": n_docs, "val_documents": min(val_docs, n_docs), "tokens": counts, "shards": shards}
-
-
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == n:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-# ----------------------------------------------------------------------------- datasets
-
-@dataclass(frozen=True)
-class Dataset:
-    train_pattern: str
-    val_pattern: str
-    tokenizer: str
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("GOLF_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "golf_jax")
-    return Path(root)
-
-
-def shared_data_dir() -> Path | None:
-    """The embedded default data: $GOLF_JAX_SHARED_DATA, else ../shared/data
-    beside the repository, else shared/data inside it."""
-    env = os.environ.get("GOLF_JAX_SHARED_DATA")
-    candidates = [Path(env)] if env else [REPO_ROOT.parent / "shared" / "data", REPO_ROOT / "shared" / "data"]
-    for c in candidates:
-        if (c / EMBEDDED_TOKENIZER).is_file() and (c / EMBEDDED_SHARDS).is_dir():
-            return c
-    return None
-
-
-def pydoc_dataset(vocab_size: int = 1024) -> Path:
-    """Build once, and cache, a small corpus from the pydoc topic documents
-    that ship with CPython, a SentencePiece BPE tokenizer of `vocab_size`
-    trained on it (the competition tokenizer's settings) and its shards."""
-    target = _cache_dir() / f"pydoc_sp{vocab_size}"
-    if (target / "tokenizer.model").is_file():
-        return target
-    import sentencepiece as spm
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:
-        raise DataError("this Python lacks pydoc_data, and no embedded shards were found: "
-                        "set GOLF_JAX_SHARED_DATA or run `python -m golf_jax.data prepare`") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".pydoc_build.", dir=target.parent))
-    corpus = work / "corpus.txt"
-    corpus.write_text("\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n", encoding="utf-8")
-    lines = [ln for ln in corpus.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(work / "tokenizer"), model_type="bpe",
-        vocab_size=vocab_size, character_coverage=0.999, split_digits=True, byte_fallback=False,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, add_dummy_prefix=False, normalization_rule_name="nmt_nfkc",
-        hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    prepare([corpus], work / "tokenizer.model", work, val_fraction=0.1)
-    os.chmod(work, 0o777 & ~atomic.current_umask())
-    try:
-        os.replace(work, target)
-        atomic.fsync_dir(target.parent)
-    except OSError:  # another process built it first
-        pass
-    return target
-
-
-def resolve_dataset(data_dir: str, tokenizer_path: str, train_pattern: str, val_pattern: str,
-                    vocab_size: int) -> Dataset:
-    """Turn a DataConfig's paths into shard patterns and a tokenizer file."""
-    default_tokenizer = None
-    if data_dir == "embedded":
-        shared = shared_data_dir()
-        if shared is not None:
-            root, default_tokenizer = shared / EMBEDDED_SHARDS, shared / EMBEDDED_TOKENIZER
-        else:
-            root = pydoc_dataset(vocab_size)
-            default_tokenizer = root / "tokenizer.model"
-    else:
-        root = Path(data_dir)
-        if not root.is_dir():
-            raise DataError(f"{root}: data directory not found (data.data_dir)")
-    tokenizer = Path(tokenizer_path) if tokenizer_path else default_tokenizer
-    if tokenizer is None:
-        raise DataError(f"{root}: set data.tokenizer_path to the SentencePiece model of these shards")
-    return Dataset(str(root / train_pattern), str(root / val_pattern), str(tokenizer))
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m golf_jax.data", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenize .txt/.jsonl documents into competition-format shards")
-    p.add_argument("inputs", nargs="+", help=".txt (blank-line-separated documents) or .jsonl ('text' field)")
-    p.add_argument("--tokenizer", required=True, help="SentencePiece .model")
-    p.add_argument("--out", required=True, help="output directory")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--val-docs", type=int, help="the first N documents go to val")
-    g.add_argument("--val-fraction", type=float, help="the first floor(fraction x documents) go to val")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
-    p.add_argument("--prefix", default="fineweb", help="shard names: PREFIX_{train,val}_000000.bin")
-    s = sub.add_parser("inspect", help="validate shards and print their token counts")
-    s.add_argument("pattern", help="glob of shard files")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            info = prepare(args.inputs, args.tokenizer, args.out, val_docs=args.val_docs,
-                           val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, prefix=args.prefix)
-            print(json.dumps(info, indent=1))
-        else:
-            total = 0
-            for f in shard_files(args.pattern):
-                n = len(read_shard(f))
-                total += n
-                print(f"{f}  {n:,} tokens")
-            print(f"total {total:,} tokens")
-    except DataError as e:
-        parser.exit(2, f"error: {e}\n")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from golf_jax import data, model
+from golf_jax import data, datasets, layers, model, param_tree
 from golf_jax.config import Config, ModelConfig
 
 
@@ -166,9 +166,9 @@ def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Byte
                          score_span=stride)
 
 
-def load_eval_data(cfg: Config) -> tuple[np.ndarray, data.ByteTables, data.Dataset]:
+def load_eval_data(cfg: Config) -> tuple[np.ndarray, data.ByteTables, datasets.Dataset]:
     """Validation tokens and byte tables, every input checked before any compilation."""
-    ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+    ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
                               cfg.data.val_pattern, cfg.model.vocab_size)
     sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
     tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
@@ -209,15 +209,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokens, tables, ds = load_eval_data(cfg)
         source = args.init_from or cfg.run.init_from
         if source:
-            params = model.cast_params(compat.params_from_reference(compat.load_reference_state(source), cfg.model),
+            params = param_tree.cast_params(compat.params_from_reference(compat.load_reference_state(source), cfg.model),
                                        cfg.model)
         else:
             params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
     except (data.DataError, compat.CompatError) as e:
         parser.exit(2, f"error: {e}\n")
 
-    print(f"model: {model.param_count(params):,} parameters ({source or f'fresh init, seed {cfg.run.seed}'}); "
-          f"backend {jax.default_backend()}, compute {jnp.dtype(model.compute_dtype(cfg.model)).name}")
+    print(f"model: {param_tree.param_count(params):,} parameters ({source or f'fresh init, seed {cfg.run.seed}'}); "
+          f"backend {jax.default_backend()}, compute {jnp.dtype(layers.compute_dtype(cfg.model)).name}")
     print(f"val: {len(tokens) - 1:,} target tokens from {ds.val_pattern}")
     results = run_evaluations(params, cfg, tokens, tables, progress=not args.no_progress)
     for name, r in results.items():

@@ -9,7 +9,7 @@ and its normed embedding (BigramHash and SmearGate need them).
 
 Difference from the reference, on purpose: the reference recomputes the whole
 prefix at every step, so its rotary base changes when the prefix passes 1024
-tokens (its NTK quirk, see `model.rotary_base`) and every earlier position's
+tokens (its NTK quirk, see `layers.rotary_base`) and every earlier position's
 keys change with it. A cache cannot follow that; every position here uses the
 base of `rope_len` (the training sequence length, 2048 in the record), the
 base the model was trained and is evaluated with.
@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from golf_jax import checkpoint, data, model
+from golf_jax import checkpoint, data, datasets, model, param_tree
 from golf_jax.config import Config, ModelConfig
-from golf_jax.model import Params
+from golf_jax.param_tree import Params
 from golf_jax.quant import QuantError
 
 
@@ -126,7 +126,7 @@ def _input_grams(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> dic
     _, state = model.GPT(cfg).apply({"params": params}, tokens_BxT, method=model.GPT.hidden,
                                     mutable=[model.INPUT_GRAMS])
     flat = jax.tree_util.tree_flatten_with_path(state[model.INPUT_GRAMS], is_leaf=lambda x: isinstance(x, tuple))[0]
-    return {model.path_name(path): sown[0] for path, sown in flat}  # sown values are 1-tuples: one call each
+    return {param_tree.path_name(path): sown[0] for path, sown in flat}  # sown values are 1-tuples: one call each
 
 
 def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, batch_size: int,
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         params, cfg, source = checkpoint.load_model(artifact_path=args.artifact, checkpoint_path=args.checkpoint)
-        ds = data.resolve_dataset(cfg.data.data_dir, args.tokenizer or cfg.data.tokenizer_path,
+        ds = datasets.resolve_dataset(cfg.data.data_dir, args.tokenizer or cfg.data.tokenizer_path,
                                   cfg.data.train_pattern, cfg.data.val_pattern, cfg.model.vocab_size)
         sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
     except checkpoint.LOAD_ERRORS as e:

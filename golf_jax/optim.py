@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from golf_jax.config import OptimizerConfig, ScheduleConfig
-from golf_jax.model import EMBEDDING_KEYS, Params, path_name
+from golf_jax.param_tree import EMBEDDING_KEYS, Params, path_name
 
 BANK_KEYS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz (a, b, c)

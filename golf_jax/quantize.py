@@ -23,7 +23,7 @@ from typing import Sequence
 
 import jax
 
-from golf_jax import artifact, checkpoint, evaluate, generate, model, quant, ttt
+from golf_jax import artifact, checkpoint, evaluate, generate, param_tree, pruning, quant, ttt
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
 from golf_jax.runlog import CompileCounter
@@ -49,7 +49,7 @@ def _artifact_meta(cfg: Config, quant_report: dict) -> dict:
 BUDGET_STAGES = ("calibration", "hessians", "gptq")  # what budget mode counts in the wall-clock cap
 
 
-def calibrate_and_quantize(params: model.Params, cfg: Config, stage, progress: bool = False
+def calibrate_and_quantize(params: param_tree.Params, cfg: Config, stage, progress: bool = False
                            ) -> tuple[quant.QuantizedModel, dict]:
     """The stages budget mode counts (BUDGET_STAGES, each inside `stage(name)`):
     AR self-generated calibration, Hessians, GPTQ. Returns the quantised
@@ -65,13 +65,13 @@ def calibrate_and_quantize(params: model.Params, cfg: Config, stage, progress: b
     return qmodel, quant_report
 
 
-def compile_budget_stages(params: model.Params, cfg: Config) -> None:
+def compile_budget_stages(params: param_tree.Params, cfg: Config) -> None:
     """Run the budget stages once, untimed: everything they compile is then
     in this process's caches for the run after training."""
     calibrate_and_quantize(params, cfg, lambda name: contextlib.nullcontext())
 
 
-def time_budget_stages(params: model.Params, cfg: Config) -> dict[str, float]:
+def time_budget_stages(params: param_tree.Params, cfg: Config) -> dict[str, float]:
     """Seconds of each budget stage on these weights, as they will run after
     training: one run to compile (not timed), then one timed. The stages'
     cost depends on shapes, not values, so early weights give the final time."""
@@ -110,7 +110,7 @@ def budget_report(cfg: Config, train_summary: dict, times: dict[str, float], com
             "compilations_in_budget_stages": sum(compiles.get(k, 0) for k in BUDGET_STAGES)}
 
 
-def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path, progress: bool = True,
+def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str | Path, progress: bool = True,
                           pre_quant: dict | None = None, log=print, train_summary: dict | None = None) -> dict:
     """Every stage after training, timed; writes the artifact and quantize.json
     in out_dir and returns the same report. pre_quant: the standard evaluation
@@ -152,11 +152,11 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     code = artifact.code_bytes()
     meta = _artifact_meta(cfg, quant_report)
     with stage("compress_and_prune"):
-        qmodel, blob, pruning = quant.fit_to_budget(
+        qmodel, blob, pruned = pruning.fit_to_budget(
             qmodel, lambda qm: artifact.serialize(qm, meta, q.lzma_preset), q.artifact_budget_bytes, code)
-    report["pruning"] = pruning
-    if not pruning["fits"]:
-        log(f"warning: the artifact does not fit even with every +-1 value pruned: {pruning['bytes']:,} bytes "
+    report["pruning"] = pruned
+    if not pruned["fits"]:
+        log(f"warning: the artifact does not fit even with every +-1 value pruned: {pruned['bytes']:,} bytes "
             f"against a budget of {q.artifact_budget_bytes:,}")
     path = out_dir / ARTIFACT_NAME
     with stage("write_artifact"):
@@ -164,8 +164,8 @@ def quantize_and_evaluate(params: model.Params, cfg: Config, out_dir: str | Path
     report["artifact"] = artifact.artifact_budget_report(weights_bytes, q.artifact_budget_bytes, code)
     report["artifact"]["path"] = str(path)
     log(f"artifact {path}: {weights_bytes:,} bytes + {code:,} bytes of code = {weights_bytes + code:,} "
-        f"(budget {q.artifact_budget_bytes:,}); pruned {pruning.get('pruned', 0):,} of "
-        f"{pruning.get('candidates', 0):,} +-1 values")
+        f"(budget {q.artifact_budget_bytes:,}); pruned {pruned.get('pruned', 0):,} of "
+        f"{pruned.get('candidates', 0):,} +-1 values")
 
     with stage("reload"):
         qparams, _, _ = checkpoint.load_model(artifact_path=path)
@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if cfg.model != saved.model:
                 raise ConfigError(f"{args.config}: its model section differs from the checkpoint's")
         cfg = cli.apply_overrides(cfg, overrides).validate()
-        print(f"model: {model.param_count(params):,} parameters from {source}; backend {jax.default_backend()}")
+        print(f"model: {param_tree.param_count(params):,} parameters from {source}; backend {jax.default_backend()}")
         quantize_and_evaluate(params, cfg, args.out or run_dir_of(args.checkpoint), progress=not args.no_progress)
     except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")

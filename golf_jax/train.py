@@ -36,10 +36,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from golf_jax import checkpoint, compat, config as config_lib, data, distributed, evaluate, model, optim, quantize
+from golf_jax import checkpoint, compat, config as config_lib, data, datasets, distributed, evaluate, layers, model, optim, param_tree, quantize
 from golf_jax.runlog import CompileCounter, RunLog, peak_memory_bytes, plot_curves
 from golf_jax.config import Config, ConfigError
-from golf_jax.model import Params, path_name
+from golf_jax.param_tree import Params, path_name
 
 AXIS = "data"
 QAT_SMALL = ("bigram/proj", "ve/proj")  # the record's late-QAT scope
@@ -331,7 +331,7 @@ def _global_rows(local: np.ndarray, batches: data.TrainBatches, sharding) -> jax
 def initial_params(cfg: Config) -> Params:
     if cfg.run.init_from:
         state = compat.load_reference_state(cfg.run.init_from)
-        return model.cast_params(compat.params_from_reference(state, cfg.model), cfg.model)
+        return param_tree.cast_params(compat.params_from_reference(state, cfg.model), cfg.model)
     return model.init_params(cfg.model, jax.random.key(cfg.run.seed))
 
 
@@ -443,7 +443,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     checkpoint.check_writable(out_dir)  # a read-only or missing mount fails now, not at the first save
 
     # Every input is checked before anything compiles.
-    ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+    ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
                               cfg.data.val_pattern, cfg.model.vocab_size)
     tables = data.byte_tables(data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size), cfg.model.vocab_size)
     val_tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
@@ -457,7 +457,7 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     # Room for the checkpoints kept, one being written and the final model, so
     # a full disk is reported before training rather than after it.
     keep = 2
-    checkpoint.check_free_space(out_dir, (keep + 1) * checkpoint_bytes(state) + model.param_count(params) * 4)
+    checkpoint.check_free_space(out_dir, (keep + 1) * checkpoint_bytes(state) + param_tree.param_count(params) * 4)
     ckpts = checkpoint.TrainCheckpoints(out_dir / "checkpoints", keep=keep)
     step, training_s, qat_on, stop_after_step = 0, 0.0, False, None
     history: dict = {"train": [], "val": []}
@@ -481,9 +481,9 @@ def _train(cfg: Config, resume: bool, progress: bool, max_steps: int | None, sto
     processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     log.line(f"devices: {n} x {jax.devices()[0].device_kind}{processes}; {accum} micro-batches of "
              f"{tokens_per_step // cfg.data.micro_batches_per_step:,} tokens per device per step; "
-             f"{model.param_count(params):,} parameters; compute {jnp.dtype(model.compute_dtype(cfg.model)).name}, "
-             f"attention {model.attention_impl(cfg.model)}")
-    log.line(model.summary(params))
+             f"{param_tree.param_count(params):,} parameters; compute {jnp.dtype(layers.compute_dtype(cfg.model)).name}, "
+             f"attention {layers.attention_impl(cfg.model)}")
+    log.line(param_tree.summary(params))
 
     # Warm-up: real steps compile and prime, then state and stream are restored.
     t_first_step = None

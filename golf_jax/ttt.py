@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from golf_jax import data, evaluate, model
 from golf_jax.config import Config, ModelConfig, TTTConfig
-from golf_jax.model import Params, path_name
+from golf_jax.param_tree import Params, path_name
 
 AXIS = "data"
 

@@ -27,11 +27,11 @@ def snap(args) -> int:
     import jax
     import jax.numpy as jnp
 
-    from golf_jax import cli, compat, generate, model
+    from golf_jax import cli, compat, generate, model, param_tree
 
     cfg = cli.load_config_file("configs/record.py")
     mcfg = cfg.model
-    params = model.cast_params(compat.params_from_reference(compat.load_reference_state(args.init), mcfg), mcfg)
+    params = param_tree.cast_params(compat.params_from_reference(compat.load_reference_state(args.init), mcfg), mcfg)
     # The init's zero out-projections would leave most gradients zero: perturb
     # every weight (the same noise on both sides) so that each one is exercised.
     leaves, treedef = jax.tree.flatten(params)
@@ -43,7 +43,7 @@ def snap(args) -> int:
     loss, grads = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)(params, mcfg, tokens[:, :-1],
                                                                             tokens[:, 1:])
     out = {"loss": np.asarray(loss)}
-    out.update({f"grad/{model.path_name(p)}": np.asarray(g, np.float32)
+    out.update({f"grad/{param_tree.path_name(p)}": np.asarray(g, np.float32)
                 for p, g in jax.tree_util.tree_leaves_with_path(grads)})
     prompts = tokens[:4, :16]
     out["generated"] = np.asarray(generate.generate(params, mcfg, prompts, key, num_new=32, temperature=0.0,

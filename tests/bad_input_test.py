@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import golf_jax
-from golf_jax import artifact, cli, compat, data
+from golf_jax import artifact, cli, compat, data, datasets
 from golf_jax.artifact import ArtifactError
 from golf_jax.compat import CompatError
 from golf_jax.config import Config, ConfigError, ModelConfig
@@ -91,7 +91,7 @@ def config_text(body: str) -> str:
 def prepare_reader(path: Path):
     """`prepare` of a good text, then `path`, into tmp/out (not there before),
     a few tokens a shard so that shards are written before `path` is reached."""
-    return data.prepare([path.parent / "good.txt", path], path.parent / "tok.model", path.parent / "out",
+    return datasets.prepare([path.parent / "good.txt", path], path.parent / "tok.model", path.parent / "out",
                         val_docs=1, shard_tokens=8, encode_batch=4)
 
 
@@ -360,7 +360,7 @@ def test_data_inspect_bad_shard_is_one_line(tmp_path, capsys):
     bad = tmp_path / "fineweb_val_000000.bin"
     bad.write_bytes(GOOD_SHARD[:-10])
     with pytest.raises(SystemExit) as e:
-        data.main(["inspect", str(tmp_path / "*.bin")])
+        datasets.main(["inspect", str(tmp_path / "*.bin")])
     assert_one_line_exit(e, capsys, f"error: {bad}: header says 100 tokens")
 
 
@@ -368,7 +368,7 @@ def test_data_prepare_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys)
     prepare_inputs(tmp_path)
     (tmp_path / "bad.jsonl").write_text("[1, 2]\n")
     with pytest.raises(SystemExit) as e:
-        data.main(["prepare", str(tmp_path / "good.txt"), str(tmp_path / "bad.jsonl"), "--tokenizer",
+        datasets.main(["prepare", str(tmp_path / "good.txt"), str(tmp_path / "bad.jsonl"), "--tokenizer",
                    str(tmp_path / "tok.model"), "--out", str(tmp_path / "out"), "--val-docs", "1",
                    "--shard-tokens", "8"])
     assert_one_line_exit(e, capsys, f"error: {tmp_path / 'bad.jsonl'}:1: expected a JSON object")

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from golf_jax import compat, data
+from golf_jax import compat, datasets
 from golf_jax.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def tiny_params(tiny_ref, tiny_cfg):
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    root = data.shared_data_dir()
+    root = datasets.shared_data_dir()
     if root is None:
         missing("embedded data (../shared/data) not present")
     return root

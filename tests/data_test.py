@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from golf_jax import data
+from golf_jax import data, datasets
 from tests.conftest import fixture_path
 
 
@@ -52,40 +52,6 @@ def test_missing_shard_and_empty_pattern(tmp_path):
 
 
 # ----------------------------------------------------------------------------- exporter
-
-def test_prepare_reproduces_embedded_shards_byte_for_byte(tmp_path, shared_data):
-    out = tmp_path / "shards"
-    info = data.prepare([shared_data / "corpus" / "tinyshakespeare.txt"],
-                        shared_data / data.EMBEDDED_TOKENIZER, out, val_fraction=0.1)
-    assert info["val_documents"] == 722
-    for name in ["fineweb_val_000000.bin", "fineweb_train_000000.bin"]:
-        assert (out / name).read_bytes() == (shared_data / data.EMBEDDED_SHARDS / name).read_bytes(), name
-
-
-def test_prepare_jsonl_and_shard_size(tmp_path, shared_data):
-    import json
-    src = tmp_path / "docs.jsonl"
-    docs = [f"Document number {i}: to be or not to be." for i in range(20)]
-    src.write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n")
-    tok = shared_data / data.EMBEDDED_TOKENIZER
-    info = data.prepare([src], tok, tmp_path / "out", val_docs=3, shard_tokens=50)
-    sp = data.load_tokenizer(tok)
-    want_val = np.concatenate([[1] + sp.encode(d) for d in docs[:3]])
-    want_train = np.concatenate([[1] + sp.encode(d) for d in docs[3:]])
-    val = np.concatenate([data.read_shard(p) for p in sorted((tmp_path / "out").glob("*_val_*.bin"))])
-    train_files = sorted((tmp_path / "out").glob("*_train_*.bin"))
-    train = np.concatenate([data.read_shard(p) for p in train_files])
-    np.testing.assert_array_equal(val, want_val)
-    np.testing.assert_array_equal(train, want_train)
-    assert all(len(data.read_shard(p)) == 50 for p in train_files[:-1]) and len(train_files) == -(-len(want_train) // 50)
-    assert info["tokens"] == {"val": len(want_val), "train": len(want_train)}
-
-
-def test_prepare_rejects_bad_jsonl(tmp_path, shared_data):
-    src = tmp_path / "bad.jsonl"
-    src.write_text('{"text": "ok"}\n{"body": "no text field"}\n')
-    with pytest.raises(data.DataError, match=r"bad.jsonl:2"):
-        data.prepare([src], shared_data / data.EMBEDDED_TOKENIZER, tmp_path / "o", val_docs=1)
 
 
 # ----------------------------------------------------------------------------- token streams
@@ -188,7 +154,7 @@ def test_token_ids_beyond_vocab_are_an_error(tmp_path):
 
 def test_byte_tables_match_reference(shared_data):
     e = np.load(fixture_path("eval_tiny.npz"))
-    t = data.byte_tables(data.load_tokenizer(shared_data / data.EMBEDDED_TOKENIZER, 1024), 1024)
+    t = data.byte_tables(data.load_tokenizer(shared_data / datasets.EMBEDDED_TOKENIZER, 1024), 1024)
     np.testing.assert_array_equal(t.base_bytes, e["base_bytes"])
     np.testing.assert_array_equal(t.has_leading_space, e["has_leading_space"])
     np.testing.assert_array_equal(t.is_boundary, e["is_boundary"])
@@ -197,7 +163,7 @@ def test_byte_tables_match_reference(shared_data):
 def test_target_bytes_count_utf8_of_decoded_text(shared_data):
     """Summed target bytes equal the UTF-8 length of the decoded documents
     (for text the tokenizer covers: an unknown piece counts 0 bytes)."""
-    sp = data.load_tokenizer(shared_data / data.EMBEDDED_TOKENIZER, 1024)
+    sp = data.load_tokenizer(shared_data / datasets.EMBEDDED_TOKENIZER, 1024)
     t = data.byte_tables(sp, 1024)
     docs = ["Hello there, friend.", "Second  document: 42 naive cafes!"]
     tokens = np.concatenate([[1] + sp.encode(d) for d in docs])
@@ -207,7 +173,7 @@ def test_target_bytes_count_utf8_of_decoded_text(shared_data):
 
 def test_tokenizer_vocab_mismatch_and_bad_file(tmp_path, shared_data):
     with pytest.raises(data.DataError, match=r"has 1024 tokens but the model's vocab_size is 2048"):
-        data.load_tokenizer(shared_data / data.EMBEDDED_TOKENIZER, 2048)
+        data.load_tokenizer(shared_data / datasets.EMBEDDED_TOKENIZER, 2048)
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"not a model")
     with pytest.raises(data.DataError, match="not a SentencePiece model"):
@@ -223,22 +189,4 @@ def test_bits_per_byte():
 
 # ----------------------------------------------------------------------------- embedded dataset
 
-def test_pydoc_fallback_dataset(tmp_path, monkeypatch):
-    """Offline, without ../shared/data: a corpus from CPython's pydoc topics."""
-    monkeypatch.setenv("GOLF_JAX_SHARED_DATA", str(tmp_path / "absent"))
-    monkeypatch.setenv("GOLF_JAX_CACHE", str(tmp_path / "cache"))
-    ds = data.resolve_dataset("embedded", "", "fineweb_train_*.bin", "fineweb_val_*.bin", 1024)
-    sp = data.load_tokenizer(ds.tokenizer, 1024)
-    val = data.load_validation_tokens(ds.val_pattern, 256, 1024)
-    train = data.TokenStream(ds.train_pattern, 1024).take(10_000)
-    assert len(val) > 5000 and val[0] == sp.bos_id()
-    assert "def" in sp.decode(train.tolist())  # real Python documentation text
-    # Built once: a second resolve reuses the cache.
-    mtime = (tmp_path / "cache" / "pydoc_sp1024" / "tokenizer.model").stat().st_mtime_ns
-    data.resolve_dataset("embedded", "", "fineweb_train_*.bin", "fineweb_val_*.bin", 1024)
-    assert (tmp_path / "cache" / "pydoc_sp1024" / "tokenizer.model").stat().st_mtime_ns == mtime
 
-
-def test_missing_data_dir_names_field(tmp_path):
-    with pytest.raises(data.DataError, match=r"data directory not found \(data.data_dir\)"):
-        data.resolve_dataset(str(tmp_path / "nope"), "", "a*", "b*", 1024)

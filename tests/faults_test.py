@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import checkpoint, model, optim, train
+from golf_jax import checkpoint, model, optim, param_tree, train
 from golf_jax.checkpoint import CheckpointError
 from tests.conftest import REPO
 from tests.train_test import assert_trees_equal, tiny_config
@@ -416,7 +416,7 @@ def test_saved_model_of_params_layout_1_is_refused_naming_the_layout(tmp_path):
     kv_dim had a projection; layout 2 has none there, as the reference."""
     cfg = fault_config(tmp_path)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ve_layers="1", ve_dim=cfg.model.kv_dim))
-    assert model.legacy_projections(cfg.model) == ("ve/proj",)
+    assert param_tree.legacy_projections(cfg.model) == ("ve/proj",)
     params = model.init_params(cfg.model, jax.random.key(0))
     params["ve"]["proj"] = jnp.zeros((cfg.model.kv_dim, cfg.model.ve_dim))  # what layout 1 saved
     checkpoint.save_params(tmp_path / "final_model", params, cfg)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import model
+from golf_jax import layers, model
 from golf_jax.config import ModelConfig
 from kernels import mlp
 from tests.conftest import REPO
@@ -101,12 +101,12 @@ def test_model_loss_and_grads_same_with_reference_kernels():
 
 def test_mlp_impl_resolution_and_errors():
     bf16 = ModelConfig(compute_dtype="bfloat16")
-    assert model.mlp_impl(bf16) == ("triton" if mlp.triton_available() else "jnp")
-    assert model.mlp_impl(dataclasses.replace(bf16, compute_dtype="float32")) == "jnp"  # the kernels are bf16
-    assert model.mlp_impl(dataclasses.replace(bf16, model_dim=100, num_heads=4, num_kv_heads=2)) == "jnp"  # rows % 8
-    assert model.mlp_impl(dataclasses.replace(bf16, mlp_impl="jnp")) == "jnp"
+    assert layers.mlp_impl(bf16) == ("triton" if mlp.triton_available() else "jnp")
+    assert layers.mlp_impl(dataclasses.replace(bf16, compute_dtype="float32")) == "jnp"  # the kernels are bf16
+    assert layers.mlp_impl(dataclasses.replace(bf16, model_dim=100, num_heads=4, num_kv_heads=2)) == "jnp"  # rows % 8
+    assert layers.mlp_impl(dataclasses.replace(bf16, mlp_impl="jnp")) == "jnp"
     if jax.default_backend() != "gpu":
-        assert not mlp.triton_available() and model.mlp_impl(bf16) == "jnp"
+        assert not mlp.triton_available() and layers.mlp_impl(bf16) == "jnp"
     assert mlp.triton_supports(512, 1536) and mlp.triton_supports(512, 1792) and not mlp.triton_supports(512, 1540)
     x = jnp.zeros((4, 8), jnp.float32)
     with pytest.raises(ValueError, match="bfloat16" if mlp.triton_available() else "need a GPU and jax-triton"):

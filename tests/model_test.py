@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import compat, model
+from golf_jax import compat, layers, model, param_tree
 from golf_jax.config import ModelConfig
 
 RECORD_PARAMS = 27_067_484  # the reference's count for the record config
@@ -21,10 +21,6 @@ def rel_err(a, b) -> float:
 
 
 # ----------------------------------------------------------------------------- parity
-
-def test_bigram_buckets_exact(tiny_ref, tiny_cfg):
-    got = model.bigram_buckets(jnp.asarray(tiny_ref["x"]), tiny_cfg.bigram_vocab_size)
-    np.testing.assert_array_equal(np.asarray(got), tiny_ref["bigram_hash"])
 
 
 def test_loss_matches_reference(tiny_params, tiny_cfg, tiny_ref):
@@ -60,60 +56,6 @@ def test_every_gradient_matches_reference(tiny_params, tiny_cfg, tiny_ref):
 
 # ----------------------------------------------------------------------------- invariants
 
-def test_rotary_base_quirk():
-    cfg = ModelConfig()
-    assert model.rotary_base(cfg, 1024) == cfg.rope_base
-    assert model.rotary_base(cfg, 2048) == pytest.approx(10000.0 * 2.0 ** (16 / 14))
-
-
-def test_rope_dims_zero_means_every_head_dim():
-    cfg = ModelConfig(rope_dims=0)
-    assert cfg.rotary_dims == cfg.head_dim == 64
-    assert model.rotary_base(cfg, 2048) == pytest.approx(10000.0 * 2.0 ** (64 / 62))
-    cos, _ = model.rotary_tables(cfg, jnp.arange(4), 10000.0)
-    assert cos.shape == (4, 32)
-
-
-def test_gqa_attention_matches_repeated_kv_softmax():
-    rng = np.random.default_rng(0)
-    B, T, H, K, D = 2, 9, 4, 2, 8
-    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in [(B, T, H, D), (B, T, K, D), (B, T, K, D)])
-    got = model.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), "jnp")
-    kr, vr = np.repeat(k, H // K, axis=2).astype(np.float64), np.repeat(v, H // K, axis=2).astype(np.float64)
-    s = np.einsum("bthd,bshd->bhts", q.astype(np.float64), kr) / np.sqrt(D)
-    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    want = np.einsum("bhts,bshd->bthd", p, vr)
-    assert rel_err(got, want) < 1e-6  # float32 vs float64
-
-
-def test_pallas_attention_matches_the_jnp_path_forward_and_backward():
-    """The repeatable-runs path (Pallas kernel, interpreted off GPUs) against the jnp reference."""
-    q, k, v = (jax.random.normal(jax.random.key(i), (1, 64, h, 16)) for i, h in enumerate((4, 2, 2)))
-    loss = lambda impl: lambda q, k, v: jnp.sum(model.attention(q, k, v, impl) ** 2)  # noqa: E731
-    np.testing.assert_allclose(model.attention(q, k, v, "pallas"), model.attention(q, k, v, "jnp"), atol=1e-5)
-    for got, want in zip(jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v),
-                         jax.grad(loss("jnp"), argnums=(0, 1, 2))(q, k, v)):
-        np.testing.assert_allclose(got, want, atol=1e-4)  # float32, another summation order (~1e-5 seen)
-
-
-def test_auto_attention_is_pallas_under_xla_determinism_flags(monkeypatch):
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_exclude_nondeterministic_ops=true")
-    assert model.attention_impl(ModelConfig()) == "pallas"
-    monkeypatch.setenv("XLA_FLAGS", "")
-    assert model.attention_impl(ModelConfig()) == "cudnn"
-
-
-def test_xsa_output_is_orthogonal_to_its_value_vector():
-    rng = np.random.default_rng(1)
-    y, v = rng.standard_normal((2, 5, 4, 8)), rng.standard_normal((2, 5, 2, 8))
-    out = np.asarray(model.exclusive_self_attention(jnp.asarray(y, jnp.float32), jnp.asarray(v, jnp.float32)))
-    vn = v / np.linalg.norm(v, axis=-1, keepdims=True)
-    dots = np.einsum("btkgd,btkd->btkg", out.reshape(2, 5, 2, 2, 8), vn)
-    assert np.max(np.abs(dots)) < 1e-5  # float32 rounding of unit-scale vectors
-
 
 def test_model_is_causal(tiny_params, tiny_cfg, tiny_ref):
     """Changing later tokens never changes earlier logits (sliding eval relies on it)."""
@@ -129,10 +71,10 @@ def test_model_is_causal(tiny_params, tiny_cfg, tiny_ref):
 def test_record_param_count_and_shapes():
     cfg = ModelConfig()
     shapes = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
-    assert model.param_count(shapes) == RECORD_PARAMS
+    assert param_tree.param_count(shapes) == RECORD_PARAMS
     assert shapes["qo_bank"].shape == (22, 512, 512) and shapes["kv_bank"].shape == (22, 256, 512)
     assert shapes["mlp_up_bank"].shape == (11, 1536, 512) and shapes["mlp_down_bank"].shape == (11, 512, 1536)
-    table = model.summary(shapes).splitlines()
+    table = param_tree.summary(shapes).splitlines()
     assert table[-1].split() == ["total", f"{RECORD_PARAMS:,}"]
     assert "bigram (module)" in table[4] and table[4].split()[-1] == "401,409"  # embed + proj + scale
     assert sum(int(line.split()[-1].replace(",", "")) for line in table[1:-1]
@@ -155,8 +97,8 @@ def test_init_follows_reference(tiny_cfg):
     L = cfg.num_layers
     # reference quirk: the three embedding tables are bf16 parameters, the rest float32.
     for path, leaf in jax.tree_util.tree_leaves_with_path(p):
-        name = model.path_name(path)
-        want = jnp.bfloat16 if name in model.EMBEDDING_KEYS else jnp.float32
+        name = param_tree.path_name(path)
+        want = jnp.bfloat16 if name in param_tree.EMBEDDING_KEYS else jnp.float32
         assert leaf.dtype == want, name
         as_f32 = np.asarray(leaf, np.float32)
         np.testing.assert_array_equal(as_f32, np.asarray(jnp.asarray(as_f32).astype(jnp.bfloat16), np.float32),
@@ -222,11 +164,11 @@ def test_mlp_activation_is_leaky_relu_squared_with_the_configured_slope(slope):
     p["blocks"]["attn_scale"] = jnp.zeros_like(p["blocks"]["attn_scale"])
     p["blocks"]["resid_mix"] = p["blocks"]["resid_mix"].at[:, 1].set(0.0).at[:, 0].set(1.0)
     x = jax.random.normal(jax.random.key(2), (2, 8, 64))
-    rope = model.rotary_tables(cfg, jnp.arange(8), cfg.rope_base)
+    rope = layers.rotary_tables(cfg, jnp.arange(8), cfg.rope_base)
     layer = 1
     weights = model.GPT(cfg).apply({"params": p}, layer, jnp.float32, method=model.GPT.layer_weights)
     got = model.Block(cfg, layer).apply({}, x, jnp.zeros_like(x), weights, None, rope)
-    h = model.rms_norm(x) * (layer + 1) ** -0.5
+    h = layers.rms_norm(x) * (layer + 1) ** -0.5
     pre = h @ p["mlp_up_bank"][layer].T
     act = np.where(pre > 0, pre, slope * pre) ** 2
     want = x + p["blocks"]["mlp_scale"][layer] * (act @ p["mlp_down_bank"][layer].T)
@@ -237,26 +179,15 @@ def test_mlp_activation_is_leaky_relu_squared_with_the_configured_slope(slope):
 def test_bfloat16_compute_close_to_float32(tiny_params, tiny_cfg, tiny_ref):
     x, y = jnp.asarray(tiny_ref["x"]), jnp.asarray(tiny_ref["y"])
     bf16 = dataclasses.replace(tiny_cfg, compute_dtype="bfloat16")
-    got = model.loss(model.cast_params(tiny_params, bf16), bf16, x, y)
+    got = model.loss(param_tree.cast_params(tiny_params, bf16), bf16, x, y)
     assert got.dtype == jnp.float32
     # bf16 has 8 mantissa bits (~4e-3 relative per op); 11 layers compound it.
     assert abs(float(got) / float(tiny_ref["loss"]) - 1) < 2e-2
 
 
-@pytest.mark.gpu
-def test_cudnn_attention_matches_jnp_path_on_gpu():
-    key = jax.random.key(0)
-    B, T, H, K, D = 4, 2048, 8, 4, 64
-    q, k, v = (jax.random.normal(kk, s, jnp.bfloat16) for kk, s in
-               zip(jax.random.split(key, 3), [(B, T, H, D), (B, T, K, D), (B, T, K, D)]))
-    got = model.attention(q, k, v, "cudnn")
-    want = model.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), "jnp")
-    assert rel_err(got, want) < 1e-2  # bf16 inputs and output
-
-
 def test_bf16_head_rounds_logits_and_scales_norms_in_float32(tiny_params, tiny_cfg):
     bf16 = dataclasses.replace(tiny_cfg, compute_dtype="bfloat16")
-    params = model.cast_params(tiny_params, bf16)
+    params = param_tree.cast_params(tiny_params, bf16)
     h = jax.random.normal(jax.random.key(0), (2, 5, bf16.model_dim)).astype(jnp.bfloat16)
     # reference quirk: autocast's head matmul returns bf16, then the softcap runs in float32.
     z = jnp.einsum("btd,vd->btv", h, params["tok_emb"].astype(jnp.bfloat16)).astype(jnp.float32)
@@ -267,5 +198,5 @@ def test_bf16_head_rounds_logits_and_scales_norms_in_float32(tiny_params, tiny_c
     # The LN scale multiplies in float32 (a Python float times bf16 would round 1/sqrt(3) to 0.578125).
     x = jax.random.normal(jax.random.key(1), (4, 64)).astype(jnp.bfloat16)
     xf = x.astype(jnp.float32)
-    exact = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + model.RMS_NORM_EPS) * 3 ** -0.5
-    np.testing.assert_array_equal(model.rms_norm(x, 3 ** -0.5), exact.astype(jnp.bfloat16))
+    exact = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + layers.RMS_NORM_EPS) * 3 ** -0.5
+    np.testing.assert_array_equal(layers.rms_norm(x, 3 ** -0.5), exact.astype(jnp.bfloat16))

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from golf_jax import model, optim
+from golf_jax import model, optim, param_tree
 from golf_jax.config import ModelConfig, OptimizerConfig, ScheduleConfig
 from tests.conftest import fixture_path
 
@@ -106,7 +106,7 @@ def test_muon_is_its_direction_then_decoupled_decay_then_the_learning_rate(muon_
 def test_every_parameter_lands_in_its_group():
     cfg = ModelConfig()
     params = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
-    got = {model.path_name(p): label for p, label in jax.tree_util.tree_leaves_with_path(optim.param_labels(params))}
+    got = {param_tree.path_name(p): label for p, label in jax.tree_util.tree_leaves_with_path(optim.param_labels(params))}
     want = {
         "qo_bank": "muon", "kv_bank": "muon", "mlp_up_bank": "muon", "mlp_down_bank": "muon",
         "tok_emb": "embed", "bigram/embed": "embed", "ve/embed": "embed",

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import model, quant
+from golf_jax import param_tree, quant
 from golf_jax.config import QuantConfig
 from tests.conftest import fixture_path
 
@@ -30,7 +30,7 @@ def recon_err_H(W, q, s, H) -> float:
 
 
 def params_leaf(params, name: str):
-    """The leaf of a params tree at a `model.path_name` name."""
+    """The leaf of a params tree at a `param_tree.path_name` name."""
     for section in name.split("/"):
         params = params[section]
     return params
@@ -179,7 +179,7 @@ GPTQ_BANKS = ("qo_bank", "mlp_down_bank")  # the other two take the Hessian-free
 
 @pytest.fixture(scope="module")
 def quantized_tiny(tiny_params, tiny_cfg):
-    params = model.cast_params(tiny_params, tiny_cfg)  # bf16 embedding tables, as in the record
+    params = param_tree.cast_params(tiny_params, tiny_cfg)  # bf16 embedding tables, as in the record
     rng = np.random.default_rng(5)
     hessians = {b: spd_hessians(rng, *params[b].shape[::2]) for b in GPTQ_BANKS}
     hessians["kv_bank"] = None

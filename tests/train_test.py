@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import checkpoint, cli, optim, train
+from golf_jax import checkpoint, cli, datasets, optim, train
 from golf_jax.config import Config, ConfigError
 from tests.conftest import REPO, fixture_path
 
@@ -180,7 +180,7 @@ def test_configs_that_cannot_run_fail_before_compiling(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     bad = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=str(empty), tokenizer_path=str(
-        data.resolve_dataset("embedded", "", "a", "b", 1024).tokenizer)))
+        datasets.resolve_dataset("embedded", "", "a", "b", 1024).tokenizer)))
     with pytest.raises(data.DataError, match="no shards match"):
         train.train(bad, progress=False)
 
@@ -285,7 +285,7 @@ MULTI_DEVICE = textwrap.dedent("""
         tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
         state = train.init_state(train.initial_params(cfg), tx, mesh, False)
         step = train.make_train_step(cfg, mesh, tx, state)
-        ds = data.resolve_dataset("embedded", "", cfg.data.train_pattern, cfg.data.val_pattern, 1024)
+        ds = datasets.resolve_dataset("embedded", "", cfg.data.train_pattern, cfg.data.val_pattern, 1024)
         batches = data.TrainBatches(ds.train_pattern, 1024, 4096, 64, world_size=n, accum_steps=8 // n)
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train.AXIS))
         for _ in range(3):

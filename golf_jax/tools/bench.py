@@ -28,7 +28,7 @@ Sections:
              perfetto traces stay under OUT/traces.
 
 With the fused MLP kernels on (the default on GPUs), eval and grad are also
-timed with model.mlp_impl="jnp", for the comparison.
+timed with layers.mlp_impl="jnp", for the comparison.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import artifact, cli, data, evaluate, generate, model, optim, quant, runlog, train
+from golf_jax import artifact, cli, data, datasets, evaluate, generate, layers, model, optim, param_tree, quant, runlog, train
 from golf_jax.tools import profiling
 from golf_jax.config import ModelConfig
 
@@ -91,7 +91,7 @@ def text_tokens(cfg, shape, seed: int = 0) -> jax.Array:
     else uniform random ones. Real text matters: its skewed token frequencies
     make the embedding gradients' scatter-adds collide, uniform ids do not."""
     try:
-        ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+        ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
                                   cfg.data.val_pattern, cfg.model.vocab_size)
         stream = data.TokenStream(ds.train_pattern, cfg.model.vocab_size)
     except data.DataError:
@@ -200,7 +200,7 @@ def bench_train_step(params, cfg, tokens_fn, micro_batches: int, repeats: int) -
 def bench_data_feed(cfg, repeats: int) -> dict | None:
     """Host time to assemble one optimizer step's batch from the shards (None without data)."""
     try:
-        ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+        ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
                                   cfg.data.val_pattern, cfg.model.vocab_size)
         batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
                                     cfg.data.train_seq_len, 1, cfg.data.micro_batches_per_step)
@@ -225,13 +225,13 @@ def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) ->
     for impl in ("cudnn", "jnp"):
         if impl == "cudnn" and jax.default_backend() != "gpu":
             continue
-        fwd = jax.jit(lambda q, k, v, impl=impl: model.attention(q, k, v, impl))
-        grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(model.attention(q, k, v, impl).astype(jnp.float32)),
+        fwd = jax.jit(lambda q, k, v, impl=impl: layers.attention(q, k, v, impl))
+        grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(layers.attention(q, k, v, impl).astype(jnp.float32)),
                                 argnums=(0, 1, 2)))
         out[impl] = {"forward": time_call(fwd, q, k, v, repeats=repeats),
                      "forward_backward": time_call(grad, q, k, v, repeats=repeats)}
     if "cudnn" in out:
-        run = jax.jit(model.attention, static_argnums=3)  # arrays as arguments, never folded constants
+        run = jax.jit(layers.attention, static_argnums=3)  # arrays as arguments, never folded constants
         a = np.asarray(run(q, k, v, "cudnn"), np.float32)
         b = np.asarray(run(q, k, v, "jnp"), np.float32)
         out["cudnn_vs_jnp_rel_err"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -319,7 +319,7 @@ def bench_ttt(params, cfg, chunks: int) -> dict | None:
     from golf_jax import ttt
 
     try:
-        ds = data.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+        ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
                                   cfg.data.val_pattern, cfg.model.vocab_size)
         tables = data.byte_tables(data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size), cfg.model.vocab_size)
         stream = data.TokenStream(ds.train_pattern, cfg.model.vocab_size)
@@ -358,8 +358,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     t_start = time.perf_counter()
     dev = jax.devices()[0]
     results: dict = {"device": dev.device_kind, "tokens": "uniform random" if args.random_tokens else "text", "backend": jax.default_backend(), "jax": jax.__version__,
-                     "compute_dtype": jnp.dtype(model.compute_dtype(cfg.model)).name,
-                     "attention_impl": model.attention_impl(cfg.model), "mlp_impl": model.mlp_impl(cfg.model)}
+                     "compute_dtype": jnp.dtype(layers.compute_dtype(cfg.model)).name,
+                     "attention_impl": layers.attention_impl(cfg.model), "mlp_impl": layers.mlp_impl(cfg.model)}
     params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
     # A freshly initialised model has zero out-projections; perturb every
     # weight so the timed arithmetic is on non-trivial values.
@@ -367,9 +367,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     keys = jax.random.split(jax.random.key(1), len(leaves))
     params = jax.tree.unflatten(treedef, [x + (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype)
                                           for x, k in zip(leaves, keys)])
-    results["parameters"] = model.param_count(params)
+    results["parameters"] = param_tree.param_count(params)
     e = cfg.eval
-    compare_jnp_mlp = model.mlp_impl(cfg.model) != "jnp"
+    compare_jnp_mlp = layers.mlp_impl(cfg.model) != "jnp"
     if "eval" in sections:
         results["eval"] = bench_eval(params, cfg, tokens, e.eval_seq_len, e.sliding_stride, e.sliding_batch_windows, args.repeats)
     if "grad" in sections:

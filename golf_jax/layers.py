@@ -1,0 +1,214 @@
+"""The model's functional pieces, pure jnp over arrays: norms, linears,
+BigramHash buckets, rotary embeddings, the attention paths (cuDNN, Pallas,
+jnp) and XSA, the embedding lookup, SmearGate and the soft-capped head; and
+which implementation a config resolves to. The Flax modules that assemble
+them are in golf_jax/model.py.
+
+Shapes in names: B batch, T sequence, H query heads, K KV heads, G = H / K,
+D head dim, d model dim.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
+
+from golf_jax.config import ModelConfig
+from kernels import mlp as mlp_kernels
+
+# torch's F.rms_norm default eps for float32 inputs; the reference uses it for
+# every RMSNorm, which carries no weight.
+RMS_NORM_EPS = float(np.finfo(np.float32).eps)
+XSA_NORM_EPS = 1e-12  # F.normalize's clamp of the value vector's norm
+BIGRAM_MUL_CUR, BIGRAM_MUL_PREV = 36313, 27191
+
+
+# ----------------------------------------------------------------------------- implementations
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    if cfg.compute_dtype == "auto":
+        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return jnp.dtype(cfg.compute_dtype)
+
+
+# XLA's flags for repeatable GPU runs; under them cuDNN's attention backward
+# does not compile with two or more layers (docs/fidelity.md).
+DETERMINISM_FLAGS = ("--xla_gpu_exclude_nondeterministic_ops=true", "--xla_gpu_deterministic_ops=true")
+
+
+def attention_impl(cfg: ModelConfig) -> str:
+    """"auto": cuDNN flash attention on GPUs, the Pallas kernel there when
+    XLA's determinism flags are set (repeatable runs), jnp elsewhere."""
+    if cfg.attention_impl == "auto":
+        if jax.default_backend() != "gpu":
+            return "jnp"
+        flags = os.environ.get("XLA_FLAGS", "").split()
+        return "pallas" if any(flag in flags for flag in DETERMINISM_FLAGS) else "cudnn"
+    return cfg.attention_impl
+
+
+def mlp_impl(cfg: ModelConfig) -> str:
+    """The MLP path: the fused Triton kernels on GPUs (bf16, jax-triton
+    installed) unless the config says otherwise, the jnp path elsewhere."""
+    if cfg.mlp_impl != "auto":
+        return cfg.mlp_impl
+    fits = mlp_kernels.triton_supports(cfg.model_dim, cfg.mlp_dim)
+    return "triton" if compute_dtype(cfg) == jnp.bfloat16 and fits and mlp_kernels.triton_available() else "jnp"
+
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def rms_norm(x: jax.Array, scale: float = 1.0) -> jax.Array:
+    """Weightless RMSNorm times a constant, in float32, rounded once to x's dtype.
+
+    The constant is applied here, in float32, because a Python float times a
+    bf16 array is rounded to bf16 first in JAX (1/sqrt(3) becomes 0.578125),
+    where PyTorch multiplies in float32.
+    """
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + RMS_NORM_EPS) * scale).astype(x.dtype)
+
+
+def linear(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
+    return jnp.einsum("...i,oi->...o", x, w_OxI.astype(x.dtype))
+
+
+def bigram_buckets(tokens_BxT: jax.Array, bigram_vocab_size: int,
+                   prev_token_B: jax.Array | None = None) -> jax.Array:
+    """(36313 t[i] XOR 27191 t[i-1]) mod (Vb - 1) in int32; position 0 -> Vb - 1.
+
+    prev_token_B: the token before tokens[:, 0] when decoding a continuation;
+    None or -1 means tokens[:, 0] starts the sequence.
+    """
+    t = tokens_BxT.astype(jnp.int32)
+    first_prev = jnp.full_like(t[:, :1], -1) if prev_token_B is None else prev_token_B.astype(jnp.int32)[:, None]
+    prev = jnp.concatenate([first_prev, t[:, :-1]], axis=1)
+    mixed = jnp.bitwise_xor(BIGRAM_MUL_CUR * t, BIGRAM_MUL_PREV * prev)
+    return jnp.where(prev < 0, bigram_vocab_size - 1, jnp.mod(mixed, bigram_vocab_size - 1))
+
+
+def rotary_base(cfg: ModelConfig, seq_len: int) -> float:
+    # reference quirk: NTK-scaled RoPE base above rope_ntk_base_len (1024) tokens.
+    if seq_len > cfg.rope_ntk_base_len:
+        r = cfg.rotary_dims
+        return cfg.rope_base * (seq_len / cfg.rope_ntk_base_len) ** (r / (r - 2))
+    return cfg.rope_base
+
+
+def rotary_tables(cfg: ModelConfig, positions_T: jax.Array, base: float) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [T, rotary_dims / 2] in float32 (as the reference computes them)."""
+    exponents = jnp.arange(0, cfg.rotary_dims, 2, dtype=jnp.float32) / cfg.rotary_dims
+    inv_freq = 1.0 / (jnp.float32(base) ** exponents)
+    freqs = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rotary(x_BxTxHxD: jax.Array, cos: jax.Array, sin: jax.Array, rope_dims: int) -> jax.Array:
+    """The reference's convention on the first rope_dims dims (note the signs):
+    (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos)."""
+    half = rope_dims // 2
+    x1, x2, rest = x_BxTxHxD[..., :half], x_BxTxHxD[..., half:rope_dims], x_BxTxHxD[..., rope_dims:]
+    c = cos[None, :, None, :].astype(x_BxTxHxD.dtype)
+    s = sin[None, :, None, :].astype(x_BxTxHxD.dtype)
+    return jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c, rest], axis=-1)
+
+
+def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, impl: str,
+              q_offset: jax.Array | int = 0) -> jax.Array:
+    """Causal softmax attention, scale 1/sqrt(D), query head h on KV head h // G.
+
+    Query t sits at position q_offset + t and sees keys 0..q_offset + t; with
+    S > T the keys are a KV cache (the "jnp" path only).
+    """
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=True,
+                                            implementation="cudnn")
+    if impl == "pallas":
+        return pallas_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
+    B, T, H, D = q_BxTxHxD.shape
+    S, K = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
+    q_BxTxKxGxD = q_BxTxHxD.reshape(B, T, K, H // K, D)
+    s_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
+                             preferred_element_type=jnp.float32) * (D ** -0.5)
+    causal_TxS = jnp.arange(S)[None, :] <= (jnp.arange(T) + q_offset)[:, None]
+    s_BxKxGxTxS = jnp.where(causal_TxS, s_BxKxGxTxS, -jnp.inf)
+    p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
+    o_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", p_BxKxGxTxS, v_BxSxKxD)
+    return o_BxTxKxGxD.reshape(B, T, H, D)
+
+
+def pallas_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
+    """Causal attention through JAX's Pallas flash-attention kernel (Triton on
+    GPUs, interpreted elsewhere, for the tests). Its backward has no atomics,
+    so under XLA's determinism flags runs repeat bit for bit. The kernel has
+    no GQA: the KV heads are repeated to the query heads, and their gradient
+    sums over each group. T must be a multiple of 32 (its backward's blocks).
+    """
+    B, T, H, D = q_BxTxHxD.shape
+    G = H // k_BxTxKxD.shape[2]
+    k_BxTxHxD, v_BxTxHxD = (jnp.repeat(x, G, axis=2) for x in (k_BxTxKxD, v_BxTxKxD))
+    return pallas_gpu_attention.mha(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, None, sm_scale=D ** -0.5, causal=True,
+                                    interpret=jax.default_backend() != "gpu")
+
+
+def exclusive_self_attention(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
+    """XSA: remove from each head's output its component along the unit value
+    vector of its KV group at the same position.
+
+    In float32 whatever the inputs, returned in y's dtype: under the
+    reference's autocast F.normalize is a float32 op, so the unit vector, the
+    projection and the difference are float32 until the out-projection.
+    """
+    B, T, H, D = y_BxTxHxD.shape
+    K = v_BxTxKxD.shape[2]
+    vf = v_BxTxKxD.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(vf * vf, axis=-1, keepdims=True))
+    vn_BxTxKx1xD = (vf / jnp.maximum(norm, XSA_NORM_EPS))[:, :, :, None, :]
+    y_BxTxKxGxD = y_BxTxHxD.reshape(B, T, K, H // K, D).astype(jnp.float32)
+    along = jnp.sum(y_BxTxKxGxD * vn_BxTxKx1xD, axis=-1, keepdims=True)
+    return (y_BxTxKxGxD - along * vn_BxTxKx1xD).reshape(B, T, H, D).astype(y_BxTxHxD.dtype)
+
+
+def lookup(table_VxD: jax.Array, ids: jax.Array, dtype) -> jax.Array:
+    """Embedding rows in `dtype`, gathered from a float32 view of the table.
+
+    The gather's gradient is a scatter-add over the token ids. Into a bf16
+    table, with text's repeated tokens, it took 69 ms for a 48 x 2048
+    micro-batch on an H100; through the float32 view 0.36 ms (uniform random
+    ids: 1.3 ms; see docs/performance.md). The view also sums the gradient in
+    float32. The values gathered are identical.
+    """
+    return table_VxD.astype(jnp.float32)[ids].astype(dtype)
+
+
+def gram(x_NxI: jax.Array) -> jax.Array:
+    """X^T X over every leading axis, float32: bf16 products are exact in
+    float32, so only the accumulation rounds."""
+    x = x_NxI.reshape(-1, x_NxI.shape[-1])
+    return jnp.einsum("ni,nj->ij", x, x, preferred_element_type=jnp.float32,
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def smear(gate_d: jax.Array, x_BxTxd: jax.Array, prev_x_Bxd: jax.Array | None = None) -> jax.Array:
+    """SmearGate: mix each position with the previous one (zeros before the start)."""
+    gate = jax.nn.sigmoid(gate_d.astype(jnp.float32)).astype(x_BxTxd.dtype)
+    first = jnp.zeros_like(x_BxTxd[:, :1]) if prev_x_Bxd is None else prev_x_Bxd[:, None].astype(x_BxTxd.dtype)
+    x_prev = jnp.concatenate([first, x_BxTxd[:, :-1]], axis=1)
+    return (1 - gate) * x_BxTxd + gate * x_prev
+
+
+def lm_head(w_Vxd: jax.Array, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array:
+    """Soft-capped float32 logits of final-normed hidden states."""
+    # reference quirk: under autocast the head's matmul returns the compute
+    # dtype, so the logits are rounded to bf16 before the float32 softcap
+    # (model.round_logits=False keeps the float32 accumulator).
+    out = None if cfg.round_logits else jnp.float32
+    z = jnp.einsum("btd,vd->btv", h_BxTxd, w_Vxd.astype(h_BxTxd.dtype), preferred_element_type=out)
+    return cfg.logit_softcap * jnp.tanh(z.astype(jnp.float32) / cfg.logit_softcap)
+
+

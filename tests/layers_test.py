@@ -1,0 +1,91 @@
+"""The model's functional pieces (golf_jax.layers) against the reference and by hand."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from golf_jax import layers
+from golf_jax.config import ModelConfig
+from tests.model_test import rel_err
+
+
+def test_bigram_buckets_exact(tiny_ref, tiny_cfg):
+    got = layers.bigram_buckets(jnp.asarray(tiny_ref["x"]), tiny_cfg.bigram_vocab_size)
+    np.testing.assert_array_equal(np.asarray(got), tiny_ref["bigram_hash"])
+
+
+
+def test_rotary_base_quirk():
+    cfg = ModelConfig()
+    assert layers.rotary_base(cfg, 1024) == cfg.rope_base
+    assert layers.rotary_base(cfg, 2048) == pytest.approx(10000.0 * 2.0 ** (16 / 14))
+
+
+
+def test_rope_dims_zero_means_every_head_dim():
+    cfg = ModelConfig(rope_dims=0)
+    assert cfg.rotary_dims == cfg.head_dim == 64
+    assert layers.rotary_base(cfg, 2048) == pytest.approx(10000.0 * 2.0 ** (64 / 62))
+    cos, _ = layers.rotary_tables(cfg, jnp.arange(4), 10000.0)
+    assert cos.shape == (4, 32)
+
+
+
+def test_gqa_attention_matches_repeated_kv_softmax():
+    rng = np.random.default_rng(0)
+    B, T, H, K, D = 2, 9, 4, 2, 8
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in [(B, T, H, D), (B, T, K, D), (B, T, K, D)])
+    got = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), "jnp")
+    kr, vr = np.repeat(k, H // K, axis=2).astype(np.float64), np.repeat(v, H // K, axis=2).astype(np.float64)
+    s = np.einsum("bthd,bshd->bhts", q.astype(np.float64), kr) / np.sqrt(D)
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhts,bshd->bthd", p, vr)
+    assert rel_err(got, want) < 1e-6  # float32 vs float64
+
+
+
+def test_pallas_attention_matches_the_jnp_path_forward_and_backward():
+    """The repeatable-runs path (Pallas kernel, interpreted off GPUs) against the jnp reference."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 64, h, 16)) for i, h in enumerate((4, 2, 2)))
+    loss = lambda impl: lambda q, k, v: jnp.sum(layers.attention(q, k, v, impl) ** 2)  # noqa: E731
+    np.testing.assert_allclose(layers.attention(q, k, v, "pallas"), layers.attention(q, k, v, "jnp"), atol=1e-5)
+    for got, want in zip(jax.grad(loss("pallas"), argnums=(0, 1, 2))(q, k, v),
+                         jax.grad(loss("jnp"), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(got, want, atol=1e-4)  # float32, another summation order (~1e-5 seen)
+
+
+
+def test_auto_attention_is_pallas_under_xla_determinism_flags(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_exclude_nondeterministic_ops=true")
+    assert layers.attention_impl(ModelConfig()) == "pallas"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert layers.attention_impl(ModelConfig()) == "cudnn"
+
+
+
+def test_xsa_output_is_orthogonal_to_its_value_vector():
+    rng = np.random.default_rng(1)
+    y, v = rng.standard_normal((2, 5, 4, 8)), rng.standard_normal((2, 5, 2, 8))
+    out = np.asarray(layers.exclusive_self_attention(jnp.asarray(y, jnp.float32), jnp.asarray(v, jnp.float32)))
+    vn = v / np.linalg.norm(v, axis=-1, keepdims=True)
+    dots = np.einsum("btkgd,btkd->btkg", out.reshape(2, 5, 2, 2, 8), vn)
+    assert np.max(np.abs(dots)) < 1e-5  # float32 rounding of unit-scale vectors
+
+
+
+@pytest.mark.gpu
+def test_cudnn_attention_matches_jnp_path_on_gpu():
+    key = jax.random.key(0)
+    B, T, H, K, D = 4, 2048, 8, 4, 64
+    q, k, v = (jax.random.normal(kk, s, jnp.bfloat16) for kk, s in
+               zip(jax.random.split(key, 3), [(B, T, H, D), (B, T, K, D), (B, T, K, D)]))
+    got = layers.attention(q, k, v, "cudnn")
+    want = layers.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), "jnp")
+    assert rel_err(got, want) < 1e-2  # bf16 inputs and output
+
