@@ -24,6 +24,7 @@ from typing import Sequence
 import jax
 
 from golf_jax import artifact, checkpoint, evaluate, generate, param_tree, pruning, quant, ttt
+from golf_jax.hessians import collect_hessians
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
 from golf_jax.runlog import CompileCounter
@@ -58,7 +59,7 @@ def calibrate_and_quantize(params: param_tree.Params, cfg: Config, stage, progre
     with stage("calibration"):
         calib = generate.calibration_tokens(params, cfg, progress=progress)
     with stage("hessians"):
-        hessians = generate.collect_hessians(params, cfg.model, calib, q.calib_batch_size, progress=progress)
+        hessians = collect_hessians(params, cfg.model, calib, q.calib_batch_size, progress=progress)
         jax.block_until_ready(hessians)
     with stage("gptq"):
         qmodel, quant_report = quant.quantize_params(params, cfg.model, hessians, q)

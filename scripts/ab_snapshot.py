@@ -11,7 +11,8 @@ prints the largest difference of each and exits 1 on any difference.
 
 Run from the repository root; PYTHONPATH picks the tree under test (the other
 tree's copy of this script is not needed). Uses only APIs that both sides of
-a refactor keep: model.loss, generate.generate, generate.collect_hessians.
+a refactor keep: model.loss, generate.generate, collect_hessians (golf_jax.hessians, earlier
+golf_jax.generate).
 """
 
 from __future__ import annotations
@@ -48,7 +49,11 @@ def snap(args) -> int:
     prompts = tokens[:4, :16]
     out["generated"] = np.asarray(generate.generate(params, mcfg, prompts, key, num_new=32, temperature=0.0,
                                                     rope_len=cfg.data.train_seq_len))
-    hessians = generate.collect_hessians(params, mcfg, np.asarray(tokens[:4, :513]), batch_size=2)
+    try:  # golf_jax/hessians.py since 2026-11-30; generate.py before
+        from golf_jax.hessians import collect_hessians
+    except ImportError:
+        collect_hessians = generate.collect_hessians
+    hessians = collect_hessians(params, mcfg, np.asarray(tokens[:4, :513]), batch_size=2)
     out.update({f"hessian/{k}": np.asarray(v) for k, v in hessians.items()})
     np.savez(args.out, **out)
     print(f"{args.out}: loss {float(loss):.6f}, {len(out)} arrays")

@@ -6,9 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from tests.conftest import fixture_path
 from golf_jax import generate, model
 from golf_jax.config import Config, DataConfig, QuantConfig, RunConfig
 
@@ -60,26 +58,3 @@ def test_calibration_set_shape_and_determinism(tiny_params, tiny_cfg):
     assert a.shape == (5, 16) and a.dtype == np.int32
     np.testing.assert_array_equal(a, generate.calibration_tokens(tiny_params, cfg))
     assert len(np.unique(a[:, 0])) > 1  # first tokens drawn, not fixed
-
-
-def test_hessians_match_reference(tiny_params, tiny_cfg):
-    with np.load(fixture_path("hessians_tiny.npz")) as z:
-        ref = {k: z[k] for k in z.files}
-    hessians = generate.collect_hessians(tiny_params, tiny_cfg, ref.pop("tokens"), batch_size=2)
-    ours = generate.reference_hessian_names(hessians, tiny_cfg)
-    assert sorted(ours) == sorted(ref)
-    for name, h in ref.items():
-        rel = np.linalg.norm(ours[name] - h) / np.linalg.norm(h)
-        # float32 sums of 512 outer products, in another order: ~1e-7 expected
-        assert rel <= 1e-4, f"{name}: relative error {rel:.2e}"
-    L = tiny_cfg.num_layers
-    assert hessians["qo_bank"].shape == (2 * L, tiny_cfg.model_dim, tiny_cfg.model_dim)
-    assert hessians["mlp_down_bank"].shape == (L, tiny_cfg.mlp_dim, tiny_cfg.mlp_dim)
-
-
-def test_hessian_collection_names_a_non_finite_layer(tiny_params, tiny_cfg):
-    from golf_jax.quant import QuantError
-    poisoned = dict(tiny_params, mlp_up_bank=tiny_params["mlp_up_bank"].at[3, 0, 0].set(jnp.inf))
-    tokens = np.asarray(jax.random.randint(jax.random.key(0), (2, 17), 0, tiny_cfg.vocab_size))
-    with pytest.raises(QuantError, match=r"input of layers_3/mlp/proj \(and \d+ inputs after it\) holds NaN or inf on calibration sequences 0\.\.1"):
-        generate.collect_hessians(poisoned, tiny_cfg, tokens, batch_size=2)

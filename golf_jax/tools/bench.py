@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from golf_jax import artifact, cli, data, datasets, evaluate, generate, layers, model, optim, param_tree, quant, runlog, train
+from golf_jax.hessians import collect_hessians
 from golf_jax.tools import profiling
 from golf_jax.config import ModelConfig
 
@@ -255,7 +256,7 @@ def bench_after_training(params, cfg) -> dict:
 
     calib = twice("generate", lambda: generate.calibration_tokens(params, cfg))
     out["generate"]["tokens_per_s"] = calib.size / out["generate"]["second_call_s"]
-    hessians = twice("hessians", lambda: generate.collect_hessians(params, cfg.model, calib, q.calib_batch_size))
+    hessians = twice("hessians", lambda: collect_hessians(params, cfg.model, calib, q.calib_batch_size))
     qmodel, report = twice("gptq", lambda: quant.quantize_params(params, cfg.model, hessians, q))
     out["gptq"]["bank_matrices"] = sum(int(np.prod(t.data.shape[:-2])) for t in qmodel.values()
                                        if t.kind == quant.INT6)

@@ -1,0 +1,90 @@
+"""The GPTQ Hessians: H = X^T X / N + damping * mean(diag) I of every linear
+layer's input X, from the Gram matrices the model sows (model.INPUT_GRAMS)
+while it runs on the calibration tokens, stacked as the banks are."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from golf_jax import model, param_tree
+from golf_jax.config import ModelConfig
+from golf_jax.param_tree import Params
+from golf_jax.quant import QuantError
+
+
+# The sown Gram matrices that feed each bank's row blocks: Q (and K, V) and
+# the out-projection read the attention's input and output, the MLP's banks
+# its input and hidden activation.
+BANK_INPUTS = {
+    "qo_bank": ("attn/qkv", "attn/proj"),
+    "kv_bank": ("attn/qkv", "attn/qkv"),
+    "mlp_up_bank": ("mlp/fc",),
+    "mlp_down_bank": ("mlp/proj",),
+}
+SMALL_INPUTS = ("bigram/proj", "ve/proj")  # sown under the parameter's own path
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _input_grams(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+    """{"layers_3/attn/qkv": X^T X, "bigram/proj": ...} of one batch; the
+    forward's output is unused, so XLA drops the last matmul."""
+    _, state = model.GPT(cfg).apply({"params": params}, tokens_BxT, method=model.GPT.hidden,
+                                    mutable=[model.INPUT_GRAMS])
+    flat = jax.tree_util.tree_flatten_with_path(state[model.INPUT_GRAMS], is_leaf=lambda x: isinstance(x, tuple))[0]
+    return {param_tree.path_name(path): sown[0] for path, sown in flat}  # sown values are 1-tuples: one call each
+
+
+def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, batch_size: int,
+                     damping: float = 0.01, progress: bool = False) -> dict[str, jax.Array]:
+    """H = X^T X / N + damping * mean(diag) I for every linear layer's input X,
+    the model run on tokens[:, :-1] (as the reference does), float32.
+
+    Returns {"qo_bank": [2L, d, d], "kv_bank": [2L, d, d], "mlp_up_bank": [L, d, d],
+    "mlp_down_bank": [L, h, h], "bigram/proj", "ve/proj"}, bank rows aligned
+    with the bank's matrices.
+    """
+    inputs = np.asarray(tokens_NxT)[:, :-1]
+    n = inputs.shape[0]
+    sums: dict | None = None
+    for i in tqdm(range(0, n, batch_size), desc="hessians", unit="batch", disable=not progress):
+        grams = _input_grams(params, cfg, jnp.asarray(inputs[i:i + batch_size]))
+        _check_finite_grams(grams, f"sequences {i}..{min(i + batch_size, n) - 1}")
+        sums = grams if sums is None else jax.tree.map(jnp.add, sums, grams)
+
+    def finish(g):
+        h = g / n
+        # reference: the mean diagonal is clamped at 1e-6 before scaling
+        return h + damping * jnp.maximum(jnp.mean(jnp.diag(h)), 1e-6) * jnp.eye(h.shape[0], dtype=h.dtype)
+
+    L = cfg.num_layers
+    hessians = {k: finish(v) for k, v in sums.items()}
+    out = {bank: jnp.stack([hessians[f"layers_{layer}/{site}"] for site in sites for layer in range(L)])
+           for bank, sites in BANK_INPUTS.items()}
+    out.update({name: hessians[name] for name in SMALL_INPUTS if name in hessians})
+    return out
+
+
+_SITES = ("bigram/proj", "ve/proj", "attn/qkv", "attn/proj", "mlp/fc", "mlp/proj")
+
+
+def _forward_order(key: str) -> tuple[int, int]:
+    """Where a sown Gram's input is computed in the forward pass."""
+    if key in SMALL_INPUTS:
+        return -1, _SITES.index(key)
+    layer, site = key.split("/", 1)
+    return int(layer.removeprefix("layers_")), _SITES.index(site)
+
+
+def _check_finite_grams(grams: dict, where: str) -> None:
+    """A NaN or inf in an activation would silently poison GPTQ: name it."""
+    finite = jax.device_get({k: jnp.all(jnp.isfinite(g)) for k, g in grams.items()})
+    bad = sorted((k for k, ok in finite.items() if not ok), key=_forward_order)  # the first is where it starts
+    if bad:
+        later = f" (and {len(bad) - 1} inputs after it)" if len(bad) > 1 else ""
+        raise QuantError(f"hessians: the input of {bad[0]}{later} holds NaN or inf on calibration "
+                         f"{where}: the model's activations overflow there")

@@ -1,0 +1,55 @@
+"""The GPTQ Hessians against the reference's (hessians_tiny.npz), and a non-finite layer named."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from golf_jax import hessians
+from golf_jax.config import ModelConfig
+from golf_jax.quant import QuantError
+from tests.conftest import fixture_path
+
+
+def reference_hessian_names(hess: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """The reference's per-layer names (`blocks.3.attn.c_q.weight`, ...) for our banks."""
+    L = cfg.num_layers
+    out = {}
+    for i in range(L):
+        pre = f"blocks.{i}."
+        out[pre + "attn.c_q.weight"] = hess["qo_bank"][i]
+        out[pre + "attn.proj.weight"] = hess["qo_bank"][L + i]
+        out[pre + "attn.c_k.weight"] = hess["kv_bank"][i]
+        out[pre + "attn.c_v.weight"] = hess["kv_bank"][L + i]
+        out[pre + "mlp.fc.weight"] = hess["mlp_up_bank"][i]
+        out[pre + "mlp.proj.weight"] = hess["mlp_down_bank"][i]
+    if "bigram/proj" in hess:
+        out["bigram.proj.weight"] = hess["bigram/proj"]
+    if "ve/proj" in hess:
+        out["ve_shared.proj.weight"] = hess["ve/proj"]
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_hessians_match_reference(tiny_params, tiny_cfg):
+    with np.load(fixture_path("hessians_tiny.npz")) as z:
+        ref = {k: z[k] for k in z.files}
+    hess = hessians.collect_hessians(tiny_params, tiny_cfg, ref.pop("tokens"), batch_size=2)
+    ours = reference_hessian_names(hess, tiny_cfg)
+    assert sorted(ours) == sorted(ref)
+    for name, h in ref.items():
+        rel = np.linalg.norm(ours[name] - h) / np.linalg.norm(h)
+        # float32 sums of 512 outer products, in another order: ~1e-7 expected
+        assert rel <= 1e-4, f"{name}: relative error {rel:.2e}"
+    L = tiny_cfg.num_layers
+    assert hess["qo_bank"].shape == (2 * L, tiny_cfg.model_dim, tiny_cfg.model_dim)
+    assert hess["mlp_down_bank"].shape == (L, tiny_cfg.mlp_dim, tiny_cfg.mlp_dim)
+
+
+
+def test_hessian_collection_names_a_non_finite_layer(tiny_params, tiny_cfg):
+    poisoned = dict(tiny_params, mlp_up_bank=tiny_params["mlp_up_bank"].at[3, 0, 0].set(jnp.inf))
+    tokens = np.asarray(jax.random.randint(jax.random.key(0), (2, 17), 0, tiny_cfg.vocab_size))
+    with pytest.raises(QuantError, match=r"input of layers_3/mlp/proj \(and \d+ inputs after it\) holds NaN or inf on calibration sequences 0\.\.1"):
+        hessians.collect_hessians(poisoned, tiny_cfg, tokens, batch_size=2)
