@@ -191,6 +191,31 @@ class TrainCheckpoints:
             self.manager.close()
 
 
+def run_meta(step: int, training_s: float, cursor: dict, qat_on: bool, stop_after: int | None, cfg: Config,
+          history: dict, budget: dict | None = None) -> dict:
+    """A training checkpoint's metadata: where the run is and the config that made it."""
+    # The run's PRNG key is the seed's; training itself draws no random numbers
+    # (no dropout), so the key is recorded for what comes after, not consumed.
+    key = np.asarray(jax.random.key_data(jax.random.key(cfg.run.seed))).tolist()
+    return {"step": step, "training_s": training_s, "cursor": cursor, "qat_on": qat_on, "stop_after_step": stop_after,
+            "rng_key": key, "config": config_lib.to_dict(cfg), "history": history, "budget": budget}
+
+
+def check_resume_config(saved: dict, cfg: Config, where: Path) -> None:
+    """Refuse to resume with another model, data or optimizer config, naming the field."""
+    now = config_lib.to_dict(cfg)
+    for section in ("model", "data", "optimizer"):
+        for key, value in now[section].items():
+            if saved.get(section, {}).get(key) != value:
+                raise CheckpointError(
+                    f"{where}: checkpoint was made with {section}.{key}={saved.get(section, {}).get(key)!r}, "
+                    f"this run has {value!r}")
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
 def check_writable(directory: str | Path) -> None:
     """Fail now, naming the directory, if outputs cannot be written there:
     before hours of training rather than at the first checkpoint."""

@@ -4,7 +4,7 @@ processes, each driving its own GPUs, take the same decisions.
 
 One process per host (or per GPU) runs the same command; together they form
 one global device mesh. Each process loads only its own devices' spans of
-the token stream (`train.local_ranks`), orbax writes every checkpoint once
+the token stream (`train_step.local_ranks`), orbax writes every checkpoint once
 (each array by one of its replicas, the metadata by process 0), and process 0
 alone writes logs, plots, the summary, the final model and the artifact.
 

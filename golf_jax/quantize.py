@@ -23,11 +23,12 @@ from typing import Sequence
 
 import jax
 
-from golf_jax import artifact, checkpoint, evaluate, generate, param_tree, pruning, quant, ttt
+from golf_jax import artifact, checkpoint, distributed, evaluate, generate, param_tree, pruning, quant, ttt
 from golf_jax.hessians import collect_hessians
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
-from golf_jax.runlog import CompileCounter
+from golf_jax.param_tree import Params
+from golf_jax.runlog import CompileCounter, RunLog
 
 ARTIFACT_NAME = "final_model.int6.golf"
 def run_dir_of(checkpoint_path: str | Path) -> Path:
@@ -109,6 +110,41 @@ def budget_report(cfg: Config, train_summary: dict, times: dict[str, float], com
             "total_s": total, "within_cap": total <= cap, "reserved_s": reserved,
             "after_training_s": total - spent["training"],
             "compilations_in_budget_stages": sum(compiles.get(k, 0) for k in BUDGET_STAGES)}
+
+
+def reserve_budget(cfg: Config, params: Params, log: RunLog, saved: dict | None = None) -> dict:
+    """Budget mode: how much of the wall-clock cap the stages after training
+    need (schedule.quant_reserve_seconds, or timed now on these weights with
+    schedule.quant_reserve_margin of headroom), and what is left for training.
+    Either way the stages are compiled here, outside the cap, so after training
+    they run compiled. `saved`: a resumed run's reserve, kept as it was."""
+    sched = cfg.schedule
+    t0 = time.perf_counter()
+    # Host arrays, as train.main reloads the final model: the same argument
+    # types, so what compiles here is what runs after training.
+    host = jax.device_get(distributed.local_copy(params))
+    if saved is not None:
+        compile_budget_stages(host, cfg)
+        log.line(f"budget mode: {saved['reserve_s']:.1f} s reserved as when the run began; training stops at "
+                 f"{saved['training_cap_s']:.1f} s (stages compiled in {time.perf_counter() - t0:.1f} s)")
+        return saved
+    measured: dict[str, float] = {}
+    if sched.quant_reserve_seconds > 0:
+        compile_budget_stages(host, cfg)
+        reserve, how = sched.quant_reserve_seconds, "configured"
+    else:
+        measured = time_budget_stages(host, cfg)
+        reserve = sum(measured.values()) * (1 + sched.quant_reserve_margin)
+        how = (", ".join(f"{k} {v:.2f} s" for k, v in measured.items())
+               + f" measured (+{sched.quant_reserve_margin:.0%})")
+    cap = sched.max_wallclock_seconds
+    if reserve >= cap:
+        raise ConfigError(f"schedule.quant_in_budget: the stages after training need {reserve:.1f} s, "
+                          f"the whole wall-clock cap of {cap:.0f} s")
+    log.line(f"budget mode: {reserve:.1f} s of the {cap:.0f} s cap reserved for calibration, Hessians and GPTQ "
+             f"({how}; compiling{' and timing' if measured else ''} took {time.perf_counter() - t0:.1f} s, "
+             f"outside the cap); training stops at {cap - reserve:.1f} s")
+    return {"cap_s": cap, "reserve_s": reserve, "measured_s": measured, "training_cap_s": cap - reserve}
 
 
 def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str | Path, progress: bool = True,

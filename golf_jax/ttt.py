@@ -35,10 +35,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from golf_jax import data, evaluate, model
+from golf_jax.train_step import AXIS, make_mesh
 from golf_jax.config import Config, ModelConfig, TTTConfig
 from golf_jax.param_tree import Params, path_name
 
-AXIS = "data"
 
 
 @dataclass(frozen=True)
@@ -162,15 +162,6 @@ def make_train_step(mcfg: ModelConfig, tx: optax.GradientTransformation):
 
 # ----------------------------------------------------------------------------- the protocol
 
-def _mesh(n_devices: int) -> jax.sharding.Mesh:
-    # This process's devices: after a multi-process training run, the stages
-    # after training (TTT among them) run in process 0 alone.
-    devices = jax.local_devices()[:n_devices or None]
-    # Auto axes: the jitted functions are written for one device and XLA's
-    # partitioner splits them along the sharded batch (no shard_map needed).
-    return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-
-
 def _score_chunk(params, cfg: Config, tokens_dev: jax.Array, windows: evaluate.WindowPlan, batch_windows: int,
                  sharding) -> float:
     """Sum of the loss of every target the chunk's windows score, float64 on
@@ -221,7 +212,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables
     (a timing slice); the result then covers those chunks only."""
     t_start = time.perf_counter()
     t, e = cfg.ttt, cfg.eval
-    mesh = _mesh(cfg.run.num_devices)
+    mesh = make_mesh(cfg.run.num_devices, local=True)
     n_dev = mesh.size
     seq = t.seq_len or e.eval_seq_len
     plan = chunk_plan(len(tokens) - 1, cfg)

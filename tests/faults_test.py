@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import checkpoint, model, optim, param_tree, train
+from golf_jax import checkpoint, model, optim, param_tree, train, train_step
 from golf_jax.checkpoint import CheckpointError
 from tests.conftest import REPO
 from tests.train_test import assert_trees_equal, tiny_config
@@ -223,7 +223,7 @@ def test_unwritable_output_directory_fails_before_training(tmp_path, monkeypatch
     def no_compiling(*args, **kwargs):
         raise AssertionError("compiled before checking the output directory")
 
-    monkeypatch.setattr(train, "make_train_step", no_compiling)
+    monkeypatch.setattr(train_step, "make_train_step", no_compiling)
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     targets = [blocker / "run"]  # unwritable for root as well
@@ -242,7 +242,7 @@ def test_unwritable_output_directory_fails_before_training(tmp_path, monkeypatch
 
 
 def test_full_output_directory_fails_before_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "make_train_step", lambda *a, **k: pytest.fail("compiled on a full disk"))
+    monkeypatch.setattr(train_step, "make_train_step", lambda *a, **k: pytest.fail("compiled on a full disk"))
     real_write = os.write
 
     def write(fd, data):
@@ -286,9 +286,9 @@ def test_failed_save_mid_run_names_the_directory_and_keeps_the_last_checkpoint(t
 # ----------------------------------------------------------------------------- damaged input
 
 def _state_template(cfg):
-    mesh = train.make_mesh(cfg.run.num_devices)
-    tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
-    return train.init_state(train.initial_params(cfg), tx, mesh, cfg.schedule.swa_enabled)
+    mesh = train_step.make_mesh(cfg.run.num_devices)
+    tx = optim.build_optimizer(cfg.optimizer, train_step.AXIS)
+    return train_step.init_state(train.initial_params(cfg), tx, mesh, cfg.schedule.swa_enabled)
 
 
 def _random_files(d: Path) -> Path:
@@ -379,7 +379,7 @@ def test_bad_saved_models_raise_checkpoint_error(case, tmp_path, straight):
 def test_non_finite_parameters_are_named_with_the_step(tmp_path, monkeypatch):
     """A tensor goes bad in an update (poisoned, as an overflow would leave it):
     the error names the step and the tensor, and no checkpoint ever holds it."""
-    real = train.make_train_step
+    real = train_step.make_train_step
     poison_after = []
 
     def poisoning(cfg, mesh, tx, template):
@@ -394,7 +394,7 @@ def test_non_finite_parameters_are_named_with_the_step(tmp_path, monkeypatch):
 
         return step
 
-    monkeypatch.setattr(train, "make_train_step", poisoning)
+    monkeypatch.setattr(train_step, "make_train_step", poisoning)
     # Bad after step 3: step 4's loss is NaN, and the tensor is named.
     poison_after[:] = [3]
     with pytest.raises(train.TrainingError, match=r"^loss is nan at step 4; non-finite parameters entering it: "

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import checkpoint, cli, datasets, optim, train
+from golf_jax import checkpoint, cli, datasets, optim, train, train_step
 from golf_jax.config import Config, ConfigError
-from tests.conftest import REPO, fixture_path
+from tests.conftest import REPO
 
 
 def tiny_config(out_dir, **overrides) -> Config:
@@ -40,9 +40,9 @@ def tiny_config(out_dir, **overrides) -> Config:
 
 
 def restore_last(cfg: Config):
-    mesh = train.make_mesh(cfg.run.num_devices)
-    tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
-    template = train.init_state(train.initial_params(cfg), tx, mesh, cfg.schedule.swa_enabled)
+    mesh = train_step.make_mesh(cfg.run.num_devices)
+    tx = optim.build_optimizer(cfg.optimizer, train_step.AXIS)
+    template = train_step.init_state(train.initial_params(cfg), tx, mesh, cfg.schedule.swa_enabled)
     ckpts = checkpoint.TrainCheckpoints(f"{cfg.run.output_dir}/checkpoints")
     state, meta = ckpts.restore(template)
     ckpts.close()
@@ -143,28 +143,28 @@ def test_init_from_reference_weights(tmp_path):
 
 def test_fake_quantize_int6():
     w = jnp.array([[3.0, -6.2, 0.0, 1.2], [1.0, 0.5, -0.25, 0.0], [0.31, -0.62, 0.0, 0.01]])
-    q = np.asarray(train.fake_quantize_int6(w))
+    q = np.asarray(train_step.fake_quantize_int6(w))
     # The third row's largest weight is under 1: the reference's floor of 1/31 sets its step.
     scale = np.array([[6.2 / 31], [1.0 / 31], [1.0 / 31]])
     np.testing.assert_allclose(q, np.clip(np.round(np.asarray(w) / scale), -32, 31) * scale, rtol=1e-6)
     assert len(np.unique(np.round(q[1] / scale[1]))) == 4
     assert q[2, 3] == 0.0 and q[2, 1] == np.float32(-19 / 31)
     # Straight-through: the gradient passes as if the rounding were the identity.
-    g = jax.grad(lambda w: jnp.sum(train.fake_quantize_int6(w) * 3.0))(w)
+    g = jax.grad(lambda w: jnp.sum(train_step.fake_quantize_int6(w) * 3.0))(w)
     np.testing.assert_array_equal(np.asarray(g), 3.0)
 
 
 def test_qat_scope_and_switch():
     params = {"bigram": {"proj": jnp.linspace(-1, 1, 12).reshape(3, 4)}, "qo_bank": jnp.linspace(-1, 1, 24).reshape(2, 3, 4),
               "tok_emb": jnp.linspace(-1, 1, 8).reshape(2, 4) * 0.37}
-    off = train.apply_qat(params, "all", jnp.asarray(False))
+    off = train_step.apply_qat(params, "all", jnp.asarray(False))
     assert_trees_equal(off, params)
-    small = train.apply_qat(params, "small", jnp.asarray(True))
-    every = train.apply_qat(params, "all", jnp.asarray(True))
+    small = train_step.apply_qat(params, "small", jnp.asarray(True))
+    every = train_step.apply_qat(params, "all", jnp.asarray(True))
     assert not np.array_equal(small["bigram"]["proj"], params["bigram"]["proj"])
     np.testing.assert_array_equal(small["qo_bank"], params["qo_bank"])
     assert not np.array_equal(every["qo_bank"], params["qo_bank"])
-    assert_trees_equal(train.apply_qat(params, "none", jnp.asarray(True)), params)
+    assert_trees_equal(train_step.apply_qat(params, "none", jnp.asarray(True)), params)
     np.testing.assert_array_equal(every["tok_emb"], params["tok_emb"])  # embeddings are never QAT'd
 
 
@@ -275,21 +275,21 @@ MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from tests.train_test import tiny_config
-    from golf_jax import data, optim, train
+    from golf_jax import data, data_feed, datasets, optim, train, train_step
     out = {}
     for n in (1, 2, 4, 8):
         cfg = tiny_config(sys.argv[2], **{"data.micro_batches_per_step": "8", "data.train_batch_tokens": "4096",
                                           "run.num_devices": str(n), "optimizer.muon_momentum_dtype": "float32",
                                           "optimizer.muon_ns_dtype": "float32", "model.embedding_dtype": "float32"})
-        mesh = train.make_mesh(n)
-        tx = optim.build_optimizer(cfg.optimizer, train.AXIS)
-        state = train.init_state(train.initial_params(cfg), tx, mesh, False)
-        step = train.make_train_step(cfg, mesh, tx, state)
+        mesh = train_step.make_mesh(n)
+        tx = optim.build_optimizer(cfg.optimizer, train_step.AXIS)
+        state = train_step.init_state(train.initial_params(cfg), tx, mesh, False)
+        step = train_step.make_train_step(cfg, mesh, tx, state)
         ds = datasets.resolve_dataset("embedded", "", cfg.data.train_pattern, cfg.data.val_pattern, 1024)
         batches = data.TrainBatches(ds.train_pattern, 1024, 4096, 64, world_size=n, accum_steps=8 // n)
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train.AXIS))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train_step.AXIS))
         for _ in range(3):
-            xs, ys, _ = train.next_step_batch(batches, 8 // n, sharding)
+            xs, ys, _ = data_feed.next_step_batch(batches, 8 // n, sharding)
             state, loss = step(state, xs, ys, 1.0, False, False)
         out[n] = {"loss": float(loss), "params": [np.asarray(x, np.float64).tolist() for x in jax.tree.leaves(state.params)]}
     json.dump(out, sys.stdout)
@@ -312,56 +312,3 @@ def test_one_two_four_eight_devices_agree(tmp_path):
         for a, b in zip(out[n]["params"], ref["params"]):
             # Measured: at most 2.3e-5 after three steps.
             assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-4, n
-
-
-MUON_SHARDED = textwrap.dedent("""
-    import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import PartitionSpec as P
-    sys.path.insert(0, sys.argv[1])
-    from golf_jax import optim, train
-    from golf_jax.config import OptimizerConfig
-    z = np.load(sys.argv[2])
-    banks = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
-    # As train builds it: clip -> multi_transform -> Muon; the fixture's Muon has no clip (1e30 never clips).
-    cfg = OptimizerConfig(matrix_lr=0.025, muon_momentum=0.95, muon_momentum_warmup_steps=0, muon_weight_decay=0.04,
-                          muon_momentum_dtype="float32", muon_ns_dtype="float32", grad_clip_norm=1e30)
-    tx = optim.build_optimizer(cfg, train.AXIS)
-    mesh = train.make_mesh(2)
-    state = train.init_state({b: jnp.asarray(z["init/" + b]) for b in banks}, tx, mesh, swa=False)
-    specs = train.state_specs(state)
-    step = jax.jit(jax.shard_map(lambda s, g: train.parallel_update(tx, g, s.opt_state, s.params, 2, 1), mesh=mesh,
-                                 in_specs=(specs, P()), out_specs=(P(), specs.opt_state), check_vma=False))
-    params, opt_state, out = state.params, state.opt_state, {}
-    for k in range(2):
-        # Every device holds the whole gradient: the reduce-scatter sums 2 copies and divides by 2.
-        updates, opt_state = step(state._replace(params=params, opt_state=opt_state),
-                                  {b: jnp.asarray(z[f"grad{k}/{b}"]) for b in banks})
-        params = jax.tree.map(lambda p, u: p + u, params, updates)
-        out[k] = {b: np.asarray(params[b]).tolist() for b in banks}
-    # Parallel Muon: each device holds half of every bank's momentum.
-    momenta = [x for path, x in jax.tree_util.tree_leaves_with_path(opt_state) if train._is_bank(path) and x.ndim]
-    halves = all(x.addressable_shards[0].data.shape[0] * 2 == x.shape[0] for x in momenta)
-    print(json.dumps({"momenta": len(momenta), "halves": halves, "after": out}))
-""")
-
-
-def test_parallel_muon_as_built_for_training_matches_the_reference():
-    """The optimizer as train builds it, inside shard_map with the banks split over two
-    devices, against the reference's two Muon steps (float32: muon.npz's _fp32 results)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", MUON_SHARDED, str(REPO), str(fixture_path("muon.npz"))], env=env,
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.splitlines()[-1])
-    assert result["momenta"] == 4 and result["halves"]  # each bank's momentum split over the two devices
-    after = result["after"]
-    with np.load(fixture_path("muon.npz")) as z:
-        prev = {b: z[f"init/{b}"] for b in after["0"]}
-        for k in ("0", "1"):
-            for b, got in after[k].items():
-                ref = z[f"after{k}_fp32/{b}"]
-                # As the unsharded float32 check (optim_test): a float32 port lands near 3e-6 of the step.
-                assert np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref - prev[b]) <= 1e-4, (k, b)
-            prev = {b: z[f"after{k}_fp32/{b}"] for b in after[k]}
