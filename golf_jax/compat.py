@@ -8,9 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from golf_jax import model
 from golf_jax.config import ModelConfig
 from golf_jax.param_tree import Params
 
@@ -44,28 +46,12 @@ class ReferenceState(dict):
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Reference name -> shape for this config."""
-    L, d, kv, hid, V = cfg.num_layers, cfg.model_dim, cfg.kv_dim, cfg.mlp_dim, cfg.vocab_size
-    shapes = {
-        "tok_emb.weight": (V, d), "qo_bank": (2 * L, d, d), "kv_bank": (2 * L, kv, d),
-        "mlp_up_bank": (L, hid, d), "mlp_down_bank": (L, d, hid), "skip_weights": (cfg.num_skip_weights, d),
-        "smear.gate": (d,),
-    }
-    for i in range(L):
-        shapes.update({f"blocks.{i}.attn_scale": (d,), f"blocks.{i}.mlp_scale": (d,),
-                       f"blocks.{i}.resid_mix": (2, d), f"blocks.{i}.attn.q_gain": (cfg.num_heads,)})
-    if cfg.bigram_enabled:
-        shapes.update({"bigram.embed.weight": (cfg.bigram_vocab_size, cfg.bigram_dim), "bigram.scale": ()})
-        if cfg.bigram_dim != d:  # an identity, absent, between equal widths
-            shapes["bigram.proj.weight"] = (d, cfg.bigram_dim)
-    if cfg.ve_layer_indices:
-        shapes.update({"ve_shared.embed.weight": (V, cfg.ve_dim), "ve_shared.scale": ()})
-        if cfg.ve_dim != kv:
-            shapes["ve_shared.proj.weight"] = (kv, cfg.ve_dim)
-        shapes.update({f"ve_layer_scales.{j}": (1,) for j in range(len(cfg.ve_layer_indices))})
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (V, d)
-    return shapes
+    """Reference name -> shape for this config: model.init_params's shapes
+    (the one table of them) under the reference's names."""
+    shapes = jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0)))
+    # Zero-stride stand-ins: params_to_reference slices them as it would the arrays.
+    stand_ins = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), np.uint8), x.shape), shapes)
+    return {name: tuple(a.shape) for name, a in params_to_reference(stand_ins, cfg).items()}
 
 
 def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig, source: str | None = None) -> Params:

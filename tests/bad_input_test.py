@@ -260,7 +260,7 @@ CASES = [
     Case("reference", "missing-names", file("w.npz", npz_bytes(ref_state(**{"smear.gate": None}))),
          CompatError, ("does not match the config", "missing smear.gate")),
     Case("reference", "another-model", file("w.npz", npz_bytes({"fc.weight": np.zeros((2, 2), np.float32)})),
-         CompatError, ("missing tok_emb.weight", "and 7 more", "unexpected fc.weight")),
+         CompatError, ("missing qo_bank", "and 7 more", "unexpected fc.weight")),
     Case("reference", "wrong-dtype-int", file("w.npz", npz_bytes(ref_state(**{"qo_bank": np.zeros((4, 32, 32), np.int32)}))),
          CompatError, ("qo_bank: dtype int32, expected floating point",)),
     Case("reference", "wrong-dtype-object", file("w.npz", npz_bytes(ref_state(**{"smear.gate": np.array([None] * 32)}))),
