@@ -77,3 +77,18 @@ def test_only_tooling_imports_the_tooling():
     """golf_jax/tools (bench, profiling) is outside the counted code, so the pipeline must not need it."""
     users = {m for m, deps in import_graph().items() if any(d.startswith("golf_jax.tools") for d in deps)}
     assert users and all(m.startswith("golf_jax.tools") for m in users), users
+
+
+def test_functions_and_modules_stay_readable():
+    """No function over 80 lines; a module over ~450 lines says why at its top."""
+    long_functions, long_modules = [], []
+    for pkg in PACKAGES:
+        for path in (REPO / pkg).rglob("*.py"):
+            source = path.read_text()
+            tree = ast.parse(source)
+            long_functions += [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                               for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                               and node.end_lineno - node.lineno + 1 > 80]
+            if len(source.splitlines()) > 460 and "over the ~450" not in (ast.get_docstring(tree) or ""):
+                long_modules.append(path.name)
+    assert not long_functions and not long_modules, (long_functions, long_modules)
