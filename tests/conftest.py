@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
@@ -20,6 +22,19 @@ FIXTURES = Path(os.environ.get("GOLF_JAX_FIXTURES", REPO.parent / "shared" / "fi
 # Parity is float32 against float32: on a GPU, float32 matmuls would
 # otherwise run as TF32. A no-op on the CPU.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# One persistent compilation cache for the whole run, this process and the
+# subprocesses it starts (train.py runs, multi-device scripts): tests that build
+# the same tiny programs compile them once. Fresh per run, so nothing is shared
+# across runs. A program read from it still records JAX's backend-compile event,
+# so runlog.CompileCounter counts it as a compilation (tests/runlog_test.py).
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+_COMPILE_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="golf_jax_test_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # Under CI (CI=true, as .ci/run sets it) a missing fixture or embedded dataset
@@ -71,3 +86,8 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_COMPILE_CACHE, ignore_errors=True)
