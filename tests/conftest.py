@@ -28,8 +28,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # the same tiny programs compile them once. Fresh per run, so nothing is shared
 # across runs. A program read from it still records JAX's backend-compile event,
 # so runlog.CompileCounter counts it as a compilation (tests/runlog_test.py).
-_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
-_COMPILE_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="golf_jax_test_xla_"))
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else a parent run's (a test's subprocess)
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="golf_jax_test_xla_")
+_COMPILE_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
