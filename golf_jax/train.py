@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import signal
 import threading
 import time
@@ -42,41 +43,65 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(TrainingError):
-    """SIGTERM stopped the run at a step boundary, after a complete checkpoint
-    of that step was saved; `--resume` continues it exactly."""
+    """A signal (SIGTERM, or SIGINT: Ctrl-C) stopped the run at a step
+    boundary, after a complete checkpoint of that step was saved; `--resume`
+    continues it exactly. `exit_status` is what the process should end with."""
+
+    def __init__(self, message: str, exit_status: int):
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
-# 128 + SIGTERM: what a shell and a batch scheduler report for a process that
-# SIGTERM ended, so a pre-empted run reads as pre-empted, not as failed or done.
-EXIT_SIGTERM = 128 + signal.SIGTERM
+# 128 + the signal: what a shell and a batch scheduler report for a process the
+# signal ended, so a pre-empted run reads as pre-empted, not as failed or done.
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+EXIT_SIGINT = 128 + signal.SIGINT  # 130, Ctrl-C
 
 
-class StopOnSigterm:
+class StopOnSignal:
     """While active (main thread only: Python delivers signals there), SIGTERM
-    sets `requested` instead of killing the process, so the loop can stop at the
-    next step boundary with a checkpoint. A second SIGTERM gets the previous
-    handler's behaviour back (by default: die now), for a run that is stuck.
-    The previous handler is restored on exit: no global state outlives train()."""
+    and SIGINT (Ctrl-C) set `requested` instead of ending the process, so the
+    loop stops at the next step boundary with a checkpoint. A compilation under
+    way finishes first: a KeyboardInterrupt unwinding through XLA's compiler
+    could crash the process (a segmentation fault was seen). A second signal
+    of either kind ends the process at once with 128 + its number, leaving the
+    earlier checkpoints as they are (a save in flight stays a temporary that
+    is never taken for complete). The previous handlers are restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
-        self._installed = False
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        # Another process's signal reaches this one only as "stop" (distributed.StepAgreement).
+        return signal.Signals(self.signum).name if self.signum is not None else "SIGTERM"
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + (self.signum if self.signum is not None else signal.SIGTERM)
 
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGTERM, self._previous)
+        if self.requested:
+            os.write(2, f"second {signal.Signals(signum).name}: exiting now; earlier checkpoints are kept\n".encode())
+            os._exit(128 + signum)
+        self.requested, self.signum = True, signum
+        if signum == signal.SIGINT:
+            os.write(2, b"Ctrl-C: stopping at the next step boundary with a checkpoint (a compilation under way "
+                        b"finishes first); Ctrl-C again to exit at once\n")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._installed = True
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -108,7 +133,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps
     SIGTERM (a real pre-emption) stops at the next step boundary, saves a
     checkpoint of that step and raises `TrainingInterrupted`.
     """
-    with StopOnSigterm() as stop:
+    with StopOnSignal() as stop:
         run = TrainingRun(cfg, resume, progress, stop)
         run.warm_up()
         stopped = run.loop(max_steps)
@@ -121,7 +146,7 @@ class TrainingRun:
     evaluation, the reports). The host reads each step's loss one step behind
     (`pending`), so the device stays busy."""
 
-    def __init__(self, cfg: Config, resume: bool, progress: bool, stop: StopOnSigterm):
+    def __init__(self, cfg: Config, resume: bool, progress: bool, stop: StopOnSignal):
         self.t_launch = time.perf_counter()
         cfg.validate()
         self.cfg, self.stop, self.primary = cfg, stop, distributed.is_primary()
@@ -239,7 +264,7 @@ class TrainingRun:
                 agreed = self.agreement.decide(self.step, self.decide, self.stop.requested)
                 self.stop_after_step = agreed["stop_after_step"]
                 if agreed["sigterm"]:  # a step boundary: the state is whole and its loss known
-                    self._stop_here("SIGTERM")
+                    self._stop_here("signal")
                 last = self.step >= self.sched.iterations or (self.stop_after_step is not None
                                                               and self.step >= self.stop_after_step)
                 if last or (self.cfg.eval.val_loss_every > 0 and self.step % self.cfg.eval.val_loss_every == 0):
@@ -267,14 +292,15 @@ class TrainingRun:
             self.bar.close()
 
     def _stop_here(self, why: str) -> None:
-        """Save the step reached and close the outputs; SIGTERM raises."""
+        """Save the step reached and close the outputs; a signal raises."""
         self.drain()
         self.training_s = self.training_s_now()
         self.save(self.step, self.training_s)
-        if why == "SIGTERM":
-            self.log.line(f"SIGTERM at step {self.step}/{self.sched.iterations}: saving its checkpoint and stopping")
+        if why == "signal":
+            self.log.line(f"{self.stop.name} at step {self.step}/{self.sched.iterations}: saving its checkpoint "
+                          f"and stopping")
         self.close_outputs()  # the checkpoint is complete on disk before the process ends
-        if why == "SIGTERM":
+        if why == "signal":
             raise self.interrupted(f"at step {self.step}")
 
     def _validate_now(self) -> None:
@@ -394,8 +420,8 @@ class TrainingRun:
             self.log.close()
 
     def interrupted(self, where: str) -> TrainingInterrupted:
-        return TrainingInterrupted(f"stopped by SIGTERM {where}; checkpoint of step {self.saved_at} saved in "
-                                   f"{self.ckpts.directory}; continue with --resume")
+        return TrainingInterrupted(f"stopped by {self.stop.name} {where}; checkpoint of step {self.saved_at} saved in "
+                                   f"{self.ckpts.directory}; continue with --resume", self.stop.exit_status)
 
     # ------------------------------------------------------------------------- the end
 
@@ -475,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 summary["budget"] = {**(summary.get("budget") or {}), "spent": report["budget"]}
                 checkpoint.write_json(out_dir / "summary.json", summary)
     except TrainingInterrupted as e:
-        status, message = EXIT_SIGTERM, f"{e}\n"
+        status, message = e.exit_status, f"{e}\n"
     except (TrainingError, *checkpoint.LOAD_ERRORS) as e:
         status, message = 2, f"error: {e}\n"
     else:

@@ -1,4 +1,4 @@
-"""Faults: killed runs (SIGKILL mid-step and mid-save, SIGTERM), half-written
+"""Faults: killed runs (SIGKILL mid-step and mid-save, SIGTERM, Ctrl-C), half-written
 checkpoints and models, unwritable or full output directories, a failing save,
 damaged checkpoints, and a non-finite loss.
 
@@ -152,23 +152,63 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(tmp_path, straight):
     assert_trees_equal(final_params(tmp_path), final_params(straight))
 
 
-def test_sigterm_handler_is_scoped():
-    before = signal.getsignal(signal.SIGTERM)
-    with train.StopOnSigterm() as stop:
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
-        assert stop.requested
-    assert signal.getsignal(signal.SIGTERM) is before
+def test_signal_handlers_are_scoped():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in before:
+        with train.StopOnSignal() as stop:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
+            assert stop.requested and stop.name == signal.Signals(sig).name and stop.exit_status == 128 + sig
+        assert {s: signal.getsignal(s) for s in before} == before
     seen = []
 
     def in_thread():  # signals are the main thread's: elsewhere nothing is installed
-        with train.StopOnSigterm():
-            seen.append(signal.getsignal(signal.SIGTERM))
+        with train.StopOnSignal():
+            seen.append(signal.getsignal(signal.SIGINT))
 
     t = threading.Thread(target=in_thread)
     t.start()
     t.join()
-    assert seen == [before]
+    assert seen == [before[signal.SIGINT]]
+
+
+def test_ctrl_c_saves_the_step_reached_and_resumes_exactly(tmp_path, straight):
+    """SIGINT as SIGTERM: a checkpoint at the next step boundary, one line on
+    resuming, status 130; the resumed run ends where the uninterrupted one does."""
+    cfg = fault_config(tmp_path, **{"run.checkpoint_every": "0"})
+    proc = launch(cfg)
+    wait_until(proc, lambda: last_logged_step(tmp_path) >= 3, "step 3")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == train.EXIT_SIGINT == 130
+    err = (tmp_path / "stderr.txt").read_text()
+    assert "Traceback" not in err and "Ctrl-C: stopping at the next step boundary" in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("stopped by SIGINT at step ") and message.endswith("continue with --resume")
+    reached = int(message.split("at step ")[1].split(";")[0])
+    assert latest_step(tmp_path) == reached and not (tmp_path / "final_model").exists()
+    train.train(cfg, resume=True, progress=False)
+    assert_trees_equal(final_params(tmp_path), final_params(straight))
+
+
+def test_a_second_ctrl_c_exits_at_once_and_keeps_the_earlier_checkpoints(tmp_path, straight):
+    """The first Ctrl-C asks for a checkpoint; while that waits on a save that
+    hangs (test hook: step 8's stalls inside orbax's temporary directory), a
+    second one ends the process at once. Checkpoint 4 is intact, the half-written
+    8 is never taken for complete, and resuming ends where the straight run does."""
+    cfg = fault_config(tmp_path)  # checkpoints every 4 steps
+    proc = launch(cfg, {checkpoint.STALL_SAVE_ENV: "8:120"})
+    ckpts = tmp_path / "checkpoints"
+    wait_until(proc, lambda: any(ckpts.glob("8.orbax-checkpoint-tmp*")), "the temporary directory of step 8")
+    proc.send_signal(signal.SIGINT)
+    # Two signals before Python runs the handler count as one: wait for the first's line.
+    wait_until(proc, lambda: "Ctrl-C: stopping" in (tmp_path / "stderr.txt").read_text(), "the first Ctrl-C's line")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == train.EXIT_SIGINT
+    err = (tmp_path / "stderr.txt").read_text()
+    assert "second SIGINT: exiting now; earlier checkpoints are kept" in err and "Traceback" not in err
+    assert latest_step(tmp_path) == 4 and not (ckpts / "8").exists()
+    train.train(cfg, resume=True, progress=False)
+    assert_trees_equal(final_params(tmp_path), final_params(straight))
 
 
 # ----------------------------------------------------------------------------- half-written outputs
