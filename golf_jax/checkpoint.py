@@ -129,8 +129,15 @@ class TrainCheckpoints:
         return CheckpointError(f"{self.directory}: saving checkpoint {step} failed{full}: {_describe(e)}; "
                                f"{previous}, untouched")
 
+    def _steps_on_disk(self) -> list[int]:
+        """The steps in the directory now, not orbax's cached list."""
+        if hasattr(self.manager, "reload"):  # all_steps(read=True) is deprecated where reload() exists
+            self.manager.reload()
+            return list(self.manager.all_steps())
+        return list(self.manager.all_steps(read=True))
+
     def _complete_steps(self) -> list[int]:
-        return [s for s in self.manager.all_steps(read=True) if not self._missing(s)]
+        return [s for s in self._steps_on_disk() if not self._missing(s)]
 
     def _missing(self, step: int) -> list[str]:
         root = self.directory / str(step)
@@ -141,7 +148,7 @@ class TrainCheckpoints:
         the latest numbered directory is incomplete (see the module docstring)."""
         if not self.directory.is_dir():
             return None
-        steps = sorted(self.manager.all_steps(read=True))
+        steps = sorted(self._steps_on_disk())
         if not steps:
             return None
         missing = self._missing(steps[-1])

@@ -152,10 +152,17 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[tuple[str, str]], list[st
     return overrides, rest
 
 
+OVERRIDES_HELP = ("Any config field can be overridden: --config.<section>.<field>=<value>, or "
+                  "--config.<field>=<value> where the name is unique, e.g. --config.schedule.iterations=200 "
+                  "--config.model_dim=256 (sections: model, data, optimizer, schedule, quant, eval, ttt, run).")
+
+
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
                          ) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
     """(the parser's arguments, the `--config.<field>` overrides) of argv
     (default sys.argv[1:]); for commands whose config comes from elsewhere."""
+    if parser.epilog is None:  # --help shows the override syntax
+        parser.epilog = OVERRIDES_HELP
     overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
     return parser.parse_args(rest), overrides
 

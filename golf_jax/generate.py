@@ -117,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="SentencePiece model (default: the run config's)")
     args = parser.parse_args(argv)
+    for flag, value, least in (("--tokens", args.tokens, 1), ("--samples", args.samples, 1),
+                               ("--temperature", args.temperature, 0)):
+        if value < least:
+            parser.exit(2, f"error: {flag} {value}: must be at least {least}\n")
     try:
         params, cfg, source = checkpoint.load_model(artifact_path=args.artifact, checkpoint_path=args.checkpoint)
         ds = datasets.resolve_dataset(cfg.data.data_dir, args.tokenizer or cfg.data.tokenizer_path,

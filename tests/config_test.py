@@ -134,3 +134,12 @@ def test_dict_round_trip():
     assert config.from_dict(config.to_dict(cfg)) == cfg
     with pytest.raises(ConfigError, match="unknown field"):
         config.from_dict({"model": {"bogus": 1}})
+
+
+def test_help_shows_the_override_syntax(capsys):
+    import argparse
+
+    import pytest
+    with pytest.raises(SystemExit):
+        cli.parse(argparse.ArgumentParser(prog="x"), ["--help"])
+    assert "--config.<section>.<field>=<value>" in capsys.readouterr().out

@@ -58,3 +58,13 @@ def test_calibration_set_shape_and_determinism(tiny_params, tiny_cfg):
     assert a.shape == (5, 16) and a.dtype == np.int32
     np.testing.assert_array_equal(a, generate.calibration_tokens(tiny_params, cfg))
     assert len(np.unique(a[:, 0])) > 1  # first tokens drawn, not fixed
+
+
+def test_bad_counts_are_one_line_errors(capsys):
+    import pytest
+    for args in (["--tokens", "-5"], ["--samples", "0"], ["--temperature", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            generate.main(["--artifact", "unused.golf", *args])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {args[0]} ") and err.count("\n") == 1
