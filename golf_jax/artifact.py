@@ -176,12 +176,7 @@ def write_artifact(path: str | Path, qmodel: QuantizedModel, meta, preset: int =
     The bytes go to a temporary name in the same directory, are fsynced, and
     only then renamed over `path`, so a crash leaves either the old artifact
     or the new one under that name, never half of one."""
-    return write_bytes(path, serialize(qmodel, meta, preset))
-
-
-def write_bytes(path: str | Path, buf: bytes) -> int:
-    """Write already-serialised artifact bytes atomically (as write_artifact)."""
-    return atomic.write_bytes(path, buf)
+    return atomic.write_bytes(path, serialize(qmodel, meta, preset))
 
 
 # ----------------------------------------------------------------------------- reading

@@ -377,8 +377,9 @@ def _check_names(shapes: dict[str, tuple[int, ...]], cfg: ModelConfig) -> None:
     missing = sorted(set(expected) - set(shapes))
     if missing:
         raise QuantError(f"{', '.join(missing)}: missing for this model config")
+    legacy = param_tree.legacy_projections(cfg)
     for name, shape in shapes.items():
-        if name in param_tree.legacy_projections(cfg):
+        if name in legacy:
             raise QuantError(f"{name}: {param_tree.LEGACY_LAYOUT}")
         if name not in expected:
             raise QuantError(f"{name}: not a param of this model config")

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import jax
 
-from golf_jax import artifact, checkpoint, distributed, evaluate, generate, param_tree, pruning, quant, ttt
+from golf_jax import artifact, atomic, checkpoint, distributed, evaluate, generate, param_tree, pruning, quant, ttt
 from golf_jax.hessians import collect_hessians
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
@@ -197,7 +197,7 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
             f"against a budget of {q.artifact_budget_bytes:,}")
     path = out_dir / ARTIFACT_NAME
     with stage("write_artifact"):
-        weights_bytes = artifact.write_bytes(path, blob)
+        weights_bytes = atomic.write_bytes(path, blob)
     report["artifact"] = artifact.artifact_budget_report(weights_bytes, q.artifact_budget_bytes, code)
     report["artifact"]["path"] = str(path)
     log(f"artifact {path}: {weights_bytes:,} bytes + {code:,} bytes of code = {weights_bytes + code:,} "

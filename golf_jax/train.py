@@ -71,9 +71,12 @@ class StopOnSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self.signum: int | None = None
+        self.signum: int | None = None  # the first signal received
         self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     @property
     def name(self) -> str:
@@ -88,7 +91,7 @@ class StopOnSignal:
         if self.requested:
             os.write(2, f"second {signal.Signals(signum).name}: exiting now; earlier checkpoints are kept\n".encode())
             os._exit(128 + signum)
-        self.requested, self.signum = True, signum
+        self.signum = signum
         if signum == signal.SIGINT:
             os.write(2, b"Ctrl-C: stopping at the next step boundary with a checkpoint (a compilation under way "
                         b"finishes first); Ctrl-C again to exit at once\n")
@@ -264,7 +267,9 @@ class TrainingRun:
                 agreed = self.agreement.decide(self.step, self.decide, self.stop.requested)
                 self.stop_after_step = agreed["stop_after_step"]
                 if agreed["sigterm"]:  # a step boundary: the state is whole and its loss known
-                    self._stop_here("signal")
+                    self._save_and_close(f"{self.stop.name} at step {self.step}/{self.sched.iterations}: "
+                                         f"saving its checkpoint and stopping")
+                    raise self.interrupted(f"at step {self.step}")
                 last = self.step >= self.sched.iterations or (self.stop_after_step is not None
                                                               and self.step >= self.stop_after_step)
                 if last or (self.cfg.eval.val_loss_every > 0 and self.step % self.cfg.eval.val_loss_every == 0):
@@ -274,7 +279,7 @@ class TrainingRun:
                         self.log.line(f"stopping early: wall-clock cap at step {self.step}/{self.sched.iterations}")
                     return None
                 if max_steps is not None and self.step - self.steps0 >= max_steps:
-                    self._stop_here("max_steps")
+                    self._save_and_close()
                     return {"step": self.step, "interrupted": True}
                 self._one_step(agreed["mult"])
         except BaseException as failure:
@@ -291,17 +296,14 @@ class TrainingRun:
             self.prefetch.close()
             self.bar.close()
 
-    def _stop_here(self, why: str) -> None:
-        """Save the step reached and close the outputs; a signal raises."""
+    def _save_and_close(self, line: str | None = None) -> None:
+        """Checkpoint the step reached (its loss read first), log `line`, close the outputs."""
         self.drain()
         self.training_s = self.training_s_now()
         self.save(self.step, self.training_s)
-        if why == "signal":
-            self.log.line(f"{self.stop.name} at step {self.step}/{self.sched.iterations}: saving its checkpoint "
-                          f"and stopping")
+        if line:
+            self.log.line(line)
         self.close_outputs()  # the checkpoint is complete on disk before the process ends
-        if why == "signal":
-            raise self.interrupted(f"at step {self.step}")
 
     def _validate_now(self) -> None:
         self.drain()
@@ -368,8 +370,7 @@ class TrainingRun:
         if s % self.cfg.run.train_log_every == 0 or s <= 10:
             self.log.line(f"step {s}/{self.sched.iterations} train_loss {value:.4f} lr_mult {mult:.3f} "
                           f"train_time {spent:.1f}s step_avg {1000 * spent / max(s, 1):.1f}ms")
-            self.log.record(kind="train", step=s, loss=value, lr_mult=mult, training_s=self.training_s_now())
-            spent = self.training_s_now()
+            self.log.record(kind="train", step=s, loss=value, lr_mult=mult, training_s=spent)
         step_s = (spent - self.start_s) / max(s - self.steps0, 1)
         cap = self.sched.max_wallclock_seconds
         left = (cap - spent) if cap > 0 else (self.sched.iterations - s) * step_s
