@@ -10,9 +10,18 @@ the settings of the reference's 60-step curves, then compare every step.
         --reference ../shared/fixtures/reference/curves/record_60steps_tinyshakespeare.json \\
         --plot docs/img/fidelity_default.png
 
+    # against a chosen set of reference runs (here: this machine's), the runs' own mean checked too
+    python scripts/fidelity_curve.py compare runs/D5 runs/D6 --reference CURVES.json runs/ref_a/reference.log \
+        runs/ref_b/reference.log --mean-of runs/ref_a/reference.log runs/ref_b/reference.log --with-mean
+
 A reference source is the curves JSON (several runs) or a reference log
-(`run_tinyshakespeare.sh` writes reference.log). The device call that ran the
-figures of docs/fidelity.md is scripts/device_fidelity.sh.
+(`run_tinyshakespeare.sh` writes reference.log; such a log is labelled by its
+folder, and may also be given as a run, to check the reference like golf_jax).
+The mean and the validation ranges of the checks are those of --mean-of
+(default: every --reference). `train` trains GOLF_TREE (default: this
+repository), e.g. `git archive HEAD` unpacked while the working tree is edited.
+The device call that ran the figures of docs/fidelity.md is
+scripts/device_fidelity.sh.
 """
 
 from __future__ import annotations
@@ -47,6 +56,8 @@ class Curve:
 
 
 def golf_run(run_dir: Path) -> Curve:
+    if run_dir.is_file():  # a reference log, checked like a golf_jax run (e.g. an H200 run against H100 runs)
+        return reference_log(run_dir)
     records = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines() if line.strip()]
     train = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
     val = {r["step"]: (r["loss"], r["bpb"]) for r in records if r["kind"] == "val"}
@@ -64,7 +75,9 @@ def reference_log(path: Path) -> Curve:
     val = {int(s): (float(l), float(b)) for s, l, b in
            re.findall(r"^step:(\d+)/\d+ val_loss:([\d.]+) val_bpb:([\d.]+)", text, re.M)}
     m = re.search(r"DIAGNOSTIC post_ema val_loss:([\d.]+) val_bpb:([\d.]+)", text)
-    return Curve(path.stem, train, val, (float(m[1]), float(m[2])) if m else None)
+    # run_tinyshakespeare.sh always writes reference.log: name such a run by its folder.
+    label = path.parent.name if path.stem == "reference" and path.parent.name else path.stem
+    return Curve(label, train, val, (float(m[1]), float(m[2])) if m else None)
 
 
 def reference_curves(path: Path) -> list[Curve]:
@@ -79,6 +92,17 @@ def reference_curves(path: Path) -> list[Curve]:
 def mean_curve(curves: list[Curve]) -> Curve:
     steps = sorted(set.intersection(*(set(c.train) for c in curves)))
     return Curve("reference mean", {s: float(np.mean([c.train[s] for c in curves])) for s in steps}, {}, None)
+
+
+def mean_of_runs(curves: list[Curve], label: str) -> Curve:
+    """The per-step mean of several runs (train loss, validation loss and bpb, post-EMA): one
+    implementation's expected curve, to check against the reference mean besides each single run."""
+    steps = sorted(set.intersection(*(set(c.train) for c in curves)))
+    points = sorted(set.intersection(*(set(c.val) for c in curves)))
+    post = (tuple(float(np.mean([c.post_ema[i] for c in curves])) for i in (0, 1))
+            if all(c.post_ema for c in curves) else None)
+    return Curve(label, {s: float(np.mean([c.train[s] for c in curves])) for s in steps},
+                 {s: tuple(float(np.mean([c.val[s][i] for c in curves])) for i in (0, 1)) for s in points}, post)
 
 
 def compare(a: Curve, b: Curve) -> dict:
@@ -149,7 +173,7 @@ def plot(golfs: list[Curve], refs: list[Curve], mean: Curve, path: Path) -> None
         dx.axhline(y, color="k", lw=0.4, ls=":")
     dx.axvspan(WARMDOWN_FROM, max(mean.train), color="0.9", zorder=0)
     dx.set_xlabel("step (shaded: warmdown)")
-    dx.set_ylabel("vs reference mean (%)")
+    dx.set_ylabel(f"vs {'reference mean' if mean.label == 'reference mean' else 'mean of refs'} (%)")
     dx.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,12 +181,19 @@ def plot(golfs: list[Curve], refs: list[Curve], mean: Curve, path: Path) -> None
 
 
 def cmd_compare(args) -> int:
-    refs = [c for p in args.reference for c in reference_curves(p)]
+    # Every reference source once; the mean and the validation ranges are those of the runs of
+    # --mean-of (default: every --reference); the pair table lists all of them.
+    loaded: dict[Path, list[Curve]] = {}
+    for p in [*args.reference, *(args.mean_of or [])]:
+        loaded.setdefault(p.resolve(), reference_curves(p))
+    refs = [c for curves in loaded.values() for c in curves]
+    against = [c for p in args.mean_of for c in loaded[p.resolve()]] if args.mean_of else refs
     golfs = [golf_run(d) for d in args.runs]
     if args.labels:
         for g, label in zip(golfs, args.labels):
             g.label = label
-    mean = mean_curve(refs)
+    mean = mean_curve(against)
+    mean.label = f"mean of {', '.join(c.label for c in against)}" if args.mean_of else mean.label
     rows = [(f"{a.label} vs {b.label}", compare(a, b)) for a, b in itertools.combinations(refs, 2)]
     rows += [(f"{a.label} vs {b.label}", compare(a, b)) for a, b in itertools.combinations(golfs, 2)]
     rows += [(f"{g.label} vs {r.label}", compare(g, r)) for g in golfs for r in refs]
@@ -171,40 +202,48 @@ def cmd_compare(args) -> int:
         if a.train == b.train and a.val == b.val and a.post_ema == b.post_ema:
             print(f"{a.label} and {b.label}: bit-identical losses at every step")
     print()
+    if args.with_mean and len(golfs) > 1:  # checked like the runs, after the pair table
+        golfs.append(mean_of_runs(golfs, f"mean of {len(golfs)} runs"))
     print(table([(f"{g.label} vs {mean.label}", compare(g, mean)) for g in golfs]))
-    all_ok = True
+    all_ok, summary = True, {}
     for g in golfs:
         c = compare(g, mean)
         checks = [(c["mean_abs"] <= MAX_MEAN_ABS, f"mean abs {100 * c['mean_abs']:.2f}% <= {100 * MAX_MEAN_ABS}%"),
                   (abs(c["warmdown_mean"]) <= MAX_WARMDOWN_MEAN,
                    f"mean over steps 41-60 {pct(c['warmdown_mean'])} within +-{100 * MAX_WARMDOWN_MEAN}%"),
                   (abs(c["worst"]) <= MAX_WORST, f"worst step {pct(c['worst'])} within +-{100 * MAX_WORST}%")]
-        lines, val_ok = val_checks(g, refs)
+        lines, val_ok = val_checks(g, against)
         ok = all(k for k, _ in checks) and val_ok
+        summary[g.label] = {**{k: v for k, v in c.items() if k != "rel"}, "pass": ok,
+                            "checks": [t + (" ok" if k else " OUT") for k, t in checks] + lines}
         all_ok &= ok
-        print(f"\n{g.label}: {'PASS' if ok else 'FAIL'} against the reference mean")
+        print(f"\n{g.label}: {'PASS' if ok else 'FAIL'} against the {mean.label}")
         for k, text in checks:
             print(f"  {text}: {'ok' if k else 'OUT'}")
         print("\n".join(lines))
     if args.plot:
-        plot(golfs, refs, mean, args.plot)
+        plot(golfs, against, mean, args.plot)
         print(f"\nwrote {args.plot}")
     if args.json:
-        args.json.write_text(json.dumps({name: {k: v for k, v in c.items() if k != "rel"} for name, c in rows},
-                                        indent=1))
+        args.json.write_text(json.dumps({"pairs": {name: {k: v for k, v in c.items() if k != "rel"}
+                                                   for name, c in rows},
+                                         "against": mean.label, "vs_mean": summary}, indent=1))
     return 0 if all_ok else 1
 
 
 def cmd_train(args, overrides: list[str]) -> int:
-    data = Path(os.environ.get("GOLF_JAX_SHARED_DATA", SHARED / "data"))
-    init = args.init or SHARED / "fixtures/reference/record_init_seed314_bf16bits.npz"
+    data = Path(os.environ.get("GOLF_JAX_SHARED_DATA", SHARED / "data")).resolve()
+    init = (args.init or SHARED / "fixtures/reference/record_init_seed314_bf16bits.npz").resolve()
+    # The tree to train: this repository, or GOLF_TREE (e.g. `git archive HEAD` of it, unpacked, while
+    # the working tree is being edited); its train.py and configs/, with "." on PYTHONPATH.
+    tree = Path(os.environ.get("GOLF_TREE", Path(__file__).resolve().parents[1])).resolve()
     cmd = [sys.executable, "train.py", "--config", args.config,
            f"--config.data_dir={data / 'tinyshakespeare_sp1024'}",
            f"--config.tokenizer_path={data / 'tokenizers/fineweb_1024_bpe.model'}",
-           f"--config.init_from={init}", f"--config.output_dir={args.out}", *SETTINGS, *overrides,
+           f"--config.init_from={init}", f"--config.output_dir={args.out.resolve()}", *SETTINGS, *overrides,
            "--no-quantize", "--no-progress"]
-    print(" ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=Path(__file__).resolve().parents[1])
+    print(f"(in {tree}) " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=tree)
 
 
 def main() -> int:
@@ -218,11 +257,17 @@ def main() -> int:
     t.add_argument("--config", default="configs/record.py")
     t.add_argument("--init", type=Path, help="reference-named initial weights (default: the fixtures' seed 314)")
     c = sub.add_parser("compare", help="the per-step table, the acceptance checks and a plot")
-    c.add_argument("runs", nargs="+", type=Path, help="golf_jax run directories (train.jsonl, summary.json)")
+    c.add_argument("runs", nargs="+", type=Path,
+                   help="golf_jax run directories (train.jsonl, summary.json), or reference logs to check the same way")
     c.add_argument("--reference", nargs="+", type=Path,
                    default=[SHARED / "fixtures/reference/curves/record_60steps_tinyshakespeare.json"],
                    help="the curves JSON and/or reference logs")
+    c.add_argument("--mean-of", nargs="+", type=Path,
+                   help="the curves JSON and/or reference logs whose runs form the mean and the validation "
+                        "ranges of the checks (default: every --reference); listed in the pair table too")
     c.add_argument("--labels", nargs="+")
+    c.add_argument("--with-mean", action="store_true",
+                   help="also check the per-step mean of the runs given (one more curve, 'mean of N runs')")
     c.add_argument("--plot", type=Path)
     c.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
