@@ -29,7 +29,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import argparse
 
@@ -86,7 +86,7 @@ class TrainCheckpoints:
     """
 
     def __init__(self, directory: str | Path, keep: int = 2):
-        self.directory = Path(directory).absolute()
+        self.directory, self.keep = Path(directory).absolute(), keep
         # create=False: reading a directory must not create it (a typo in a
         # path would otherwise read as "no checkpoint yet"); save() creates it.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, enable_async_checkpointing=True)
@@ -199,13 +199,15 @@ class TrainCheckpoints:
 
 
 def run_meta(step: int, training_s: float, cursor: dict, qat_on: bool, stop_after: int | None, cfg: Config,
-          history: dict, budget: dict | None = None) -> dict:
-    """A training checkpoint's metadata: where the run is and the config that made it."""
+             history: dict, budget: dict | None = None, dataset: dict | None = None) -> dict:
+    """A training checkpoint's metadata: where the run is, the config that
+    made it and its dataset's identity (`datasets.Dataset.record`)."""
     # The run's PRNG key is the seed's; training itself draws no random numbers
     # (no dropout), so the key is recorded for what comes after, not consumed.
     key = np.asarray(jax.random.key_data(jax.random.key(cfg.run.seed))).tolist()
     return {"step": step, "training_s": training_s, "cursor": cursor, "qat_on": qat_on, "stop_after_step": stop_after,
-            "rng_key": key, "config": config_lib.to_dict(cfg), "history": history, "budget": budget}
+            "rng_key": key, "config": config_lib.to_dict(cfg), "history": history, "budget": budget,
+            "data": dataset}
 
 
 def check_resume_config(saved: dict, cfg: Config, where: Path) -> None:
@@ -259,9 +261,13 @@ def _this_process_checkpointer() -> ocp.StandardCheckpointer:
         primary_host=me, active_processes={me}))
 
 
-def save_params(directory: str | Path, params: Any, cfg: Config) -> Path:
-    """The final weights (params pytree) and the config that made them,
-    written beside `directory` under a temporary name and renamed into place."""
+DATASET_FILE = "dataset.json"  # in a saved model: its dataset's identity, the tokenizer's above all
+
+
+def save_params(directory: str | Path, params: Any, cfg: Config, dataset: dict | None = None) -> Path:
+    """The final weights (params pytree), the config that made them and the
+    identity of their dataset (`datasets.Dataset.record`), written beside
+    `directory` under a temporary name and renamed into place."""
     directory = Path(directory).absolute()
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -269,6 +275,8 @@ def save_params(directory: str | Path, params: Any, cfg: Config) -> Path:
         with _this_process_checkpointer() as ckptr:
             ckptr.save(tmp / "params", params, force=True)
         atomic.write_text(tmp / "config.json", json.dumps(config_lib.to_dict(cfg), indent=1))
+        if dataset is not None:
+            atomic.write_text(tmp / DATASET_FILE, json.dumps(dataset, indent=1))
         old = None
         if directory.exists():  # a re-run: the old model goes only once the new one is whole
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent)) / "m"
@@ -332,7 +340,7 @@ LOAD_ERRORS = (ConfigError, data.DataError, CheckpointError, artifact.ArtifactEr
                quant.QuantError)
 
 
-def _ema_from_training_checkpoint(directory: Path) -> tuple[param_tree.Params, Config]:
+def _ema_from_training_checkpoint(directory: Path) -> tuple[param_tree.Params, Config, dict | None]:
     ckpts = TrainCheckpoints(directory)
     try:
         state, meta = ckpts.restore(None)  # as saved: its layout depends on the device count
@@ -349,12 +357,18 @@ def _ema_from_training_checkpoint(directory: Path) -> tuple[param_tree.Params, C
         return jnp.asarray(x[tuple(slice(0, n) for n in like.shape)], like.dtype)
 
     template = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))
-    return jax.tree_util.tree_map_with_path(to_param, template), cfg
+    return jax.tree_util.tree_map_with_path(to_param, template), cfg, meta.get("data")
 
 
-def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | Path | None = None
-               ) -> tuple[param_tree.Params, Config, str]:
-    """(params, the config they were made with, a description of the source)."""
+class LoadedModel(NamedTuple):
+    params: param_tree.Params
+    cfg: Config  # the config the weights were made with
+    source: str  # a description of where they came from
+    dataset: dict | None  # their dataset's identity (None: saved before it was recorded)
+
+
+def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | Path | None = None) -> LoadedModel:
+    """The weights of an artifact, a saved model or a run's latest training checkpoint (its EMA)."""
     if artifact_path:
         qmodel, meta = artifact.read_artifact(artifact_path)
         cfg = config_lib.from_dict(meta["config"])
@@ -362,7 +376,7 @@ def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | P
             params = quant.dequantize_params(qmodel, cfg.model)
         except quant.QuantError as e:
             raise quant.QuantError(f"{artifact_path}: {e}") from None
-        return params, cfg, f"artifact {artifact_path}"
+        return LoadedModel(params, cfg, f"artifact {artifact_path}", meta.get("data"))
     path = Path(checkpoint_path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint directory")
@@ -370,15 +384,32 @@ def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | P
         path = path / "final_model"
     if (path / "config.json").is_file():
         params, cfg = load_params(path)
-        return params, cfg, f"saved model {path}"
+        return LoadedModel(params, cfg, f"saved model {path}", read_dataset_record(path))
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
-    params, cfg = _ema_from_training_checkpoint(path)
-    return params, cfg, f"EMA weights of the latest training checkpoint in {path}"
+    params, cfg, dataset = _ema_from_training_checkpoint(path)
+    return LoadedModel(params, cfg, f"EMA weights of the latest training checkpoint in {path}", dataset)
 
 
-def add_model_source(parser: argparse.ArgumentParser) -> None:
-    """--artifact | --checkpoint, one required: what `load_model` reads."""
-    src = parser.add_mutually_exclusive_group(required=True)
+def read_dataset_record(directory: str | Path) -> dict | None:
+    """A saved model's dataset identity; None if it was saved without one."""
+    path = Path(directory) / DATASET_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not JSON ({_describe(e)})") from None
+
+
+def add_model_source(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """--artifact | --checkpoint: what `load_model` reads; and --tokenizer."""
+    src = parser.add_mutually_exclusive_group(required=required)
     src.add_argument("--artifact", help="an int6 artifact written by golf_jax.quantize")
     src.add_argument("--checkpoint", help="a run directory, its final_model/ or its checkpoints/")
+    add_tokenizer_override(parser)
+
+
+def add_tokenizer_override(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", help="SentencePiece model to use instead of the one recorded with the model "
+                                            "(by default a different tokenizer is an error)")

@@ -157,10 +157,21 @@ OVERRIDES_HELP = ("Any config field can be overridden: --config.<section>.<field
                   "--config.model_dim=256 (sections: model, data, optimizer, schedule, quant, eval, ttt, run).")
 
 
+def quiet_library_logs() -> None:
+    """orbax logs through absl at WARNING level (deprecations, notes on its
+    internals) into the user's terminal, where a command's own lines are what
+    matter; errors still show."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+
+
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
                          ) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
     """(the parser's arguments, the `--config.<field>` overrides) of argv
-    (default sys.argv[1:]); for commands whose config comes from elsewhere."""
+    (default sys.argv[1:]); for commands whose config comes from elsewhere.
+    Every command parses through here, so library warnings are quieted here."""
+    quiet_library_logs()
     if parser.epilog is None:  # --help shows the override syntax
         parser.epilog = OVERRIDES_HELP
     overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
@@ -180,5 +191,34 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
         args, overrides = parse_with_overrides(parser, argv)
         cfg = apply_overrides(load_config_file(args.config), overrides).validate()
     except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: config error: {e}\n")
+        exit_on_error(parser, e)
     return cfg, args
+
+
+def config_for_model(saved: Config, overrides: Sequence[tuple[str, str]], config_file: str | None = None) -> Config:
+    """The config for a command on a model made earlier: the model's own
+    (`saved`), or `config_file`, plus overrides. The model section is the
+    weights' shape and meaning, so neither may change it."""
+    cfg = load_config_file(config_file) if config_file else saved
+    if cfg.model != saved.model:
+        raise ConfigError(f"{config_file}: its model section differs from the model's")
+    cfg = apply_overrides(cfg, overrides)
+    if cfg.model != saved.model:
+        changed = [k for k, v in dataclasses.asdict(cfg.model).items() if getattr(saved.model, k) != v]
+        raise ConfigError(f"--config.model.{changed[0]}: the model section comes with the model and cannot change")
+    return cfg.validate()
+
+
+def exit_on_error(parser: argparse.ArgumentParser, e: Exception) -> None:
+    """The one-line, status-2 end of a command given bad input (a config error
+    worded as `parse` words it)."""
+    if isinstance(e, ConfigError):
+        parser.exit(2, f"{parser.prog}: config error: {e}\n")
+    parser.exit(2, f"error: {e}\n")
+
+
+def require_at_least(parser: argparse.ArgumentParser, *checks: tuple[str, float | None, float]) -> None:
+    """(flag, value, least) each: a value below its least is a one-line, status-2 error."""
+    for flag, value, least in checks:
+        if value is not None and value < least:
+            parser.exit(2, f"error: {flag} {value}: must be at least {least}\n")

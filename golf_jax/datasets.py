@@ -9,6 +9,7 @@ and preparing competition-format shards from text.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from golf_jax import atomic, data
+from golf_jax import atomic, cli, data
 from golf_jax.data import DataError
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # the official exporter's shard size
@@ -159,6 +160,35 @@ class Dataset:
     train_pattern: str
     val_pattern: str
     tokenizer: str
+    name: str = ""  # what the shards are, for the launch line ("embedded" names what it resolved to)
+
+    def record(self) -> dict:
+        """The identity stored with every model made from this dataset (the
+        artifact, final_model/, the training checkpoints): a later command
+        checks its tokenizer against it (`dataset_for_model`)."""
+        return {"name": self.name, "train_pattern": self.train_pattern, "val_pattern": self.val_pattern,
+                "tokenizer": tokenizer_identity(self.tokenizer)}
+
+    def describe(self, record: dict | None = None) -> str:
+        t = (record or self.record())["tokenizer"]
+        return (f"data: {self.name}; val {self.val_pattern}; tokenizer {self.tokenizer} "
+                f"(sha256 {t['sha256'][:12]}, {t['vocab_size']} pieces)")
+
+
+def tokenizer_identity(path: str | Path) -> dict:
+    """A SentencePiece model's path (as given and absolute), sha256 and vocabulary size."""
+    path = Path(path)
+    sp = data.load_tokenizer(path)
+    return {"path": str(path), "absolute": str(path.absolute()), "sha256": file_sha256(path),
+            "vocab_size": sp.vocab_size()}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _cache_dir() -> Path:
@@ -219,17 +249,59 @@ def resolve_dataset(data_dir: str, tokenizer_path: str, train_pattern: str, val_
         shared = shared_data_dir()
         if shared is not None:
             root, default_tokenizer = shared / EMBEDDED_SHARDS, shared / EMBEDDED_TOKENIZER
+            name = f"embedded: the tinyshakespeare shards of {shared}"
         else:
             root = pydoc_dataset(vocab_size)
             default_tokenizer = root / "tokenizer.model"
+            name = f"embedded: no shared data found, the pydoc fallback corpus in {root}"
     else:
         root = Path(data_dir)
         if not root.is_dir():
             raise DataError(f"{root}: data directory not found (data.data_dir)")
+        name = str(root)
     tokenizer = Path(tokenizer_path) if tokenizer_path else default_tokenizer
     if tokenizer is None:
         raise DataError(f"{root}: set data.tokenizer_path to the SentencePiece model of these shards")
-    return Dataset(str(root / train_pattern), str(root / val_pattern), str(tokenizer))
+    return Dataset(str(root / train_pattern), str(root / val_pattern), str(tokenizer), name)
+
+
+def dataset_for_model(data_cfg, vocab_size: int, recorded: dict | None, tokenizer: str | None = None,
+                      where: str = "the model", hint: str = "pass --tokenizer PATH to use another file") -> Dataset:
+    """The dataset for a model made earlier, whose `Dataset.record()` is `recorded`
+    (None for a model saved before records were kept).
+
+    The config's own resolution when its tokenizer is the model's (same
+    sha256); else the recorded dataset when its tokenizer is still at hand
+    (e.g. a model trained on the pydoc fallback, used where ../shared exists);
+    else a one-line error naming both files. `tokenizer` (--tokenizer PATH) is
+    the user's explicit choice and overrides the check."""
+    def resolve(tokenizer_path: str) -> Dataset:
+        return resolve_dataset(data_cfg.data_dir, tokenizer_path, data_cfg.train_pattern, data_cfg.val_pattern,
+                               vocab_size)
+
+    if tokenizer:
+        return resolve(tokenizer)
+    try:
+        now, failure = resolve(data_cfg.tokenizer_path), None
+    except DataError as e:
+        now, failure = None, e
+    if not recorded:
+        if failure is not None:
+            raise failure
+        return now
+    want = recorded.get("tokenizer") if isinstance(recorded, dict) else None
+    if not isinstance(want, dict) or not {"sha256", "absolute", "vocab_size"} <= set(want):
+        raise DataError(f"{where}: its dataset record is damaged (no tokenizer sha256, path and vocabulary size)")
+    if now is not None and Path(now.tokenizer).is_file() and file_sha256(now.tokenizer) == want["sha256"]:
+        return now
+    kept = Path(want["absolute"])
+    if kept.is_file() and file_sha256(kept) == want["sha256"]:
+        return Dataset(recorded["train_pattern"], recorded["val_pattern"], str(kept),
+                       f"the dataset {where} was trained on ({recorded.get('name', '')})")
+    found = (f"{now.tokenizer} (sha256 {file_sha256(now.tokenizer)[:12]})" if now is not None
+             and Path(now.tokenizer).is_file() else f"no tokenizer ({failure or 'not found'})")
+    raise DataError(f"{where} was trained with the tokenizer {want['absolute']} (sha256 {want['sha256'][:12]}, "
+                    f"{want['vocab_size']} pieces), which is not at hand; its config's data gives {found}; {hint}")
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -249,6 +321,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     s = sub.add_parser("inspect", help="validate shards and print their token counts")
     s.add_argument("pattern", help="glob of shard files")
     args = parser.parse_args(argv)
+    if args.command == "prepare":
+        cli.require_at_least(parser, ("--val-docs", args.val_docs, 0), ("--val-fraction", args.val_fraction, 0),
+                             ("--shard-tokens", args.shard_tokens, 1))
+        if args.val_fraction is not None and args.val_fraction >= 1:
+            parser.exit(2, f"error: --val-fraction {args.val_fraction}: must be below 1 (the rest is training data)\n")
     try:
         if args.command == "prepare":
             info = prepare(args.inputs, args.tokenizer, args.out, val_docs=args.val_docs,

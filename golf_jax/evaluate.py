@@ -16,7 +16,6 @@ import collections
 import functools
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -25,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from golf_jax import data, datasets, layers, model, param_tree
-from golf_jax.config import Config, ModelConfig
+from golf_jax.config import Config, ConfigError, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -166,10 +165,13 @@ def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Byte
                          score_span=stride)
 
 
-def load_eval_data(cfg: Config) -> tuple[np.ndarray, data.ByteTables, datasets.Dataset]:
-    """Validation tokens and byte tables, every input checked before any compilation."""
-    ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
-                              cfg.data.val_pattern, cfg.model.vocab_size)
+def load_eval_data(cfg: Config, dataset: dict | None = None, tokenizer: str | None = None,
+                   where: str = "the model") -> tuple[np.ndarray, data.ByteTables, datasets.Dataset]:
+    """Validation tokens and byte tables, every input checked before any
+    compilation. `dataset`: the identity recorded with the model, whose
+    tokenizer must be the one used (`datasets.dataset_for_model`);
+    `tokenizer`: the user's --tokenizer, which overrides that check."""
+    ds = datasets.dataset_for_model(cfg.data, cfg.model.vocab_size, dataset, tokenizer, where)
     sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
     tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
                                          cfg.eval.max_val_tokens)
@@ -200,31 +202,49 @@ def run_evaluations(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTa
 def main(argv: Sequence[str] | None = None) -> None:
     from golf_jax import checkpoint, cli, compat
 
-    parser = argparse.ArgumentParser(prog="python -m golf_jax.evaluate",
-                                     description="Evaluate a model (fresh from the seed, or reference weights) in bits per byte.")
-    parser.add_argument("--init-from", default="", help="reference weights: .npz or final_model.pt (default: fresh init)")
+    parser = argparse.ArgumentParser(
+        prog="python -m golf_jax.evaluate",
+        description="Bits per byte of a trained model (--checkpoint or --artifact), of reference weights "
+                    "(--config and --init-from) or of a fresh init (--config).")
+    checkpoint.add_model_source(parser, required=False)
+    parser.add_argument("--config", help="config file, for a fresh or reference model (a trained model "
+                                         "brings its own config)")
+    parser.add_argument("--init-from", default="", help="reference weights (.npz or final_model.pt), with --config")
+    parser.add_argument("--out", help="write the results here as JSON (without it nothing is written)")
     parser.add_argument("--no-progress", action="store_true")
-    cfg, args = cli.parse(parser, argv)
     try:
-        tokens, tables, ds = load_eval_data(cfg)
-        source = args.init_from or cfg.run.init_from
-        if source:
-            params = param_tree.cast_params(compat.params_from_reference(compat.load_reference_state(source), cfg.model),
-                                       cfg.model)
+        args, overrides = cli.parse_with_overrides(parser, argv)
+        if args.artifact or args.checkpoint:
+            if args.config or args.init_from:
+                raise ConfigError("--config and --init-from are for a fresh or reference model; a trained model "
+                                  "(--checkpoint, --artifact) brings its own config")
+            loaded = checkpoint.load_model(args.artifact, args.checkpoint)
+            params, source, record = loaded.params, loaded.source, loaded.dataset
+            cfg = cli.config_for_model(loaded.cfg, overrides)
+        elif args.config:
+            cfg, record = cli.apply_overrides(cli.load_config_file(args.config), overrides).validate(), None
+            source = args.init_from or cfg.run.init_from
+            if source:
+                state = compat.load_reference_state(source)
+                params = param_tree.cast_params(compat.params_from_reference(state, cfg.model), cfg.model)
+            else:
+                params, source = model.init_params(cfg.model, jax.random.key(cfg.run.seed)), f"fresh init, seed {cfg.run.seed}"
         else:
-            params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
-    except (data.DataError, compat.CompatError) as e:
-        parser.exit(2, f"error: {e}\n")
+            raise ConfigError("nothing to evaluate: give --checkpoint DIR, --artifact FILE or --config FILE")
+        tokens, tables, ds = load_eval_data(cfg, record, args.tokenizer, source)
+    except checkpoint.LOAD_ERRORS as e:
+        cli.exit_on_error(parser, e)
 
-    print(f"model: {param_tree.param_count(params):,} parameters ({source or f'fresh init, seed {cfg.run.seed}'}); "
-          f"backend {jax.default_backend()}, compute {jnp.dtype(layers.compute_dtype(cfg.model)).name}")
+    print(f"model: {param_tree.param_count(params):,} parameters ({source}); backend {jax.default_backend()}, "
+          f"compute {jnp.dtype(layers.compute_dtype(cfg.model)).name}")
     print(f"val: {len(tokens) - 1:,} target tokens from {ds.val_pattern}")
     results = run_evaluations(params, cfg, tokens, tables, progress=not args.no_progress)
     for name, r in results.items():
         print(f"{name:>8}: loss {r.loss:.4f}  bpb {r.bpb:.4f}  ({r.tokens:,} tokens, {r.bytes:,} bytes, {r.seconds:.1f} s)")
-    out = Path(cfg.run.output_dir) / "eval.json"
-    checkpoint.write_json(out, {k: asdict(v) for k, v in results.items()})
-    print(f"wrote {out}")
+    if args.out:
+        checkpoint.write_json(args.out, {"model": source, "val": ds.val_pattern,
+                                         **{k: asdict(v) for k, v in results.items()}})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from golf_jax import checkpoint, data, datasets, model
+from golf_jax import checkpoint, cli, data, datasets, model
 from golf_jax.config import Config, ModelConfig
 from golf_jax.param_tree import Params
 
@@ -115,16 +115,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", help="SentencePiece model (default: the run config's)")
-    args = parser.parse_args(argv)
-    for flag, value, least in (("--tokens", args.tokens, 1), ("--samples", args.samples, 1),
-                               ("--temperature", args.temperature, 0)):
-        if value < least:
-            parser.exit(2, f"error: {flag} {value}: must be at least {least}\n")
+    args, _ = cli.parse_with_overrides(parser, argv)
+    cli.require_at_least(parser, ("--tokens", args.tokens, 1), ("--samples", args.samples, 1),
+                         ("--temperature", args.temperature, 0))
     try:
-        params, cfg, source = checkpoint.load_model(artifact_path=args.artifact, checkpoint_path=args.checkpoint)
-        ds = datasets.resolve_dataset(cfg.data.data_dir, args.tokenizer or cfg.data.tokenizer_path,
-                                  cfg.data.train_pattern, cfg.data.val_pattern, cfg.model.vocab_size)
+        params, cfg, source, record = checkpoint.load_model(artifact_path=args.artifact,
+                                                            checkpoint_path=args.checkpoint)
+        # The model's own tokenizer: another one would decode its ids into gibberish.
+        ds = datasets.dataset_for_model(cfg.data, cfg.model.vocab_size, record, args.tokenizer, source)
         sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
     except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")

@@ -23,14 +23,15 @@ from typing import Sequence
 
 import jax
 
-from golf_jax import artifact, atomic, checkpoint, distributed, evaluate, generate, param_tree, pruning, quant, ttt
+from golf_jax import (artifact, atomic, checkpoint, distributed, evaluate, generate, param_tree, pruning, quant,
+                      run_dir, ttt)
 from golf_jax.hessians import collect_hessians
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
 from golf_jax.param_tree import Params
 from golf_jax.runlog import CompileCounter, RunLog
 
-ARTIFACT_NAME = "final_model.int6.golf"
+ARTIFACT_NAME = run_dir.ARTIFACT_NAME
 def run_dir_of(checkpoint_path: str | Path) -> Path:
     path = Path(checkpoint_path).absolute()
     return path.parent if path.name in ("final_model", "checkpoints") else path
@@ -38,14 +39,15 @@ def run_dir_of(checkpoint_path: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def _artifact_meta(cfg: Config, quant_report: dict) -> dict:
+def _artifact_meta(cfg: Config, quant_report: dict, dataset: dict) -> dict:
     # Only what follows from the weights and the config (no times, no output paths),
     # so replays write identical bytes; and nothing the pruning search changes,
     # so the sizes it measures are the size written.
     # Where the run wrote its files is not part of the model: two runs of one
     # config in two directories make the same artifact.
     portable = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, output_dir=RunConfig.output_dir))
-    return {"config": config_lib.to_dict(portable), "quantization": quant_report.get("matrices", {})}
+    return {"config": config_lib.to_dict(portable), "quantization": quant_report.get("matrices", {}),
+            "data": dataset}
 
 
 BUDGET_STAGES = ("calibration", "hessians", "gptq")  # what budget mode counts in the wall-clock cap
@@ -147,14 +149,26 @@ def reserve_budget(cfg: Config, params: Params, log: RunLog, saved: dict | None 
     return {"cap_s": cap, "reserve_s": reserve, "measured_s": measured, "training_cap_s": cap - reserve}
 
 
+def budget_line(b: dict) -> str:
+    return (f"budget {b['cap_s']:.0f} s: " + ", ".join(f"{k} {v:.1f} s ({b['share_of_cap'][k]:.1%})"
+                                                      for k, v in b["stages_s"].items())
+            + f"; total {b['total_s']:.1f} s, {'within' if b['within_cap'] else 'OVER'} the cap"
+            + (f"; {b['after_training_s']:.1f} s after training against {b['reserved_s']:.1f} s reserved"
+               if b["reserved_s"] is not None else ""))
+
+
 def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str | Path, progress: bool = True,
-                          pre_quant: dict | None = None, log=print, train_summary: dict | None = None) -> dict:
+                          pre_quant: dict | None = None, log=print, train_summary: dict | None = None,
+                          dataset: dict | None = None, tokenizer: str | None = None) -> dict:
     """Every stage after training, timed; writes the artifact and quantize.json
     in out_dir and returns the same report. pre_quant: the standard evaluation
     of `params` when the caller already has it (train.py), else it is run.
     train_summary: train.py's summary; in budget mode the report then gives
     each stage's share of the wall-clock cap. With ttt.enabled, score-first
-    test-time training runs last, on the artifact's weights."""
+    test-time training runs last, on the artifact's weights. dataset: the
+    identity recorded with the weights (`datasets.Dataset.record`), checked
+    against the data used here and stored in the artifact; tokenizer: the
+    user's --tokenizer, which overrides that check."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     q = cfg.quant
@@ -166,7 +180,7 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
     stage = stage_timer(times, compiles, log)
 
     # Inputs are checked before the long stages.
-    val_tokens, tables, _ = evaluate.load_eval_data(cfg)
+    val_tokens, tables, ds = evaluate.load_eval_data(cfg, dataset, tokenizer)
     if pre_quant is None:
         with stage("eval_pre_quant"):
             pre_quant = dataclasses.asdict(evaluate.run_standard(params, cfg, val_tokens, tables, progress))
@@ -176,18 +190,14 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
     qmodel, quant_report = calibrate_and_quantize(params, cfg, stage, progress)
     report["quantization"] = quant_report
     if train_summary is not None and cfg.schedule.quant_in_budget:
-        b = report["budget"] = budget_report(cfg, train_summary, times, compiles)
-        log(f"budget {b['cap_s']:.0f} s: " + ", ".join(f"{k} {v:.1f} s ({b['share_of_cap'][k]:.1%})"
-                                                      for k, v in b["stages_s"].items())
-            + f"; total {b['total_s']:.1f} s, {'within' if b['within_cap'] else 'OVER'} the cap"
-            + (f"; {b['after_training_s']:.1f} s after training against {b['reserved_s']:.1f} s reserved"
-               if b["reserved_s"] is not None else ""))
+        report["budget"] = budget_report(cfg, train_summary, times, compiles)
+        log(budget_line(report["budget"]))
     fallbacks = [k for k, v in quant_report.get("matrices", {}).items() if v.get("fallback")]
     if fallbacks:
         log(f"GPTQ fell back to the per-row quantiser for {len(fallbacks)} matrices: {', '.join(fallbacks)}")
 
     code = artifact.code_bytes()
-    meta = _artifact_meta(cfg, quant_report)
+    meta = _artifact_meta(cfg, quant_report, dataset or ds.record())
     with stage("compress_and_prune"):
         qmodel, blob, pruned = pruning.fit_to_budget(
             qmodel, lambda qm: artifact.serialize(qm, meta, q.lzma_preset), q.artifact_budget_bytes, code)
@@ -205,7 +215,7 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
         f"{pruned.get('candidates', 0):,} +-1 values")
 
     with stage("reload"):
-        qparams, _, _ = checkpoint.load_model(artifact_path=path)
+        qparams = checkpoint.load_model(artifact_path=path).params
     with stage("eval_int6_roundtrip"):
         rt = evaluate.run_standard(qparams, cfg, val_tokens, tables, progress)
     report["int6_roundtrip"] = dataclasses.asdict(rt)
@@ -236,17 +246,23 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="a run directory, its final_model/ or its checkpoints/")
     parser.add_argument("--config", help="config file (default: the checkpoint's own config)")
     parser.add_argument("--out", help="output directory (default: the checkpoint's run directory)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the artifact and report of an earlier quantisation in the output directory")
+    checkpoint.add_tokenizer_override(parser)
     parser.add_argument("--no-progress", action="store_true")
     try:
         args, overrides = cli.parse_with_overrides(parser, argv)
-        params, cfg, source = checkpoint.load_model(checkpoint_path=args.checkpoint)
-        if args.config:
-            saved, cfg = cfg, cli.load_config_file(args.config)
-            if cfg.model != saved.model:
-                raise ConfigError(f"{args.config}: its model section differs from the checkpoint's")
-        cfg = cli.apply_overrides(cfg, overrides).validate()
-        print(f"model: {param_tree.param_count(params):,} parameters from {source}; backend {jax.default_backend()}")
-        quantize_and_evaluate(params, cfg, args.out or run_dir_of(args.checkpoint), progress=not args.no_progress)
+        loaded = checkpoint.load_model(checkpoint_path=args.checkpoint)
+        cfg = cli.config_for_model(loaded.cfg, overrides, args.config)
+        out_dir = Path(args.out) if args.out else run_dir_of(args.checkpoint)
+        earlier = [n for n in run_dir.QUANTIZE_OUTPUTS if (out_dir / n).exists()]
+        if earlier and not args.overwrite:
+            raise ConfigError(f"{out_dir}: holds {earlier[0]} of an earlier quantisation; write this one elsewhere "
+                              f"with --out DIR, or replace it with --overwrite")
+        print(f"model: {param_tree.param_count(loaded.params):,} parameters from {loaded.source}; "
+              f"backend {jax.default_backend()}")
+        quantize_and_evaluate(loaded.params, cfg, out_dir, progress=not args.no_progress, dataset=loaded.dataset,
+                              tokenizer=args.tokenizer)
     except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
 

@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from golf_jax import (checkpoint, compat, data, data_feed, datasets, distributed, evaluate, layers, model, optim,
-                      param_tree, quantize, train_step)
+                      param_tree, quantize, run_dir, train_step)
 from golf_jax.runlog import CompileCounter, RunLog, peak_memory_bytes, plot_curves
 from golf_jax.config import Config, ConfigError
 from golf_jax.param_tree import Params
@@ -128,17 +128,30 @@ def check_runnable(cfg: Config, n_devices: int) -> int:
     return micro // n_devices
 
 
-def train(cfg: Config, *, resume: bool = False, progress: bool = True, max_steps: int | None = None) -> dict:
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+          max_steps: int | None = None) -> dict:
     """Run training as configured; returns the summary (also written as JSON).
 
-    `max_steps` stops after that many optimizer steps in this call without
-    the end-of-run work (a test hook that stands in for a pre-emption).
-    SIGTERM (a real pre-emption) stops at the next step boundary, saves a
-    checkpoint of that step and raises `TrainingInterrupted`.
+    `resume` continues the run in `run.output_dir`; of a run whose training
+    finished it returns that run's summary with "already_finished" and does
+    nothing. `overwrite` replaces another run's outputs there (a fresh run is
+    refused otherwise: golf_jax.run_dir). `max_steps` stops after that many
+    optimizer steps in this call without the end-of-run work (a test hook that
+    stands in for a pre-emption). SIGTERM or Ctrl-C (a real pre-emption) stops
+    at the next step boundary, saves a checkpoint of that step and raises
+    `TrainingInterrupted`.
     """
+    run_dir.check_mode(resume, overwrite)
+    if resume and (done := run_dir.finished_summary(cfg.run.output_dir)) is not None:
+        return {**done, "already_finished": True}
     with StopOnSignal() as stop:
-        run = TrainingRun(cfg, resume, progress, stop)
-        run.warm_up()
+        run = TrainingRun(cfg, resume, progress, stop, overwrite)
+        try:
+            run.warm_up()
+        except BaseException:  # still the launch: nothing is left behind
+            run.close_outputs()
+            run_dir.discard(run.new_folder)
+            raise
         stopped = run.loop(max_steps)
         return stopped if stopped is not None else run.finish()
 
@@ -149,54 +162,70 @@ class TrainingRun:
     evaluation, the reports). The host reads each step's loss one step behind
     (`pending`), so the device stays busy."""
 
-    def __init__(self, cfg: Config, resume: bool, progress: bool, stop: StopOnSignal):
+    def __init__(self, cfg: Config, resume: bool, progress: bool, stop: StopOnSignal, overwrite: bool = False):
         self.t_launch = time.perf_counter()
         cfg.validate()
         self.cfg, self.stop, self.primary = cfg, stop, distributed.is_primary()
         self.mesh = train_step.make_mesh(cfg.run.num_devices)
         self.accum = check_runnable(cfg, self.mesh.size)
         self.sched, self.out_dir = cfg.schedule, Path(cfg.run.output_dir)
-        checkpoint.check_writable(self.out_dir)  # a read-only or missing mount fails now, not at the first save
-        self._load_inputs()
+        self.ckpts = checkpoint.TrainCheckpoints(self.out_dir / "checkpoints", keep=2)  # creates nothing yet
+        saved = self.ckpts.read_meta() if resume else None
+        self._load_inputs(saved)
         params = initial_params(cfg)
         self.tx = optim.build_optimizer(cfg.optimizer, train_step.AXIS)
         self.state = train_step.init_state(params, self.tx, self.mesh, self.sched.swa_enabled)
+        # Every input is checked: now the folder is claimed (golf_jax.run_dir).
+        self.new_folder = run_dir.claim(self.out_dir, resume=resume, overwrite=overwrite)
+        try:
+            self._prepare_outputs(params, resume, saved, progress)
+        except BaseException:
+            run_dir.discard(self.new_folder)
+            raise
+        self._log_launch(params)
+        self.closed, self.pending, self.t_first_step = False, None, None
+
+    def _prepare_outputs(self, params: Params, resume: bool, saved: dict | None, progress: bool) -> None:
+        checkpoint.check_writable(self.out_dir)  # a read-only mount fails now, not at the first save
         # Room for the checkpoints kept, one being written and the final model, so
         # a full disk is reported before training rather than after it.
-        keep = 2
-        checkpoint.check_free_space(self.out_dir, (keep + 1) * checkpoint.tree_bytes(self.state)
+        checkpoint.check_free_space(self.out_dir, (self.ckpts.keep + 1) * checkpoint.tree_bytes(self.state)
                                     + param_tree.param_count(params) * 4)
-        self.ckpts = checkpoint.TrainCheckpoints(self.out_dir / "checkpoints", keep=keep)
         self.step, self.training_s, self.qat_on, self.stop_after_step = 0, 0.0, False, None
         self.history: dict = {"train": [], "val": []}
         self.saved_at = None  # the step of the last checkpoint this run holds
         self.budget = None  # budget mode: the time reserved for the stages after training
         if resume:
-            self._restore()
-        self.step_fn = train_step.make_train_step(cfg, self.mesh, self.tx, self.state)
+            self._restore(saved)
+        self.step_fn = train_step.make_train_step(self.cfg, self.mesh, self.tx, self.state)
         self.batch_sharding = NamedSharding(self.mesh, P(None, train_step.AXIS))
         self.progress = progress and self.primary
         self.bar = tqdm(total=self.sched.iterations, initial=self.step, unit="step", disable=not self.progress,
                         dynamic_ncols=True)
         self.log = RunLog(self.out_dir, self.bar if self.progress else None, active=self.primary)
-        self._log_launch(params)
-        self.closed, self.pending, self.t_first_step = False, None, None
 
-    def _load_inputs(self) -> None:
-        """Every input is checked before anything compiles."""
+    def _load_inputs(self, saved: dict | None) -> None:
+        """Every input is checked before anything compiles. On --resume the
+        data must be the run's own (its tokenizer's sha256 as recorded)."""
         cfg = self.cfg
-        ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
-                                      cfg.data.val_pattern, cfg.model.vocab_size)
+        if saved is None:
+            ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
+                                          cfg.data.val_pattern, cfg.model.vocab_size)
+        else:
+            checkpoint.check_resume_config(saved.get("config", {}), cfg, self.ckpts.directory)
+            ds = datasets.dataset_for_model(cfg.data, cfg.model.vocab_size, saved.get("data"),
+                                            where=f"the run in {self.out_dir}",
+                                            hint="put that tokenizer back, or start a new run")
         self.tables = data.byte_tables(data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size), cfg.model.vocab_size)
         self.val_tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
                                                       cfg.eval.max_val_tokens)
         self.batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
                                          cfg.data.train_seq_len, world_size=self.mesh.size, accum_steps=self.accum,
                                          ranks=train_step.local_ranks(self.mesh))
+        self.dataset, self.dataset_record = ds, ds.record()
 
-    def _restore(self) -> None:
-        checkpoint.check_resume_config(self.ckpts.read_meta().get("config", {}), self.cfg, self.ckpts.directory)
-        self.state, meta = self.ckpts.restore(self.state)
+    def _restore(self, saved: dict) -> None:
+        self.state, meta = self.ckpts.restore(self.state, saved["step"])
         self.saved_at = meta["step"]
         self.step, self.training_s, self.qat_on = meta["step"], meta["training_s"], meta["qat_on"]
         self.stop_after_step, self.history = meta["stop_after_step"], meta["history"]
@@ -211,7 +240,10 @@ class TrainingRun:
                       f"step; {param_tree.param_count(params):,} parameters; "
                       f"compute {jnp.dtype(layers.compute_dtype(cfg.model)).name}, "
                       f"attention {layers.attention_impl(cfg.model)}")
+        self.log.line(self.dataset.describe(self.dataset_record))
         self.log.line(param_tree.summary(params))
+        if self.step > 0:
+            self.log.line(f"resuming at step {self.step} from {self.ckpts.directory}")
 
     # ------------------------------------------------------------------------- warm-up
 
@@ -399,7 +431,8 @@ class TrainingRun:
         # that is checkpointing, not the training loop, so it is counted apart.
         with self.compiles.aside():
             self.ckpts.save(at_step, self.state, checkpoint.run_meta(at_step, at_training_s, self.cursor, self.qat_on,
-                                                       self.stop_after_step, self.cfg, self.history, self.budget))
+                                                       self.stop_after_step, self.cfg, self.history, self.budget,
+                                                       self.dataset_record))
         self.saved_at = at_step
 
     def validate(self, params) -> evaluate.EvalResult | None:
@@ -444,10 +477,10 @@ class TrainingRun:
         final = jax.tree.map(lambda f, p: f.astype(p.dtype), final_f32, mine.params)
         final_val = self.validate(final)
         self.log.line(f"final ({source}) val_loss {final_val.loss:.4f} val_bpb {final_val.bpb:.4f}")
-        checkpoint.save_params(self.out_dir / "final_model", jax.device_get(final), self.cfg)
+        checkpoint.save_params(self.out_dir / run_dir.FINAL_MODEL, jax.device_get(final), self.cfg, self.dataset_record)
         summary = self._summary(source, final_val)
         plot_curves(self.history["train"], self.history["val"], self.out_dir / "loss.png")
-        checkpoint.write_json(self.out_dir / "summary.json", summary)
+        checkpoint.write_json(self.out_dir / run_dir.SUMMARY, summary)
         self.log.line(f"{self.step} steps in {self.training_s:.1f} s of training "
                       f"({summary['tokens_per_s'] / 1e6:.3f} M tokens/s); final val_bpb {final_val.bpb:.4f}; "
                       f"wrote {self.out_dir / 'summary.json'}, loss.png, final_model/")
@@ -478,7 +511,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from golf_jax import cli
 
     parser = argparse.ArgumentParser(prog="python train.py", description="Train the record model.")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    parser.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its last "
+                                                                  "checkpoint (of a finished run: nothing to do)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace another run's outputs in run.output_dir (a fresh run is refused there otherwise)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-quantize", action="store_true",
                         help="stop after training (replay later with python -m golf_jax.quantize)")
@@ -490,20 +526,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: {e}\n")
     try:
-        summary = train(cfg, resume=args.resume, progress=not args.no_progress)
-        if not args.no_quantize and distributed.is_primary():
+        summary = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        out_dir = Path(cfg.run.output_dir)
+        if summary.get("already_finished") and (args.no_quantize or (out_dir / run_dir.ARTIFACT_NAME).exists()):
+            print(f"{out_dir}: this run finished ({summary['steps']} steps, final val_bpb "
+                  f"{summary['final_val_bpb']:.4f}); nothing to do. To redo its quantisation: "
+                  f"python -m golf_jax.quantize --checkpoint {out_dir} --overwrite")
+        elif not args.no_quantize and distributed.is_primary():
             # From the saved weights, as a replay reads them: the same artifact either way.
-            out_dir = Path(cfg.run.output_dir)
-            params, _ = checkpoint.load_params(out_dir / "final_model")
+            final = checkpoint.load_model(checkpoint_path=out_dir / run_dir.FINAL_MODEL)
             pre = {"loss": summary["final_val_loss"], "bpb": summary["final_val_bpb"]}
-            report = quantize.quantize_and_evaluate(params, cfg, out_dir, progress=not args.no_progress,
-                                                    pre_quant=pre, train_summary=summary)
+            report = quantize.quantize_and_evaluate(final.params, cfg, out_dir, progress=not args.no_progress,
+                                                    pre_quant=pre, train_summary=summary, dataset=final.dataset)
             if "budget" in report:  # budget mode: the summary gets each stage's share of the cap too
                 summary["budget"] = {**(summary.get("budget") or {}), "spent": report["budget"]}
-                checkpoint.write_json(out_dir / "summary.json", summary)
+                checkpoint.write_json(out_dir / run_dir.SUMMARY, summary)
     except TrainingInterrupted as e:
         status, message = e.exit_status, f"{e}\n"
-    except (TrainingError, *checkpoint.LOAD_ERRORS) as e:
+    except (TrainingError, run_dir.RunDirError, *checkpoint.LOAD_ERRORS) as e:
         status, message = 2, f"error: {e}\n"
     else:
         status = None

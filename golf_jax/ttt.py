@@ -284,15 +284,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m golf_jax.ttt",
                                      description="Score-first test-time training on the validation set.")
     checkpoint.add_model_source(parser)
-    parser.add_argument("--max-chunks", type=int, default=0, help="stop after N chunks (a timing slice)")
+    parser.add_argument("--max-chunks", type=int, default=0, help="stop after N chunks (a timing slice; 0: all)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the frozen model's sliding evaluation")
     parser.add_argument("--out", help="write the report here as JSON")
     parser.add_argument("--no-progress", action="store_true")
     try:
         args, overrides = cli.parse_with_overrides(parser, argv)
-        params, cfg, source = checkpoint.load_model(args.artifact, args.checkpoint)
-        cfg = cli.apply_overrides(cfg, overrides).validate()
-        tokens, tables, _ = evaluate.load_eval_data(cfg)
+        cli.require_at_least(parser, ("--max-chunks", args.max_chunks, 0))
+        params, saved_cfg, source, record = checkpoint.load_model(args.artifact, args.checkpoint)
+        cfg = cli.config_for_model(saved_cfg, overrides)
+        tokens, tables, _ = evaluate.load_eval_data(cfg, record, args.tokenizer, source)
     except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
     t = cfg.ttt

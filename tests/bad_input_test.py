@@ -468,3 +468,26 @@ def test_fuzz_damaged_valid_shard(fuzz_dir, tokens, draw):
         assert tokens_read is not None
     if bytes(buf) == good:
         np.testing.assert_array_equal(tokens_read, tokens)
+
+
+@pytest.mark.parametrize("command, argv, words", [
+    ("evaluate", [], "nothing to evaluate: give --checkpoint DIR, --artifact FILE or --config FILE"),
+    ("evaluate", ["--checkpoint", "{tmp}", "--config", "configs/smoke.py"], "a trained model (--checkpoint"),
+    ("ttt", ["--checkpoint", "{tmp}", "--max-chunks", "-1"], "error: --max-chunks -1: must be at least 0"),
+    ("datasets", ["prepare", "a.txt", "--tokenizer", "t.model", "--out", "{tmp}/o", "--val-docs", "-2"],
+     "error: --val-docs -2: must be at least 0"),
+    ("datasets", ["prepare", "a.txt", "--tokenizer", "t.model", "--out", "{tmp}/o", "--val-fraction", "1.5"],
+     "error: --val-fraction 1.5: must be below 1"),
+    ("datasets", ["prepare", "a.txt", "--tokenizer", "t.model", "--out", "{tmp}/o", "--val-docs", "1",
+                  "--shard-tokens", "0"], "error: --shard-tokens 0: must be at least 1"),
+], ids=["evaluate-nothing", "evaluate-config-with-model", "ttt-negative-chunks", "prepare-negative-docs",
+        "prepare-fraction-above-one", "prepare-empty-shards"])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, monkeypatch, command, argv, words):
+    import importlib
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    main = importlib.import_module(f"golf_jax.{command}").main
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert_one_line_exit(e, capsys, words)
+    assert not (tmp_path / "o").exists()

@@ -137,9 +137,31 @@ def test_dict_round_trip():
 
 
 def test_help_shows_the_override_syntax(capsys):
-    import argparse
-
-    import pytest
     with pytest.raises(SystemExit):
         cli.parse(argparse.ArgumentParser(prog="x"), ["--help"])
     assert "--config.<section>.<field>=<value>" in capsys.readouterr().out
+
+
+def test_commands_quiet_library_warnings_but_not_errors():
+    """orbax's absl warnings (deprecations and the like) stay out of a command's output."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    before = absl_logging.get_verbosity()
+    try:
+        cli.parse_with_overrides(argparse.ArgumentParser(prog="x"), [])
+        absl = logging.getLogger("absl")
+        assert not absl.isEnabledFor(logging.WARNING) and absl.isEnabledFor(logging.ERROR)
+    finally:
+        absl_logging.set_verbosity(before)
+
+
+def test_config_for_a_trained_model_keeps_its_model_section():
+    saved = cli.load_config_file(str(REPO / "configs/smoke.py"))
+    cfg = cli.config_for_model(saved, [("eval.sliding_stride", "32")])
+    assert cfg.model == saved.model and cfg.eval.sliding_stride == 32
+    with pytest.raises(ConfigError, match="--config.model.num_layers: the model section comes with the model"):
+        cli.config_for_model(saved, [("num_layers", "2")])
+    with pytest.raises(ConfigError, match="record.py: its model section differs from the model's"):
+        cli.config_for_model(saved, [], str(REPO / "configs/record.py"))

@@ -82,6 +82,22 @@ def shared_data() -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def pydoc_data(tmp_path_factory) -> Path:
+    """The pydoc fallback dataset (its own tokenizer), built once per run in a
+    cache of the run's own: a second tokenizer beside the competition's."""
+    cache = tmp_path_factory.mktemp("golf_jax_cache")
+    before = os.environ.get("GOLF_JAX_CACHE")
+    os.environ["GOLF_JAX_CACHE"] = str(cache)
+    try:
+        return datasets.pydoc_dataset(1024)
+    finally:
+        if before is None:
+            del os.environ["GOLF_JAX_CACHE"]
+        else:
+            os.environ["GOLF_JAX_CACHE"] = before
+
+
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() != "gpu":
         skip = pytest.mark.skip(reason="needs a GPU")

@@ -3,6 +3,10 @@ default data and its pydoc fallback, and the data-directory errors."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+import types
+
 import numpy as np
 import pytest
 
@@ -44,20 +48,65 @@ def test_prepare_rejects_bad_jsonl(tmp_path, shared_data):
         datasets.prepare([src], shared_data / datasets.EMBEDDED_TOKENIZER, tmp_path / "o", val_docs=1)
 
 
-def test_pydoc_fallback_dataset(tmp_path, monkeypatch):
+def test_pydoc_fallback_dataset(pydoc_data, monkeypatch):
     """Offline, without ../shared/data: a corpus from CPython's pydoc topics."""
-    monkeypatch.setenv("GOLF_JAX_SHARED_DATA", str(tmp_path / "absent"))
-    monkeypatch.setenv("GOLF_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GOLF_JAX_SHARED_DATA", str(pydoc_data / "absent"))
+    monkeypatch.setenv("GOLF_JAX_CACHE", str(pydoc_data.parent))
     ds = datasets.resolve_dataset("embedded", "", "fineweb_train_*.bin", "fineweb_val_*.bin", 1024)
+    assert ds.tokenizer == str(pydoc_data / "tokenizer.model") and "pydoc fallback corpus" in ds.name
     sp = data.load_tokenizer(ds.tokenizer, 1024)
     val = data.load_validation_tokens(ds.val_pattern, 256, 1024)
     train = data.TokenStream(ds.train_pattern, 1024).take(10_000)
     assert len(val) > 5000 and val[0] == sp.bos_id()
     assert "def" in sp.decode(train.tolist())  # real Python documentation text
     # Built once: a second resolve reuses the cache.
-    mtime = (tmp_path / "cache" / "pydoc_sp1024" / "tokenizer.model").stat().st_mtime_ns
+    mtime = (pydoc_data / "tokenizer.model").stat().st_mtime_ns
     datasets.resolve_dataset("embedded", "", "fineweb_train_*.bin", "fineweb_val_*.bin", 1024)
-    assert (tmp_path / "cache" / "pydoc_sp1024" / "tokenizer.model").stat().st_mtime_ns == mtime
+    assert (pydoc_data / "tokenizer.model").stat().st_mtime_ns == mtime
+
+
+EMBEDDED = types.SimpleNamespace(data_dir="embedded", tokenizer_path="", train_pattern="fineweb_train_*.bin",
+                                 val_pattern="fineweb_val_*.bin")  # a DataConfig's dataset fields
+
+
+def test_the_record_identifies_the_tokenizer(shared_data):
+    ds = datasets.resolve_dataset("embedded", "", EMBEDDED.train_pattern, EMBEDDED.val_pattern, 1024)
+    record = ds.record()
+    tok = shared_data / datasets.EMBEDDED_TOKENIZER
+    assert record["tokenizer"] == {"path": str(tok), "absolute": str(tok.absolute()), "vocab_size": 1024,
+                                   "sha256": hashlib.sha256(tok.read_bytes()).hexdigest()}
+    assert "tinyshakespeare" in record["name"] and record["val_pattern"] == ds.val_pattern
+    assert record["tokenizer"]["sha256"][:12] in ds.describe()
+
+
+def test_a_model_gets_its_own_tokenizer_or_a_clear_error(shared_data, pydoc_data, tmp_path):
+    """A model trained on the pydoc fallback, used where ../shared/data is
+    present (the config's "embedded" now means the competition tokenizer)."""
+    fallback = datasets.Dataset(str(pydoc_data / EMBEDDED.train_pattern), str(pydoc_data / EMBEDDED.val_pattern),
+                                str(pydoc_data / "tokenizer.model"), "pydoc").record()
+    competition = datasets.resolve_dataset("embedded", "", EMBEDDED.train_pattern, EMBEDDED.val_pattern, 1024)
+
+    def for_model(recorded, tokenizer=None):
+        return datasets.dataset_for_model(EMBEDDED, 1024, recorded, tokenizer, where="the model")
+
+    assert for_model(competition.record()) == competition  # the config's resolution, when it is the model's
+    assert for_model(None) == competition  # a model saved before records: as before
+    own = for_model(fallback)  # the recorded dataset, still at hand
+    assert own.tokenizer == str(pydoc_data / "tokenizer.model") and own.val_pattern == fallback["val_pattern"]
+    explicit = for_model(fallback, tokenizer=competition.tokenizer)  # --tokenizer: the user's word
+    assert explicit.tokenizer == competition.tokenizer
+    # Gone: an error naming both files, never a silent decode with the wrong one.
+    moved = tmp_path / "tokenizer.model"
+    shutil.copy(pydoc_data / "tokenizer.model", moved)
+    gone = {**fallback, "tokenizer": datasets.tokenizer_identity(moved)}
+    moved.unlink()
+    with pytest.raises(data.DataError) as e:
+        for_model(gone)
+    message = str(e.value)
+    assert str(moved) in message and competition.tokenizer in message and "--tokenizer" in message
+    assert "\n" not in message
+    with pytest.raises(data.DataError, match="dataset record is damaged"):
+        for_model({"tokenizer": {"path": "x"}})
 
 
 def test_missing_data_dir_names_field(tmp_path):

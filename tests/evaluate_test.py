@@ -83,10 +83,12 @@ def test_batch_size_does_not_change_the_result(tiny_params, tiny_cfg, eval_ref, 
 def test_main_job_runs_on_embedded_data(tmp_path, shared_data, capsys):
     """The README's main command, on the smoke config."""
     evaluate.main(["--config", str(REPO / "configs/smoke.py"), "--no-progress", f"--config.run.output_dir={tmp_path}",
-                   "--config.eval.max_val_tokens=4096"])
+                   "--config.eval.max_val_tokens=4096", "--out", str(tmp_path / "fresh.json")])
     out = capsys.readouterr().out
-    assert "standard: loss" in out and "sliding: loss" in out
-    result = json.loads((tmp_path / "eval.json").read_text())
+    assert "standard: loss" in out and "sliding: loss" in out and "fresh init, seed 314" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.json"]  # nothing beside a run's own outputs
+    result = json.loads((tmp_path / "fresh.json").read_text())
+    assert result["model"] == "fresh init, seed 314"
     # A fresh model predicts close to uniformly: loss near ln(1024).
     assert abs(result["standard"]["loss"] - np.log(1024)) < 0.1
     assert result["sliding"]["tokens"] >= 4096

@@ -28,6 +28,7 @@ import pytest
 
 from golf_jax import checkpoint, model, optim, param_tree, train, train_step
 from golf_jax.checkpoint import CheckpointError
+from golf_jax.run_dir import RunDirError
 from tests.conftest import REPO
 from tests.train_test import assert_trees_equal, tiny_config
 
@@ -273,7 +274,7 @@ def test_unwritable_output_directory_fails_before_training(tmp_path, monkeypatch
         ro.chmod(0o500)
         targets.append(ro / "run")
     for out in targets:
-        with pytest.raises(CheckpointError, match=rf"{out}: output directory is not writable"):
+        with pytest.raises(RunDirError, match=rf"{out}: output directory is not writable"):
             train.train(tiny_config(out), progress=False)
     with pytest.raises(SystemExit) as e:  # the command line: one line, status 2
         train.main(["--config", str(REPO / "configs/smoke.py"), f"--config.output_dir={blocker / 'run'}"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import jax
 import jax.numpy as jnp
@@ -68,3 +69,41 @@ def test_bad_counts_are_one_line_errors(capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {args[0]} ") and err.count("\n") == 1
+
+
+def test_a_model_trained_on_the_fallback_decodes_with_its_own_tokenizer(tmp_path, shared_data, pydoc_data, capsys):
+    """The first-hour mistake: a model trained without ../shared (the pydoc
+    fallback and its tokenizer), then sampled where ../shared is present. Its
+    recorded tokenizer is used, or the command stops with a clear error:
+    never the competition tokenizer's gibberish."""
+    import shutil
+
+    import pytest
+
+    from golf_jax import checkpoint, datasets
+    from tests.train_test import tiny_config
+
+    cfg = tiny_config(tmp_path)  # data.data_dir "embedded": here the competition tokenizer
+    pydoc_tokenizer = pydoc_data / "tokenizer.model"
+    record = datasets.Dataset(str(pydoc_data / "t*.bin"), str(pydoc_data / "v*.bin"), str(pydoc_tokenizer),
+                              "pydoc").record()
+    checkpoint.save_params(tmp_path / "final_model", model.init_params(cfg.model, jax.random.key(0)), cfg, record)
+
+    def sample(*extra):
+        generate.main(["--checkpoint", str(tmp_path), "--tokens", "24", "--seed", "3", *extra])
+        return capsys.readouterr().out.split("--- sample 0\n")[1]
+
+    own = sample()
+    assert own == sample("--tokenizer", str(pydoc_tokenizer))
+    assert own != sample("--tokenizer", str(shared_data / datasets.EMBEDDED_TOKENIZER))  # what it used to print
+    # The recorded tokenizer is gone: one line naming both files, exit 2.
+    kept = tmp_path / "kept.model"
+    shutil.copy(pydoc_tokenizer, kept)
+    record["tokenizer"] = datasets.tokenizer_identity(kept)
+    (tmp_path / "final_model" / checkpoint.DATASET_FILE).write_text(json.dumps(record))
+    kept.unlink()
+    with pytest.raises(SystemExit) as e:
+        sample()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert str(kept) in err and datasets.EMBEDDED_TOKENIZER in err

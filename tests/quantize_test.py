@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from golf_jax import artifact, checkpoint, generate, quant, quantize, train, ttt
+from golf_jax import artifact, checkpoint, evaluate, generate, quant, quantize, train, ttt
 from tests.train_test import tiny_config
 
 QUANT = {"quant.calib_num_seqs": "4", "quant.calib_seq_len": "32", "quant.calib_batch_size": "2"}
@@ -47,15 +47,18 @@ def test_replay_writes_identical_artifacts_within_budget(trained, tmp_path):
 def test_artifact_holds_what_the_rules_say(trained, tmp_path):
     run, cfg = trained
     params, saved = checkpoint.load_params(run / "final_model")
-    quantize.quantize_and_evaluate(params, saved, tmp_path, progress=False, log=lambda *_: None)
+    record = checkpoint.read_dataset_record(run / "final_model")
+    quantize.quantize_and_evaluate(params, saved, tmp_path, progress=False, log=lambda *_: None, dataset=record)
     qmodel, meta = artifact.read_artifact(tmp_path / quantize.ARTIFACT_NAME)
     assert meta["config"]["model"] == json.loads((run / "final_model" / "config.json").read_text())["model"]
+    # The tokenizer travels with the model: train.py's record, sha256 and all.
+    assert meta["data"] == record and record["tokenizer"]["vocab_size"] == cfg.model.vocab_size
     for bank in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
         t = qmodel[bank]
         assert t.kind == quant.INT6 and np.abs(t.data).max() <= cfg.quant.clip_range
         assert t.scale.dtype == np.float16 and t.scale.shape == t.data.shape[:-1]
     assert qmodel["blocks/attn_scale"].kind == quant.FP16
-    loaded, lcfg, _ = checkpoint.load_model(artifact_path=tmp_path / quantize.ARTIFACT_NAME)
+    loaded, lcfg, _, _ = checkpoint.load_model(artifact_path=tmp_path / quantize.ARTIFACT_NAME)
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
     for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         assert x.shape == y.shape and x.dtype == y.dtype
@@ -84,8 +87,8 @@ def test_pruning_meets_a_tight_budget(trained, tmp_path):
 
 def test_replay_from_training_checkpoint_dir(trained):
     run, cfg = trained
-    from_ckpt, ccfg, source = checkpoint.load_model(checkpoint_path=run / "checkpoints")
-    final, _, _ = checkpoint.load_model(checkpoint_path=run)
+    from_ckpt, ccfg, source, _ = checkpoint.load_model(checkpoint_path=run / "checkpoints")
+    final = checkpoint.load_model(checkpoint_path=run).params
     assert "checkpoint" in source and ccfg.model == cfg.model
     # The last checkpoint is the final step's state; its EMA is what final_model holds.
     for x, y in zip(jax.tree.leaves(from_ckpt), jax.tree.leaves(final)):
@@ -127,3 +130,17 @@ def test_quantize_and_generate_command_lines(trained, tmp_path, capsys):
                    "--samples", "2", "--temperature", "0"])
     out = capsys.readouterr().out
     assert "--- sample 1" in out and out.count("The king") == 2
+    # evaluate takes the trained model too; its numbers go only where --out says.
+    evaluate.main(["--artifact", str(tmp_path / quantize.ARTIFACT_NAME), "--no-progress",
+                   "--out", str(tmp_path / "eval_artifact.json")])
+    assert "sliding: loss" in capsys.readouterr().out
+    scores = json.loads((tmp_path / "eval_artifact.json").read_text())
+    assert scores["sliding"]["bpb"] == pytest.approx(report["sliding"]["bpb"], rel=1e-6)  # the same weights
+    assert not (run / "eval.json").exists()
+    # A replay into a folder with an artifact: refused, the ways on named, nothing written.
+    before = (tmp_path / quantize.ARTIFACT_NAME).read_bytes()
+    with pytest.raises(SystemExit) as e:
+        quantize.main(["--checkpoint", str(run), "--out", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--overwrite" in err and "--out DIR" in err and err.count("\n") == 1
+    assert (tmp_path / quantize.ARTIFACT_NAME).read_bytes() == before

@@ -247,8 +247,11 @@ def test_budget_mode_with_a_configured_reserve_ends_training_early(tmp_path, mon
     report = quantize.quantize_and_evaluate(params, cfg, tmp_path, progress=False, pre_quant={"loss": 0, "bpb": 0},
                                             log=lambda *_: None, train_summary=summary)
     assert report["budget"]["within_cap"] and report["budget"]["reserved_s"] == 2.0
+    again = tmp_path / "again"  # found in the warm-up: still the launch, so nothing is left behind
     with pytest.raises(ConfigError, match="schedule.quant_in_budget: the stages after training need 9.0 s"):
-        train.train(cli.apply_overrides(cfg, [("quant_reserve_seconds", "9")]), progress=False)
+        train.train(cli.apply_overrides(cfg, [("quant_reserve_seconds", "9"), ("output_dir", str(again))]),
+                    progress=False)
+    assert not again.exists()
 
 
 def test_main_entry_point(tmp_path, capsys):
