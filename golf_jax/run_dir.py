@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 ARTIFACT_NAME = "final_model.int6.golf"
 FINAL_MODEL = "final_model"
@@ -61,24 +62,31 @@ def check_mode(resume: bool, overwrite: bool) -> None:
         raise RunDirError("--resume continues the run in the folder and --overwrite replaces it: choose one")
 
 
-def claim(directory: str | Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """Make `directory` ready for a run's outputs; call once the run's inputs are checked.
-
-    A fresh run is refused where another run's outputs are, unless
-    `overwrite` (they are removed now). Returns the topmost folder this call
-    created (runs/ of runs/smoke, say), for `discard` if the launch then
-    fails; None if the folder was there."""
-    directory = Path(directory).absolute()
+def check(directory: str | Path, *, resume: bool, overwrite: bool) -> list[str]:
+    """The run outputs in `directory` that this run replaces (for `claim`).
+    A fresh run is refused where another run's outputs are, unless `overwrite`;
+    `resume` continues what is there. Reads only: with several processes,
+    every one checks before any of them writes (train.py's barrier)."""
     check_mode(resume, overwrite)
-    if not resume:
-        earlier = outputs_in(directory)
-        if earlier and not overwrite:
-            raise RunDirError(
-                f"{directory}: holds another run ({', '.join(earlier)}); continue it with --resume, write this run "
-                f"elsewhere with --config.run.output_dir=DIR, or replace it with --overwrite")
+    if resume:
+        return []
+    earlier = outputs_in(directory)
+    if earlier and not overwrite:
+        raise RunDirError(
+            f"{Path(directory).absolute()}: holds another run ({', '.join(earlier)}); continue it with --resume, "
+            f"write this run elsewhere with --config.run.output_dir=DIR, or replace it with --overwrite")
+    return earlier
+
+
+def claim(directory: str | Path, replaced: Sequence[str] = ()) -> Path | None:
+    """Make `directory` ready for a run's outputs, once the run's inputs are
+    checked: remove the outputs it replaces (`check`), create it. Returns the
+    topmost folder this created (runs/ of runs/smoke, say), for `discard` if the
+    launch then fails; None if the folder was there."""
+    directory = Path(directory).absolute()
     created = next((p for p in reversed((directory, *directory.parents)) if not p.exists()), None)
     try:
-        for name in [] if resume else earlier:
+        for name in replaced:
             path = directory / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         directory.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,10 @@ warmdown multiplier from the wall clock, late QAT, SWA, and the 600 s cap.
 
     python train.py --config configs/smoke.py [--resume] [--config.<field>=<value>]
 
-About 480 lines, over the ~450 the project aims for: the run's stages share
+About 500 lines, over the ~450 the project aims for: the run's stages share
 one state (`TrainingRun`), which reads best whole; the step, the data feed,
-the checkpoints and the budget accounting are already elsewhere.
+the checkpoints, the run folder, the signals and the budget accounting are
+already elsewhere.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +31,7 @@ from tqdm.auto import tqdm
 from golf_jax import (checkpoint, compat, data, data_feed, datasets, distributed, evaluate, layers, model, optim,
                       param_tree, quantize, run_dir, train_step)
 from golf_jax.runlog import CompileCounter, RunLog, peak_memory_bytes, plot_curves
+from golf_jax.stop_signal import StopOnSignal
 from golf_jax.config import Config, ConfigError
 from golf_jax.param_tree import Params
 
@@ -50,61 +49,6 @@ class TrainingInterrupted(TrainingError):
     def __init__(self, message: str, exit_status: int):
         super().__init__(message)
         self.exit_status = exit_status
-
-
-# 128 + the signal: what a shell and a batch scheduler report for a process the
-# signal ended, so a pre-empted run reads as pre-empted, not as failed or done.
-EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
-EXIT_SIGINT = 128 + signal.SIGINT  # 130, Ctrl-C
-
-
-class StopOnSignal:
-    """While active (main thread only: Python delivers signals there), SIGTERM
-    and SIGINT (Ctrl-C) set `requested` instead of ending the process, so the
-    loop stops at the next step boundary with a checkpoint. A compilation under
-    way finishes first: a KeyboardInterrupt unwinding through XLA's compiler
-    could crash the process (a segmentation fault was seen). A second signal
-    of either kind ends the process at once with 128 + its number, leaving the
-    earlier checkpoints as they are (a save in flight stays a temporary that
-    is never taken for complete). The previous handlers are restored on exit."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signum: int | None = None  # the first signal received
-        self._previous: dict = {}
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    @property
-    def name(self) -> str:
-        # Another process's signal reaches this one only as "stop" (distributed.StepAgreement).
-        return signal.Signals(self.signum).name if self.signum is not None else "SIGTERM"
-
-    @property
-    def exit_status(self) -> int:
-        return 128 + (self.signum if self.signum is not None else signal.SIGTERM)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            os.write(2, f"second {signal.Signals(signum).name}: exiting now; earlier checkpoints are kept\n".encode())
-            os._exit(128 + signum)
-        self.signum = signum
-        if signum == signal.SIGINT:
-            os.write(2, b"Ctrl-C: stopping at the next step boundary with a checkpoint (a compilation under way "
-                        b"finishes first); Ctrl-C again to exit at once\n")
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
 
 
 # ----------------------------------------------------------------------------- the run
@@ -175,8 +119,12 @@ class TrainingRun:
         params = initial_params(cfg)
         self.tx = optim.build_optimizer(cfg.optimizer, train_step.AXIS)
         self.state = train_step.init_state(params, self.tx, self.mesh, self.sched.swa_enabled)
-        # Every input is checked: now the folder is claimed (golf_jax.run_dir).
-        self.new_folder = run_dir.claim(self.out_dir, resume=resume, overwrite=overwrite)
+        # Every input is checked: now the folder is claimed (golf_jax.run_dir). With
+        # several processes each reads it before any writes, and process 0 alone removes.
+        replaced = run_dir.check(self.out_dir, resume=resume, overwrite=overwrite)
+        distributed.wait_for_all("golf_jax/run_dir_checked", timeout_s=600)
+        self.new_folder = run_dir.claim(self.out_dir, replaced if self.primary else ())
+        distributed.wait_for_all("golf_jax/run_dir_claimed", timeout_s=600)
         try:
             self._prepare_outputs(params, resume, saved, progress)
         except BaseException:

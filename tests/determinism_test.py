@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from golf_jax import checkpoint, quantize, train
+from golf_jax import checkpoint, generate, quantize, train
 from tests.train_test import tiny_config
 
 QUANT = {"quant.calib_num_seqs": "2", "quant.calib_seq_len": "16", "quant.calib_batch_size": "2"}
@@ -24,12 +24,14 @@ def run(out_dir, seed: int):
 def test_same_seed_same_bits_other_seed_other_bits(tmp_path):
     params_a, artifact_a = run(tmp_path / "a", seed=11)
     params_b, artifact_b = run(tmp_path / "b", seed=11)
-    params_c, artifact_c = run(tmp_path / "c", seed=12)
     for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert artifact_a == artifact_b
-    # Another seed: another initialisation (and calibration set), so every
-    # weight matrix and the artifact differ.
-    assert not np.array_equal(np.asarray(params_a["qo_bank"]), np.asarray(params_c["qo_bank"]))
-    assert not np.array_equal(np.asarray(params_a["tok_emb"]), np.asarray(params_c["tok_emb"]))
-    assert artifact_a != artifact_c
+    # Another seed: another initialisation and another calibration set, the
+    # two things the seed reaches, so every weight matrix and the artifact differ.
+    cfg_a, cfg_c = (tiny_config(tmp_path / "c", **QUANT, **{"run.seed": str(seed)}) for seed in (11, 12))
+    init_a, init_c = train.initial_params(cfg_a), train.initial_params(cfg_c)
+    for name in ("qo_bank", "kv_bank", "mlp_up_bank", "tok_emb"):
+        assert not np.array_equal(np.asarray(init_a[name]), np.asarray(init_c[name])), name
+    calib_a, calib_c = (generate.calibration_tokens(params_a, cfg) for cfg in (cfg_a, cfg_c))
+    assert not np.array_equal(calib_a, calib_c)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from golf_jax import checkpoint, distributed, train
+from golf_jax import checkpoint, distributed, stop_signal
 from golf_jax.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_two_processes_train_as_one_stop_together_and_resume(tmp_path):
         time.sleep(0.05)
     procs[1].send_signal(signal.SIGTERM)
     (rc0, out0), (rc1, out1) = finish(procs)
-    assert (rc0, rc1) == (train.EXIT_SIGTERM, train.EXIT_SIGTERM), out0[-2000:] + out1[-2000:]
+    assert (rc0, rc1) == (stop_signal.EXIT_SIGTERM, stop_signal.EXIT_SIGTERM), out0[-2000:] + out1[-2000:]
     stopped = checkpoint.TrainCheckpoints(multi / "checkpoints").latest_step()
     assert 2 <= stopped < 10 and f"SIGTERM at step {stopped}/10" in (multi / "train.log").read_text()
 

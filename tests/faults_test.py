@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import checkpoint, model, optim, param_tree, train, train_step
+from golf_jax import checkpoint, model, optim, param_tree, stop_signal, train, train_step
 from golf_jax.checkpoint import CheckpointError
 from golf_jax.run_dir import RunDirError
 from tests.conftest import REPO
@@ -140,7 +139,7 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(tmp_path, straight):
     proc = launch(cfg)
     wait_until(proc, lambda: last_logged_step(tmp_path) >= 3, "step 3")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(60) == train.EXIT_SIGTERM == 143
+    assert proc.wait(60) == stop_signal.EXIT_SIGTERM == 143
     err = (tmp_path / "stderr.txt").read_text().strip().splitlines()
     message = err[-1]
     assert message.startswith("stopped by SIGTERM at step "), err[-5:]
@@ -153,26 +152,6 @@ def test_sigterm_saves_the_step_reached_and_resumes_exactly(tmp_path, straight):
     assert_trees_equal(final_params(tmp_path), final_params(straight))
 
 
-def test_signal_handlers_are_scoped():
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    for sig in before:
-        with train.StopOnSignal() as stop:
-            os.kill(os.getpid(), sig)
-            time.sleep(0.01)  # Python runs the handler between bytecodes of the main thread
-            assert stop.requested and stop.name == signal.Signals(sig).name and stop.exit_status == 128 + sig
-        assert {s: signal.getsignal(s) for s in before} == before
-    seen = []
-
-    def in_thread():  # signals are the main thread's: elsewhere nothing is installed
-        with train.StopOnSignal():
-            seen.append(signal.getsignal(signal.SIGINT))
-
-    t = threading.Thread(target=in_thread)
-    t.start()
-    t.join()
-    assert seen == [before[signal.SIGINT]]
-
-
 def test_ctrl_c_saves_the_step_reached_and_resumes_exactly(tmp_path, straight):
     """SIGINT as SIGTERM: a checkpoint at the next step boundary, one line on
     resuming, status 130; the resumed run ends where the uninterrupted one does."""
@@ -180,7 +159,7 @@ def test_ctrl_c_saves_the_step_reached_and_resumes_exactly(tmp_path, straight):
     proc = launch(cfg)
     wait_until(proc, lambda: last_logged_step(tmp_path) >= 3, "step 3")
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == train.EXIT_SIGINT == 130
+    assert proc.wait(60) == stop_signal.EXIT_SIGINT == 130
     err = (tmp_path / "stderr.txt").read_text()
     assert "Traceback" not in err and "Ctrl-C: stopping at the next step boundary" in err
     message = err.strip().splitlines()[-1]
@@ -204,7 +183,7 @@ def test_a_second_ctrl_c_exits_at_once_and_keeps_the_earlier_checkpoints(tmp_pat
     # Two signals before Python runs the handler count as one: wait for the first's line.
     wait_until(proc, lambda: "Ctrl-C: stopping" in (tmp_path / "stderr.txt").read_text(), "the first Ctrl-C's line")
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(30) == train.EXIT_SIGINT
+    assert proc.wait(30) == stop_signal.EXIT_SIGINT
     err = (tmp_path / "stderr.txt").read_text()
     assert "second SIGINT: exiting now; earlier checkpoints are kept" in err and "Traceback" not in err
     assert latest_step(tmp_path) == 4 and not (ckpts / "8").exists()

@@ -52,10 +52,13 @@ def test_overwrite_removes_the_old_run_once_the_inputs_are_checked(tmp_path):
         train.train(tiny_config(folder, **{"data.data_dir": str(tmp_path / "missing"),
                                            "data.tokenizer_path": "x.model"}), overwrite=True, progress=False)
     assert (folder / "final_model").is_dir()
-    run_dir.claim(folder, resume=False, overwrite=True)
+    replaced = run_dir.check(folder, resume=False, overwrite=True)
+    assert replaced == ["checkpoints", "final_model", "train.log", "summary.json"]
+    assert run_dir.claim(folder, replaced) is None
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # only the run's outputs went
     with pytest.raises(RunDirError, match="choose one"):
-        run_dir.claim(folder, resume=True, overwrite=True)
+        run_dir.check(folder, resume=True, overwrite=True)
+    assert run_dir.check(another_run(tmp_path / "b"), resume=True, overwrite=False) == []
 
 
 def test_a_failed_launch_leaves_nothing_behind(tmp_path, capsys):
@@ -66,7 +69,7 @@ def test_a_failed_launch_leaves_nothing_behind(tmp_path, capsys):
     assert e.value.code == 2 and "data directory not found" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     # A failure after the folder is made (here the free-space check) takes it away again, parents included.
-    created = run_dir.claim(out, resume=False, overwrite=False)
+    created = run_dir.claim(out, run_dir.check(out, resume=False, overwrite=False))
     assert created == tmp_path / "runs" and out.is_dir()
     run_dir.discard(created)
     assert not (tmp_path / "runs").exists()
