@@ -7,13 +7,12 @@ import jax
 import numpy as np
 
 from golf_jax import checkpoint, generate, quantize, train
-from tests.train_test import tiny_config
+from tests.train_test import TINY_QUANT, tiny_config
 
-QUANT = {"quant.calib_num_seqs": "2", "quant.calib_seq_len": "16", "quant.calib_batch_size": "2"}
 
 
 def run(out_dir, seed: int):
-    cfg = tiny_config(out_dir, **QUANT, **{"run.seed": str(seed), "schedule.iterations": "4"})
+    cfg = tiny_config(out_dir, **TINY_QUANT, **{"run.seed": str(seed), "schedule.iterations": "4"})
     train.train(cfg, progress=False)
     params, saved = checkpoint.load_params(out_dir / "final_model")
     quantize.quantize_and_evaluate(params, saved, out_dir, progress=False, pre_quant={"loss": 0.0, "bpb": 0.0},
@@ -29,7 +28,7 @@ def test_same_seed_same_bits_other_seed_other_bits(tmp_path):
     assert artifact_a == artifact_b
     # Another seed: another initialisation and another calibration set, the
     # two things the seed reaches, so every weight matrix and the artifact differ.
-    cfg_a, cfg_c = (tiny_config(tmp_path / "c", **QUANT, **{"run.seed": str(seed)}) for seed in (11, 12))
+    cfg_a, cfg_c = (tiny_config(tmp_path / "c", **TINY_QUANT, **{"run.seed": str(seed)}) for seed in (11, 12))
     init_a, init_c = train.initial_params(cfg_a), train.initial_params(cfg_c)
     for name in ("qo_bank", "kv_bank", "mlp_up_bank", "tok_emb"):
         assert not np.array_equal(np.asarray(init_a[name]), np.asarray(init_c[name])), name

@@ -12,16 +12,15 @@ import numpy as np
 import pytest
 
 from golf_jax import artifact, checkpoint, evaluate, generate, quant, quantize, train, ttt
-from tests.train_test import tiny_config
+from tests.train_test import TINY_QUANT, tiny_config
 
-QUANT = {"quant.calib_num_seqs": "4", "quant.calib_seq_len": "32", "quant.calib_batch_size": "2"}
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained a few steps, as train.py leaves it."""
     out = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(out, **QUANT, **{"run.checkpoint_every": "3"})
+    cfg = tiny_config(out, **TINY_QUANT, **{"run.checkpoint_every": "3"})
     train.train(cfg, progress=False)
     return out, cfg
 

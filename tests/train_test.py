@@ -21,6 +21,11 @@ from golf_jax.config import Config, ConfigError
 from tests.conftest import REPO
 
 
+# The after-training stages at their smallest; one setting for every test that
+# runs them, so their compiled programs are shared (the persistent cache, conftest).
+TINY_QUANT = {"quant.calib_num_seqs": "4", "quant.calib_seq_len": "32", "quant.calib_batch_size": "2"}
+
+
 def tiny_config(out_dir, **overrides) -> Config:
     """A two-layer model with every feature of the record, a few steps, float32."""
     cfg = cli.load_config_file(str(REPO / "configs/smoke.py"))
@@ -193,8 +198,7 @@ def test_resume_refuses_another_model(tmp_path):
         train.train(other, resume=True, progress=False)
 
 
-BUDGET = {"schedule.quant_in_budget": "true", "schedule.iterations": "100000", "quant.calib_num_seqs": "4",
-          "quant.calib_seq_len": "32", "quant.calib_batch_size": "2"}
+BUDGET = {"schedule.quant_in_budget": "true", "schedule.iterations": "100000", **TINY_QUANT}
 
 
 def test_budget_mode_measures_its_reserve_once_and_keeps_it_on_resume(tmp_path):
