@@ -3,8 +3,12 @@ one global gradient-norm clip before both, and the learning-rate multiplier
 (warmdown) that scales every group.
 
 Each piece is an optax GradientTransformation, so the whole is
-`optax.chain(clip, optax.multi_transform({...}, labels))`, and Muon itself is
-`optax.chain(scale_by_muon, add_decayed_weights, scale_by_learning_rate)`.
+`optax.chain(clip, optax.multi_transform({...}, labels))`, Muon itself is
+`optax.chain(scale_by_muon, add_decayed_weights, scale_by_learning_rate)`, and
+AdamW the same chain around `scale_by_adam`. Every piece computes in float32
+and rounds where the reference's PyTorch rounds (docs/fidelity.md): JAX would
+otherwise round a Python-float coefficient to bf16 before using it on a bf16
+array (a learning rate of 0.035 becomes 0.03491).
 """
 
 from __future__ import annotations
@@ -126,30 +130,102 @@ def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, nesterov: 
                        optax.scale_by_learning_rate(learning_rate))
 
 
+# ----------------------------------------------------------------------------- AdamW
+
+def scale_by_adam(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
+    """Adam's direction m_hat / (sqrt(v_hat) + eps), computed as torch's fused
+    Adam computes it: every value loaded into float32 (whatever the dtype of the
+    parameter, gradient and moments), the arithmetic in float32, the moments
+    stored back in their own dtype, rounded once per step.
+
+    reference quirk: the moments live in each parameter's dtype, as the
+    reference's `zeros_like(param)` states do: bf16 for the bf16 embedding tables. The
+    direction comes back float32, so the learning rate and the decay are
+    applied to it unrounded and the parameter is rounded once, in the training
+    step, as the fused kernel stores it. (optax's scale_by_adam on a bf16
+    table computes in bf16: b1 = 0.9 becomes 0.8984, b2 = 0.95 becomes 0.9492,
+    and the learning rate 0.035 becomes 0.03491, a 0.25% shorter step of every
+    table on every step; docs/fidelity.md, "first-step gap".) The state is
+    optax's ScaleByAdamState, so optimizer states keep their layout.
+    """
+    f32 = jnp.float32
+
+    def init_fn(params):
+        zeros = lambda t: jax.tree.map(jnp.zeros_like, t)  # noqa: E731
+        return optax.ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(params), zeros(params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        t = count.astype(f32)
+        bc1 = 1 - jnp.asarray(b1, f32) ** t
+        bc2_sqrt = jnp.sqrt(1 - jnp.asarray(b2, f32) ** t)
+
+        def one(g, m, v):
+            g = g.astype(f32)
+            m32 = b1 * m.astype(f32) + (1 - b1) * g
+            v32 = b2 * v.astype(f32) + (1 - b2) * (g * g)
+            return m32 / bc1 / (jnp.sqrt(v32) / bc2_sqrt + eps), m32.astype(m.dtype), v32.astype(v.dtype)
+
+        out = jax.tree.map(one, updates, state.mu, state.nu)
+        pick = lambda i: jax.tree.map(lambda _, o: o[i], updates, out)  # noqa: E731
+        return pick(0), optax.ScaleByAdamState(count, pick(1), pick(2))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_decayed_weights(weight_decay: float) -> optax.GradientTransformation:
+    """update + weight_decay * param, in float32 (optax's would multiply a bf16
+    parameter by the decay in bf16, rounding 0.04 to 0.04004 and the product)."""
+
+    def update_fn(updates, state, params):
+        if params is None:
+            raise ValueError("add_decayed_weights needs the parameters")
+        return jax.tree.map(lambda u, p: u.astype(jnp.float32) + weight_decay * p.astype(jnp.float32),
+                            updates, params), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def adamw(learning_rate: ScalarOrSchedule, b1: float, b2: float, eps: float,
+          weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """torch.optim.AdamW(fused=True): p <- p - lr (wd p + m_hat / (sqrt(v_hat) + eps)),
+    in float32 with one rounding of the parameter (see scale_by_adam). With
+    weight_decay 0 it is torch.optim.Adam(fused=True). The same state layout as
+    optax.adamw's."""
+    return optax.chain(scale_by_adam(b1, b2, eps), add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(learning_rate))
+
+
 # ----------------------------------------------------------------------------- clipping
 
 def clip_by_global_norm(max_norm: float, axis_name: str | None = None,
                         is_sharded: Callable[[str], bool] = lambda name: False) -> optax.GradientTransformation:
     """torch.nn.utils.clip_grad_norm_: multiply by min(1, max_norm / (norm + 1e-6)).
 
-    Inside shard_map, leaves for which `is_sharded(name)` holds are disjoint
-    slices across `axis_name` (summed over it); the others are replicated.
+    As the reference runs it on a GPU (reference quirks, both measured with
+    scripts/torch_bf16_scalar_probe.py): each tensor's norm is computed in
+    float32 and returned in the tensor's dtype (torch._foreach_norm: a bf16
+    table's norm is rounded to bf16), then the norm of those norms in float32;
+    and a bf16 gradient is multiplied by the coefficient rounded to bf16 (CUDA
+    casts the float32 0-dim coefficient to the gradient's dtype; torch on the
+    CPU would not). Inside shard_map, leaves for which `is_sharded(name)` holds
+    are disjoint slices across `axis_name` (their squares summed over it); the
+    others are replicated.
     """
 
     def update_fn(updates, state, params=None):
         del params
-        local, replicated = jnp.float32(0), jnp.float32(0)
-        for path, g in jax.tree_util.tree_leaves_with_path(updates):
-            sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
-            if axis_name is not None and is_sharded(path_name(path)):
-                local += sq
-            else:
-                replicated += sq
-        if axis_name is not None:
-            local = jax.lax.psum(local, axis_name)
-        norm = jnp.sqrt(local + replicated)
+        leaves = jax.tree_util.tree_leaves_with_path(updates)
+        sq = [jnp.sum(jnp.square(g.astype(jnp.float32))) for _, g in leaves]
+        sharded = [axis_name is not None and is_sharded(path_name(path)) for path, _ in leaves]
+        if any(sharded):
+            summed = iter(jax.lax.psum(jnp.stack([s for s, sh in zip(sq, sharded) if sh]), axis_name))
+            sq = [next(summed) if sh else s for s, sh in zip(sq, sharded)]
+        norms = [rounding_to(g.dtype)(jnp.sqrt(s)) for s, (_, g) in zip(sq, leaves)]
+        norm = jnp.sqrt(sum(jnp.square(n) for n in norms)) if norms else jnp.float32(0)
         coef = jnp.minimum(max_norm / (norm + CLIP_EPS), 1.0)
-        return jax.tree.map(lambda g: (g * coef).astype(g.dtype), updates), state
+        return jax.tree.map(lambda g: (g * rounding_to(g.dtype)(coef)).astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
@@ -179,21 +255,21 @@ def muon_momentum_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def build_optimizer(cfg: OptimizerConfig, axis_name: str | None = None) -> optax.GradientTransformation:
-    """clip(0.3) -> {banks: Muon, embedding tables: AdamW 0.035, the rest: AdamW 0.025}.
+    """clip(0.3) -> {banks: Muon, embedding tables: AdamW 0.035, the rest: AdamW 0.025,
+    an untied head: Adam 0.008}.
 
     Learning rates here are the base rates: the training step multiplies the
     resulting update by the warmdown multiplier, which scales every group's
     rate and, with it, its decoupled weight decay, as the reference does.
     """
-    adam = lambda lr: optax.adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps,  # noqa: E731
-                                  weight_decay=cfg.adam_weight_decay)
+    adam = lambda lr, wd: adamw(lr, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps, weight_decay=wd)  # noqa: E731
     groups = {
         "muon": muon(cfg.matrix_lr, muon_momentum_schedule(cfg), nesterov=True, ns_steps=cfg.muon_backend_steps,
                      weight_decay=cfg.muon_weight_decay, momentum_dtype=cfg.muon_momentum_dtype,
                      ns_dtype=cfg.muon_ns_dtype),
-        "embed": adam(cfg.tied_embed_lr),
-        "scalar": adam(cfg.scalar_lr),
-        "head": adam(cfg.head_lr),
+        "embed": adam(cfg.tied_embed_lr, cfg.adam_weight_decay),
+        "scalar": adam(cfg.scalar_lr, cfg.adam_weight_decay),
+        "head": adam(cfg.head_lr, 0.0),  # an untied head: the reference's torch.optim.Adam, no decay
     }
     return optax.chain(clip_by_global_norm(cfg.grad_clip_norm, axis_name, is_sharded=lambda n: n in BANK_KEYS),
                        optax.multi_transform(groups, param_labels))
