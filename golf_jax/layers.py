@@ -78,6 +78,53 @@ def linear(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w_OxI.astype(x.dtype))
 
 
+def _round_to(x: jax.Array, dtype) -> jax.Array:
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+@jax.custom_vjp
+def _rounded_matmul(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
+    return _round_to(jnp.einsum("...i,oi->...o", x, w_OxI, preferred_element_type=jnp.float32), x.dtype)
+
+
+def _rounded_matmul_fwd(x, w_OxI):
+    return _rounded_matmul(x, w_OxI), (x, w_OxI)
+
+
+def _rounded_matmul_bwd(res, g):
+    x, w_OxI = res
+    g = g.astype(x.dtype)  # the gradient of a bf16 tensor is bf16
+    dx = jnp.einsum("...o,oi->...i", g, w_OxI)
+    dw = jnp.einsum("no,ni->oi", g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1]))
+    return dx, dw
+
+
+_rounded_matmul.defvjp(_rounded_matmul_fwd, _rounded_matmul_bwd)
+
+
+def linear_float32(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
+    """`linear`'s output as float32 values, rounded once to x's dtype as the
+    output of x's-dtype matmul (a bf16 cuBLAS GEMM: float32 accumulation,
+    one rounding) is; for float32 code that reads it (the head's softcap).
+
+    Not linear(...).astype(float32): with XLA's excess precision (on by
+    default) XLA:CPU turned the head's bf16 matmul and the convert after it
+    into one float32-output matmul, and the rounding was gone (the record's
+    round_logits did nothing there); so was an explicit reduce_precision
+    after the convert. Rounding the float32 product itself with
+    reduce_precision, which XLA keeps, is robust (docs/fidelity.md, "the
+    first-step gap, part 2"; on the GPU the rounding was kept either way).
+    The backward is the matmul's own, in x's dtype: the output's gradient
+    rounded to it (the gradient of a bf16 tensor is bf16), then the two bf16
+    matmuls.
+    """
+    w = w_OxI.astype(x.dtype)
+    if jnp.finfo(x.dtype).bits >= 32:
+        return jnp.einsum("...i,oi->...o", x, w)
+    return _rounded_matmul(x, w)
+
+
 def bigram_buckets(tokens_BxT: jax.Array, bigram_vocab_size: int,
                    prev_token_B: jax.Array | None = None) -> jax.Array:
     """(36313 t[i] XOR 27191 t[i-1]) mod (Vb - 1) in int32; position 0 -> Vb - 1.
@@ -206,9 +253,12 @@ def lm_head(w_Vxd: jax.Array, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array
     """Soft-capped float32 logits of final-normed hidden states."""
     # reference quirk: under autocast the head's matmul returns the compute
     # dtype, so the logits are rounded to bf16 before the float32 softcap
-    # (model.round_logits=False keeps the float32 accumulator).
-    out = None if cfg.round_logits else jnp.float32
-    z = jnp.einsum("btd,vd->btv", h_BxTxd, w_Vxd.astype(h_BxTxd.dtype), preferred_element_type=out)
-    return cfg.logit_softcap * jnp.tanh(z.astype(jnp.float32) / cfg.logit_softcap)
+    # (model.round_logits=False keeps the float32 accumulator). Through
+    # linear_float32: a plain bf16 einsum's rounding was dropped by XLA.
+    if cfg.round_logits:
+        z = linear_float32(h_BxTxd, w_Vxd)
+    else:
+        z = jnp.einsum("btd,vd->btv", h_BxTxd, w_Vxd.astype(h_BxTxd.dtype), preferred_element_type=jnp.float32)
+    return cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
 
 

@@ -200,3 +200,20 @@ def test_bf16_head_rounds_logits_and_scales_norms_in_float32(tiny_params, tiny_c
     xf = x.astype(jnp.float32)
     exact = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + layers.RMS_NORM_EPS) * 3 ** -0.5
     np.testing.assert_array_equal(layers.rms_norm(x, 3 ** -0.5), exact.astype(jnp.bfloat16))
+
+
+def test_bf16_logits_rounding_survives_jit():
+    """round_logits: the pre-softcap logits of the jitted model are bf16 values. XLA:CPU
+    turned the head's bf16 matmul and the convert after it into one float32 matmul at
+    these sizes (record width, 8192 tokens), dropping the rounding (docs/fidelity.md,
+    "the first-step gap, part 2"); the head now rounds the float32 product explicitly."""
+    cfg = ModelConfig(vocab_size=1024, num_layers=1, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3.0,
+                      compute_dtype="bfloat16", embedding_dtype="bfloat16", round_logits=True, attention_impl="jnp",
+                      mlp_impl="jnp", bigram_vocab_size=0, ve_enabled=False, xsa_last_n=0)
+    params = model.init_params(cfg, jax.random.key(0))
+    params["tok_emb"] = (0.05 * jax.random.normal(jax.random.key(1), params["tok_emb"].shape)).astype(jnp.bfloat16)
+    tokens = jax.random.randint(jax.random.key(2), (4, 2048), 0, cfg.vocab_size)
+    logits = np.asarray(model.logits(params, cfg, tokens), np.float64)
+    z = cfg.logit_softcap * np.arctanh(logits / cfg.logit_softcap)  # back to the matmul's output, to ~1e-6
+    on_grid = np.abs(z - np.asarray(jnp.asarray(z, jnp.float32).astype(jnp.bfloat16), np.float64)) < 1e-4
+    assert on_grid.mean() > 0.999, on_grid.mean()
