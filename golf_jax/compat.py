@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import model
+from golf_jax import model, param_tree
 from golf_jax.config import ModelConfig
 from golf_jax.param_tree import Params
 
@@ -183,3 +183,11 @@ def _read_npz(path: Path) -> dict[str, np.ndarray]:
                 arr = arr.view(jnp.bfloat16)
             out[k.removeprefix("param/")] = arr
     return out
+
+
+def initial_params(cfg: ModelConfig, init_from: str, seed: int) -> Params:
+    """A run's starting weights: the reference's (`init_from`: .npz or
+    final_model.pt) in golf_jax's dtypes, else a fresh init from `seed`."""
+    if init_from:
+        return param_tree.cast_params(params_from_reference(load_reference_state(init_from), cfg), cfg)
+    return model.init_params(cfg, jax.random.key(seed))

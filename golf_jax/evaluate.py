@@ -223,12 +223,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg = cli.config_for_model(loaded.cfg, overrides)
         elif args.config:
             cfg, record = cli.apply_overrides(cli.load_config_file(args.config), overrides).validate(), None
-            source = args.init_from or cfg.run.init_from
-            if source:
-                state = compat.load_reference_state(source)
-                params = param_tree.cast_params(compat.params_from_reference(state, cfg.model), cfg.model)
-            else:
-                params, source = model.init_params(cfg.model, jax.random.key(cfg.run.seed)), f"fresh init, seed {cfg.run.seed}"
+            init_from = args.init_from or cfg.run.init_from
+            params = compat.initial_params(cfg.model, init_from, cfg.run.seed)
+            source = init_from or f"fresh init, seed {cfg.run.seed}"
         else:
             raise ConfigError("nothing to evaluate: give --checkpoint DIR, --artifact FILE or --config FILE")
         tokens, tables, ds = load_eval_data(cfg, record, args.tokenizer, source)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from golf_jax import (checkpoint, compat, data, data_feed, datasets, distributed, evaluate, layers, model, optim,
+from golf_jax import (checkpoint, compat, data, data_feed, datasets, distributed, evaluate, layers, optim,
                       param_tree, quantize, run_dir, train_step)
 from golf_jax.runlog import CompileCounter, RunLog, peak_memory_bytes, plot_curves
 from golf_jax.stop_signal import StopOnSignal
@@ -54,10 +54,7 @@ class TrainingInterrupted(TrainingError):
 # ----------------------------------------------------------------------------- the run
 
 def initial_params(cfg: Config) -> Params:
-    if cfg.run.init_from:
-        state = compat.load_reference_state(cfg.run.init_from)
-        return param_tree.cast_params(compat.params_from_reference(state, cfg.model), cfg.model)
-    return model.init_params(cfg.model, jax.random.key(cfg.run.seed))
+    return compat.initial_params(cfg.model, cfg.run.init_from, cfg.run.seed)
 
 
 def check_runnable(cfg: Config, n_devices: int) -> int:

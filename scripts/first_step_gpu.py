@@ -52,9 +52,9 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import first_step_probe as P  # noqa: E402
+from reference_setup import BANKS, cast_as_main, set_backends  # noqa: E402
 
 TABLES = ("tok_emb.weight", "bigram.embed.weight", "ve_shared.embed.weight")
-BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 # The groups swapped one at a time between the two sides' step-1 weights.
 SWAP_GROUPS = TABLES + BANKS + ("scalars",)
 
@@ -118,16 +118,6 @@ def ref_loss(model, torch, xs, ys, device) -> tuple[float, list[float]]:
         with torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16):
             losses.append(float(model(x, y).detach()))
     return float(np.mean(losses)), losses
-
-
-def set_backends(torch):
-    if torch.cuda.is_available():  # as the reference's main() sets them
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        torch.backends.cuda.enable_flash_sdp(True)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_math_sdp(False)
 
 
 def label(args) -> str:
@@ -203,14 +193,8 @@ def cmd_refeval(args) -> int:
     os.environ.update(BIGRAM_VOCAB_SIZE="3072", BIGRAM_DIM="112")
     sys.path.insert(0, str(P.REFERENCE))
     import train_gpt as R
-    m = R.GPT(**kw, mtp_num_heads=0, mtp_loss_weight=0.1, dtg=False, gated_attention=False,
-              value_residual=False).to(args.device).bfloat16()
-    for name in BANKS:
-        getattr(m, name).data = getattr(m, name).data.float()
-    for module in m.modules():
-        if isinstance(module, R.CastedLinear):
-            module.float()
-    R.restore_low_dim_params_to_fp32(m)
+    m = cast_as_main(R, R.GPT(**kw, mtp_num_heads=0, mtp_loss_weight=0.1, dtg=False, gated_attention=False,
+                              value_residual=False).to(args.device))
     model = torch.compile(m, dynamic=False, fullgraph=True) if args.compile else m
     model.train()
     with np.load(args.work / "ref.npz") as z:

@@ -33,6 +33,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from reference_setup import cast_as_main
 
 SHARED = Path(os.environ.get("GOLF_JAX_SHARED", ".shared"))
 # The full fixture set is in ../shared (the checkout's .shared carries only what the device needs).
@@ -123,13 +124,7 @@ def reference_step(state, kw, xs, ys, dtype: str, args, device: str = "cpu", com
     m = R.GPT(**kw, mtp_num_heads=0, mtp_loss_weight=0.1, dtg=False, gated_attention=False, value_residual=False)
     m = m.to(device)
     if dtype == "bfloat16":  # as main() builds it
-        m = m.bfloat16()
-        for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
-            getattr(m, name).data = getattr(m, name).data.float()
-        for module in m.modules():
-            if isinstance(module, R.CastedLinear):
-                module.float()
-        R.restore_low_dim_params_to_fp32(m)
+        m = cast_as_main(R, m)
     named = dict(m.named_parameters())
     with torch.no_grad():
         for k, p in named.items():

@@ -8,7 +8,7 @@ compiled_p1 or eager_p1), whose large entries (~+-0.035 after Adam's first
 step) make logits of up to ~+-15, where bf16's spacing is 0.06. GOLF_TREE
 picks the golf_jax tree (default: this repository).
 
-    python scripts/forward_parity_probe.py --tables /work/.device/5/tables.npz --seqs 4
+    python scripts/forward_parity_probe.py --tables OUT/tables.npz --seqs 4
     python scripts/first_step_gpu.py golf --refs --no-train-step --seqs 2 --seq-len 2048 \\
         --golf-opt model.compute_dtype=bfloat16 --save-p1 /tmp/p1_cpu.npz       # 9 min on 2 cores
     python scripts/forward_parity_probe.py /tmp/p1_cpu.npz --seqs 2
@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(Path(os.environ.get("GOLF_TREE", HERE.parent)).resolve()))
 import first_step_probe as P  # noqa: E402
+from reference_setup import cast_as_main  # noqa: E402
 
 
 def main() -> int:
@@ -67,14 +68,8 @@ def main() -> int:
     os.environ.update(BIGRAM_VOCAB_SIZE="3072", BIGRAM_DIM="112")
     sys.path.insert(0, str(P.REFERENCE))
     import train_gpt as R
-    m = R.GPT(**kw, mtp_num_heads=0, mtp_loss_weight=0.1, dtg=False, gated_attention=False,
-              value_residual=False).bfloat16()
-    for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
-        getattr(m, name).data = getattr(m, name).data.float()
-    for module in m.modules():
-        if isinstance(module, R.CastedLinear):
-            module.float()
-    R.restore_low_dim_params_to_fp32(m)
+    m = cast_as_main(R, R.GPT(**kw, mtp_num_heads=0, mtp_loss_weight=0.1, dtg=False, gated_attention=False,
+                              value_residual=False))
     with torch.no_grad():
         for k, p in m.named_parameters():
             p.copy_(torch.from_numpy(state[k]).to(p.dtype).reshape(p.shape))

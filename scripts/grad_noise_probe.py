@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from reference_setup import cast_as_main, set_backends
 
 SHARED = Path(os.environ.get("GOLF_JAX_SHARED", ".shared"))
 INIT = SHARED / "fixtures/reference/record_init_seed314_bf16bits.npz"
@@ -96,12 +97,7 @@ def snap_ref(repeat: int, reference: str, eager: bool, seqs: int, device: str) -
     import train_gpt as R  # the reference, unchanged
 
     args = R.Hyperparameters()
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    torch.backends.cuda.enable_flash_sdp(True)
-    torch.backends.cuda.enable_mem_efficient_sdp(False)
-    torch.backends.cuda.enable_math_sdp(False)
+    set_backends(torch)
     device = torch.device(device)
     R.CastedLinear._qat_enabled = args.qat_enabled
     # As the reference's main() builds it: bf16, banks and CastedLinear float32, low-dim params float32.
@@ -113,13 +109,8 @@ def snap_ref(repeat: int, reference: str, eager: bool, seqs: int, device: str) -
               bigram_vocab_size=args.bigram_vocab_size, bigram_dim=args.bigram_dim, xsa_last_n=args.xsa_last_n,
               rope_dims=args.rope_dims, ln_scale=args.ln_scale, dtg=args.dtg_enabled, ve_enabled=args.ve_enabled,
               ve_dim=args.ve_dim, ve_layers=args.ve_layers, gated_attention=args.gated_attention,
-              value_residual=args.value_residual).to(device).bfloat16()
-    for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
-        getattr(m, name).data = getattr(m, name).data.float()
-    for module in m.modules():
-        if isinstance(module, R.CastedLinear):
-            module.float()
-    R.restore_low_dim_params_to_fp32(m)
+              value_residual=args.value_residual).to(device)
+    m = cast_as_main(R, m)
     state = perturbed_state()
     params = dict(m.named_parameters())
     missing = sorted(set(params) - set(state))

@@ -16,6 +16,8 @@ import argparse
 import sys
 from collections import Counter
 
+from reference_setup import cast_as_main
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,14 +34,8 @@ def main() -> None:
     model = R.GPT(vocab_size=1024, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=3,
                   tie_embeddings=True, tied_embed_init_std=0.005, logit_softcap=30.0, rope_base=10000.0,
                   qk_gain_init=1.5, bigram_vocab_size=3072, bigram_dim=112, xsa_last_n=2, rope_dims=16,
-                  ln_scale=True, ve_enabled=True, ve_dim=128, ve_layers="1").to(args.device).bfloat16()
-    # As the reference's main(): banks and CastedLinear back to fp32, low-dim params fp32.
-    for name in ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank"):
-        getattr(model, name).data = getattr(model, name).data.float()
-    for m in model.modules():
-        if isinstance(m, R.CastedLinear):
-            m.float()
-    R.restore_low_dim_params_to_fp32(model)
+                  ln_scale=True, ve_enabled=True, ve_dim=128, ve_layers="1").to(args.device)
+    model = cast_as_main(R, model)
     print("param dtypes:", {n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters()
                             if p.dtype != torch.float32})
 
