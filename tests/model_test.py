@@ -185,6 +185,7 @@ def test_bfloat16_compute_close_to_float32(tiny_params, tiny_cfg, tiny_ref):
     assert abs(float(got) / float(tiny_ref["loss"]) - 1) < 2e-2
 
 
+@pytest.mark.full_optimization
 def test_bf16_head_rounds_logits_and_scales_norms_in_float32(tiny_params, tiny_cfg):
     bf16 = dataclasses.replace(tiny_cfg, compute_dtype="bfloat16")
     params = param_tree.cast_params(tiny_params, bf16)
@@ -202,6 +203,7 @@ def test_bf16_head_rounds_logits_and_scales_norms_in_float32(tiny_params, tiny_c
     np.testing.assert_array_equal(layers.rms_norm(x, 3 ** -0.5), exact.astype(jnp.bfloat16))
 
 
+@pytest.mark.full_optimization
 def test_bf16_logits_rounding_survives_jit():
     """round_logits: the pre-softcap logits of the jitted model are bf16 values. XLA:CPU
     turned the head's bf16 matmul and the convert after it into one float32 matmul at

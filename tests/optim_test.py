@@ -14,6 +14,9 @@ from golf_jax import model, optim, param_tree
 from golf_jax.config import ModelConfig, OptimizerConfig, ScheduleConfig
 from tests.conftest import fixture_path
 
+# Rounding bit for bit against torch (and the reference's fixtures): compiled as users' programs are.
+pytestmark = pytest.mark.full_optimization
+
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
 
 
@@ -285,3 +288,8 @@ def test_lr_multiplier_iterations_and_wallclock():
     assert optim.lr_multiplier(4000, 4000 * 0.0866, cap) == pytest.approx((600 - 346.4) / 346.4)
     assert optim.lr_multiplier(6922, 600.0, cap) == 0.0
     assert optim.lr_multiplier(5, 1.0, dataclasses.replace(cap, warmdown_iters=0)) == 1.0
+
+
+def test_these_tests_compile_with_every_optimisation():
+    # The module's marker (conftest): on the CPU the rest of the suite compiles without LLVM's expensive passes.
+    assert not jax.config.values["jax_disable_most_optimizations"]
