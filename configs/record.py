@@ -16,7 +16,7 @@ def get_config() -> Config:
             tie_embeddings=True, tied_embed_init_std=0.005, logit_softcap=30.0, rope_base=10000.0,
             qk_gain_init=1.5, bigram_vocab_size=3072, bigram_dim=112, xsa_last_n=11, rope_dims=16,
             ln_scale=True, ve_enabled=True, ve_dim=128, ve_layers="9,10",
-            rope_ntk_base_len=1024, embedding_dtype="bfloat16", round_logits=True,
+            rope_ntk_base_len=1024, embedding_dtype="bfloat16", round_logits=True, scales_in_float32=True,
         ),
         data=DataConfig(
             data_dir="data/datasets/fineweb10B_sp1024",

@@ -52,6 +52,13 @@ class ModelConfig:
     # reference quirk: the tied head's matmul output is rounded to the compute
     # dtype before the softcap; False keeps its float32 accumulator.
     round_logits: bool = True
+    # How the per-channel scales and gates (resid_mix, attn/mlp_scale, skip_weights,
+    # q_gain, SmearGate, the BigramHash/VE scales) meet the activations. True: each
+    # product and the sum it feeds in float32, rounded once (the fused kernel
+    # torch.compile makes of them, as the reference trains), so each scale's
+    # gradient is a float32 sum over the tokens; False: one rounding per op (eager
+    # PyTorch), where XLA:CPU also rounds the gradients' running sums.
+    scales_in_float32: bool = True
     # "auto": cuDNN flash attention on GPUs (the Pallas kernel under XLA's
     # determinism flags, see layers.attention_impl), the plain jnp path elsewhere.
     attention_impl: str = "auto"

@@ -10,6 +10,7 @@ D head dim, d model dim.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -72,6 +73,63 @@ def rms_norm(x: jax.Array, scale: float = 1.0) -> jax.Array:
     """
     xf = x.astype(jnp.float32)
     return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + RMS_NORM_EPS) * scale).astype(x.dtype)
+
+
+def scaled_sum(terms: list[tuple[jax.Array | None, jax.Array]], in_float32: bool) -> jax.Array:
+    """sum of scale * x over (scale, x) terms (None: a scale of 1), in the first x's dtype.
+
+    in_float32 (model.scales_in_float32), for bf16 activations: each product and
+    the sum in float32, rounded once, as the fused kernel torch.compile makes of
+    them computes (the reference trains compiled). The backward is that
+    kernel's too (`_scaled_sum_f32`): each scale's gradient a float32 sum over
+    the tokens, rounded once. Otherwise op by op in the activations' dtype
+    (eager PyTorch), where the scales' gradients are sums of rounded products
+    (and XLA:CPU rounds their running sums too: 15% off for the VE scale of a
+    small model, against 0.1%; docs/fidelity.md).
+    """
+    dtype = terms[0][1].dtype
+    if in_float32 and dtype != jnp.float32:
+        scales = tuple(scale for scale, _ in terms if scale is not None)
+        return _scaled_sum_f32(tuple(scale is not None for scale, _ in terms), scales, tuple(x for _, x in terms))
+    total = None
+    for scale, x in terms:
+        term = x if scale is None else scale.astype(dtype) * x
+        total = term if total is None else total + term
+    return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scaled_sum_f32(has_scale: tuple[bool, ...], scales: tuple[jax.Array, ...], xs: tuple[jax.Array, ...]) -> jax.Array:
+    next_scale, total = iter(scales), None
+    for scaled, x in zip(has_scale, xs):
+        term = next(next_scale).astype(jnp.float32) * x.astype(jnp.float32) if scaled else x.astype(jnp.float32)
+        total = term if total is None else total + term
+    return total.astype(xs[0].dtype)
+
+
+def _scaled_sum_f32_fwd(has_scale, scales, xs):
+    # The residuals are the inputs as they are (bf16), not float32 copies of them.
+    return _scaled_sum_f32(has_scale, scales, xs), (scales, xs)
+
+
+def _scaled_sum_f32_bwd(has_scale, residuals, g):
+    scales, xs = residuals
+    gf, next_scale = g.astype(jnp.float32), iter(scales)
+    d_scales, d_xs = [], []
+    for scaled, x in zip(has_scale, xs):
+        if not scaled:
+            d_xs.append(g.astype(x.dtype))
+            continue
+        scale = next(next_scale)
+        d_xs.append((gf * scale.astype(jnp.float32)).astype(x.dtype))
+        product = gf * x.astype(jnp.float32)
+        lead = product.ndim - scale.ndim  # the scale broadcasts over leading axes and its size-1 axes
+        axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(scale.shape) if n == 1)
+        d_scales.append(jnp.sum(product, axis=axes).reshape(scale.shape).astype(scale.dtype))
+    return tuple(d_scales), tuple(d_xs)
+
+
+_scaled_sum_f32.defvjp(_scaled_sum_f32_fwd, _scaled_sum_f32_bwd)
 
 
 def linear(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
@@ -241,12 +299,19 @@ def gram(x_NxI: jax.Array) -> jax.Array:
                       precision=jax.lax.Precision.HIGHEST)
 
 
-def smear(gate_d: jax.Array, x_BxTxd: jax.Array, prev_x_Bxd: jax.Array | None = None) -> jax.Array:
-    """SmearGate: mix each position with the previous one (zeros before the start)."""
-    gate = jax.nn.sigmoid(gate_d.astype(jnp.float32)).astype(x_BxTxd.dtype)
-    first = jnp.zeros_like(x_BxTxd[:, :1]) if prev_x_Bxd is None else prev_x_Bxd[:, None].astype(x_BxTxd.dtype)
+def smear(gate_d: jax.Array, x_BxTxd: jax.Array, prev_x_Bxd: jax.Array | None = None,
+          in_float32: bool = True) -> jax.Array:
+    """SmearGate: mix each position with the previous one (zeros before the start).
+
+    The gate parameter is cast to x's dtype before its sigmoid, as the reference
+    casts it; in_float32 as in `scaled_sum`."""
+    dtype = x_BxTxd.dtype
+    gate = jax.nn.sigmoid(gate_d.astype(dtype).astype(jnp.float32))
+    if not in_float32:
+        gate = gate.astype(dtype)
+    first = jnp.zeros_like(x_BxTxd[:, :1]) if prev_x_Bxd is None else prev_x_Bxd[:, None].astype(dtype)
     x_prev = jnp.concatenate([first, x_BxTxd[:, :-1]], axis=1)
-    return (1 - gate) * x_BxTxd + gate * x_prev
+    return scaled_sum([(1 - gate, x_BxTxd), (gate, x_prev)], in_float32)
 
 
 def lm_head(w_Vxd: jax.Array, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array:

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 from golf_jax.config import ModelConfig
 from golf_jax.layers import (apply_rotary, attention, attention_impl, bigram_buckets, compute_dtype,
                              exclusive_self_attention, gram, linear, lm_head, lookup, mlp_impl, rms_norm,
-                             rotary_base, rotary_tables, smear)
+                             rotary_base, rotary_tables, scaled_sum, smear)
 from golf_jax.param_tree import Params, embedding_dtype
 from kernels import mlp as mlp_kernels
 
@@ -144,7 +144,7 @@ class BigramHash(nn.Module):
         if self.proj is not None:
             sow_gram(self, "proj", h)
             h = linear(h, self.proj)
-        return h * self.scale.astype(dtype)
+        return scaled_sum([(self.scale.astype(dtype), h)], self.cfg.scales_in_float32)
 
 
 class ValueEmbedding(nn.Module):
@@ -167,7 +167,7 @@ class ValueEmbedding(nn.Module):
         if self.proj is not None:
             sow_gram(self, "proj", h)
             h = linear(h, self.proj)
-        return h * self.scale.astype(dtype)
+        return scaled_sum([(self.scale.astype(dtype), h)], self.cfg.scales_in_float32)
 
 
 class BlockControls(nn.Module):
@@ -217,7 +217,8 @@ class CausalSelfAttention(nn.Module):
         if ve_BxTxKV is not None:
             v_BxTxKV = v_BxTxKV + ve_BxTxKV
         v_BxTxKxD = v_BxTxKV.reshape(B, T, K, D)
-        q_BxTxHxD = apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims) * w.q_gain[None, None, :, None]
+        q_BxTxHxD = scaled_sum([(w.q_gain[None, None, :, None], apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims))],
+                               cfg.scales_in_float32)
         k_BxTxKxD = apply_rotary(rms_norm(k_BxTxKxD), *rope, cfg.rotary_dims)
         if decode:
             filled = self.has_variable("cache", "k")
@@ -267,10 +268,11 @@ class Block(nn.Module):
     def __call__(self, x_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
                  rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0) -> jax.Array:
         norm_scale = (self.layer + 1) ** -0.5 if self.cfg.ln_scale else 1.0
-        x_in = w.resid_mix[0] * x_BxTxd + w.resid_mix[1] * x0_BxTxd
+        f32 = self.cfg.scales_in_float32
+        x_in = scaled_sum([(w.resid_mix[0], x_BxTxd), (w.resid_mix[1], x0_BxTxd)], f32)
         attn = CausalSelfAttention(self.cfg, self.layer, name="attn")
-        x = x_in + w.attn_scale * attn(rms_norm(x_in, norm_scale), w, ve_BxTxKV, rope, decode, pos)
-        return x + w.mlp_scale * MLP(self.cfg, name="mlp")(rms_norm(x, norm_scale), w.fc, w.mlp_proj)
+        x = scaled_sum([(None, x_in), (w.attn_scale, attn(rms_norm(x_in, norm_scale), w, ve_BxTxKV, rope, decode, pos))], f32)
+        return scaled_sum([(None, x), (w.mlp_scale, MLP(self.cfg, name="mlp")(rms_norm(x, norm_scale), w.fc, w.mlp_proj))], f32)
 
 
 class GPT(nn.Module):
@@ -327,7 +329,7 @@ class GPT(nn.Module):
         if self.bigram is not None:
             x_BxTxd = x_BxTxd + self.bigram(tokens_BxT, dtype, prev_token_B)
         x_BxTxd = rms_norm(x_BxTxd)
-        x0_BxTxd = smear(self.smear_gate, x_BxTxd, prev_x_Bxd)
+        x0_BxTxd = smear(self.smear_gate, x_BxTxd, prev_x_Bxd, cfg.scales_in_float32)
         rope = rotary_tables(cfg, pos + jnp.arange(T), rotary_base(cfg, rope_len or T))
         ve_BxTxKV = self.ve(tokens_BxT, dtype) if self.ve is not None else None
 
@@ -335,10 +337,12 @@ class GPT(nn.Module):
         for layer, block in enumerate(self.layers):
             decoder_idx = layer - cfg.num_encoder_layers
             if decoder_idx >= 0 and skips:  # U-Net: add the mirrored encoder output
-                h_BxTxd = h_BxTxd + self.skip_weights[decoder_idx].astype(dtype) * skips.pop()
+                h_BxTxd = scaled_sum([(None, h_BxTxd), (self.skip_weights[decoder_idx].astype(dtype), skips.pop())],
+                                     cfg.scales_in_float32)
             ve = None
             if layer in cfg.ve_layer_indices:
-                ve = ve_BxTxKV * self.ve.layer_scales[cfg.ve_layer_indices.index(layer)].astype(dtype)
+                ve = scaled_sum([(self.ve.layer_scales[cfg.ve_layer_indices.index(layer)].astype(dtype), ve_BxTxKV)],
+                                cfg.scales_in_float32)
             h_BxTxd = block(h_BxTxd, x0_BxTxd, self.layer_weights(layer, dtype), ve, rope, decode, pos)
             if decoder_idx < 0:
                 skips.append(h_BxTxd)

@@ -89,3 +89,56 @@ def test_cudnn_attention_matches_jnp_path_on_gpu():
     want = layers.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), "jnp")
     assert rel_err(got, want) < 1e-2  # bf16 inputs and output
 
+
+
+def _bf16(a):
+    return jnp.asarray(a, jnp.bfloat16)
+
+
+def _round_bf16(a64):
+    """float64 values rounded to bf16 (through float32: exact for the sums below to ~1e-7)."""
+    return np.asarray(jnp.asarray(np.asarray(a64, np.float32), jnp.bfloat16), np.float64)
+
+
+@pytest.mark.full_optimization
+def test_scaled_sum_in_float32_rounds_once_forward_and_backward():
+    """scales_in_float32: mix(x, x0), a residual add and a per-head gain as the fused kernel of
+    torch.compile computes them: one rounding of the float32 result; in the backward each
+    scale's gradient a float32 sum over the tokens rounded once, and each input's the
+    float32 product g * scale rounded once."""
+    rng = np.random.default_rng(0)
+    x, x0, g = (_bf16(rng.standard_normal((4, 256, 8, 16))) for _ in range(3))
+    s0, s1 = _bf16(1 + 0.1 * rng.standard_normal((16,))), _bf16(0.1 * rng.standard_normal((16,)))
+    gain = _bf16(rng.uniform(1, 2, (1, 1, 8, 1)))
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+
+    def mixed(s0, s1, gain, x, x0):
+        return layers.scaled_sum([(gain, layers.scaled_sum([(s0, x), (s1, x0)], True)), (None, x)], True)
+
+    out, vjp = jax.vjp(mixed, s0, s1, gain, x, x0)
+    inner = _round_bf16(f64(s0) * f64(x) + f64(s1) * f64(x0))
+    want = _round_bf16(f64(gain) * inner + f64(x))
+    # float32 sums of exact bf16 products, then one rounding: equal to the float64 result rounded
+    # but where the float32 sum sits on a bf16 rounding boundary (measured: none here; allowed 0.1%).
+    assert out.dtype == jnp.bfloat16 and np.mean(f64(out) != want) < 1e-3
+    d_s0, d_s1, d_gain, d_x, d_x0 = vjp(g)
+    gf = f64(g)
+    d_inner = _round_bf16(gf * f64(gain))
+    np.testing.assert_array_equal(f64(d_x0), _round_bf16(d_inner * f64(s1)))  # products of two bf16: exact, one rounding
+    np.testing.assert_array_equal(f64(d_x), _round_bf16(_round_bf16(d_inner * f64(s0)) + gf))
+    for got, want in ((d_s0, (d_inner * f64(x)).sum((0, 1, 2))), (d_s1, (d_inner * f64(x0)).sum((0, 1, 2))),
+                      (d_gain, (gf * inner).sum((0, 1, 3), keepdims=True))):
+        assert got.dtype == jnp.bfloat16 and got.shape == want.shape
+        # float32 sums of 4,096-16,384 terms against float64: at most one bf16 step apart after the rounding
+        np.testing.assert_allclose(f64(got), _round_bf16(want), rtol=2 ** -7)
+
+
+def test_scaled_sum_op_by_op_rounds_every_op():
+    rng = np.random.default_rng(1)
+    x, x0 = _bf16(rng.standard_normal((2, 64, 32))), _bf16(rng.standard_normal((2, 64, 32)))
+    s0, s1 = _bf16(rng.standard_normal((32,))), _bf16(rng.standard_normal(()))
+    got = layers.scaled_sum([(s0, x), (s1, x0)], False)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(s0 * x + s1 * x0, np.float32))
+    # float32 activations (the parity path): the plain sum whatever the switch.
+    xf = x.astype(jnp.float32)
+    np.testing.assert_array_equal(layers.scaled_sum([(s0, xf), (None, xf)], True), s0.astype(jnp.float32) * xf + xf)
