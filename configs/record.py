@@ -26,12 +26,14 @@ def get_config() -> Config:
         optimizer=OptimizerConfig(
             matrix_lr=0.025, muon_momentum=0.99, muon_momentum_warmup_start=0.92,
             muon_momentum_warmup_steps=1500, muon_backend_steps=5, muon_weight_decay=0.04,
-            muon_momentum_dtype="bfloat16", muon_ns_dtype="bfloat16",
+            muon_momentum_dtype="bfloat16", muon_ns_dtype="bfloat16", muon_ns_coefficients="quintic",
+            muon_ns_rounding="eager", muon_row_normalize=False,
             tied_embed_lr=0.035, scalar_lr=0.025, beta1=0.9, beta2=0.95, adam_eps=1e-8,
-            adam_weight_decay=0.04, grad_clip_norm=0.3, grad_accum_dtype="param",
+            adam_weight_decay=0.04, embed_weight_decay=0.04, grad_clip_norm=0.3, grad_accum_dtype="param",
         ),
         schedule=ScheduleConfig(
-            iterations=20_000, warmup_steps=20, warmdown_iters=4000, max_wallclock_seconds=600.0,
+            iterations=20_000, warmup_steps=20, warmdown_iters=4000, warmdown_frac=0.0, min_lr_mult=0.0,
+            max_wallclock_seconds=600.0,
             ema_decay=0.997, swa_enabled=False, swa_every=50, swa_lr_threshold=0.2,
             late_qat_threshold=0.15, qat_scope="none",
         ),

@@ -169,13 +169,23 @@ class OptimizerConfig:
     # reference quirk: bf16 gradient, momentum buffer and Newton-Schulz.
     muon_momentum_dtype: str = "bfloat16"
     muon_ns_dtype: str = "bfloat16"
+    # Newton-Schulz coefficients: "quintic", (3.4445, -4.775, 2.0315) at every
+    # step (the record); "polar_express", five per-step minimax tuples (the
+    # 1.0611 record). Where its bf16 rounds: "eager", after every op (the record's
+    # uncompiled Newton-Schulz); "compiled", once per fused product-and-sum (the
+    # 1.0611 record's @torch.compile'd one).
+    muon_ns_coefficients: str = "quintic"
+    muon_ns_rounding: str = "eager"
+    # Each row of Muon's update divided by its L2 norm before Newton-Schulz (the 1.0611 record).
+    muon_row_normalize: bool = False
     tied_embed_lr: float = 0.035  # AdamW: tok_emb, bigram table, VE table
     scalar_lr: float = 0.025  # AdamW: everything else
     head_lr: float = 0.008  # AdamW: an untied lm_head (the record ties it)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    adam_weight_decay: float = 0.04
+    adam_weight_decay: float = 0.04  # AdamW on the scalars
+    embed_weight_decay: float = 0.04  # AdamW on the embedding tables
     grad_clip_norm: float = 0.3
     # The dtype micro-batch gradients are summed in (and averaged across
     # devices in). reference quirk "param": each parameter's own dtype, so the
@@ -188,6 +198,11 @@ class ScheduleConfig:
     iterations: int = 20_000
     warmup_steps: int = 20  # compile-and-prime steps, then state restored
     warmdown_iters: int = 4000
+    # > 0: the 1.0611 record's schedule instead of warmdown_iters. The training
+    # fraction f (of the wall-clock cap, else of the iterations); the multiplier
+    # is 1 until f = 1 - warmdown_frac, then max((1 - f) / warmdown_frac, min_lr_mult).
+    warmdown_frac: float = 0.0
+    min_lr_mult: float = 0.0
     max_wallclock_seconds: float = 600.0  # 0 = no cap
     ema_decay: float = 0.997
     swa_enabled: bool = False  # reference quirk: collected, never applied
@@ -329,6 +344,12 @@ class Config:
             raise ConfigError("run.checkpoint_every and run.num_devices: must be >= 0")
         if self.optimizer.grad_accum_dtype not in ("param", "float32"):
             raise ConfigError("optimizer.grad_accum_dtype: 'param' or 'float32'")
+        o = self.optimizer
+        if o.muon_ns_coefficients not in ("quintic", "polar_express") or o.muon_ns_rounding not in ("eager", "compiled"):
+            raise ConfigError("optimizer.muon_ns_coefficients: 'quintic' or 'polar_express'; "
+                              "optimizer.muon_ns_rounding: 'eager' or 'compiled'")
+        if not 0 <= self.schedule.warmdown_frac <= 1 or not 0 <= self.schedule.min_lr_mult <= 1:
+            raise ConfigError("schedule.warmdown_frac and schedule.min_lr_mult: must be in [0, 1]")
         if self.schedule.qat_scope not in ("none", "small", "all"):
             raise ConfigError("schedule.qat_scope: 'none', 'small' or 'all'")
         if self.schedule.quant_in_budget and self.schedule.max_wallclock_seconds <= 0:

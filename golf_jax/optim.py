@@ -23,7 +23,17 @@ from golf_jax.config import OptimizerConfig, ScheduleConfig
 from golf_jax.param_tree import EMBEDDING_KEYS, Params, path_name
 
 BANK_KEYS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz (a, b, c)
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz (a, b, c), every step
+# The 1.0611 record's Polar Express minimax tuples (a, b, c), one per step. Asked
+# for more than five steps it still runs these five (its slice guard).
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+ROW_NORM_EPS = 1e-7
 NS_EPS = 1e-7
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 
@@ -48,12 +58,30 @@ def rounding_to(dtype) -> Callable[[jax.Array], jax.Array]:
     return lambda x: jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
-def newton_schulz(g: jax.Array, steps: int = 5, dtype=jnp.bfloat16) -> jax.Array:
-    """Orthogonalise each matrix of a batch [..., rows, cols] by the quintic
-    Newton-Schulz iteration, rounding to `dtype` where the reference's eager
-    PyTorch does (after each product, scaling and sum). Returns `dtype`."""
-    a, b, c = NS_COEFFS
+def ns_coefficients(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
+    """The (a, b, c) of each Newton-Schulz step (optimizer.muon_ns_coefficients)."""
+    if name == "quintic":
+        return (NS_COEFFS,) * steps
+    if name == "polar_express":
+        return POLAR_EXPRESS_COEFFS[:steps]
+    raise ValueError(f"unknown Newton-Schulz coefficients {name!r}")
+
+
+def newton_schulz(g: jax.Array, steps: int = 5, dtype=jnp.bfloat16, coefficients: str = "quintic",
+                  rounding: str = "eager") -> jax.Array:
+    """Orthogonalise each matrix of a batch [..., rows, cols] by the iteration
+    X <- a X + (b A + c A^2) X, A = X X^T, from X / ||X||_F. Returns `dtype`.
+
+    Where it rounds to `dtype` (optimizer.muon_ns_rounding): "eager" after each
+    product, scaling and sum, as the record's uncompiled PyTorch does; "compiled"
+    once per matmul and once per fused elementwise expression (b A + c A^2,
+    a X + B X, X / (||X|| + eps)), as the kernels of the 1.0611 record's
+    @torch.compile'd function do (Inductor computes a fused expression in float32
+    and rounds what it stores; the norm, a reduction, is stored rounded).
+    """
     rnd = rounding_to(dtype)
+    fused = rounding == "compiled"
+    step_rnd = (lambda x: x) if fused else rnd  # the roundings inside a fused expression
     precision = jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
     def mm(x, y):  # operands are `dtype` values; products accumulate in float32
@@ -65,12 +93,19 @@ def newton_schulz(g: jax.Array, steps: int = 5, dtype=jnp.bfloat16) -> jax.Array
     if transposed:
         x = jnp.swapaxes(x, -1, -2)
     norm = rnd(jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True)))
-    x = rnd(x / rnd(norm + NS_EPS))
-    for _ in range(steps):
+    x = rnd(x / step_rnd(norm + NS_EPS))
+    for a, b, c in ns_coefficients(coefficients, steps):
         A = mm(x, jnp.swapaxes(x, -1, -2))
-        B = rnd(rnd(b * A) + rnd(c * mm(A, A)))
-        x = rnd(rnd(a * x) + mm(B, x))
+        B = rnd(step_rnd(b * A) + step_rnd(c * mm(A, A)))
+        x = rnd(step_rnd(a * x) + mm(B, x))
     return (jnp.swapaxes(x, -1, -2) if transposed else x).astype(dtype)
+
+
+def normalize_rows(u: jax.Array, rnd: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """u / ||row||_2 (clamped at 1e-7), the norm in float32, as the 1.0611 record's
+    eager `update / update.float().norm(dim=-1).clamp_min(1e-7).to(update.dtype)`."""
+    norm = jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(u), axis=-1, keepdims=True)), ROW_NORM_EPS)
+    return rnd(u / rnd(norm))
 
 
 class ScaleByMuonState(NamedTuple):
@@ -83,7 +118,8 @@ def _value(v: ScalarOrSchedule, count: jax.Array) -> jax.Array:
 
 
 def scale_by_muon(momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: int = 5,
-                  momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+                  momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16, ns_coefficients: str = "quintic",
+                  ns_rounding: str = "eager", row_normalize: bool = False) -> optax.GradientTransformation:
     """Muon's direction for banks of matrices [n, rows, cols], float32:
     max(1, rows/cols)^0.5 NewtonSchulz(u), each matrix orthogonalised alone,
 
@@ -91,6 +127,7 @@ def scale_by_muon(momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: i
 
     reference quirk: the gradient is cast to bf16 and the buffer and the
     iteration stay bf16 (momentum_dtype, ns_dtype); float32 is better.
+    row_normalize: u's rows scaled to unit norm before Newton-Schulz (the 1.0611 record).
     """
     momentum_dtype, ns_dtype = jnp.dtype(momentum_dtype), jnp.dtype(ns_dtype)
     rnd = rounding_to(momentum_dtype)
@@ -109,9 +146,12 @@ def scale_by_muon(momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: i
             g = rnd(g.astype(jnp.float32))
             buf = rnd(rnd(mom * buf.astype(jnp.float32)) + g)
             u = rnd(g + mom * buf) if nesterov else buf
+            if row_normalize:
+                u = normalize_rows(u, rnd)
             rows, cols = g.shape[-2], g.shape[-1]
             scale = max(1.0, rows / cols) ** 0.5
-            return scale * newton_schulz(u, ns_steps, ns_dtype).astype(jnp.float32), buf.astype(momentum_dtype)
+            o = newton_schulz(u, ns_steps, ns_dtype, ns_coefficients, ns_rounding)
+            return scale * o.astype(jnp.float32), buf.astype(momentum_dtype)
 
         out = jax.tree.map(one, updates, state.momentum)
         directions = jax.tree.map(lambda _, o: o[0], updates, out)
@@ -122,10 +162,12 @@ def scale_by_muon(momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: i
 
 
 def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: int = 5,
-         weight_decay: float = 0.0, momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
+         weight_decay: float = 0.0, momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16, ns_coefficients: str = "quintic",
+         ns_rounding: str = "eager", row_normalize: bool = False) -> optax.GradientTransformation:
     """Muon: p <- p - lr (wd p + max(1, rows/cols)^0.5 O), its decoupled weight
     decay scaled by the learning rate as the reference's p.mul_(1 - lr wd)."""
-    return optax.chain(scale_by_muon(momentum, nesterov, ns_steps, momentum_dtype, ns_dtype),
+    return optax.chain(scale_by_muon(momentum, nesterov, ns_steps, momentum_dtype, ns_dtype, ns_coefficients,
+                                     ns_rounding, row_normalize),
                        optax.add_decayed_weights(weight_decay),
                        optax.scale_by_learning_rate(learning_rate))
 
@@ -266,8 +308,9 @@ def build_optimizer(cfg: OptimizerConfig, axis_name: str | None = None) -> optax
     groups = {
         "muon": muon(cfg.matrix_lr, muon_momentum_schedule(cfg), nesterov=True, ns_steps=cfg.muon_backend_steps,
                      weight_decay=cfg.muon_weight_decay, momentum_dtype=cfg.muon_momentum_dtype,
-                     ns_dtype=cfg.muon_ns_dtype),
-        "embed": adam(cfg.tied_embed_lr, cfg.adam_weight_decay),
+                     ns_dtype=cfg.muon_ns_dtype, ns_coefficients=cfg.muon_ns_coefficients,
+                     ns_rounding=cfg.muon_ns_rounding, row_normalize=cfg.muon_row_normalize),
+        "embed": adam(cfg.tied_embed_lr, cfg.embed_weight_decay),
         "scalar": adam(cfg.scalar_lr, cfg.adam_weight_decay),
         "head": adam(cfg.head_lr, 0.0),  # an untied head: the reference's torch.optim.Adam, no decay
     }
@@ -285,6 +328,8 @@ def lr_multiplier(step: int, elapsed_s: float, cfg: ScheduleConfig) -> float:
     multi-process run) and passed to the step, which scales every group's
     update by it.
     """
+    if cfg.warmdown_frac > 0:
+        return fraction_lr_multiplier(step, elapsed_s, cfg)
     if cfg.warmdown_iters <= 0:
         return 1.0
     if cfg.max_wallclock_seconds <= 0:
@@ -296,3 +341,17 @@ def lr_multiplier(step: int, elapsed_s: float, cfg: ScheduleConfig) -> float:
     warmdown_s = cfg.warmdown_iters * step_s
     remaining_s = max(cfg.max_wallclock_seconds - elapsed_s, 0.0)
     return remaining_s / max(warmdown_s, 1e-12) if remaining_s <= warmdown_s else 1.0
+
+
+def fraction_lr_multiplier(step: int, elapsed_s: float, cfg: ScheduleConfig) -> float:
+    """The 1.0611 record's multiplier: 1 until the training fraction f reaches
+    1 - warmdown_frac, then max((1 - f) / warmdown_frac, min_lr_mult). f is the
+    elapsed share of the wall-clock cap, or without one the share of the iterations."""
+    if cfg.max_wallclock_seconds > 0:
+        frac = elapsed_s / cfg.max_wallclock_seconds
+    else:
+        frac = step / max(cfg.iterations, 1)
+    if frac >= 1.0 - cfg.warmdown_frac:
+        return max((1.0 - frac) / cfg.warmdown_frac, cfg.min_lr_mult)
+    return 1.0
+

@@ -28,6 +28,8 @@ def test_record_config_is_the_appendix():
     assert (s.warmdown_iters, s.max_wallclock_seconds, s.ema_decay, s.late_qat_threshold) == (4000, 600.0, 0.997, 0.15)
     assert (q.clip_range, q.calib_num_seqs, q.calib_temperature, e.sliding_stride) == (31, 64, 0.8, 64)
     assert cfg.run.seed == 314
+    assert (o.muon_ns_coefficients, o.muon_ns_rounding, o.muon_row_normalize, s.warmdown_frac) == ("quintic", "eager",
+                                                                                                False, 0.0)
 
 
 def test_approach_g_config_is_pr_1234_as_described():

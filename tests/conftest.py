@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import textwrap
 from pathlib import Path
 
 import jax
@@ -18,6 +20,8 @@ from golf_jax.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("GOLF_JAX_FIXTURES", REPO.parent / "shared" / "fixtures" / "reference"))
+# The reference code itself (../shared/reference): some tests run its functions.
+REFERENCE = Path(os.environ.get("GOLF_JAX_REFERENCE", REPO.parent / "shared" / "reference"))
 
 # Parity is float32 against float32: on a GPU, float32 matmuls would
 # otherwise run as TF32. A no-op on the CPU.
@@ -82,6 +86,30 @@ def fixture_path(name: str) -> Path:
     if not path.is_file():
         missing(f"reference fixture {path} not present (set GOLF_JAX_FIXTURES)")
     return path
+
+
+def reference_source(relpath: str, *names: str) -> str:
+    """The source of the top-level definitions `names` of a reference file (its
+    decorators dropped), to run them here without importing the whole file (its
+    GPU-only imports)."""
+    path = REFERENCE / relpath
+    if not path.is_file():
+        missing(f"reference code {path} not present (set GOLF_JAX_REFERENCE)")
+    text = path.read_text()
+    lines, parts, found = text.splitlines(), [], set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.FunctionDef):
+            name = node.name
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+        else:
+            continue
+        if name in names:  # from its `def` or assignment line: a function's decorators are left out
+            found.add(name)
+            parts.append(textwrap.dedent("\n".join(lines[node.lineno - 1:node.end_lineno])))
+    if set(names) - found:
+        pytest.fail(f"{path}: definitions {sorted(set(names) - found)} not found")
+    return "\n\n".join(parts)
 
 
 @pytest.fixture(scope="session")
