@@ -26,21 +26,24 @@ from tests.conftest import REPO
 TINY_QUANT = {"quant.calib_num_seqs": "4", "quant.calib_seq_len": "32", "quant.calib_batch_size": "2"}
 
 
+# configs/smoke.py shrunk: a two-layer model with every feature of the record, a few steps.
+TINY = {
+    "model.num_layers": "2", "model.model_dim": "64", "model.num_heads": "2", "model.num_kv_heads": "1",
+    "model.bigram_dim": "32", "model.ve_dim": "16", "model.ve_layers": "1", "model.xsa_last_n": "2",
+    "model.rope_dims": "8",
+    "data.train_seq_len": "64", "data.train_batch_tokens": "1024", "data.micro_batches_per_step": "1",
+    "schedule.iterations": "6", "schedule.warmup_steps": "0", "schedule.warmdown_iters": "4",
+    "schedule.late_qat_threshold": "0.5",
+    "eval.eval_seq_len": "64", "eval.val_batch_tokens": "512", "eval.max_val_tokens": "640",
+    "eval.val_loss_every": "0", "eval.sliding_batch_windows": "8",
+    "run.checkpoint_every": "0", "run.train_log_every": "1",
+}
+
+
 def tiny_config(out_dir, **overrides) -> Config:
-    """A two-layer model with every feature of the record, a few steps, float32."""
+    """TINY in `out_dir`, float32 (the CPU's compute dtype)."""
     cfg = cli.load_config_file(str(REPO / "configs/smoke.py"))
-    base = {
-        "model.num_layers": "2", "model.model_dim": "64", "model.num_heads": "2", "model.num_kv_heads": "1",
-        "model.bigram_dim": "32", "model.ve_dim": "16", "model.ve_layers": "1", "model.xsa_last_n": "2",
-        "model.rope_dims": "8",
-        "data.train_seq_len": "64", "data.train_batch_tokens": "1024", "data.micro_batches_per_step": "1",
-        "schedule.iterations": "6", "schedule.warmup_steps": "0", "schedule.warmdown_iters": "4",
-        "schedule.late_qat_threshold": "0.5",
-        "eval.eval_seq_len": "64", "eval.val_batch_tokens": "512", "eval.max_val_tokens": "640",
-        "eval.val_loss_every": "0", "eval.sliding_batch_windows": "8",
-        "run.output_dir": str(out_dir), "run.checkpoint_every": "0", "run.train_log_every": "1",
-    }
-    base.update(overrides)
+    base = {**TINY, "run.output_dir": str(out_dir), **overrides}
     return cli.apply_overrides(cfg, list(base.items())).validate()
 
 
@@ -259,13 +262,11 @@ def test_budget_mode_with_a_configured_reserve_ends_training_early(tmp_path, mon
 
 
 def test_main_entry_point(tmp_path, capsys):
+    # TINY and budget mode's settings of the tests above, so their compiled programs are shared.
     overrides = [f"--config.{k}={v}" for k, v in {
-        "num_layers": "2", "model_dim": "64", "num_heads": "2", "num_kv_heads": "1", "ve_layers": "1",
-        "xsa_last_n": "2", "bigram_dim": "32", "ve_dim": "16", "iterations": "2", "warmup_steps": "1",
-        "max_val_tokens": "512", "output_dir": str(tmp_path),
+        **TINY, **BUDGET, "schedule.iterations": "2", "schedule.warmup_steps": "1", "run.output_dir": str(tmp_path),
         # Budget mode, as the issue spells it; the cap is far off, iterations end the run.
-        "quant_in_budget": "True", "max_wallclock_seconds": "600", "calib_num_seqs": "2", "calib_seq_len": "32",
-        "calib_batch_size": "2"}.items()]
+        "schedule.max_wallclock_seconds": "600"}.items()]
     train.main(["--config", str(REPO / "configs/smoke.py"), "--no-progress", *overrides])
     out = capsys.readouterr().out
     assert "final (EMA) val_loss" in out and "budget mode:" in out and "budget 600 s: training" in out
