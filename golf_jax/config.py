@@ -345,7 +345,8 @@ class Config:
         if self.optimizer.grad_accum_dtype not in ("param", "float32"):
             raise ConfigError("optimizer.grad_accum_dtype: 'param' or 'float32'")
         o = self.optimizer
-        if o.muon_ns_coefficients not in ("quintic", "polar_express") or o.muon_ns_rounding not in ("eager", "compiled"):
+        if (o.muon_ns_coefficients not in ("quintic", "polar_express")
+                or o.muon_ns_rounding not in ("eager", "compiled")):
             raise ConfigError("optimizer.muon_ns_coefficients: 'quintic' or 'polar_express'; "
                               "optimizer.muon_ns_rounding: 'eager' or 'compiled'")
         if not 0 <= self.schedule.warmdown_frac <= 1 or not 0 <= self.schedule.min_lr_mult <= 1:

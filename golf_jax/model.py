@@ -217,8 +217,8 @@ class CausalSelfAttention(nn.Module):
         if ve_BxTxKV is not None:
             v_BxTxKV = v_BxTxKV + ve_BxTxKV
         v_BxTxKxD = v_BxTxKV.reshape(B, T, K, D)
-        q_BxTxHxD = scaled_sum([(w.q_gain[None, None, :, None], apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims))],
-                               cfg.scales_in_float32)
+        q_BxTxHxD = apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims)
+        q_BxTxHxD = scaled_sum([(w.q_gain[None, None, :, None], q_BxTxHxD)], cfg.scales_in_float32)
         k_BxTxKxD = apply_rotary(rms_norm(k_BxTxKxD), *rope, cfg.rotary_dims)
         if decode:
             filled = self.has_variable("cache", "k")
@@ -271,8 +271,10 @@ class Block(nn.Module):
         f32 = self.cfg.scales_in_float32
         x_in = scaled_sum([(w.resid_mix[0], x_BxTxd), (w.resid_mix[1], x0_BxTxd)], f32)
         attn = CausalSelfAttention(self.cfg, self.layer, name="attn")
-        x = scaled_sum([(None, x_in), (w.attn_scale, attn(rms_norm(x_in, norm_scale), w, ve_BxTxKV, rope, decode, pos))], f32)
-        return scaled_sum([(None, x), (w.mlp_scale, MLP(self.cfg, name="mlp")(rms_norm(x, norm_scale), w.fc, w.mlp_proj))], f32)
+        attn_out = attn(rms_norm(x_in, norm_scale), w, ve_BxTxKV, rope, decode, pos)
+        x = scaled_sum([(None, x_in), (w.attn_scale, attn_out)], f32)
+        mlp_out = MLP(self.cfg, name="mlp")(rms_norm(x, norm_scale), w.fc, w.mlp_proj)
+        return scaled_sum([(None, x), (w.mlp_scale, mlp_out)], f32)
 
 
 class GPT(nn.Module):

@@ -162,8 +162,8 @@ def scale_by_muon(momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: i
 
 
 def muon(learning_rate: ScalarOrSchedule, momentum: ScalarOrSchedule, nesterov: bool = True, ns_steps: int = 5,
-         weight_decay: float = 0.0, momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16, ns_coefficients: str = "quintic",
-         ns_rounding: str = "eager", row_normalize: bool = False) -> optax.GradientTransformation:
+         weight_decay: float = 0.0, momentum_dtype=jnp.bfloat16, ns_dtype=jnp.bfloat16,
+         ns_coefficients: str = "quintic", ns_rounding: str = "eager", row_normalize: bool = False) -> optax.GradientTransformation:
     """Muon: p <- p - lr (wd p + max(1, rows/cols)^0.5 O), its decoupled weight
     decay scaled by the learning rate as the reference's p.mul_(1 - lr wd)."""
     return optax.chain(scale_by_muon(momentum, nesterov, ns_steps, momentum_dtype, ns_dtype, ns_coefficients,

@@ -15,7 +15,8 @@ from tests.conftest import REFERENCE, missing
 
 # Text where the transform has work to do: ASCII letters of both cases, the
 # operators themselves, spaces, punctuation and non-ASCII letters.
-CHARS = st.sampled_from("aBcDeXyZ  '.-é\u00c9ß\u1e9e" + TITLE + ALLCAPS + CAPNEXT + ESC) | st.characters(codec="utf-8")
+CHARS = (st.sampled_from("aBcDeXyZ  '.-é\u00c9ß\u1e9e" + TITLE + ALLCAPS + CAPNEXT + ESC)
+         | st.characters(codec="utf-8"))
 TEXT = st.text(CHARS, max_size=60)
 
 

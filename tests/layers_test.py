@@ -124,7 +124,8 @@ def test_scaled_sum_in_float32_rounds_once_forward_and_backward():
     d_s0, d_s1, d_gain, d_x, d_x0 = vjp(g)
     gf = f64(g)
     d_inner = _round_bf16(gf * f64(gain))
-    np.testing.assert_array_equal(f64(d_x0), _round_bf16(d_inner * f64(s1)))  # products of two bf16: exact, one rounding
+    # products of two bf16 values are exact in float32: one rounding
+    np.testing.assert_array_equal(f64(d_x0), _round_bf16(d_inner * f64(s1)))
     np.testing.assert_array_equal(f64(d_x), _round_bf16(_round_bf16(d_inner * f64(s0)) + gf))
     for got, want in ((d_s0, (d_inner * f64(x)).sum((0, 1, 2))), (d_s1, (d_inner * f64(x0)).sum((0, 1, 2))),
                       (d_gain, (gf * inner).sum((0, 1, 3), keepdims=True))):
