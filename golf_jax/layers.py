@@ -132,18 +132,25 @@ def _scaled_sum_f32_bwd(has_scale, residuals, g):
 _scaled_sum_f32.defvjp(_scaled_sum_f32_fwd, _scaled_sum_f32_bwd)
 
 
+def rounding_to(dtype):
+    """A function that rounds float32 values to `dtype`'s precision, keeping them
+    float32: one rounding of a result computed in float32, as a bf16 PyTorch op
+    (or a fused kernel's store) rounds. reduce_precision rather than a convert
+    pair, which XLA's excess precision may drop inside a fusion. The identity
+    for float32."""
+    info = jnp.finfo(dtype)
+    if info.bits >= 32:
+        return lambda x: x
+    return lambda x: jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 def linear(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
     return jnp.einsum("...i,oi->...o", x, w_OxI.astype(x.dtype))
 
 
-def _round_to(x: jax.Array, dtype) -> jax.Array:
-    info = jnp.finfo(dtype)
-    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-
-
 @jax.custom_vjp
 def _rounded_matmul(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
-    return _round_to(jnp.einsum("...i,oi->...o", x, w_OxI, preferred_element_type=jnp.float32), x.dtype)
+    return rounding_to(x.dtype)(jnp.einsum("...i,oi->...o", x, w_OxI, preferred_element_type=jnp.float32))
 
 
 def _rounded_matmul_fwd(x, w_OxI):

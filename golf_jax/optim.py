@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from golf_jax.config import OptimizerConfig, ScheduleConfig
+from golf_jax.layers import rounding_to
 from golf_jax.param_tree import EMBEDDING_KEYS, Params, path_name
 
 BANK_KEYS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
@@ -42,22 +43,6 @@ ScalarOrSchedule = float | Callable[[jax.Array], jax.Array]
 
 # ----------------------------------------------------------------------------- Muon
 
-def rounding_to(dtype) -> Callable[[jax.Array], jax.Array]:
-    """Round float32 values to `dtype`'s precision, keeping them float32.
-
-    The reference's Muon is eager PyTorch: each bf16 op computes in float32
-    (a Python scalar included) and rounds its result once. Computing in
-    float32 and rounding here reproduces that; bf16 arithmetic in JAX would
-    round the scalar too (3.4445 -> 3.4375, which shrank the Newton-Schulz
-    output by 2.7%, docs/fidelity.md). reduce_precision rather than a convert
-    pair, which XLA's excess precision may drop inside a fusion.
-    """
-    info = jnp.finfo(dtype)
-    if info.bits >= 32:
-        return lambda x: x
-    return lambda x: jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-
-
 def ns_coefficients(name: str, steps: int) -> tuple[tuple[float, float, float], ...]:
     """The (a, b, c) of each Newton-Schulz step (optimizer.muon_ns_coefficients)."""
     if name == "quintic":
@@ -71,6 +56,10 @@ def newton_schulz(g: jax.Array, steps: int = 5, dtype=jnp.bfloat16, coefficients
                   rounding: str = "eager") -> jax.Array:
     """Orthogonalise each matrix of a batch [..., rows, cols] by the iteration
     X <- a X + (b A + c A^2) X, A = X X^T, from X / ||X||_F. Returns `dtype`.
+
+    Computed in float32 and rounded with `rounding_to`: bf16 arithmetic in JAX
+    would round each Python scalar too (3.4445 -> 3.4375, which shrank the
+    output by 2.7%, docs/fidelity.md), where PyTorch multiplies in float32.
 
     Where it rounds to `dtype` (optimizer.muon_ns_rounding): "eager" after each
     product, scaling and sum, as the record's uncompiled PyTorch does; "compiled"

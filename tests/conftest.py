@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -52,24 +53,23 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # `full_optimization` and compiles as users' programs do (below).
 ON_CPU = jax.default_backend() == "cpu"
 if ON_CPU:
-    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-    jax.config.update("jax_disable_most_optimizations", os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1")
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # JAX_DISABLE_MOST_OPTIMIZATIONS=0: all at full
+    REDUCED_BY_DEFAULT = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] == "1"
+    jax.config.update("jax_disable_most_optimizations", REDUCED_BY_DEFAULT)
 
 
 @pytest.fixture(autouse=True)
 def _full_optimization(request):
-    if not (ON_CPU and request.node.get_closest_marker("full_optimization")):
-        yield
-        return
-    before = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", False)
-    # The flag is not part of jit's in-memory cache key: drop programs compiled without
-    # it (the persistent cache keys on it, so nothing stale is read from there).
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", before)
+    """Each test compiles as its marker asks; the flag (and the in-memory caches)
+    change only where a marked test follows an unmarked one, or the reverse."""
+    if ON_CPU:
+        reduced = REDUCED_BY_DEFAULT and request.node.get_closest_marker("full_optimization") is None
+        if jax.config.values["jax_disable_most_optimizations"] != reduced:
+            jax.config.update("jax_disable_most_optimizations", reduced)
+            # The flag is not part of jit's in-memory cache key: drop the programs compiled
+            # under the other setting (the persistent cache keys on it; nothing stale is read).
+            jax.clear_caches()
+    yield
 
 
 # Under CI (CI=true, as .ci/run sets it) a missing fixture or embedded dataset
@@ -86,6 +86,11 @@ def fixture_path(name: str) -> Path:
     if not path.is_file():
         missing(f"reference fixture {path} not present (set GOLF_JAX_FIXTURES)")
     return path
+
+
+def round_to_bf16(x) -> np.ndarray:
+    """Values rounded to float32, then to bf16 (ties to even), as float32."""
+    return np.asarray(jnp.asarray(np.asarray(x, np.float32)).astype(jnp.bfloat16).astype(jnp.float32))
 
 
 def reference_source(relpath: str, *names: str) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from golf_jax import layers
 from golf_jax.config import ModelConfig
+from tests.conftest import round_to_bf16
 from tests.model_test import rel_err
 
 
@@ -96,8 +97,8 @@ def _bf16(a):
 
 
 def _round_bf16(a64):
-    """float64 values rounded to bf16 (through float32: exact for the sums below to ~1e-7)."""
-    return np.asarray(jnp.asarray(np.asarray(a64, np.float32), jnp.bfloat16), np.float64)
+    """float64 values rounded to bf16 (through float32: exact for the sums below to ~1e-7), as float64."""
+    return round_to_bf16(a64).astype(np.float64)
 
 
 @pytest.mark.full_optimization

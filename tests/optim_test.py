@@ -15,6 +15,7 @@ from golf_jax.config import ModelConfig, OptimizerConfig, ScheduleConfig
 import types
 
 from tests.conftest import fixture_path, reference_source
+from tests.conftest import round_to_bf16 as bf16
 
 # Rounding bit for bit against torch (and the reference's fixtures): compiled as users' programs are.
 pytestmark = pytest.mark.full_optimization
@@ -156,11 +157,6 @@ def test_untied_head_is_adam_without_decay():
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["lm_head"], -cfg.head_lr, rtol=1e-6)
     np.testing.assert_allclose(updates["smear_gate"], -cfg.scalar_lr * (1 + cfg.adam_weight_decay * 0.5), rtol=1e-6)
-
-
-def bf16(x) -> np.ndarray:
-    """float32 values rounded to bf16 (ties to even), as float32."""
-    return np.asarray(jnp.asarray(np.asarray(x, np.float32)).astype(jnp.bfloat16).astype(jnp.float32))
 
 
 def test_adamw_on_a_bf16_table_computes_in_float32():
