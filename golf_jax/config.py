@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+# The Pallas kernels model.fusion_kernels can name (golf_jax.layers.fusion_impl).
+FUSION_KERNELS = ("norm_rope", "xsa", "residual_norm")
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the field."""
@@ -70,6 +73,20 @@ class ModelConfig:
     # "jnp" switches the kernels off; "reference" runs the kernels' jnp
     # references through the same custom_vjp (tests).
     mlp_impl: str = "auto"
+    # The Pallas kernels of the elementwise stages around the matmuls, each one
+    # pass forward and one backward (issue 17; docs/performance.md): q/k
+    # RMSNorm + partial RoPE + q_gain ("norm_rope", kernels/qk_norm_rope.py),
+    # XSA ("xsa", kernels/xsa.py), and each residual mix with the RMSNorm after
+    # it ("residual_norm", kernels/residual_norm.py; with scales_in_float32).
+    # "jnp" (the default) switches them off: with them the micro-batch is 12%
+    # faster on an H200, but the 60-step fidelity curve drifts (warmdown
+    # +0.84% over four runs against +0.03%): not the default until it holds.
+    # "auto": on GPUs in bf16 when the model and head dims are powers of two
+    # (Triton's blocks), jnp elsewhere; "pallas" off GPUs runs the kernels in
+    # Pallas's interpreter (tests).
+    fusion_impl: str = "jnp"
+    # Which of those kernels "auto"/"pallas" applies to, comma-separated.
+    fusion_kernels: str = "norm_rope,xsa,residual_norm"
 
     # Derived shapes: one source of truth.
     @property
@@ -142,6 +159,9 @@ class ModelConfig:
         need(self.attention_impl in ("auto", "cudnn", "pallas", "jnp"), "attention_impl", "auto, cudnn, pallas or jnp")
         need(0.0 <= self.mlp_negative_slope <= 1.0, "mlp_negative_slope", "must be in [0, 1]")
         need(self.mlp_impl in ("auto", "triton", "jnp", "reference"), "mlp_impl", "auto, triton, jnp or reference")
+        need(self.fusion_impl in ("auto", "pallas", "jnp"), "fusion_impl", "auto, pallas or jnp")
+        unknown = set(self.fusion_kernels.split(",")) - set(FUSION_KERNELS) - {""}
+        need(not unknown, "fusion_kernels", f"names from {', '.join(FUSION_KERNELS)}, got {sorted(unknown)}")
 
 
 @dataclass(frozen=True)

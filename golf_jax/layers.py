@@ -1,8 +1,9 @@
 """The model's functional pieces, pure jnp over arrays: norms, linears,
-BigramHash buckets, rotary embeddings, the attention paths (cuDNN, Pallas,
+BigramHash buckets, the rotary tables, the attention paths (cuDNN, Pallas,
 jnp) and XSA, the embedding lookup, SmearGate and the soft-capped head; and
-which implementation a config resolves to. The Flax modules that assemble
-them are in golf_jax/model.py.
+which implementation a config resolves to (among them the Pallas kernels of
+kernels/, whose jnp references include the rotation itself and XSA). The
+Flax modules that assemble them are in golf_jax/model.py.
 
 Shapes in names: B batch, T sequence, H query heads, K KV heads, G = H / K,
 D head dim, d model dim.
@@ -15,16 +16,14 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 
-from golf_jax.config import ModelConfig
+from golf_jax.config import FUSION_KERNELS, ModelConfig
 from kernels import mlp as mlp_kernels
+from kernels import xsa as xsa_kernels
+from kernels.qk_norm_rope import RMS_NORM_EPS
+from kernels.rounding import rounding_to
 
-# torch's F.rms_norm default eps for float32 inputs; the reference uses it for
-# every RMSNorm, which carries no weight.
-RMS_NORM_EPS = float(np.finfo(np.float32).eps)
-XSA_NORM_EPS = 1e-12  # F.normalize's clamp of the value vector's norm
 BIGRAM_MUL_CUR, BIGRAM_MUL_PREV = 36313, 27191
 
 
@@ -60,6 +59,21 @@ def mlp_impl(cfg: ModelConfig) -> str:
     fits = mlp_kernels.triton_supports(cfg.model_dim, cfg.mlp_dim)
     return "triton" if compute_dtype(cfg) == jnp.bfloat16 and fits and mlp_kernels.triton_available() else "jnp"
 
+
+def fusion_impl(cfg: ModelConfig, kernel: str) -> str:
+    """The implementation of one of the Pallas kernels of cfg.fusion_kernels
+    (config.FUSION_KERNELS): cfg.fusion_impl for a listed kernel, "auto" being
+    Pallas on GPUs in bf16 when the model and head dims are powers of two
+    (Triton's blocks); "jnp" otherwise."""
+    if kernel not in FUSION_KERNELS:
+        raise ValueError(f"no fused kernel named {kernel!r}; expected one of {FUSION_KERNELS}")
+    if kernel not in cfg.fusion_kernels.split(",") or cfg.fusion_impl == "jnp":
+        return "jnp"
+    if cfg.fusion_impl == "pallas":
+        return "pallas"
+    power_of_two = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    fits = power_of_two(cfg.model_dim) and power_of_two(cfg.head_dim)
+    return "pallas" if jax.default_backend() == "gpu" and compute_dtype(cfg) == jnp.bfloat16 and fits else "jnp"
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -130,18 +144,6 @@ def _scaled_sum_f32_bwd(has_scale, residuals, g):
 
 
 _scaled_sum_f32.defvjp(_scaled_sum_f32_fwd, _scaled_sum_f32_bwd)
-
-
-def rounding_to(dtype):
-    """A function that rounds float32 values to `dtype`'s precision, keeping them
-    float32: one rounding of a result computed in float32, as a bf16 PyTorch op
-    (or a fused kernel's store) rounds. reduce_precision rather than a convert
-    pair, which XLA's excess precision may drop inside a fusion. The identity
-    for float32."""
-    info = jnp.finfo(dtype)
-    if info.bits >= 32:
-        return lambda x: x
-    return lambda x: jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def linear(x: jax.Array, w_OxI: jax.Array) -> jax.Array:
@@ -220,16 +222,6 @@ def rotary_tables(cfg: ModelConfig, positions_T: jax.Array, base: float) -> tupl
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def apply_rotary(x_BxTxHxD: jax.Array, cos: jax.Array, sin: jax.Array, rope_dims: int) -> jax.Array:
-    """The reference's convention on the first rope_dims dims (note the signs):
-    (x1, x2) -> (x1 cos + x2 sin, -x1 sin + x2 cos)."""
-    half = rope_dims // 2
-    x1, x2, rest = x_BxTxHxD[..., :half], x_BxTxHxD[..., half:rope_dims], x_BxTxHxD[..., rope_dims:]
-    c = cos[None, :, None, :].astype(x_BxTxHxD.dtype)
-    s = sin[None, :, None, :].astype(x_BxTxHxD.dtype)
-    return jnp.concatenate([x1 * c + x2 * s, -x1 * s + x2 * c, rest], axis=-1)
-
-
 def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, impl: str,
               q_offset: jax.Array | int = 0) -> jax.Array:
     """Causal softmax attention, scale 1/sqrt(D), query head h on KV head h // G.
@@ -268,22 +260,12 @@ def pallas_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.
                                     interpret=jax.default_backend() != "gpu")
 
 
-def exclusive_self_attention(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
+def exclusive_self_attention(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, impl: str = "jnp") -> jax.Array:
     """XSA: remove from each head's output its component along the unit value
-    vector of its KV group at the same position.
-
-    In float32 whatever the inputs, returned in y's dtype: under the
-    reference's autocast F.normalize is a float32 op, so the unit vector, the
-    projection and the difference are float32 until the out-projection.
-    """
-    B, T, H, D = y_BxTxHxD.shape
-    K = v_BxTxKxD.shape[2]
-    vf = v_BxTxKxD.astype(jnp.float32)
-    norm = jnp.sqrt(jnp.sum(vf * vf, axis=-1, keepdims=True))
-    vn_BxTxKx1xD = (vf / jnp.maximum(norm, XSA_NORM_EPS))[:, :, :, None, :]
-    y_BxTxKxGxD = y_BxTxHxD.reshape(B, T, K, H // K, D).astype(jnp.float32)
-    along = jnp.sum(y_BxTxKxGxD * vn_BxTxKx1xD, axis=-1, keepdims=True)
-    return (y_BxTxKxGxD - along * vn_BxTxKx1xD).reshape(B, T, H, D).astype(y_BxTxHxD.dtype)
+    vector of its KV group at the same position, in float32, returned in y's
+    dtype (kernels/xsa.py). impl: "jnp" (autodiff of the jnp expression) or
+    "pallas" (one fused kernel forward and one backward)."""
+    return xsa_kernels.xsa(y_BxTxHxD, v_BxTxKxD, impl)
 
 
 def lookup(table_VxD: jax.Array, ids: jax.Array, dtype) -> jax.Array:

@@ -57,11 +57,13 @@ import jax
 import jax.numpy as jnp
 
 from golf_jax.config import ModelConfig
-from golf_jax.layers import (apply_rotary, attention, attention_impl, bigram_buckets, compute_dtype,
-                             exclusive_self_attention, gram, linear, lm_head, lookup, mlp_impl, rms_norm,
+from golf_jax.layers import (attention, attention_impl, bigram_buckets, compute_dtype,
+                             exclusive_self_attention, fusion_impl, gram, linear, lm_head, lookup, mlp_impl, rms_norm,
                              rotary_base, rotary_tables, scaled_sum, smear)
 from golf_jax.param_tree import Params, embedding_dtype
 from kernels import mlp as mlp_kernels
+from kernels.qk_norm_rope import apply_rotary, norm_rope
+from kernels.residual_norm import add_norm
 
 INPUT_GRAMS = "input_grams"  # the collection of sown Gram matrices (Hessian collection)
 
@@ -217,9 +219,14 @@ class CausalSelfAttention(nn.Module):
         if ve_BxTxKV is not None:
             v_BxTxKV = v_BxTxKV + ve_BxTxKV
         v_BxTxKxD = v_BxTxKV.reshape(B, T, K, D)
-        q_BxTxHxD = apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims)
-        q_BxTxHxD = scaled_sum([(w.q_gain[None, None, :, None], q_BxTxHxD)], cfg.scales_in_float32)
-        k_BxTxKxD = apply_rotary(rms_norm(k_BxTxKxD), *rope, cfg.rotary_dims)
+        if cfg.scales_in_float32 and not decode and fusion_impl(cfg, "norm_rope") == "pallas":
+            # RMSNorm, partial RoPE and q_gain: one kernel each way, the same arithmetic
+            q_BxTxHxD = norm_rope(q_BxTxHxD, *rope, w.q_gain, cfg.rotary_dims, "pallas")
+            k_BxTxKxD = norm_rope(k_BxTxKxD, *rope, None, cfg.rotary_dims, "pallas")
+        else:
+            q_BxTxHxD = apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims)
+            q_BxTxHxD = scaled_sum([(w.q_gain[None, None, :, None], q_BxTxHxD)], cfg.scales_in_float32)
+            k_BxTxKxD = apply_rotary(rms_norm(k_BxTxKxD), *rope, cfg.rotary_dims)
         if decode:
             filled = self.has_variable("cache", "k")
             k_cache = self.variable("cache", "k", jnp.zeros, k_BxTxKxD.shape, k_BxTxKxD.dtype)  # [B, S, K, D]
@@ -233,7 +240,7 @@ class CausalSelfAttention(nn.Module):
         else:
             y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg))
         if cfg.xsa_on(self.layer):
-            y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, v_BxTxKxD)
+            y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, v_BxTxKxD, "jnp" if decode else fusion_impl(cfg, "xsa"))
         y_BxTxd = y_BxTxHxD.reshape(B, T, d)
         sow_gram(self, "proj", y_BxTxd)
         return linear(y_BxTxd, w.proj)
@@ -269,11 +276,17 @@ class Block(nn.Module):
                  rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0) -> jax.Array:
         norm_scale = (self.layer + 1) ** -0.5 if self.cfg.ln_scale else 1.0
         f32 = self.cfg.scales_in_float32
-        x_in = scaled_sum([(w.resid_mix[0], x_BxTxd), (w.resid_mix[1], x0_BxTxd)], f32)
-        attn = CausalSelfAttention(self.cfg, self.layer, name="attn")
-        attn_out = attn(rms_norm(x_in, norm_scale), w, ve_BxTxKV, rope, decode, pos)
-        x = scaled_sum([(None, x_in), (w.attn_scale, attn_out)], f32)
-        mlp_out = MLP(self.cfg, name="mlp")(rms_norm(x, norm_scale), w.fc, w.mlp_proj)
+        fused = f32 and not decode and fusion_impl(self.cfg, "residual_norm") == "pallas"
+
+        def mix_norm(a, b, scale_a, scale_b):  # a mix, and the norm after it: one kernel each way when fused
+            if fused:
+                return add_norm(a, b, scale_a, scale_b, norm_scale, "pallas")
+            mixed = scaled_sum([(scale_a, a), (scale_b, b)], f32)
+            return mixed, rms_norm(mixed, norm_scale)
+        x_in, h = mix_norm(x_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1])
+        attn_out = CausalSelfAttention(self.cfg, self.layer, name="attn")(h, w, ve_BxTxKV, rope, decode, pos)
+        x, h = mix_norm(x_in, attn_out, None, w.attn_scale)
+        mlp_out = MLP(self.cfg, name="mlp")(h, w.fc, w.mlp_proj)
         return scaled_sum([(None, x), (w.mlp_scale, mlp_out)], f32)
 
 

@@ -34,8 +34,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kernels.partition import row_partitioned
 
 IMPLS = ("jnp", "reference", "triton")
 
@@ -98,43 +98,15 @@ def _kernels(impl: str):
     raise ValueError(f"no MLP kernels named {impl!r}; expected one of {IMPLS}")
 
 
-def _row_partitioned(fn, row_args: tuple[int, ...], n_out: int, rule: str, replicated: tuple[str, ...]):
-    """fn (2-D operands, rows first) as one op that XLA's SPMD partitioner
-    splits along the rows: rows sharded as the first operand's are, weights
-    replicated, each device running fn on its rows. Without it a sharded
-    batch (TTT over several GPUs) would be all-gathered around the kernels'
-    custom calls, which XLA cannot partition."""
-    f = custom_partitioning(fn)
-
-    def shardings(mesh, arg_shapes):
-        spec = arg_shapes[0].sharding.spec
-        rows = NamedSharding(mesh, P(spec[0] if len(spec) else None, None))
-        whole = NamedSharding(mesh, P(None, None))
-        return rows, tuple(rows if i in row_args else whole for i in range(len(arg_shapes)))
-
-    def infer(mesh, arg_shapes, result_shape):
-        rows, _ = shardings(mesh, arg_shapes)
-        return rows if n_out == 1 else (rows,) * n_out
-
-    def partition(mesh, arg_shapes, result_shape):
-        rows, args = shardings(mesh, arg_shapes)
-        return mesh, fn, (rows if n_out == 1 else (rows,) * n_out), args
-
-    f.def_partition(partition=partition, infer_sharding_from_operands=infer,
-                    propagate_user_sharding=lambda mesh, user_shape: user_shape.sharding,
-                    sharding_rule=rule, need_replication_factors=replicated)
-    return f
-
-
 @functools.lru_cache(maxsize=None)
 def _partitioned_kernels(impl: str, slope: float):
     """The kernels of `impl` for one slope, each row-partitioned."""
     up_act, down_grad = _kernels(impl)
-    up_infer = _row_partitioned(lambda x, w: up_act(x, w, slope, save_pre=False)[0], (0,), 1,
+    up_infer = row_partitioned(lambda x, w: up_act(x, w, slope, save_pre=False)[0], (0,), 1,
                                 "m k, n k -> m n", ("k", "n"))
-    up_train = _row_partitioned(lambda x, w: up_act(x, w, slope, save_pre=True), (0,), 2,
+    up_train = row_partitioned(lambda x, w: up_act(x, w, slope, save_pre=True), (0,), 2,
                                 "m k, n k -> m n, m n", ("k", "n"))
-    down = _row_partitioned(lambda dy, w, pre: down_grad(dy, w, pre, slope), (0, 2), 2,
+    down = row_partitioned(lambda dy, w, pre: down_grad(dy, w, pre, slope), (0, 2), 2,
                             "m o, o n, m n -> m n, m n", ("o", "n"))
     return up_infer, up_train, down
 

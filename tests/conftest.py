@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -86,6 +88,16 @@ def fixture_path(name: str) -> Path:
     if not path.is_file():
         missing(f"reference fixture {path} not present (set GOLF_JAX_FIXTURES)")
     return path
+
+
+def run_on_two_cpu_devices(script: str) -> dict:
+    """Run `script` (it sets XLA_FLAGS for two host devices itself, takes the
+    repo's path as argv[1] and prints JSON) in a fresh process; its JSON."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    run = subprocess.run([sys.executable, "-c", script, str(REPO)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
 
 
 def round_to_bf16(x) -> np.ndarray:

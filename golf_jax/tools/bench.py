@@ -13,7 +13,10 @@ Sections:
              The optimizer update is not in it: an upper bound on a training step.
   train      the real optimizer step (golf_jax.train: accumulation, Parallel Muon, AdamW,
              EMA) with all micro-batches and with one, and the host time of the data feed.
-  attention  causal GQA attention alone, cuDNN vs the jnp path, forward and forward+backward.
+  attention  causal GQA attention alone: cuDNN, the Pallas Triton and Mosaic GPU kernels, the
+             jnp path; forward and forward+backward.
+  fusions    the attention's elementwise kernels (q/k norm+RoPE, residual mix+norm, XSA) alone,
+             forward+backward, Pallas vs jnp.
   mlp        the MLP alone at a micro-step's shape (rows x model_dim x mlp_dim): the fused
              Triton kernels vs the jnp path, forward (inference) and forward+backward.
   after      the stages after training, each run twice (the first compiles): AR
@@ -28,9 +31,11 @@ Sections:
              perfetto traces stay under OUT/traces.
 
 With the fused MLP kernels on (the default on GPUs), eval and grad are also
-timed with model.mlp_impl="jnp" (the config field), for the comparison.
+timed with model.mlp_impl="jnp" (the config field), for the comparison; with
+the Pallas kernels of model.fusion_impl off (the default), grad is also timed
+with them on ("auto").
 
-About 490 lines, over the ~450 the project aims for: one command whose
+About 570 lines, over the ~450 the project aims for: one command whose
 sections share the setup, the timing helper and the report; tooling, outside
 the code counted in the artifact budget.
 """
@@ -220,27 +225,81 @@ def bench_data_feed(cfg, repeats: int) -> dict | None:
     return {"median_s": statistics.median(times)}
 
 
+def mgpu_attention(q, k, v):
+    """JAX's Mosaic GPU (FA3-style, Hopper) flash attention, causal; for the
+    attention section's comparison only (its causal backward may be missing)."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+    blocks = dict(block_q_dkv=64, block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
+    config = attention_mgpu.TuningConfig(block_q=64, block_kv=64, max_concurrent_steps=2, causal=True, **blocks)
+    return attention_mgpu.attention(q, k, v, config)
+
+
 def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict:
+    """Causal GQA attention alone at a micro-batch's shape: cuDNN, JAX's Pallas
+    Triton kernel, its Mosaic GPU (Hopper) kernel and the jnp path, forward and
+    forward+backward, each checked against the jnp path's forward."""
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     keys = jax.random.split(jax.random.key(3), 3)
     q = jax.random.normal(keys[0], (batch, seq_len, H, D), jnp.bfloat16)
     k = jax.random.normal(keys[1], (batch, seq_len, K, D), jnp.bfloat16)
     v = jax.random.normal(keys[2], (batch, seq_len, K, D), jnp.bfloat16)
-    out = {}
-    for impl in ("cudnn", "jnp"):
-        if impl == "cudnn" and jax.default_backend() != "gpu":
+    impls = {name: (lambda q, k, v, name=name: layers.attention(q, k, v, name)) for name in ("cudnn", "pallas", "jnp")}
+    impls["mgpu"] = mgpu_attention
+    on_gpu = jax.default_backend() == "gpu"
+    expected = np.asarray(jax.jit(impls["jnp"])(q, k, v), np.float32)
+    out = {"shape": [batch, seq_len, H, K, D]}
+    for name, fn in impls.items():
+        if name != "jnp" and not on_gpu:
             continue
-        fwd = jax.jit(lambda q, k, v, impl=impl: layers.attention(q, k, v, impl))
-        grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: jnp.sum(layers.attention(q, k, v, impl).astype(jnp.float32)),
-                                argnums=(0, 1, 2)))
-        out[impl] = {"forward": time_call(fwd, q, k, v, repeats=repeats),
-                     "forward_backward": time_call(grad, q, k, v, repeats=repeats)}
-    if "cudnn" in out:
-        run = jax.jit(layers.attention, static_argnums=3)  # arrays as arguments, never folded constants
-        a = np.asarray(run(q, k, v, "cudnn"), np.float32)
-        b = np.asarray(run(q, k, v, "jnp"), np.float32)
-        out["cudnn_vs_jnp_rel_err"] = float(np.linalg.norm(a - b) / np.linalg.norm(b))
-    out["shape"] = [batch, seq_len, H, K, D]
+        r = {}
+        fwd = jax.jit(fn)
+        grad = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+        for kind, call in (("forward", fwd), ("forward_backward", grad)):
+            try:
+                r[kind] = time_call(call, q, k, v, repeats=repeats)
+            except Exception as e:  # a kernel that does not support this case: report, go on
+                r[kind] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        if "median_s" in r["forward"]:
+            got = np.asarray(fwd(q, k, v), np.float32)
+            r["rel_err_vs_jnp"] = float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+        out[name] = r
+    return out
+
+
+def bench_fusions(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict:
+    """Each of the attention's elementwise kernels (model.fusion_impl) alone at
+    a micro-batch's shape, forward+backward, Pallas vs its jnp path, with the
+    norm-relative difference of their outputs; a call per use in a layer."""
+    from kernels import qk_norm_rope, residual_norm, xsa
+
+    H, K, D, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.model_dim
+    dtype = layers.compute_dtype(cfg)
+    keys = iter(jax.random.split(jax.random.key(7), 8))
+    normal = lambda *shape: jax.random.normal(next(keys), shape).astype(dtype)  # noqa: E731
+    cos, sin = layers.rotary_tables(cfg, jnp.arange(seq_len), layers.rotary_base(cfg, seq_len))
+    q, k, y, v = normal(batch, seq_len, H, D), normal(batch, seq_len, K, D), normal(batch, seq_len, H, D), normal(
+        batch, seq_len, K, D)
+    a, b, gain, scale = normal(batch, seq_len, d), normal(batch, seq_len, d), normal(H), normal(d)
+    cases = {
+        "q norm+rope+gain": (lambda q, g, impl: qk_norm_rope.norm_rope(q, cos, sin, g, cfg.rotary_dims, impl),
+                             (q, gain)),
+        "k norm+rope": (lambda k, impl: qk_norm_rope.norm_rope(k, cos, sin, None, cfg.rotary_dims, impl), (k,)),
+        "resid mix+norm": (lambda a, b, s, impl: residual_norm.add_norm(a, b, s, s, 0.5, impl), (a, b, scale)),
+        "xsa": (lambda y, v, impl: xsa.xsa(y, v, impl), (y, v)),
+    }
+    out = {}
+    for name, (fn, args) in cases.items():
+        r = {}
+        for impl in ("pallas", "jnp"):
+            loss = lambda *xs, impl=impl: sum(  # noqa: E731
+                jnp.sum(t.astype(jnp.float32)) for t in jax.tree.leaves(fn(*xs, impl)))
+            grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))
+            r[impl] = time_call(grad, *args, repeats=repeats)
+            r[impl + "_out"] = np.concatenate([np.asarray(t, np.float32).ravel() for t in
+                                               jax.tree.leaves(jax.jit(lambda *xs, impl=impl: fn(*xs, impl))(*args))])
+        r["rel_err"] = float(np.linalg.norm(r.pop("pallas_out") - r["jnp_out"]) / np.linalg.norm(r["jnp_out"]))
+        del r["jnp_out"]
+        out[name] = r
     return out
 
 
@@ -356,7 +415,7 @@ def print_table(results: dict) -> None:
             print(f"{'sliding eval batch ' + 'x'.join(map(str, r['shape'])) + note:<44}{r['median_s'] * 1e3:>10.2f}ms"
                   f"{r['first_call_s']:>11.1f}s  {r['forward_tokens_per_s'] / 1e6:.2f} M fwd tok/s, "
                   f"{r['scored_tokens_per_s'] / 1e6:.3f} M scored tok/s, {r['tflops']:.0f} TFLOP/s")
-    for key, note in (("grad", ""), ("grad_jnp_mlp", " (jnp MLP)")):
+    for key, note in (("grad", ""), ("grad_jnp_mlp", " (jnp MLP)"), ("grad_fused", " (fusion_impl auto)")):
         if key in results:
             r = results[key]
             mem = r["peak_memory_bytes"]
@@ -373,13 +432,17 @@ def print_table(results: dict) -> None:
         print(f"{'data feed, one step (host)':<44}{results['data_feed']['median_s'] * 1e3:>10.2f}ms")
     if "attention" in results:
         a = results["attention"]
-        for impl in ("cudnn", "jnp"):
-            if impl in a:
-                for kind in ("forward", "forward_backward"):
-                    r = a[impl][kind]
-                    print(f"{'attention ' + impl + ' ' + kind:<44}{r['median_s'] * 1e3:>10.2f}ms{r['first_call_s']:>11.1f}s")
-        if "cudnn_vs_jnp_rel_err" in a:
-            print(f"attention cudnn vs jnp relative error: {a['cudnn_vs_jnp_rel_err']:.2e}")
+        for impl in ("cudnn", "pallas", "mgpu", "jnp"):
+            for kind in ("forward", "forward_backward") if impl in a else ():
+                r = a[impl][kind]
+                label = f"{'attention ' + impl + ' ' + kind:<44}"
+                print(label + (f"{r['median_s'] * 1e3:>10.2f}ms{r['first_call_s']:>11.1f}s" if "median_s" in r
+                               else f"  {r['error'][:120]}"))
+            if "rel_err_vs_jnp" in a.get(impl, {}):
+                print(f"attention {impl} vs jnp relative error: {a[impl]['rel_err_vs_jnp']:.2e}")
+    for name, r in (results.get("fusions") or {}).items():
+        print(f"{'fwd+bwd ' + name + ' pallas / jnp':<44}{r['pallas']['median_s'] * 1e3:>10.2f}ms"
+              f"{r['jnp']['median_s'] * 1e3:>10.2f}ms  rel diff {r['rel_err']:.1e}")
     if "mlp" in results:
         m = results["mlp"]
         for impl in ("triton", "jnp"):
@@ -436,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--random-tokens", action="store_true", help="uniform ids instead of the config's text")
     parser.add_argument("--ttt-chunks", type=int, default=16, help="chunks timed by the ttt section")
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--no-jnp-mlp", action="store_true", help="skip the jnp-MLP comparisons of eval and grad")
     cfg, args = cli.parse(parser, argv, default_config=str(Path(__file__).resolve().parents[2] / "configs" / "record.py"))
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     tokens = ((lambda shape, seed=0: random_tokens(shape, cfg.model.vocab_size, seed)) if args.random_tokens
@@ -455,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                           for x, k in zip(leaves, keys)])
     results["parameters"] = param_tree.param_count(params)
     e = cfg.eval
-    compare_jnp_mlp = layers.mlp_impl(cfg.model) != "jnp"
+    compare_jnp_mlp = layers.mlp_impl(cfg.model) != "jnp" and not args.no_jnp_mlp
     if "eval" in sections:
         results["eval"] = bench_eval(params, cfg, tokens, e.eval_seq_len, e.sliding_stride, e.sliding_batch_windows, args.repeats)
     if "grad" in sections:
@@ -467,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                             max(3, args.repeats // 2))
         results["train_one_micro"] = bench_train_step(params, cfg, tokens, 1, args.repeats)
         results["data_feed"] = bench_data_feed(cfg, args.repeats)
+    if "fusions" in sections:
+        results["fusions"] = bench_fusions(cfg.model, args.grad_batch_seqs, cfg.data.train_seq_len, args.repeats)
     if "attention" in sections:
         results["attention"] = bench_attention(cfg.model, args.attention_batch, cfg.data.train_seq_len, args.repeats)
 
@@ -484,6 +550,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if compare_jnp_mlp and "grad" in sections:
         results["grad_jnp_mlp"] = bench_grad(params, with_mlp_impl(cfg, "jnp"), tokens, args.grad_batch_seqs,
                                              cfg.data.train_seq_len, args.repeats)
+    fused = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fusion_impl="auto"))
+    if "grad" in sections and cfg.model.fusion_impl == "jnp" and layers.fusion_impl(fused.model, "xsa") != "jnp":
+        results["grad_fused"] = bench_grad(params, fused, tokens, args.grad_batch_seqs, cfg.data.train_seq_len,
+                                           args.repeats)
 
     results["bench_wall_s"] = time.perf_counter() - t_start
     out = Path(args.out)
