@@ -14,16 +14,23 @@ and write each result once; the scales' gradients are summed per block of
 rows inside the backward, then over the blocks.
 
 Rounding is where XLA rounds the model's jnp path on the GPU
-(golf_jax.layers.scaled_sum with scales_in_float32, then rms_norm), measured
-there (scripts/fusion_kernel_sweep.py, docs/performance.md): XLA fuses the sum
-into the norm and, under its excess precision, drops the bf16 round trip
-between them. So: s in float32, written rounded once; n from the unrounded s,
-rounded once. Backward: the norm's gradient from the rounded s (the tensor
-autodiff keeps), in float32, added to s's other cotangent in float32 and not
-rounded before the products with the scales; each input's cotangent
-ds * scale rounded once; each scale's gradient a float32 sum over the tokens,
-rounded once. (XLA on the CPU keeps those round trips, so there the jnp path
-differs from this by a bf16 unit in some values.)
+(golf_jax.layers.scaled_sum with scales_in_float32, then rms_norm). The
+forward was measured there (scripts/fusion_kernel_sweep.py, GPU tests): XLA
+fuses the sum into the norm and, under its excess precision, drops the bf16
+round trip between them; so s is written rounded once and n is computed
+from the unrounded s, rounded once. The backward follows XLA's optimised HLO
+for the GPU (docs/performance.md, 2026-12-01), not yet measured against it:
+the norm's gradient from the rounded s (the tensor autodiff keeps) in
+float32, rounded to bf16; added to s's other cotangent in bf16 (rounded);
+each input's cotangent ds * scale rounded once; each scale's gradient a
+float32 sum over the tokens, rounded once. XLA on the CPU rounds otherwise
+(it keeps the round trip before the norm and adds the cotangents in float32),
+so there the jnp path differs from this by a bf16 unit in some values. One
+difference no kernel can remove: XLA feeds the norm's gradient the float32
+output of the GEMMs after it, where the kernel takes their bf16 output.
+
+`SEMANTICS` names these choices; scripts/fusion_kernel_sweep.py tries the
+others against XLA on the GPU.
 
 `impl`: "pallas" runs the kernels (Pallas's Triton backend on GPUs, its
 interpreter elsewhere); "jnp" runs `reference`, the same formulas in jnp.
@@ -48,9 +55,8 @@ IMPLS = ("jnp", "pallas")
 # them in registers at a time.
 TUNED = {"forward": dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2),
          "backward": dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2)}
-# Where the kernels round (see above); the sweep script tries the others
-# against XLA on the GPU.
-SEMANTICS = dict(norm_of_rounded_sum=False, dnorm_of_rounded_sum=True, round_dnorm=False)
+# Where the kernels round (see the module docstring).
+SEMANTICS = dict(norm_of_rounded_sum=False, dnorm_of_rounded_sum=True, round_dnorm=True, round_ds=True)
 
 
 # ----------------------------------------------------------------------------- jnp reference
@@ -95,6 +101,7 @@ def _reference_bwd(norm_scale, residuals, cotangents):
     dnorm = inv * u - inv * inv * inv * s * (jnp.sum(u * s, axis=-1, keepdims=True) / s.shape[-1])
     dnorm = dnorm.astype(dtype).astype(f32) if SEMANTICS["round_dnorm"] else dnorm
     ds = cotangents[0].astype(dtype).astype(f32) + dnorm
+    ds = ds.astype(dtype).astype(f32) if SEMANTICS["round_ds"] else ds
     rows = tuple(range(a.ndim - 1))
     return ((ds * scale_a.astype(f32)).astype(dtype), (ds * scale_b.astype(f32)).astype(dtype),
             jnp.sum(ds * a.astype(f32), axis=rows).astype(scale_a.dtype),
@@ -140,10 +147,9 @@ def _backward_kernel(a_ref, b_ref, sa_ref, sb_ref, ds_ref, dn_ref, da_ref, db_re
         u = dn_ref[rows, :].astype(jnp.float32) * norm_scale
         # d/ds of s * rsqrt(mean(s^2) + eps): inv u - inv^3 s (u . s) / width, rounded (s is bf16)
         dnorm = (inv * u - inv * inv * inv * s * (jnp.sum(u * s, axis=1, keepdims=True) / width))
-        # s's two cotangents summed in float32 and not rounded before they meet
-        # the scales: XLA fuses the add into the products (excess precision).
         dnorm = dnorm.astype(dtype).astype(jnp.float32) if semantics["round_dnorm"] else dnorm
         ds = ds_ref[rows, :].astype(jnp.float32) + dnorm
+        ds = ds.astype(dtype).astype(jnp.float32) if semantics["round_ds"] else ds
         da_ref[rows, :] = (ds * sa).astype(dtype)
         db_ref[rows, :] = (ds * sb).astype(dtype)
         return sums[0] + jnp.sum(ds * a, axis=0, keepdims=True), sums[1] + jnp.sum(ds * b, axis=0, keepdims=True)

@@ -97,7 +97,8 @@ def rounding(x, names) -> dict:
     out, default = {}, dict(residual_norm.SEMANTICS)
     for name, (module, fn, args, model_path) in cases(x, names).items():
         ref = grads_fn(model_path or fn("jnp"), args)()
-        semantics = ([dict(zip(residual_norm.SEMANTICS, flags)) for flags in itertools.product((True, False), repeat=3)]
+        choices = itertools.product((True, False), repeat=len(residual_norm.SEMANTICS))
+        semantics = ([dict(zip(residual_norm.SEMANTICS, flags)) for flags in choices]
                      if module is residual_norm else [None])
         for sem in semantics:
             if sem is not None:
