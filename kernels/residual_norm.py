@@ -20,14 +20,13 @@ fuses the sum into the norm and, under its excess precision, drops the bf16
 round trip between them; so s is written rounded once and n is computed
 from the unrounded s, rounded once. The backward follows XLA's optimised HLO
 for the GPU (docs/performance.md, 2026-12-01), not yet measured against it:
-the norm's gradient from the rounded s (the tensor autodiff keeps) in
-float32, rounded to bf16; added to s's other cotangent in bf16 (rounded);
-each input's cotangent ds * scale rounded once; each scale's gradient a
-float32 sum over the tokens, rounded once. XLA on the CPU rounds otherwise
-(it keeps the round trip before the norm and adds the cotangents in float32),
-so there the jnp path differs from this by a bf16 unit in some values. One
-difference no kernel can remove: XLA feeds the norm's gradient the float32
-output of the GEMMs after it, where the kernel takes their bf16 output.
+the norm's gradient in float32 from the unrounded s (XLA keeps the float32 s
+of the forward for it), rounded to bf16; added to s's other cotangent in
+bf16 (rounded); each input's cotangent ds * scale rounded once; each scale's
+gradient a float32 sum over the tokens, rounded once. XLA on the CPU rounds
+otherwise (it keeps the round trips around the norm and adds the cotangents
+in float32), so there the jnp path differs from this by a bf16 unit in some
+values.
 
 `SEMANTICS` names these choices; scripts/fusion_kernel_sweep.py tries the
 others against XLA on the GPU.
@@ -56,7 +55,7 @@ IMPLS = ("jnp", "pallas")
 TUNED = {"forward": dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2),
          "backward": dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2)}
 # Where the kernels round (see the module docstring).
-SEMANTICS = dict(norm_of_rounded_sum=False, dnorm_of_rounded_sum=True, round_dnorm=True, round_ds=True)
+SEMANTICS = dict(norm_of_rounded_sum=False, dnorm_of_rounded_sum=False, round_dnorm=True, round_ds=True)
 
 
 # ----------------------------------------------------------------------------- jnp reference
