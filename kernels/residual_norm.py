@@ -144,7 +144,7 @@ def _backward_kernel(a_ref, b_ref, sa_ref, sb_ref, ds_ref, dn_ref, da_ref, db_re
         s = s if semantics["dnorm_of_rounded_sum"] else s_exact
         inv = _inv_rms(s)
         u = dn_ref[rows, :].astype(jnp.float32) * norm_scale
-        # d/ds of s * rsqrt(mean(s^2) + eps): inv u - inv^3 s (u . s) / width, rounded (s is bf16)
+        # d/ds of s * rsqrt(mean(s^2) + eps): inv u - inv^3 s (u . s) / width
         dnorm = (inv * u - inv * inv * inv * s * (jnp.sum(u * s, axis=1, keepdims=True) / width))
         dnorm = dnorm.astype(dtype).astype(jnp.float32) if semantics["round_dnorm"] else dnorm
         ds = ds_ref[rows, :].astype(jnp.float32) + dnorm
