@@ -21,3 +21,16 @@ def test_bench_runs_the_grad_section_on_the_cpu(tmp_path, capsys):
     grad = result["grad"]
     assert grad["shape"] == [2, 256] and grad["tokens_per_s"] > 0 and set(result) >= {"grad", "device", "bench_wall_s"}
     assert "loss+grad micro-batch" in capsys.readouterr().out
+
+
+def test_bench_fusions_section_checks_each_kernel_on_the_cpu(tmp_path):
+    """The fusions section times each Pallas kernel (interpreted here) beside
+    its jnp path and reports how far their values are apart: float32 on the
+    CPU, so only the order of float32 sums differs (rel 1e-5)."""
+    bench.main(["--config", str(REPO / "configs/smoke.py"), "--sections", "fusions", "--grad-batch-seqs", "1",
+                "--repeats", "1", "--out", str(tmp_path)])
+    fusions = json.loads((tmp_path / "bench.json").read_text())["fusions"]
+    assert set(fusions) == {"q norm+rope+gain", "k norm+rope", "resid mix+norm", "xsa"}
+    for name, r in fusions.items():
+        assert r["pallas"]["median_s"] > 0 and r["jnp"]["median_s"] > 0, name
+        assert r["rel_err"] < 1e-5, name
