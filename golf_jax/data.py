@@ -82,7 +82,7 @@ def shard_files(pattern: str) -> list[Path]:
     return files
 
 
-def _check_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int = 0) -> None:
+def check_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int = 0) -> None:
     """tokens: the shard's from position `offset` on."""
     if tokens.size and int(tokens.max()) >= vocab_size:
         bad = int(np.argmax(tokens >= vocab_size))
@@ -203,7 +203,7 @@ class TokenStream:
             k = min(n - filled, avail)
             if out is not None:
                 span = self._tokens[self.pos:self.pos + k]
-                _check_ids(span, self.vocab_size, self.files[self.file_idx], self.pos)
+                check_ids(span, self.vocab_size, self.files[self.file_idx], self.pos)
                 out[filled:filled + k] = span
             self.pos += k
             filled += k
@@ -273,7 +273,7 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_toke
     parts = []
     for f in files:
         tokens = read_shard(f)
-        _check_ids(tokens, vocab_size, f)
+        check_ids(tokens, vocab_size, f)
         parts.append(np.asarray(tokens, dtype=np.int32))
     tokens = np.concatenate(parts)
     if max_tokens:

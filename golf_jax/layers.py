@@ -223,12 +223,22 @@ def rotary_tables(cfg: ModelConfig, positions_T: jax.Array, base: float) -> tupl
 
 
 def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, impl: str,
-              q_offset: jax.Array | int = 0) -> jax.Array:
+              q_offset: jax.Array | int = 0, segment_ids_T: jax.Array | None = None) -> jax.Array:
     """Causal softmax attention, scale 1/sqrt(D), query head h on KV head h // G.
 
     Query t sits at position q_offset + t and sees keys 0..q_offset + t; with
     S > T the keys are a KV cache (the "jnp" path only).
+
+    segment_ids_T (the "jnp" path, S == T): each position's segment in a packed
+    row, the same for every row; a query sees only keys of its own segment
+    (per-document attention: golf_jax/packing.py).
     """
+    if segment_ids_T is not None:
+        if impl != "jnp":
+            raise ValueError(f"segment_ids_T (per-document attention) is implemented on the 'jnp' path, not '{impl}'")
+        if segment_ids_T.shape != (q_BxTxHxD.shape[1],) or k_BxSxKxD.shape[1] != q_BxTxHxD.shape[1]:
+            raise ValueError(f"segment_ids_T of shape {segment_ids_T.shape} needs queries and keys of its length "
+                             f"(T={q_BxTxHxD.shape[1]}, S={k_BxSxKxD.shape[1]})")
     if impl == "cudnn":
         return jax.nn.dot_product_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, is_causal=True,
                                             implementation="cudnn")
@@ -240,6 +250,8 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxKxD: jax.Array, v_BxSxKxD: jax.Array, 
     s_BxKxGxTxS = jnp.einsum("btkgd,bskd->bkgts", q_BxTxKxGxD, k_BxSxKxD,
                              preferred_element_type=jnp.float32) * (D ** -0.5)
     causal_TxS = jnp.arange(S)[None, :] <= (jnp.arange(T) + q_offset)[:, None]
+    if segment_ids_T is not None:
+        causal_TxS = causal_TxS & (segment_ids_T[:, None] == segment_ids_T[None, :])
     s_BxKxGxTxS = jnp.where(causal_TxS, s_BxKxGxTxS, -jnp.inf)
     p_BxKxGxTxS = jax.nn.softmax(s_BxKxGxTxS, axis=-1).astype(v_BxSxKxD.dtype)
     o_BxTxKxGxD = jnp.einsum("bkgts,bskd->btkgd", p_BxKxGxTxS, v_BxSxKxD)

@@ -106,16 +106,16 @@ def round_to_bf16(x) -> np.ndarray:
 
 
 def reference_source(relpath: str, *names: str) -> str:
-    """The source of the top-level definitions `names` of a reference file (its
-    decorators dropped), to run them here without importing the whole file (its
-    GPU-only imports)."""
+    """The source of the definitions `names` (functions, classes, assignments) of a
+    reference file (their decorators dropped), to run them here without importing
+    the whole file (its GPU-only imports)."""
     path = REFERENCE / relpath
     if not path.is_file():
         missing(f"reference code {path} not present (set GOLF_JAX_REFERENCE)")
     text = path.read_text()
     lines, parts, found = text.splitlines(), [], set()
     for node in ast.walk(ast.parse(text)):
-        if isinstance(node, ast.FunctionDef):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
             name = node.name
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             name = node.targets[0].id
