@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import compat, datasets
+from golf_jax import compat, datasets, model
 from golf_jax.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,6 +98,24 @@ def run_on_two_cpu_devices(script: str) -> dict:
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout)
+
+
+TINY_MODEL = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
+                  bigram_dim=16, ve_dim=8, ve_layers="1", xsa_last_n=2, rope_dims=4, compute_dtype="float32",
+                  attention_impl="jnp", mlp_impl="jnp")
+
+
+def tiny_model_loss_and_grads(variants: dict[str, dict]) -> dict[str, tuple]:
+    """(loss, grads) of a 2-layer float32 model (TINY_MODEL, perturbed weights,
+    random tokens) for each variant's config fields, one program per variant:
+    for checking a kernel path against the jnp path through the whole model."""
+    cfg = ModelConfig(**TINY_MODEL)
+    params = model.init_params(cfg, jax.random.key(0))
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape, a.dtype), params)
+    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
+    loss_and_grads = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
+    return {name: loss_and_grads(params, dataclasses.replace(cfg, **fields), tokens, jnp.roll(tokens, -1, axis=1))
+            for name, fields in variants.items()}
 
 
 def round_to_bf16(x) -> np.ndarray:

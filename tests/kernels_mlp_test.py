@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import layers, model
+from golf_jax import layers
 from golf_jax.config import ModelConfig
 from kernels import mlp
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_model_loss_and_grads
 
 
 def operands(key, M, K, N, dtype, scale=1.0):
@@ -85,16 +85,7 @@ def test_forward_saves_only_the_pre_activation():
 
 def test_model_loss_and_grads_same_with_reference_kernels():
     """The whole model with the MLP through the custom_vjp equals the jnp path."""
-    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
-                      bigram_dim=16, ve_dim=8, ve_layers="1", xsa_last_n=2, rope_dims=4,
-                      compute_dtype="float32", attention_impl="jnp", mlp_impl="jnp")
-    params = model.init_params(cfg, jax.random.key(0))
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape, a.dtype), params)
-    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
-    targets = jnp.roll(tokens, -1, axis=1)
-    loss_and_grads = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)  # one program per path
-    out = {impl: loss_and_grads(params, dataclasses.replace(cfg, mlp_impl=impl), tokens, targets)
-           for impl in ("jnp", "reference")}
+    out = tiny_model_loss_and_grads({impl: dict(mlp_impl=impl) for impl in ("jnp", "reference")})
     assert rel(out["reference"][0], out["jnp"][0]) < 1e-6
     for a, b in zip(jax.tree.leaves(out["reference"][1]), jax.tree.leaves(out["jnp"][1])):
         assert rel(a, b) < 1e-5

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import layers, model
+from golf_jax import layers
 from golf_jax.config import FUSION_KERNELS, ConfigError, ModelConfig
 from kernels import qk_norm_rope as qk
-from tests.conftest import run_on_two_cpu_devices
+from tests.conftest import run_on_two_cpu_devices, tiny_model_loss_and_grads
 
 
 def operands(key, B, T, H, D, rope_dims, dtype):
@@ -121,17 +121,12 @@ def test_bad_impl_and_tables_are_refused():
 
 @pytest.mark.parametrize("scales_in_float32", [True, False])
 def test_model_loss_and_grads_same_through_the_kernels(scales_in_float32):
-    """The whole model with fusion_impl="pallas" (interpreted) equals the jnp
-    path, float32: the kernels' sums in another order (rel 1e-5)."""
-    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
-                      bigram_dim=16, ve_dim=8, ve_layers="1", xsa_last_n=2, rope_dims=4, compute_dtype="float32",
-                      attention_impl="jnp", mlp_impl="jnp", scales_in_float32=scales_in_float32)
-    params = model.init_params(cfg, jax.random.key(0))
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape, a.dtype), params)
-    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
-    loss_and_grads = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
-    out = {impl: loss_and_grads(params, dataclasses.replace(cfg, fusion_impl=impl), tokens, jnp.roll(tokens, -1, 1))
-           for impl in ("jnp", "pallas")}
+    """The whole model with all three Pallas kernels (fusion_impl="pallas",
+    interpreted; without scales_in_float32 the q/k and mix kernels step
+    aside) equals the jnp path, float32: the kernels' sums in another order
+    (rel 1e-5)."""
+    out = tiny_model_loss_and_grads({impl: dict(fusion_impl=impl, scales_in_float32=scales_in_float32)
+                                     for impl in ("jnp", "pallas")})
     assert rel(out["pallas"][0], out["jnp"][0]) < 1e-6
     for a, b in zip(jax.tree.leaves(out["pallas"][1]), jax.tree.leaves(out["jnp"][1])):
         assert rel(a, b) < 1e-5

@@ -3,7 +3,6 @@ GPUs) and their custom_vjp against autodiff of xsa_reference."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -15,10 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import model
-from golf_jax.config import ModelConfig
 from kernels import xsa
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_model_loss_and_grads
 
 
 def operands(key, B, T, H, K, D, dtype):
@@ -141,18 +138,10 @@ def test_bad_arguments_raise():
 
 
 def test_model_loss_and_grads_same_with_pallas_fusions():
-    """The whole model (XSA on every layer) with model.fusion_impl="pallas"
-    equals the jnp path: float32, the sums in another order (rel 1e-5)."""
-    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,
-                      bigram_dim=16, ve_dim=8, ve_layers="1", xsa_last_n=2, rope_dims=4,
-                      compute_dtype="float32", attention_impl="jnp", mlp_impl="jnp", fusion_impl="jnp")
-    params = model.init_params(cfg, jax.random.key(0))
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape, a.dtype), params)
-    tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 64)
-    targets = jnp.roll(tokens, -1, axis=1)
-    loss_and_grads = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)  # one program per path
-    out = {impl: loss_and_grads(params, dataclasses.replace(cfg, fusion_impl=impl), tokens, targets)
-           for impl in ("jnp", "pallas")}
+    """The whole model (XSA on every layer) with the XSA kernel alone
+    (fusion_impl="pallas", fusion_kernels="xsa") equals the jnp path:
+    float32, the sums in another order (rel 1e-5)."""
+    out = tiny_model_loss_and_grads({"jnp": {}, "pallas": dict(fusion_impl="pallas", fusion_kernels="xsa")})
     assert rel(out["pallas"][0], out["jnp"][0]) < 1e-5
     for a, b in zip(jax.tree.leaves(out["pallas"][1]), jax.tree.leaves(out["jnp"][1])):
         assert rel(a, b) < 1e-5
