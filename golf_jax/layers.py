@@ -22,7 +22,6 @@ from golf_jax.config import FUSION_KERNELS, ModelConfig
 from kernels import mlp as mlp_kernels
 from kernels import xsa as xsa_kernels
 from kernels.qk_norm_rope import RMS_NORM_EPS
-from kernels.rounding import rounding_to
 
 BIGRAM_MUL_CUR, BIGRAM_MUL_PREV = 36313, 27191
 
@@ -64,10 +63,14 @@ def fusion_impl(cfg: ModelConfig, kernel: str) -> str:
     """The implementation of one of the Pallas kernels of cfg.fusion_kernels
     (config.FUSION_KERNELS): cfg.fusion_impl for a listed kernel, "auto" being
     Pallas on GPUs in bf16 when the model and head dims are powers of two
-    (Triton's blocks); "jnp" otherwise."""
+    (Triton's blocks); "jnp" otherwise, and for the kernels that multiply by
+    the scales in float32 (norm_rope's q_gain, residual_norm's mixes) when
+    scales_in_float32 is off."""
     if kernel not in FUSION_KERNELS:
         raise ValueError(f"no fused kernel named {kernel!r}; expected one of {FUSION_KERNELS}")
     if kernel not in cfg.fusion_kernels.split(",") or cfg.fusion_impl == "jnp":
+        return "jnp"
+    if kernel != "xsa" and not cfg.scales_in_float32:
         return "jnp"
     if cfg.fusion_impl == "pallas":
         return "pallas"
@@ -144,6 +147,18 @@ def _scaled_sum_f32_bwd(has_scale, residuals, g):
 
 
 _scaled_sum_f32.defvjp(_scaled_sum_f32_fwd, _scaled_sum_f32_bwd)
+
+
+def rounding_to(dtype):
+    """A function that rounds float32 values to `dtype`'s precision, keeping them
+    float32: one rounding of a result computed in float32, as a bf16 PyTorch op
+    (or a fused kernel's store) rounds. reduce_precision rather than a convert
+    pair, which XLA's excess precision may drop inside a fusion. The identity
+    for float32."""
+    info = jnp.finfo(dtype)
+    if info.bits >= 32:
+        return lambda x: x
+    return lambda x: jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def linear(x: jax.Array, w_OxI: jax.Array) -> jax.Array:

@@ -219,7 +219,7 @@ class CausalSelfAttention(nn.Module):
         if ve_BxTxKV is not None:
             v_BxTxKV = v_BxTxKV + ve_BxTxKV
         v_BxTxKxD = v_BxTxKV.reshape(B, T, K, D)
-        if cfg.scales_in_float32 and not decode and fusion_impl(cfg, "norm_rope") == "pallas":
+        if not decode and fusion_impl(cfg, "norm_rope") == "pallas":
             # RMSNorm, partial RoPE and q_gain: one kernel each way, the same arithmetic
             q_BxTxHxD = norm_rope(q_BxTxHxD, *rope, w.q_gain, cfg.rotary_dims, "pallas")
             k_BxTxKxD = norm_rope(k_BxTxKxD, *rope, None, cfg.rotary_dims, "pallas")
@@ -276,7 +276,7 @@ class Block(nn.Module):
                  rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0) -> jax.Array:
         norm_scale = (self.layer + 1) ** -0.5 if self.cfg.ln_scale else 1.0
         f32 = self.cfg.scales_in_float32
-        fused = f32 and not decode and fusion_impl(self.cfg, "residual_norm") == "pallas"
+        fused = not decode and fusion_impl(self.cfg, "residual_norm") == "pallas"
 
         def mix_norm(a, b, scale_a, scale_b):  # a mix, and the norm after it: one kernel each way when fused
             if fused:

@@ -11,5 +11,5 @@ pass forward and one backward each, switched by `model.fusion_impl`:
 `kernels.xsa`: XSA (exclusive self attention).
 
 `kernels.partition` makes a kernel an op XLA's SPMD partitioner splits along
-its rows; `kernels.rounding` rounds float32 values to a narrower precision.
+its rows.
 """

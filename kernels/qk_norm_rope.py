@@ -43,7 +43,8 @@ IMPLS = ("jnp", "pallas")
 # every RMSNorm, which carries no weight.
 RMS_NORM_EPS = float(np.finfo(np.float32).eps)
 # Launch parameters (scripts/fusion_kernel_sweep.py): a program takes up to
-# block_rows rows of heads_per_program heads.
+# block_rows rows of heads_per_program heads. Read each time the kernels are
+# traced, as part of their cache key.
 TUNED = {"forward": dict(block_rows=128, heads_per_program=1, num_warps=4, num_stages=1),
          "backward": dict(block_rows=128, heads_per_program=1, num_warps=4, num_stages=1)}
 
@@ -172,31 +173,37 @@ def _call(kernel, n_rows: int, seq_len: int, heads: int, head_dim: int, rope_hal
     partial = pl.BlockSpec((1, hp * head_dim), lambda i, h: (i, h))
     kernel = functools.partial(kernel, heads=hp, head_dim=head_dim)
     in_specs = [head_block, table, table, gain] + [head_block] * (n_row_args - 1)
-    out_specs = [head_block if kind == "rows" else partial for kind, _, _ in outputs]
+    out_specs = [head_block if kind == "rows" else partial for kind, _ in outputs]
     out_shape = [jax.ShapeDtypeStruct((n_rows if kind == "rows" else n_rows // bt, heads * head_dim), dtype)
-                 for kind, dtype, _ in outputs]
+                 for kind, dtype in outputs]
     on_gpu = jax.default_backend() == "gpu"
     params = pltriton.CompilerParams(num_warps=tuned["num_warps"], num_stages=tuned["num_stages"]) if on_gpu else None
     return pl.pallas_call(kernel, out_shape=out_shape, grid=(n_rows // bt, heads // hp), in_specs=in_specs,
                           out_specs=out_specs, interpret=not on_gpu, compiler_params=params)
 
 
+def _launch() -> tuple:
+    """TUNED as a hashable key: ((forward items), (backward items))."""
+    return tuple(tuple(sorted(TUNED[kind].items())) for kind in ("forward", "backward"))
+
+
 @functools.lru_cache(maxsize=None)
-def _kernels(seq_len: int, heads: int, head_dim: int, rope_dims: int, has_gain: bool, dtype_name: str):
-    """The forward and backward of one shape, each row-partitioned (GSPMD runs
-    them on each device's rows; the tables and gain are replicated)."""
+def _kernels(seq_len: int, heads: int, head_dim: int, rope_dims: int, has_gain: bool, dtype_name: str, launch: tuple):
+    """The forward and backward of one shape and launch, each row-partitioned
+    (GSPMD runs them on each device's rows; the tables and gain are replicated)."""
     dtype = jnp.dtype(dtype_name)
+    forward_launch, backward_launch = (dict(items) for items in launch)
     pieces = column_pieces(head_dim, rope_dims)
     static = dict(pieces=pieces, rotated=rope_dims > 0, has_gain=has_gain)
 
     def forward(x, cos, sin, gain_cols):
         call = _call(functools.partial(_forward_kernel, **static), x.shape[0], seq_len, heads, head_dim,
-                     rope_dims // 2, [("rows", dtype, None)], 1, TUNED["forward"])
+                     rope_dims // 2, [("rows", dtype)], 1, forward_launch)
         return call(x, cos, sin, gain_cols)[0]
 
     def backward(x, cos, sin, gain_cols, dout):
         call = _call(functools.partial(_backward_kernel, **static), x.shape[0], seq_len, heads, head_dim,
-                     rope_dims // 2, [("rows", dtype, None), ("partial", jnp.float32, None)], 2, TUNED["backward"])
+                     rope_dims // 2, [("rows", dtype), ("partial", jnp.float32)], 2, backward_launch)
         return tuple(call(x, cos, sin, gain_cols, dout))
 
     return (row_partitioned(forward, (0,), 1, "m a, t r, t r, o a -> m a", ("a", "t", "r", "o")),
@@ -215,7 +222,7 @@ def _tables(cos_TxR, sin_TxR, dtype):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _fused(x_NxHD, cos_TxR, sin_TxR, gain_H, shape):
     seq_len, heads, head_dim, rope_dims, has_gain = shape
-    forward, _ = _kernels(seq_len, heads, head_dim, rope_dims, has_gain, x_NxHD.dtype.name)
+    forward, _ = _kernels(seq_len, heads, head_dim, rope_dims, has_gain, x_NxHD.dtype.name, _launch())
     gain_cols = jnp.repeat(gain_H, head_dim)[None, :]
     return forward(x_NxHD, *_tables(cos_TxR, sin_TxR, x_NxHD.dtype), gain_cols)
 
@@ -227,7 +234,7 @@ def _fused_fwd(x_NxHD, cos_TxR, sin_TxR, gain_H, shape):
 def _fused_bwd(shape, residuals, dout_NxHD):
     seq_len, heads, head_dim, rope_dims, has_gain = shape
     x_NxHD, cos_TxR, sin_TxR, gain_H = residuals
-    _, backward = _kernels(seq_len, heads, head_dim, rope_dims, has_gain, x_NxHD.dtype.name)
+    _, backward = _kernels(seq_len, heads, head_dim, rope_dims, has_gain, x_NxHD.dtype.name, _launch())
     gain_cols = jnp.repeat(gain_H, head_dim)[None, :]
     dx, dgain_partials = backward(x_NxHD, *_tables(cos_TxR, sin_TxR, x_NxHD.dtype), gain_cols,
                                   dout_NxHD.astype(x_NxHD.dtype))

@@ -51,7 +51,8 @@ from kernels.qk_norm_rope import RMS_NORM_EPS
 IMPLS = ("jnp", "pallas")
 # Launch parameters (scripts/fusion_kernel_sweep.py): a program takes up to
 # program_rows rows (partial sums of the scales per program), step_rows of
-# them in registers at a time.
+# them in registers at a time. TUNED and SEMANTICS are read each time the
+# kernels are traced, as part of their cache key.
 TUNED = {"forward": dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2),
          "backward": dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2)}
 # Where the kernels round (see the module docstring).
@@ -170,7 +171,7 @@ def program_rows(seq_len: int, max_rows: int = 128, step_rows: int = 16) -> tupl
 
 
 def _call(kernel, n_rows: int, seq_len: int, width: int, dtype, norm_scale: float, n_row_in: int, n_row_out: int,
-          n_partial_out: int, tuned: dict):
+          n_partial_out: int, tuned: dict, semantics: dict):
     """pallas_call of `kernel` over blocks of rows of [n_rows, width] operands
     (the first two and the last n_row_in - 2 inputs), with the two scales
     [1, width] whole; n_partial_out float32 outputs of one row per block."""
@@ -181,7 +182,7 @@ def _call(kernel, n_rows: int, seq_len: int, width: int, dtype, norm_scale: floa
     on_gpu = jax.default_backend() == "gpu"
     return pl.pallas_call(
         functools.partial(kernel, steps=rows // step_rows, step_rows=step_rows, norm_scale=norm_scale,
-                          semantics=SEMANTICS),
+                          semantics=semantics),
         grid=(n_rows // rows,),
         in_specs=[row_block, row_block, scale, scale] + [row_block] * (n_row_in - 2),
         out_specs=[row_block] * n_row_out + [partial] * n_partial_out,
@@ -192,19 +193,26 @@ def _call(kernel, n_rows: int, seq_len: int, width: int, dtype, norm_scale: floa
         if on_gpu else None)
 
 
+def _settings() -> tuple:
+    """TUNED and SEMANTICS as a hashable key: (forward items, backward items, semantics items)."""
+    return (*(tuple(sorted(TUNED[kind].items())) for kind in ("forward", "backward")),
+            tuple(sorted(SEMANTICS.items())))
+
+
 @functools.lru_cache(maxsize=None)
-def _kernels(seq_len: int, width: int, dtype_name: str, norm_scale: float):
-    """The forward and backward for one width, dtype and norm scale, each
-    row-partitioned (GSPMD runs them on each device's rows, scales replicated)."""
+def _kernels(seq_len: int, width: int, dtype_name: str, norm_scale: float, settings: tuple):
+    """The forward and backward for one width, dtype, norm scale and settings,
+    each row-partitioned (GSPMD runs them on each device's rows, scales replicated)."""
     dtype = jnp.dtype(dtype_name)
+    forward_launch, backward_launch, semantics = (dict(items) for items in settings)
 
     def forward(a, b, scale_a, scale_b):
         return tuple(_call(_forward_kernel, a.shape[0], seq_len, width, dtype, norm_scale, 2, 2, 0,
-                           TUNED["forward"])(a, b, scale_a, scale_b))
+                           forward_launch, semantics)(a, b, scale_a, scale_b))
 
     def backward(a, b, scale_a, scale_b, ds, dn):
         return tuple(_call(_backward_kernel, a.shape[0], seq_len, width, dtype, norm_scale, 4, 2, 2,
-                           TUNED["backward"])(a, b, scale_a, scale_b, ds, dn))
+                           backward_launch, semantics)(a, b, scale_a, scale_b, ds, dn))
 
     return (row_partitioned(forward, (0, 1), 2, "m d, m d, o d, o d -> m d, m d", ("d", "o")),
             row_partitioned(backward, (0, 1, 4, 5), 4, "m d, m d, o d, o d, m d, m d -> m d, m d, b d, b d",
@@ -213,7 +221,7 @@ def _kernels(seq_len: int, width: int, dtype_name: str, norm_scale: float):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _fused(a_NxD, b_NxD, scale_a_D, scale_b_D, norm_scale: float, seq_len: int):
-    forward, _ = _kernels(seq_len, a_NxD.shape[1], a_NxD.dtype.name, norm_scale)
+    forward, _ = _kernels(seq_len, a_NxD.shape[1], a_NxD.dtype.name, norm_scale, _settings())
     return forward(a_NxD, b_NxD, scale_a_D[None, :], scale_b_D[None, :])
 
 
@@ -224,7 +232,7 @@ def _fused_fwd(a_NxD, b_NxD, scale_a_D, scale_b_D, norm_scale, seq_len):
 def _fused_bwd(norm_scale, seq_len, residuals, cotangents):
     a_NxD, b_NxD, scale_a_D, scale_b_D = residuals
     ds, dn = (c.astype(a_NxD.dtype) for c in cotangents)
-    _, backward = _kernels(seq_len, a_NxD.shape[1], a_NxD.dtype.name, norm_scale)
+    _, backward = _kernels(seq_len, a_NxD.shape[1], a_NxD.dtype.name, norm_scale, _settings())
     da, db, dsa_partials, dsb_partials = backward(a_NxD, b_NxD, scale_a_D[None, :], scale_b_D[None, :], ds, dn)
     return (da, db, jnp.sum(dsa_partials, axis=0).astype(scale_a_D.dtype),
             jnp.sum(dsb_partials, axis=0).astype(scale_b_D.dtype))

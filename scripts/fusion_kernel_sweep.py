@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import json
 import sys
@@ -24,12 +25,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from golf_jax import layers  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from golf_jax import cli  # noqa: E402
 from golf_jax.tools import bench  # noqa: E402
-from kernels import qk_norm_rope, residual_norm, xsa  # noqa: E402
-
-B, T, H, K, D, d = 48, 2048, 8, 4, 64, 512
+from kernels import residual_norm  # noqa: E402
 
 
 def median_ms(fn, *args, repeats=20):
@@ -57,45 +57,10 @@ def differing(a_tree, b_tree) -> list[float]:
     return [float(jnp.mean((a != b).astype(jnp.float32))) for a, b in pairs]
 
 
-def operands():
-    keys = iter(jax.random.split(jax.random.key(11), 10))
-    bf = lambda *s: jax.random.normal(next(keys), s).astype(jnp.bfloat16)  # noqa: E731
-    angles = jnp.arange(T)[:, None] * (1e4 ** -(jnp.arange(0, 16, 2) / 16))[None, :]
-    return dict(q=bf(B, T, H, D), k=bf(B, T, K, D), y=bf(B, T, H, D), v=bf(B, T, K, D), a=bf(B, T, d),
-                b=bf(B, T, d), gain=(1.5 + jax.random.normal(next(keys), (H,))).astype(jnp.bfloat16),
-                scale_a=(1 + 0.2 * jax.random.normal(next(keys), (d,))).astype(jnp.bfloat16),
-                scale_b=(0.5 * jax.random.normal(next(keys), (d,))).astype(jnp.bfloat16),
-                cos=jnp.cos(angles), sin=jnp.sin(angles))
-
-
-def cases(x, names=("q", "k", "mix", "xsa")):
-    """name -> (kernel module, fn(impl) of the operands, operands, the model's jnp path)."""
-    def model_mix(a, b, sa, sb):
-        mixed = layers.scaled_sum([(sa, a), (sb, b)], True)
-        return mixed, layers.rms_norm(mixed, 0.5)
-    all_cases = {
-        "q": (qk_norm_rope, lambda impl: lambda q, g: qk_norm_rope.norm_rope(q, x["cos"], x["sin"], g, 16, impl),
-              (x["q"], x["gain"]), None),
-        "k": (qk_norm_rope, lambda impl: lambda k: qk_norm_rope.norm_rope(k, x["cos"], x["sin"], None, 16, impl),
-              (x["k"],), None),
-        "mix": (residual_norm, lambda impl: lambda a, b, sa, sb: residual_norm.add_norm(a, b, sa, sb, 0.5, impl),
-                (x["a"], x["b"], x["scale_a"], x["scale_b"]), model_mix),
-        "xsa": (xsa, lambda impl: lambda y, v: xsa.xsa(y, v, impl), (x["y"], x["v"]), None),
-    }
-    return {name: all_cases[name] for name in names}
-
-
-def rebuild(module):
-    for name in ("_kernels", "_partitioned_kernels", "_build"):
-        cached = getattr(module, name, None)
-        if cached is not None and hasattr(cached, "cache_clear"):
-            cached.cache_clear()
-
-
-def rounding(x, names) -> dict:
+def rounding(cases: dict) -> dict:
     """Fraction of differing values (outputs, then gradients) against XLA's jnp path."""
     out, default = {}, dict(residual_norm.SEMANTICS)
-    for name, (module, fn, args, model_path) in cases(x, names).items():
+    for name, (module, fn, args, model_path) in cases.items():
         ref = grads_fn(model_path or fn("jnp"), args)()
         choices = itertools.product((True, False), repeat=len(residual_norm.SEMANTICS))
         semantics = ([dict(zip(residual_norm.SEMANTICS, flags)) for flags in choices]
@@ -103,13 +68,11 @@ def rounding(x, names) -> dict:
         for sem in semantics:
             if sem is not None:
                 residual_norm.SEMANTICS.update(sem)
-                rebuild(module)
             got = grads_fn(fn("pallas"), args)()
             label = name + ("" if sem is None else " " + ",".join(k for k, v in sem.items() if v))
             out[label] = {"outputs": differing(got[0][1], ref[0][1]), "grads": differing(got[1], ref[1])}
             print(f"rounding {label:<60} outputs {out[label]['outputs']}  grads {out[label]['grads']}", flush=True)
     residual_norm.SEMANTICS.update(default)
-    rebuild(residual_norm)
     return out
 
 
@@ -127,15 +90,14 @@ SWEEPS = {
 SWEEPS["k"] = SWEEPS["q"]
 
 
-def sweep(x, names) -> dict:
+def sweep(cases: dict) -> dict:
     out = {}
-    for name, (module, fn, args, _) in cases(x, names).items():
+    for name, (module, fn, args, _) in cases.items():
         default = copy.deepcopy(module.TUNED)
         base = None
         rows = []
         for config in SWEEPS[name]:
             module.TUNED = {kind: dict(default[kind], **config) for kind in ("forward", "backward")}
-            rebuild(module)
             try:
                 fwd = jax.jit(fn("pallas"))
                 both = grads_fn(fn("pallas"), args)
@@ -148,7 +110,6 @@ def sweep(x, names) -> dict:
             rows.append(row)
             print(f"sweep {name:<4} {json.dumps(row)}", flush=True)
         module.TUNED = default
-        rebuild(module)
         out[name] = rows
     return out
 
@@ -157,16 +118,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="runs/fusion_sweep")
     parser.add_argument("--parts", default="rounding,sweep")
-    parser.add_argument("--batch", type=int, default=B, help="sequences of 2048 (1 for a CPU smoke run)")
-    parser.add_argument("--kernels", default="q,k,mix,xsa")
+    parser.add_argument("--batch", type=int, default=48, help="sequences of 2048 (1 for a CPU smoke run)")
+    parser.add_argument("--kernels", default=",".join(bench.FUSIONS))
     args = parser.parse_args()
-    globals()["B"] = args.batch
-    x = operands()
+    model = dataclasses.replace(cli.load_config_file(REPO / "configs" / "record.py").model, compute_dtype="bfloat16")
+    cases = bench.fusion_cases(model, args.batch, 2048)
+    cases = {name: cases[name] for name in args.kernels.split(",")}
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     if "rounding" in args.parts:
-        results["rounding"] = rounding(x, args.kernels.split(","))
+        results["rounding"] = rounding(cases)
     if "sweep" in args.parts:
-        results["sweep"] = sweep(x, args.kernels.split(","))
+        results["sweep"] = sweep(cases)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "fusion_sweep.json").write_text(json.dumps(results, indent=1))
 

@@ -135,7 +135,8 @@ def test_model_loss_and_grads_same_through_the_kernels(scales_in_float32):
 
 def test_fusion_impl_resolution():
     """Off by default; "auto" on GPUs in bf16 with power-of-two widths; only
-    the kernels fusion_kernels lists; unknown names refused."""
+    the kernels fusion_kernels lists, and without scales_in_float32 only XSA;
+    unknown names refused."""
     bf16 = ModelConfig(compute_dtype="bfloat16")
     auto = dataclasses.replace(bf16, fusion_impl="auto")
     on_gpu = jax.default_backend() == "gpu"
@@ -145,6 +146,8 @@ def test_fusion_impl_resolution():
     assert layers.fusion_impl(dataclasses.replace(auto, model_dim=96, num_heads=3, num_kv_heads=1), "xsa") == "jnp"
     some = dataclasses.replace(bf16, fusion_impl="pallas", fusion_kernels="norm_rope,xsa")
     assert [layers.fusion_impl(some, k) for k in FUSION_KERNELS] == ["pallas", "pallas", "jnp"]
+    eager = dataclasses.replace(bf16, fusion_impl="pallas", scales_in_float32=False)
+    assert [layers.fusion_impl(eager, k) for k in FUSION_KERNELS] == ["jnp", "pallas", "jnp"]
     with pytest.raises(ValueError, match="no fused kernel named"):
         layers.fusion_impl(bf16, "mlp")
     with pytest.raises(ConfigError, match="fusion_kernels"):

@@ -15,8 +15,8 @@ Sections:
              EMA) with all micro-batches and with one, and the host time of the data feed.
   attention  causal GQA attention alone: cuDNN, the Pallas Triton and Mosaic GPU kernels, the
              jnp path; forward and forward+backward.
-  fusions    the attention's elementwise kernels (q/k norm+RoPE, residual mix+norm, XSA) alone,
-             forward+backward, Pallas vs jnp.
+  fusions    the Pallas kernels of model.fusion_impl (q/k norm+RoPE, residual mix+norm, XSA)
+             alone, forward+backward, Pallas vs jnp.
   mlp        the MLP alone at a micro-step's shape (rows x model_dim x mlp_dim): the fused
              Triton kernels vs the jnp path, forward (inference) and forward+backward.
   after      the stages after training, each run twice (the first compiles): AR
@@ -127,8 +127,9 @@ def bench_eval(params, cfg, tokens_fn, seq_len: int, stride: int, batch_windows:
     return r
 
 
-def with_mlp_impl(cfg, impl: str):
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mlp_impl=impl))
+def with_model(cfg, **fields):
+    """cfg with some model fields changed."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields))
 
 
 def bench_mlp(cfg: ModelConfig, rows: int, repeats: int) -> dict:
@@ -266,39 +267,56 @@ def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) ->
     return out
 
 
-def bench_fusions(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict:
-    """Each of the attention's elementwise kernels (model.fusion_impl) alone at
-    a micro-batch's shape, forward+backward, Pallas vs its jnp path, with the
-    norm-relative difference of their outputs; a call per use in a layer."""
+FUSIONS = ("q", "k", "mix", "xsa")  # the cases of `fusion_cases`
+
+
+def fusion_cases(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
+    """The uses of the Pallas kernels of model.fusion_impl in a layer, at
+    [batch, seq_len] in the compute dtype: name -> (kernel module, impl -> a
+    function of the operands, the operands, the model's own jnp path when it
+    is not the module's reference). "q": queries' norm + RoPE + q_gain; "k":
+    keys' norm + RoPE; "mix": a residual mix with the norm after it; "xsa"."""
     from kernels import qk_norm_rope, residual_norm, xsa
 
-    H, K, D, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.model_dim
+    H, K, D, d, R = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.model_dim, cfg.rotary_dims
     dtype = layers.compute_dtype(cfg)
-    keys = iter(jax.random.split(jax.random.key(7), 8))
-    normal = lambda *shape: jax.random.normal(next(keys), shape).astype(dtype)  # noqa: E731
+    keys = iter(jax.random.split(jax.random.key(7), 10))
+    def normal(*shape, scale=1.0, mean=0.0):
+        return (mean + scale * jax.random.normal(next(keys), shape)).astype(dtype)
     cos, sin = layers.rotary_tables(cfg, jnp.arange(seq_len), layers.rotary_base(cfg, seq_len))
-    q, k, y, v = normal(batch, seq_len, H, D), normal(batch, seq_len, K, D), normal(batch, seq_len, H, D), normal(
-        batch, seq_len, K, D)
-    a, b, gain, scale = normal(batch, seq_len, d), normal(batch, seq_len, d), normal(H), normal(d)
-    cases = {
-        "q norm+rope+gain": (lambda q, g, impl: qk_norm_rope.norm_rope(q, cos, sin, g, cfg.rotary_dims, impl),
-                             (q, gain)),
-        "k norm+rope": (lambda k, impl: qk_norm_rope.norm_rope(k, cos, sin, None, cfg.rotary_dims, impl), (k,)),
-        "resid mix+norm": (lambda a, b, s, impl: residual_norm.add_norm(a, b, s, s, 0.5, impl), (a, b, scale)),
-        "xsa": (lambda y, v, impl: xsa.xsa(y, v, impl), (y, v)),
+
+    def model_mix(a, b, scale_a, scale_b):
+        mixed = layers.scaled_sum([(scale_a, a), (scale_b, b)], True)
+        return mixed, layers.rms_norm(mixed, 0.5)
+    return {
+        "q": (qk_norm_rope, lambda impl: lambda q, g: qk_norm_rope.norm_rope(q, cos, sin, g, R, impl),
+              (normal(batch, seq_len, H, D), normal(H, mean=1.5)), None),
+        "k": (qk_norm_rope, lambda impl: lambda k: qk_norm_rope.norm_rope(k, cos, sin, None, R, impl),
+              (normal(batch, seq_len, K, D),), None),
+        "mix": (residual_norm, lambda impl: lambda a, b, sa, sb: residual_norm.add_norm(a, b, sa, sb, 0.5, impl),
+                (normal(batch, seq_len, d), normal(batch, seq_len, d), normal(d, scale=0.2, mean=1.0),
+                 normal(d, scale=0.5)), model_mix),
+        "xsa": (xsa, lambda impl: lambda y, v: xsa.xsa(y, v, impl),
+                (normal(batch, seq_len, H, D), normal(batch, seq_len, K, D)), None),
     }
+
+
+def bench_fusions(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict:
+    """Each use of the Pallas kernels (`fusion_cases`) alone, forward+backward,
+    Pallas vs the module's jnp reference, with the norm-relative difference of
+    their outputs."""
     out = {}
-    for name, (fn, args) in cases.items():
+    for name, (_, fn, args, _) in fusion_cases(cfg, batch, seq_len).items():
         r = {}
+        outputs = {}
         for impl in ("pallas", "jnp"):
             loss = lambda *xs, impl=impl: sum(  # noqa: E731
-                jnp.sum(t.astype(jnp.float32)) for t in jax.tree.leaves(fn(*xs, impl)))
-            grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args)))))
-            r[impl] = time_call(grad, *args, repeats=repeats)
-            r[impl + "_out"] = np.concatenate([np.asarray(t, np.float32).ravel() for t in
-                                               jax.tree.leaves(jax.jit(lambda *xs, impl=impl: fn(*xs, impl))(*args))])
-        r["rel_err"] = float(np.linalg.norm(r.pop("pallas_out") - r["jnp_out"]) / np.linalg.norm(r["jnp_out"]))
-        del r["jnp_out"]
+                jnp.sum(t.astype(jnp.float32)) for t in jax.tree.leaves(fn(impl)(*xs)))
+            r[impl] = time_call(jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(args))))), *args,
+                                repeats=repeats)
+            outputs[impl] = np.concatenate([np.asarray(t, np.float32).ravel()
+                                            for t in jax.tree.leaves(jax.jit(fn(impl))(*args))])
+        r["rel_err"] = float(np.linalg.norm(outputs["pallas"] - outputs["jnp"]) / np.linalg.norm(outputs["jnp"]))
         out[name] = r
     return out
 
@@ -545,12 +563,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     # The jnp-MLP comparisons last: peak memory is a high-water mark for the
     # whole process, so every figure above is the fused kernels' own.
     if compare_jnp_mlp and "eval" in sections:
-        results["eval_jnp_mlp"] = bench_eval(params, with_mlp_impl(cfg, "jnp"), tokens, e.eval_seq_len,
+        results["eval_jnp_mlp"] = bench_eval(params, with_model(cfg, mlp_impl="jnp"), tokens, e.eval_seq_len,
                                              e.sliding_stride, e.sliding_batch_windows, args.repeats)
     if compare_jnp_mlp and "grad" in sections:
-        results["grad_jnp_mlp"] = bench_grad(params, with_mlp_impl(cfg, "jnp"), tokens, args.grad_batch_seqs,
+        results["grad_jnp_mlp"] = bench_grad(params, with_model(cfg, mlp_impl="jnp"), tokens, args.grad_batch_seqs,
                                              cfg.data.train_seq_len, args.repeats)
-    fused = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, fusion_impl="auto"))
+    fused = with_model(cfg, fusion_impl="auto")
     if "grad" in sections and cfg.model.fusion_impl == "jnp" and layers.fusion_impl(fused.model, "xsa") != "jnp":
         results["grad_fused"] = bench_grad(params, fused, tokens, args.grad_batch_seqs, cfg.data.train_seq_len,
                                            args.repeats)
