@@ -134,12 +134,13 @@ def test_model_loss_and_grads_same_through_the_kernels(scales_in_float32):
 
 
 def test_fusion_impl_resolution():
-    """Off by default; "auto" on GPUs in bf16 with power-of-two widths; only
-    the kernels fusion_kernels lists, and without scales_in_float32 only XSA;
-    unknown names refused."""
-    bf16 = ModelConfig(compute_dtype="bfloat16")
-    auto = dataclasses.replace(bf16, fusion_impl="auto")
+    """By default "auto" for norm_rope and XSA: on GPUs in bf16 with power-of-two
+    widths; only the kernels fusion_kernels lists, and without scales_in_float32
+    only XSA; "jnp" switches them off; unknown names refused."""
+    auto = ModelConfig(compute_dtype="bfloat16")
+    bf16 = dataclasses.replace(auto, fusion_impl="jnp")
     on_gpu = jax.default_backend() == "gpu"
+    assert [layers.fusion_impl(auto, k) for k in FUSION_KERNELS] == ["pallas" if on_gpu else "jnp"] * 2 + ["jnp"]
     assert [layers.fusion_impl(bf16, k) for k in FUSION_KERNELS] == ["jnp"] * 3
     assert layers.fusion_impl(auto, "xsa") == ("pallas" if on_gpu else "jnp")
     assert layers.fusion_impl(dataclasses.replace(auto, compute_dtype="float32"), "xsa") == "jnp"

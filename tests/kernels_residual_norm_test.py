@@ -150,9 +150,6 @@ def test_kernels_split_along_rows_over_two_devices():
 # ----------------------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
-@pytest.mark.xfail(strict=True, reason="the backward's rounding was not XLA's on the GPU: 23% and 32% of da's values "
-                                       "a bf16 unit apart for the two choices measured; the present choice, read "
-                                       "from XLA's HLO, is not yet measured (docs/performance.md, 2026-12-01)")
 def test_triton_kernels_match_model_path_at_record_shape():
     """The Triton-backend kernels against the model's path compiled by XLA on
     the GPU, bf16, at a record-like shape (8 x 2048 rows of 512): the same

@@ -1,0 +1,68 @@
+"""Where the residual-mix kernel's whole-model gradient parts from XLA's (issue 17).
+
+In isolation kernels/residual_norm.py rounds as XLA's compiled jnp path does
+(tests/kernels_residual_norm_test.py, GPU), yet 60-step runs with it leave the
+fidelity curve from step 2. This takes the first step's gradient of the record
+model at its initial weights (the reference's seed-314 weights with --init, real text, 8 x 2048 tokens) for:
+float32 ("truth"), bf16 jnp (the default), bf16 with each kernel set; and prints
+per parameter each bf16 variant's relative error against float32 and, for the
+scalar parameters (AdamW: the first step moves each by lr times its sign), the
+count of elements whose sign differs from float32's.
+
+    python scripts/residual_grad_probe.py --config configs/record.py [overrides]
+
+Tooling, outside the code counted in the artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from golf_jax import cli, compat, model  # noqa: E402
+from golf_jax.tools import bench  # noqa: E402
+
+VARIANTS = {"bf16 jnp": dict(fusion_impl="jnp"),
+            "bf16 norm_rope,xsa": dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa"),
+            "bf16 residual_norm": dict(fusion_impl="auto", fusion_kernels="residual_norm"),
+            "bf16 all three": dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa,residual_norm")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init", default="", help="reference-named initial weights (e.g. the fixtures' seed 314)")
+    cfg, args = cli.parse(parser)
+    tokens = bench.text_tokens(cfg, (8, cfg.data.train_seq_len + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    params = compat.initial_params(cfg.model, args.init, 314)
+    grad = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
+    f32_loss, truth = grad(params, bench.with_model(cfg, compute_dtype="float32").model, x, y)
+    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(truth)[0]]
+    truth = [np.asarray(g, np.float64) for g in jax.tree.leaves(truth)]
+    print(f"float32 loss {float(f32_loss):.6f}")
+    rows = {}
+    for label, fields in VARIANTS.items():
+        loss, g = grad(params, bench.with_model(cfg, **fields).model, x, y)
+        g = [np.asarray(a, np.float64) for a in jax.tree.leaves(g)]
+        rows[label] = g
+        print(f"{label}: loss {float(loss):.6f}")
+    print("param | " + " | ".join(f"{k}: rel err, sign flips" for k in VARIANTS))
+    for i, name in enumerate(names):
+        t = truth[i]
+        cells = []
+        for label in VARIANTS:
+            g = rows[label][i]
+            rel = np.linalg.norm(g - t) / max(np.linalg.norm(t), 1e-30)
+            flips = int(np.sum(np.sign(g) != np.sign(t))) if t.size <= 65536 else -1
+            cells.append(f"{rel:.2e}, {flips}" if flips >= 0 else f"{rel:.2e}")
+        print(f"{name} [{t.size}] | " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
