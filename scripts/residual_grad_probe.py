@@ -42,7 +42,8 @@ def main() -> None:
     x, y = tokens[:, :-1], tokens[:, 1:]
     params = compat.initial_params(cfg.model, args.init, 314)
     grad = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
-    f32_loss, truth = grad(params, bench.with_model(cfg, compute_dtype="float32").model, x, y)
+    # float32 off the cuDNN path (cuDNN takes bf16 only)
+    f32_loss, truth = grad(params, bench.with_model(cfg, compute_dtype="float32", attention_impl="jnp").model, x, y)
     names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(truth)[0]]
     truth = [np.asarray(g, np.float64) for g in jax.tree.leaves(truth)]
     print(f"float32 loss {float(f32_loss):.6f}")
