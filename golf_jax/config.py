@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 # The Pallas kernels model.fusion_kernels can name (golf_jax.layers.fusion_impl).
-FUSION_KERNELS = ("norm_rope", "xsa", "residual_norm")
+FUSION_KERNELS = ("norm_rope", "xsa", "residual_norm", "softcap_ce")
 
 
 class ConfigError(ValueError):
@@ -83,7 +83,11 @@ class ModelConfig:
     # +0.84% over four runs against +0.03%): not the default until it holds.
     # "auto": on GPUs in bf16 when the model and head dims are powers of two
     # (Triton's blocks), jnp elsewhere; "pallas" off GPUs runs the kernels in
-    # Pallas's interpreter (tests).
+    # Pallas's interpreter (tests). A fourth, opt-in (named in fusion_kernels;
+    # not yet measured on a GPU): the head's softcap with the per-token
+    # cross-entropy of model.token_nll and loss ("softcap_ce",
+    # kernels/softcap_ce.py; issues 17, 19), "auto" when the vocabulary is a
+    # power of two.
     fusion_impl: str = "jnp"
     # Which of those kernels "auto"/"pallas" applies to, comma-separated.
     fusion_kernels: str = "norm_rope,xsa,residual_norm"
