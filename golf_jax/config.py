@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 # The Pallas kernels model.fusion_kernels can name (golf_jax.layers.fusion_impl).
-FUSION_KERNELS = ("norm_rope", "xsa", "residual_norm")
+FUSION_KERNELS = ("norm_rope", "xsa", "residual_norm", "softcap_ce")
 
 
 class ConfigError(ValueError):
@@ -80,7 +80,10 @@ class ModelConfig:
     # it ("residual_norm", kernels/residual_norm.py; with scales_in_float32).
     # "auto" (the default): on GPUs in bf16 when the model and head dims are
     # powers of two (Triton's blocks), jnp elsewhere; "jnp" switches them off;
-    # "pallas" off GPUs runs the kernels in Pallas's interpreter (tests).
+    # "pallas" off GPUs runs the kernels in Pallas's interpreter (tests). A
+    # fourth, opt-in: the head's softcap with the per-token cross-entropy of
+    # model.token_nll and loss ("softcap_ce", kernels/softcap_ce.py; issues 17,
+    # 19), "auto" when the vocabulary is a power of two.
     fusion_impl: str = "auto"
     # Which of those kernels "auto"/"pallas" applies to, comma-separated. Not
     # residual_norm by default: with it the 60-step fidelity curve drifts

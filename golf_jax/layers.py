@@ -20,6 +20,7 @@ from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 
 from golf_jax.config import FUSION_KERNELS, ModelConfig
 from kernels import mlp as mlp_kernels
+from kernels import softcap_ce
 from kernels import xsa as xsa_kernels
 from kernels.qk_norm_rope import RMS_NORM_EPS
 
@@ -62,20 +63,23 @@ def mlp_impl(cfg: ModelConfig) -> str:
 def fusion_impl(cfg: ModelConfig, kernel: str) -> str:
     """The implementation of one of the Pallas kernels of cfg.fusion_kernels
     (config.FUSION_KERNELS): cfg.fusion_impl for a listed kernel, "auto" being
-    Pallas on GPUs in bf16 when the model and head dims are powers of two
-    (Triton's blocks); "jnp" otherwise, and for the kernels that multiply by
-    the scales in float32 (norm_rope's q_gain, residual_norm's mixes) when
-    scales_in_float32 is off."""
+    Pallas on GPUs in bf16 when the model and head dims (softcap_ce: the
+    vocabulary) are powers of two (Triton's blocks); "jnp" otherwise, and for
+    the kernels that multiply by the scales in float32 (norm_rope's q_gain,
+    residual_norm's mixes) when scales_in_float32 is off."""
     if kernel not in FUSION_KERNELS:
         raise ValueError(f"no fused kernel named {kernel!r}; expected one of {FUSION_KERNELS}")
     if kernel not in cfg.fusion_kernels.split(",") or cfg.fusion_impl == "jnp":
         return "jnp"
-    if kernel != "xsa" and not cfg.scales_in_float32:
+    if kernel in ("norm_rope", "residual_norm") and not cfg.scales_in_float32:
         return "jnp"
     if cfg.fusion_impl == "pallas":
         return "pallas"
     power_of_two = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    fits = power_of_two(cfg.model_dim) and power_of_two(cfg.head_dim)
+    if kernel == "softcap_ce":
+        fits = power_of_two(cfg.vocab_size)
+    else:
+        fits = power_of_two(cfg.model_dim) and power_of_two(cfg.head_dim)
     return "pallas" if jax.default_backend() == "gpu" and compute_dtype(cfg) == jnp.bfloat16 and fits else "jnp"
 
 
@@ -330,16 +334,38 @@ def smear(gate_d: jax.Array, x_BxTxd: jax.Array, prev_x_Bxd: jax.Array | None = 
     return scaled_sum([(1 - gate, x_BxTxd), (gate, x_prev)], in_float32)
 
 
-def lm_head(w_Vxd: jax.Array, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array:
-    """Soft-capped float32 logits of final-normed hidden states."""
+def head_projection(w_Vxd: jax.Array, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array:
+    """The head's pre-softcap logits [B, T, V] as float32 values."""
     # reference quirk: under autocast the head's matmul returns the compute
     # dtype, so the logits are rounded to bf16 before the float32 softcap
     # (model.round_logits=False keeps the float32 accumulator). Through
     # linear_float32: a plain bf16 einsum's rounding was dropped by XLA.
     if cfg.round_logits:
-        z = linear_float32(h_BxTxd, w_Vxd)
-    else:
-        z = jnp.einsum("btd,vd->btv", h_BxTxd, w_Vxd.astype(h_BxTxd.dtype), preferred_element_type=jnp.float32)
-    return cfg.logit_softcap * jnp.tanh(z / cfg.logit_softcap)
+        return linear_float32(h_BxTxd, w_Vxd)
+    return jnp.einsum("btd,vd->btv", h_BxTxd, w_Vxd.astype(h_BxTxd.dtype), preferred_element_type=jnp.float32)
+
+
+def softcap(z: jax.Array, cap: float) -> jax.Array:
+    """cap * tanh(z / cap), in z's dtype (float32 in the head)."""
+    return cap * jnp.tanh(z / cap)
+
+
+def lm_head(w_Vxd: jax.Array, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array:
+    """Soft-capped float32 logits of final-normed hidden states."""
+    return softcap(head_projection(w_Vxd, cfg, h_BxTxd), cfg.logit_softcap)
+
+
+def head_nll(w_Vxd: jax.Array, cfg: ModelConfig, h_BxTxd: jax.Array, targets_BxT: jax.Array,
+             impl: str) -> jax.Array:
+    """Per-token cross-entropy [B, T] (float32) of lm_head's logits through
+    kernels/softcap_ce.py (impl "pallas": one kernel each way from the
+    pre-softcap logits; the float32 logits never go to memory). With
+    round_logits the logits reach it in the compute dtype: the float32 values
+    of head_projection are already rounded to it, so the cast is exact, and
+    its backward hands the matmul the same rounded cotangent."""
+    z = head_projection(w_Vxd, cfg, h_BxTxd)
+    if cfg.round_logits:
+        z = z.astype(h_BxTxd.dtype)
+    return softcap_ce.softcap_nll(z, targets_BxT, cfg.logit_softcap, impl)
 
 

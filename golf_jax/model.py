@@ -58,8 +58,8 @@ import jax.numpy as jnp
 
 from golf_jax.config import ModelConfig
 from golf_jax.layers import (attention, attention_impl, bigram_buckets, compute_dtype,
-                             exclusive_self_attention, fusion_impl, gram, linear, lm_head, lookup, mlp_impl, rms_norm,
-                             rotary_base, rotary_tables, scaled_sum, smear)
+                             exclusive_self_attention, fusion_impl, gram, head_nll, linear, lm_head, lookup, mlp_impl,
+                             rms_norm, rotary_base, rotary_tables, scaled_sum, smear)
 from golf_jax.param_tree import Params, embedding_dtype
 from kernels import mlp as mlp_kernels
 from kernels.qk_norm_rope import apply_rotary, norm_rope
@@ -385,6 +385,11 @@ class GPT(nn.Module):
         """Soft-capped float32 logits [B, T, V]."""
         return self.head(self.hidden(tokens_BxT, rope_len, decode))
 
+    def fused_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+        """Per-token cross-entropy [B, T] through the fused softcap + cross-entropy kernel."""
+        w = self.tok_emb if self.lm_head is None else self.lm_head
+        return head_nll(w, self.cfg, self.hidden(tokens_BxT), targets_BxT, "pallas")
+
 
 # ----------------------------------------------------------------------------- the model as functions
 
@@ -411,7 +416,10 @@ def nll_from_logits(z: jax.Array, targets: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def token_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-token cross-entropy [B, T], float32."""
+    """Per-token cross-entropy [B, T], float32 (with the softcap_ce kernel of
+    model.fusion_impl, from the pre-softcap logits: kernels/softcap_ce.py)."""
+    if fusion_impl(cfg, "softcap_ce") == "pallas":
+        return GPT(cfg).apply({"params": params}, tokens, targets, method=GPT.fused_nll)
     return nll_from_logits(logits(params, cfg, tokens), targets)
 
 

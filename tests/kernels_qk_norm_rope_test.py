@@ -140,15 +140,15 @@ def test_fusion_impl_resolution():
     auto = ModelConfig(compute_dtype="bfloat16")
     bf16 = dataclasses.replace(auto, fusion_impl="jnp")
     on_gpu = jax.default_backend() == "gpu"
-    assert [layers.fusion_impl(auto, k) for k in FUSION_KERNELS] == ["pallas" if on_gpu else "jnp"] * 2 + ["jnp"]
-    assert [layers.fusion_impl(bf16, k) for k in FUSION_KERNELS] == ["jnp"] * 3
+    assert [layers.fusion_impl(auto, k) for k in FUSION_KERNELS] == ["pallas" if on_gpu else "jnp"] * 2 + ["jnp"] * 2
+    assert [layers.fusion_impl(bf16, k) for k in FUSION_KERNELS] == ["jnp"] * 4
     assert layers.fusion_impl(auto, "xsa") == ("pallas" if on_gpu else "jnp")
     assert layers.fusion_impl(dataclasses.replace(auto, compute_dtype="float32"), "xsa") == "jnp"
     assert layers.fusion_impl(dataclasses.replace(auto, model_dim=96, num_heads=3, num_kv_heads=1), "xsa") == "jnp"
     some = dataclasses.replace(bf16, fusion_impl="pallas", fusion_kernels="norm_rope,xsa")
-    assert [layers.fusion_impl(some, k) for k in FUSION_KERNELS] == ["pallas", "pallas", "jnp"]
+    assert [layers.fusion_impl(some, k) for k in FUSION_KERNELS] == ["pallas", "pallas", "jnp", "jnp"]
     eager = dataclasses.replace(bf16, fusion_impl="pallas", scales_in_float32=False)
-    assert [layers.fusion_impl(eager, k) for k in FUSION_KERNELS] == ["jnp", "pallas", "jnp"]
+    assert [layers.fusion_impl(eager, k) for k in FUSION_KERNELS] == ["jnp", "pallas", "jnp", "jnp"]
     with pytest.raises(ValueError, match="no fused kernel named"):
         layers.fusion_impl(bf16, "mlp")
     with pytest.raises(ConfigError, match="fusion_kernels"):

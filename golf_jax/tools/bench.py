@@ -15,7 +15,8 @@ Sections:
              EMA) with all micro-batches and with one, and the host time of the data feed.
   attention  causal GQA attention alone: cuDNN, the Pallas Triton and Mosaic GPU kernels, the
              jnp path; forward and forward+backward.
-  fusions    the Pallas kernels of model.fusion_impl (q/k norm+RoPE, residual mix+norm, XSA)
+  fusions    the Pallas kernels of model.fusion_impl (q/k norm+RoPE, residual mix+norm, XSA,
+             softcap + cross-entropy)
              alone, forward+backward, Pallas vs jnp.
   mlp        the MLP alone at a micro-step's shape (rows x model_dim x mlp_dim): the fused
              Triton kernels vs the jnp path, forward (inference) and forward+backward.
@@ -267,7 +268,7 @@ def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) ->
     return out
 
 
-FUSIONS = ("q", "k", "mix", "xsa")  # the cases of `fusion_cases`
+FUSIONS = ("q", "k", "mix", "xsa", "ce")  # the cases of `fusion_cases`
 
 
 def fusion_cases(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
@@ -275,8 +276,10 @@ def fusion_cases(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
     [batch, seq_len] in the compute dtype: name -> (kernel module, impl -> a
     function of the operands, the operands, the model's own jnp path when it
     is not the module's reference). "q": queries' norm + RoPE + q_gain; "k":
-    keys' norm + RoPE; "mix": a residual mix with the norm after it; "xsa"."""
-    from kernels import qk_norm_rope, residual_norm, xsa
+    keys' norm + RoPE; "mix": a residual mix with the norm after it; "xsa";
+    "ce": the head's softcap and cross-entropy from its bf16 pre-softcap
+    logits [batch * seq_len, vocab] (the targets fixed, inside the function)."""
+    from kernels import qk_norm_rope, residual_norm, softcap_ce, xsa
 
     H, K, D, d, R = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.model_dim, cfg.rotary_dims
     dtype = layers.compute_dtype(cfg)
@@ -288,6 +291,11 @@ def fusion_cases(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
     def model_mix(a, b, scale_a, scale_b):
         mixed = layers.scaled_sum([(scale_a, a), (scale_b, b)], True)
         return mixed, layers.rms_norm(mixed, 0.5)
+    V, cap = cfg.vocab_size, cfg.logit_softcap
+    targets = jax.random.randint(jax.random.key(8), (batch * seq_len,), 0, V)  # keys: the other operands' as before
+
+    def model_ce(z):  # the model's path: lm_head's softcap on the float32 logits, then nll_from_logits
+        return model.nll_from_logits(layers.softcap(z.astype(jnp.float32), cap), targets)
     return {
         "q": (qk_norm_rope, lambda impl: lambda q, g: qk_norm_rope.norm_rope(q, cos, sin, g, R, impl),
               (normal(batch, seq_len, H, D), normal(H, mean=1.5)), None),
@@ -298,6 +306,8 @@ def fusion_cases(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
                  normal(d, scale=0.5)), model_mix),
         "xsa": (xsa, lambda impl: lambda y, v: xsa.xsa(y, v, impl),
                 (normal(batch, seq_len, H, D), normal(batch, seq_len, K, D)), None),
+        "ce": (softcap_ce, lambda impl: lambda z: softcap_ce.softcap_nll(z, targets, cap, impl),
+               (normal(batch * seq_len, V, scale=8.0),), model_ce),
     }
 
 
