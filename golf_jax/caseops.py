@@ -15,11 +15,13 @@ passes through unchanged, so `decode(encode(text)) == text` for any text.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = frozenset((TITLE, ALLCAPS, CAPNEXT, ESC))
 NAME = "lossless_caps_caseops_v1"
+# The record's SP8192 tokenizer reserves these ids for the operators, in this order.
+OPERATOR_IDS = {4: TITLE, 5: ALLCAPS, 6: CAPNEXT, 7: ESC}
 
 
 class CaseOpsError(ValueError):
@@ -142,3 +144,32 @@ def original_byte_counts(surfaces: Iterable[str]) -> list[int]:
     counts = [sum(len(ch.encode("utf-8")) for ch in _decoded(decoder, surface)) for surface in surfaces]
     decoder.finish()
     return counts
+
+
+# ----------------------------------------------------------------------------- with a tokenizer
+
+def is_caseops_tokenizer(sp) -> bool:
+    """Whether a SentencePiece model reserves its pieces 4-7 for the operators
+    (the record's tokenizer): its shards hold transformed text."""
+    return sp.vocab_size() > max(OPERATOR_IDS) and all(sp.id_to_piece(i) == op for i, op in OPERATOR_IDS.items())
+
+
+def _pieces(sp, texts: list[str]):
+    protos = sp.encode(texts, out_type="proto")
+    if protos and isinstance(protos[0], bytes):
+        # sentencepiece 0.2.0 serializes "proto"; its parsed form is "immutable_proto"
+        # (the record's), which 0.2.2 on refuse. Same pieces, checked on 0.2.0, 0.2.2, 0.2.3.
+        protos = sp.encode(texts, out_type="immutable_proto")
+    return protos
+
+
+def encode_documents(sp, texts: Sequence[str]) -> list[tuple[list[int], list[int]]]:
+    """Each text transformed and tokenized (without BOS): its token ids and
+    the original UTF-8 bytes each token stands for (`original_byte_counts` of
+    the pieces' surfaces, the byte sidecar's entries). The surfaces include
+    whitespace the normalizer collapsed (a double space read as one piece
+    counts 2), but not leading or trailing whitespace, which SentencePiece drops."""
+    out = []
+    for proto in _pieces(sp, [encode(t) for t in texts]):
+        out.append(([p.id for p in proto.pieces], original_byte_counts(p.surface for p in proto.pieces)))
+    return out

@@ -179,6 +179,14 @@ class DataConfig:
     train_batch_tokens: int = 786_432  # global, per optimizer step
     # world_size x accumulation steps: every device count sees the same stream.
     micro_batches_per_step: int = 8
+    # The transform the shards' text went through before tokenizing: "" (none)
+    # or "caseops" (golf_jax/caseops.py, the 1.0611 record's), which its SP8192
+    # tokenizer needs (both mismatches are refused). With "caseops", bits per
+    # byte counts the original text's bytes through the val byte sidecar, and
+    # data_dir="embedded" is tinyshakespeare prepared with the record's tokenizer.
+    text_transform: str = ""
+    # The byte sidecar, beside the val shards: each val token's original bytes.
+    val_bytes_pattern: str = "fineweb_val_bytes_*.bin"
 
 
 @dataclass(frozen=True)
@@ -348,6 +356,8 @@ class Config:
             raise ConfigError("data.train_seq_len: must be positive")
         if d.micro_batches_per_step <= 0:
             raise ConfigError("data.micro_batches_per_step: must be positive")
+        if d.text_transform not in ("", "caseops"):
+            raise ConfigError(f"data.text_transform: '' (none) or 'caseops', got {d.text_transform!r}")
         if d.train_batch_tokens % (d.micro_batches_per_step * d.train_seq_len):
             raise ConfigError(
                 f"data.train_batch_tokens: {d.train_batch_tokens} is not divisible by "

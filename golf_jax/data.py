@@ -6,6 +6,11 @@ from text: golf_jax/datasets.py.
 Shard format (the official exporter's): a header of 256 little-endian int32
 (magic 20240520, version 1, token count, zeros), then the tokens as
 little-endian uint16. Documents are written as [bos_id] + tokens, no eos.
+
+Text transformed before tokenizing (data.text_transform "caseops", the 1.0611
+record's) is scored on its original bytes: a byte sidecar beside the val
+shards, in the same format, holds each val token's original UTF-8 byte count
+(0 for BOS and the operators).
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ from typing import Sequence
 
 import numpy as np
 
-from golf_jax import atomic
+from golf_jax import atomic, caseops
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TOKEN_DTYPE = np.dtype("<u2")
-
+TEXT_TRANSFORMS = ("", "caseops")
+# reference quirk: the byte sidecars match the val glob (fineweb_val_*.bin), so
+# files with this in their name are never read as val tokens.
+SIDECAR_MARK = "_bytes_"
 
 
 class DataError(ValueError):
@@ -92,8 +100,10 @@ def check_ids(tokens: np.ndarray, vocab_size: int, path: Path, offset: int = 0) 
 
 # ----------------------------------------------------------------------------- tokenizer
 
-def load_tokenizer(path: str | Path, vocab_size: int | None = None):
-    """Load a SentencePiece model; its vocab must equal the model's vocab_size."""
+def load_tokenizer(path: str | Path, vocab_size: int | None = None, text_transform: str | None = None):
+    """Load a SentencePiece model; its vocab must equal the model's vocab_size,
+    and with `text_transform` given, it must be a CaseOps tokenizer exactly
+    when that is "caseops" (`check_text_transform`)."""
     import sentencepiece as spm
 
     path = Path(path)
@@ -111,7 +121,24 @@ def load_tokenizer(path: str | Path, vocab_size: int | None = None):
         raise DataError(f"{path}: not a SentencePiece model ({e})") from None
     if vocab_size is not None and sp.vocab_size() != vocab_size:
         raise DataError(f"{path}: tokenizer has {sp.vocab_size()} tokens but the model's vocab_size is {vocab_size}")
+    if text_transform is not None:
+        check_text_transform(sp, path, text_transform)
     return sp
+
+
+def check_text_transform(sp, path: str | Path, text_transform: str) -> None:
+    """A CaseOps tokenizer (pieces 4-7 the operators U+E001-U+E004) reads
+    transformed text only, and the transform needs one: refuse either mismatch."""
+    if text_transform not in TEXT_TRANSFORMS:
+        raise DataError(f"text transform {text_transform!r}: expected one of {TEXT_TRANSFORMS}")
+    reserved = [sp.id_to_piece(i) for i in caseops.OPERATOR_IDS if i < sp.vocab_size()]
+    if text_transform == "caseops" and not caseops.is_caseops_tokenizer(sp):
+        raise DataError(f"{path}: data.text_transform='caseops' needs a CaseOps tokenizer, whose pieces 4-7 are the "
+                        f"operators U+E001-U+E004; this one's are {reserved!r}")
+    if text_transform == "" and caseops.is_caseops_tokenizer(sp):
+        raise DataError(f"{path}: a CaseOps tokenizer (pieces 4-7 are the operators U+E001-U+E004) reads "
+                        f"CaseOps-transformed text only: set data.text_transform='caseops' "
+                        f"(prepare: --text-transform caseops)")
 
 
 @dataclass(frozen=True)
@@ -151,8 +178,31 @@ def byte_tables(sp, vocab_size: int) -> ByteTables:
     return ByteTables(base, space, boundary)
 
 
+@dataclass(frozen=True)
+class ByteSidecar:
+    """The original bytes of each validation token (`load_byte_sidecar`):
+    bits per byte divides by these when the text was transformed before
+    tokenizing, as the tokenizer's pieces are not the original text."""
+
+    counts: np.ndarray  # int64 [N]: counts[i] belongs to tokens[i]
+    pattern: str  # the sidecar files, for messages
+
+    def target_bytes(self, tokens: np.ndarray) -> np.ndarray:
+        """Bytes of each target tokens[1:] (int64); `tokens` must be the
+        validation tokens the sidecar was loaded for."""
+        if len(tokens) != len(self.counts):
+            raise DataError(f"{self.pattern}: the byte sidecar covers {len(self.counts)} validation tokens, "
+                            f"asked for {len(tokens)}")
+        return self.counts[1:]
+
+
+# What bits per byte divides by: per-token tables of the tokenizer's pieces, or the sidecar.
+TargetBytes = ByteTables | ByteSidecar
+
+
 def bits_per_byte(loss_sum: float, token_count: int, byte_count: int) -> tuple[float, float]:
-    """(mean loss in nats, bits per byte) from float64 sums."""
+    """(mean loss in nats, bits per byte) from float64 sums: bits per byte is
+    loss_sum / (ln 2 x byte_count), the reference's formula."""
     mean_loss = loss_sum / token_count
     return mean_loss, mean_loss / math.log(2.0) * token_count / byte_count
 
@@ -267,9 +317,17 @@ class TrainBatches:
         self.stream.restore(state)
 
 
+def validation_files(pattern: str) -> list[Path]:
+    """The val shards `pattern` matches, byte sidecars left out."""
+    files = [f for f in shard_files(pattern) if SIDECAR_MARK not in f.name]
+    if not files:
+        raise DataError(f"{pattern}: only byte sidecars (*{SIDECAR_MARK}*) match, no validation shards")
+    return files
+
+
 def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_tokens: int = 0) -> np.ndarray:
     """All val shards concatenated, trimmed to a multiple of seq_len, plus one (int32)."""
-    files = shard_files(pattern)
+    files = validation_files(pattern)
     parts = []
     for f in files:
         tokens = read_shard(f)
@@ -282,3 +340,30 @@ def load_validation_tokens(pattern: str, seq_len: int, vocab_size: int, max_toke
     if usable <= 0:
         raise DataError(f"{pattern}: {len(tokens)} validation tokens, fewer than one {seq_len}-token sequence + 1")
     return tokens[:usable + 1]
+
+
+def load_byte_sidecar(val_pattern: str, sidecar_pattern: str, tokens: np.ndarray, bos_id: int) -> ByteSidecar:
+    """The byte sidecar of the validation tokens `tokens` (load_validation_tokens
+    of val_pattern): the files matching sidecar_pattern, in sorted order, one
+    per val shard and as long as it, BOS counting 0 bytes (the prepare step's
+    layout); anything else is out of step with the tokens and an error."""
+    shards = validation_files(val_pattern)
+    sidecars = sorted(Path(p) for p in glob.glob(sidecar_pattern))
+    if not sidecars:
+        raise DataError(f"{sidecar_pattern}: no byte sidecar found (data.val_bytes_pattern); text transformed before "
+                        f"tokenizing (data.text_transform) is scored on its original bytes, which the sidecar counts")
+    if len(sidecars) != len(shards):
+        raise DataError(f"{sidecar_pattern}: {len(sidecars)} byte sidecar files for {len(shards)} validation shards "
+                        f"({val_pattern}); expected one each")
+    parts = []
+    for shard, sidecar in zip(shards, sidecars):
+        counts, shard_tokens = read_shard(sidecar), read_shard(shard)
+        if len(counts) != len(shard_tokens):
+            raise DataError(f"{sidecar}: {len(counts)} byte counts, but its validation shard {shard} has "
+                            f"{len(shard_tokens)} tokens")
+        bad = np.flatnonzero((shard_tokens == bos_id) & (counts != 0))
+        if bad.size:
+            raise DataError(f"{sidecar}: {int(counts[bad[0]])} bytes at position {int(bad[0])}, where {shard} has "
+                            f"BOS (0 bytes): the sidecar is not this shard's")
+        parts.append(counts)
+    return ByteSidecar(np.concatenate(parts)[:len(tokens)].astype(np.int64), sidecar_pattern)

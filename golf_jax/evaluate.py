@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -115,7 +116,7 @@ def padded_tokens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return padded
 
 
-def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, plan: WindowPlan,
+def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.TargetBytes, plan: WindowPlan,
                   seq_len: int, batch_windows: int, desc: str = "eval", progress: bool = True,
                   score_span: int = 0) -> EvalResult:
     """Score every window of `plan` over `tokens` (targets are tokens[1:]).
@@ -150,14 +151,14 @@ def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Byt
     return EvalResult(mean_loss, bpb, token_count, byte_count, time.perf_counter() - t0)
 
 
-def standard_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, seq_len: int,
+def standard_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.TargetBytes, seq_len: int,
                   batch_windows: int, progress: bool = True) -> EvalResult:
     """The reference's standard evaluation: consecutive windows of seq_len."""
     plan = standard_plan(len(tokens) - 1, seq_len)
     return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, batch_windows, "standard eval", progress)
 
 
-def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.ByteTables, seq_len: int,
+def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.TargetBytes, seq_len: int,
                  stride: int, batch_windows: int, score_once: bool = False, progress: bool = True) -> EvalResult:
     """The reference's sliding-window evaluation (stride 64 in the record)."""
     plan = sliding_plan(len(tokens) - 1, seq_len, stride, score_once)
@@ -165,27 +166,39 @@ def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Byte
                          score_span=stride)
 
 
-def load_eval_data(cfg: Config, dataset: dict | None = None, tokenizer: str | None = None,
-                   where: str = "the model") -> tuple[np.ndarray, data.ByteTables, datasets.Dataset]:
-    """Validation tokens and byte tables, every input checked before any
-    compilation. `dataset`: the identity recorded with the model, whose
-    tokenizer must be the one used (`datasets.dataset_for_model`);
-    `tokenizer`: the user's --tokenizer, which overrides that check."""
-    ds = datasets.dataset_for_model(cfg.data, cfg.model.vocab_size, dataset, tokenizer, where)
-    sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
+def load_validation(cfg: Config, ds: datasets.Dataset) -> tuple[np.ndarray, data.TargetBytes]:
+    """The validation tokens of `ds` and what their bits per byte divide by:
+    the tokenizer's byte tables, or with data.text_transform the byte sidecar
+    beside the val shards (data.val_bytes_pattern), the original text's bytes."""
+    d = cfg.data
+    sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size, d.text_transform)
     tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
                                          cfg.eval.max_val_tokens)
-    return tokens, data.byte_tables(sp, cfg.model.vocab_size), ds
+    if not d.text_transform:
+        return tokens, data.byte_tables(sp, cfg.model.vocab_size)
+    sidecar = os.path.join(os.path.dirname(ds.val_pattern), d.val_bytes_pattern)
+    return tokens, data.load_byte_sidecar(ds.val_pattern, sidecar, tokens, sp.bos_id())
 
 
-def run_standard(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables,
+def load_eval_data(cfg: Config, dataset: dict | None = None, tokenizer: str | None = None,
+                   where: str = "the model") -> tuple[np.ndarray, data.TargetBytes, datasets.Dataset]:
+    """Validation tokens and their byte counts (`load_validation`), every
+    input checked before any compilation. `dataset`: the identity recorded
+    with the model, whose tokenizer must be the one used
+    (`datasets.dataset_for_model`); `tokenizer`: the user's --tokenizer,
+    which overrides that check."""
+    ds = datasets.dataset_for_model(cfg.data, cfg.model.vocab_size, dataset, tokenizer, where)
+    return *load_validation(cfg, ds), ds
+
+
+def run_standard(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes,
                  progress: bool = True) -> EvalResult:
     """The standard evaluation as configured (the reference's per-rank batch)."""
     return standard_eval(params, cfg.model, tokens, tables, cfg.eval.eval_seq_len,
                          cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress)
 
 
-def run_sliding(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables,
+def run_sliding(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes,
                 progress: bool = True) -> EvalResult:
     """The sliding-window evaluation as configured."""
     e = cfg.eval
@@ -193,7 +206,7 @@ def run_sliding(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables
                         e.sliding_batch_windows, e.sliding_score_once, progress)
 
 
-def run_evaluations(params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables,
+def run_evaluations(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes,
                     progress: bool = True) -> dict[str, EvalResult]:
     return {"standard": run_standard(params, cfg, tokens, tables, progress),
             "sliding": run_sliding(params, cfg, tokens, tables, progress)}

@@ -155,15 +155,13 @@ class TrainingRun:
         cfg = self.cfg
         if saved is None:
             ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
-                                          cfg.data.val_pattern, cfg.model.vocab_size)
+                                          cfg.data.val_pattern, cfg.model.vocab_size, cfg.data.text_transform)
         else:
             checkpoint.check_resume_config(saved.get("config", {}), cfg, self.ckpts.directory)
             ds = datasets.dataset_for_model(cfg.data, cfg.model.vocab_size, saved.get("data"),
                                             where=f"the run in {self.out_dir}",
                                             hint="put that tokenizer back, or start a new run")
-        self.tables = data.byte_tables(data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size), cfg.model.vocab_size)
-        self.val_tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
-                                                      cfg.eval.max_val_tokens)
+        self.val_tokens, self.tables = evaluate.load_validation(cfg, ds)
         self.batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
                                          cfg.data.train_seq_len, world_size=self.mesh.size, accum_steps=self.accum,
                                          ranks=train_step.local_ranks(self.mesh))

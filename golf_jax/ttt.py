@@ -205,7 +205,7 @@ def _train_on_chunk(params, opt_state, train_step, mask, padded: np.ndarray, sta
     return params, opt_state, steps
 
 
-def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.ByteTables, progress: bool = True,
+def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes, progress: bool = True,
         max_chunks: int = 0) -> TTTResult:
     """Score-first TTT over `tokens` (targets tokens[1:]); `params` are not
     modified (a copy is trained). max_chunks > 0 stops after that many chunks

@@ -1,5 +1,6 @@
 """CaseOps (golf_jax.caseops): by example, round trips on arbitrary text, and the
-1.0611 record's own lossless_caps.py on the same inputs."""
+1.0611 record's own lossless_caps.py on the same inputs; with the record's SP8192
+tokenizer, the token ids and byte counts its prepare script writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from golf_jax import caseops
+from golf_jax import caseops, data, datasets
 from golf_jax.caseops import ALLCAPS, CAPNEXT, ESC, TITLE
 from tests.conftest import REFERENCE, missing
 
@@ -80,3 +81,50 @@ def test_byte_counts_are_the_references_and_sum_to_the_original(reference, text,
     got = caseops.original_byte_counts(surfaces)
     assert got == reference.surface_piece_original_byte_counts(surfaces, text_transform_name=caseops.NAME)
     assert sum(got) == len(text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------- with the tokenizer
+
+@pytest.fixture(scope="module")
+def sp(caseops_tokenizer):
+    return data.load_tokenizer(caseops_tokenizer, 8192, "caseops")
+
+
+def test_the_records_tokenizer_is_recognised(sp, shared_data):
+    assert caseops.is_caseops_tokenizer(sp)
+    assert not caseops.is_caseops_tokenizer(data.load_tokenizer(shared_data / datasets.EMBEDDED_TOKENIZER))
+
+
+def reference_documents(reference, sp, texts):
+    """What prepare_caseops_data.py computes per document: ids and sidecar counts (BOS left out)."""
+    out = []
+    for text in texts:
+        transformed = reference.encode_lossless_caps_v2(text)
+        surfaces = [p.surface for p in sp.encode(transformed, out_type="proto").pieces]
+        out.append((sp.encode(transformed, out_type=int),
+                    reference.surface_piece_original_byte_counts(surfaces, text_transform_name=caseops.NAME)))
+    return out
+
+
+def test_documents_are_the_reference_prepares(reference, sp, shared_data):
+    """The module docstring's example, text the transform and the normalizer
+    both act on, and every 10th speech of tinyshakespeare."""
+    speeches = list(datasets.iter_documents(shared_data / datasets.EMBEDDED_CORPUS))
+    texts = ["The NASA Launch", f"x{TITLE}y {ESC}", "  Two  SPACES\tand\n\nMcDonald's iPhone  ", "ﬁ Ｈello é",
+             "\ue000 漢字 🙂", *speeches[::10]]
+    assert caseops.encode_documents(sp, texts) == reference_documents(reference, sp, texts)
+
+
+NORMAL_WORD = st.text(st.sampled_from("aBcDeXyZqQ09.,;:!?'-()é" + TITLE + ALLCAPS + CAPNEXT + ESC),
+                      min_size=1, max_size=8)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(NORMAL_WORD, min_size=1, max_size=8).map(" ".join))
+def test_text_to_tokens_and_back(sp, text):
+    """On text the tokenizer's normalizer leaves as it is (single spaces, no
+    edge whitespace, NFKC-stable characters): decoded tokens, inverse
+    transform, the same text; the counts sum to its UTF-8 length."""
+    [(ids, counts)] = caseops.encode_documents(sp, [text])
+    assert caseops.decode(sp.decode(ids)) == text
+    assert len(counts) == len(ids) and sum(counts) == len(text.encode("utf-8"))

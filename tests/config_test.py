@@ -110,6 +110,12 @@ def test_indivisible_batch_names_the_field():
         cfg.validate()
 
 
+def test_unknown_text_transform_names_the_field():
+    assert cli.apply_overrides(Config(), [("text_transform", "caseops")]).validate().data.text_transform == "caseops"
+    with pytest.raises(ConfigError, match=r"data.text_transform: '' \(none\) or 'caseops', got 'CaseOps'"):
+        cli.apply_overrides(Config(), [("text_transform", "CaseOps")]).validate()
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         cli.load_config_file(tmp_path / "none.py")

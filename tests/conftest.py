@@ -190,6 +190,31 @@ def pydoc_data(tmp_path_factory) -> Path:
             os.environ["GOLF_JAX_CACHE"] = before
 
 
+@pytest.fixture(scope="session")
+def caseops_tokenizer() -> Path:
+    """The 1.0611 record's SP8192 CaseOps tokenizer (../shared/reference)."""
+    path = REFERENCE / datasets.CASEOPS_TOKENIZER
+    if not path.is_file():
+        missing(f"the 1.0611 record's tokenizer {path} not present (set GOLF_JAX_REFERENCE)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def caseops_data(tmp_path_factory, shared_data, caseops_tokenizer) -> Path:
+    """The embedded tinyshakespeare corpus prepared with that tokenizer, built
+    once per run in a cache of the run's own."""
+    cache = tmp_path_factory.mktemp("golf_jax_caseops_cache")
+    before = os.environ.get("GOLF_JAX_CACHE")
+    os.environ["GOLF_JAX_CACHE"] = str(cache)
+    try:
+        return datasets.caseops_dataset(caseops_tokenizer)
+    finally:
+        if before is None:
+            del os.environ["GOLF_JAX_CACHE"]
+        else:
+            os.environ["GOLF_JAX_CACHE"] = before
+
+
 def pytest_collection_modifyitems(config, items):
     if jax.default_backend() != "gpu":
         skip = pytest.mark.skip(reason="needs a GPU")

@@ -1,6 +1,9 @@
-"""Shards, the exporter, the token streams, byte tables and the embedded dataset."""
+"""Shards, the exporter, the token streams, byte tables, the byte sidecar, the tokenizer checks
+and the embedded dataset."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -185,6 +188,73 @@ def test_tokenizer_vocab_mismatch_and_bad_file(tmp_path, shared_data):
 def test_bits_per_byte():
     loss, bpb = data.bits_per_byte(loss_sum=200.0, token_count=100, byte_count=400)
     assert loss == 2.0 and bpb == pytest.approx(2.0 / np.log(2) / 4)
+
+
+def test_caseops_tokenizer_vocab_and_transform_checks(caseops_tokenizer, shared_data):
+    sp = data.load_tokenizer(caseops_tokenizer, 8192, "caseops")
+    assert sp.vocab_size() == 8192
+    with pytest.raises(data.DataError, match=r"caseops_v1_reserved.model: tokenizer has 8192 tokens but the "
+                                             r"model's vocab_size is 1024"):
+        data.load_tokenizer(caseops_tokenizer, 1024, "caseops")
+    with pytest.raises(data.DataError, match=r"caseops_v1_reserved.model: a CaseOps tokenizer .* set "
+                                             r"data.text_transform='caseops'"):
+        data.load_tokenizer(caseops_tokenizer, 8192, "")
+    with pytest.raises(data.DataError, match=r"fineweb_1024_bpe.model: data.text_transform='caseops' needs a "
+                                             r"CaseOps tokenizer.*this one's are"):
+        data.load_tokenizer(shared_data / datasets.EMBEDDED_TOKENIZER, 1024, "caseops")
+    data.load_tokenizer(caseops_tokenizer, 8192)  # no transform given: no check (e.g. identifying the file)
+
+
+# ----------------------------------------------------------------------------- the byte sidecar
+
+def val_with_sidecar(tmp_path, docs):
+    """Val shards (one per list of documents) of [BOS] + ids and their
+    sidecars: each document a list of (id, bytes)."""
+    for i, shard_docs in enumerate(docs):
+        ids = [t for doc in shard_docs for t in [1] + [tok for tok, _ in doc]]
+        nbytes = [b for doc in shard_docs for b in [0] + [n for _, n in doc]]
+        write(tmp_path / f"fineweb_val_{i:06d}.bin", ids)
+        write(tmp_path / f"fineweb_val_bytes_{i:06d}.bin", nbytes)
+    return str(tmp_path / "fineweb_val_*.bin"), str(tmp_path / "fineweb_val_bytes_*.bin")
+
+
+DOCS = [[[(5, 0), (300, 3), (301, 1)], [(9, 2), (10, 4)]], [[(11, 1), (12, 7), (13, 2), (14, 1)]]]
+
+
+def test_sidecar_parallels_the_val_tokens_which_leave_it_out(tmp_path):
+    val, bytes_pattern = val_with_sidecar(tmp_path, DOCS)
+    tokens = data.load_validation_tokens(val, seq_len=4, vocab_size=8192)  # reference quirk: sidecars match val
+    np.testing.assert_array_equal(tokens, [1, 5, 300, 301, 1, 9, 10, 1, 11])
+    sidecar = data.load_byte_sidecar(val, bytes_pattern, tokens, bos_id=1)
+    np.testing.assert_array_equal(sidecar.target_bytes(tokens), [0, 3, 1, 0, 2, 4, 0, 1])
+    # Bits per byte as the reference's (L2786, L2878): sum nats / (ln 2 x sum sidecar[targets]).
+    loss_sum = 17.5
+    assert data.bits_per_byte(loss_sum, 8, int(sidecar.target_bytes(tokens).sum()))[1] == pytest.approx(
+        loss_sum / (math.log(2) * 11), rel=1e-15)  # float64, two orders of the same products
+    with pytest.raises(data.DataError, match=r"fineweb_val_bytes_\*.bin: the byte sidecar covers 9 validation "
+                                             r"tokens, asked for 5"):
+        sidecar.target_bytes(tokens[:5])
+    with pytest.raises(data.DataError, match=r"fineweb_val_bytes_\*.bin: only byte sidecars .* no validation shards"):
+        data.load_validation_tokens(bytes_pattern, 4, 8192)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: [p.unlink() for p in d.glob("*_bytes_*")], r"fineweb_val_bytes_\*.bin: no byte sidecar found "
+                                                         r"\(data.val_bytes_pattern\)"),
+    (lambda d: (d / "fineweb_val_bytes_000001.bin").unlink(), r"1 byte sidecar files for 2 validation shards"),
+    (lambda d: write(d / "fineweb_val_bytes_000001.bin", [0, 1, 7, 2]),
+     r"fineweb_val_bytes_000001.bin: 4 byte counts, but its validation shard \S*fineweb_val_000001.bin has 5 tokens"),
+    (lambda d: (d / "fineweb_val_bytes_000000.bin").write_bytes(b"\0" * 1030),
+     r"fineweb_val_bytes_000000.bin: bad shard magic"),
+    (lambda d: write(d / "fineweb_val_bytes_000000.bin", [0, 0, 3, 1, 2, 2, 4]),
+     r"fineweb_val_bytes_000000.bin: 2 bytes at position 4, where \S*fineweb_val_000000.bin has BOS"),
+])
+def test_sidecar_errors_name_the_file(tmp_path, damage, message):
+    val, bytes_pattern = val_with_sidecar(tmp_path, DOCS)
+    tokens = data.load_validation_tokens(val, 4, 8192)
+    damage(tmp_path)
+    with pytest.raises(data.DataError, match=message):
+        data.load_byte_sidecar(val, bytes_pattern, tokens, bos_id=1)
 
 
 # ----------------------------------------------------------------------------- embedded dataset

@@ -1,16 +1,23 @@
-"""Datasets: preparing shards from text (byte for byte as the official exporter), the embedded
-default data and its pydoc fallback, and the data-directory errors."""
+"""Datasets: preparing shards from text (byte for byte as the official exporter, and with CaseOps
+as the 1.0611 record's prepare_caseops_data.py), the embedded default data, its pydoc fallback and
+its CaseOps build, and the data-directory errors."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
 import shutil
+import sys
 import types
+from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 
-from golf_jax import data, datasets
+from golf_jax import caseops, data, datasets
+from tests.conftest import REFERENCE, missing
 
 
 def test_prepare_reproduces_embedded_shards_byte_for_byte(tmp_path, shared_data):
@@ -66,7 +73,7 @@ def test_pydoc_fallback_dataset(pydoc_data, monkeypatch):
 
 
 EMBEDDED = types.SimpleNamespace(data_dir="embedded", tokenizer_path="", train_pattern="fineweb_train_*.bin",
-                                 val_pattern="fineweb_val_*.bin")  # a DataConfig's dataset fields
+                                 val_pattern="fineweb_val_*.bin", text_transform="")  # a DataConfig's dataset fields
 
 
 def test_the_record_identifies_the_tokenizer(shared_data):
@@ -113,3 +120,135 @@ def test_missing_data_dir_names_field(tmp_path):
     with pytest.raises(data.DataError, match=r"data directory not found \(data.data_dir\)"):
         datasets.resolve_dataset(str(tmp_path / "nope"), "", "a*", "b*", 1024)
 
+
+
+# ----------------------------------------------------------------------------- CaseOps
+
+@pytest.fixture(scope="module")
+def reference_prepare():
+    """run(docs.jsonl, out, val_docs, shard_tokens): the record's own
+    prepare_caseops_data.py on those documents; the folder it writes."""
+    import sentencepiece as spm
+
+    path = REFERENCE / "frontier_1855" / "prepare_caseops_data.py"
+    if not path.is_file():
+        missing(f"reference code {path} not present (set GOLF_JAX_REFERENCE)")
+    spec = importlib.util.spec_from_file_location("reference_prepare_caseops_data", path)
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.object(sys, "path", list(sys.path)):  # it puts its own folder first
+        spec.loader.exec_module(module)
+
+    class Processor(spm.SentencePieceProcessor):
+        # The script's encode_as_immutable_proto fails from sentencepiece 0.2.2 on; "proto" has the same
+        # pieces (0.2.0 serializes that one, and there the script's call works).
+        def encode_as_immutable_proto(self, text):
+            proto = self.encode(text, out_type="proto")
+            return super().encode_as_immutable_proto(text) if isinstance(proto, bytes) else proto
+
+    module.spm = types.SimpleNamespace(SentencePieceProcessor=Processor)
+
+    def run(docs, out, val_docs, shard_tokens, tokenizer):
+        module.SHARD_TOKENS = shard_tokens
+        argv = ["prepare_caseops_data.py", "--docs", str(docs), "--out", str(out), "--sp", str(tokenizer),
+                "--val-docs", str(val_docs)]
+        with mock.patch.object(sys, "argv", argv):
+            module.main()
+        return out / "datasets" / "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+
+    return run
+
+
+def speeches(shared_data) -> list[str]:
+    """The embedded corpus's documents, as `datasets.iter_documents` reads the .txt."""
+    return list(datasets.iter_documents(shared_data / datasets.EMBEDDED_CORPUS))
+
+
+def assert_same_files(ours, theirs):
+    names = sorted(p.name for p in theirs.iterdir())
+    assert sorted(p.name for p in ours.glob("fineweb_*.bin")) == names
+    for name in names:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+
+
+def test_caseops_prepare_writes_what_the_reference_writes(tmp_path, shared_data, caseops_tokenizer,
+                                                          reference_prepare, capsys):
+    """Several shards of each kind (a small shard size), and documents that
+    test the transform and the sidecar: operators in the text, non-ASCII,
+    collapsed and leading whitespace, an empty document."""
+    tricky = ["The NASA Launch", "iPhone McDonald ABc x2Y", f"literal {caseops.TITLE}{caseops.ESC} operators",
+              "  leading and trailing spaces  ", "double  spaces\tand\n\nnewlines", "", "é É ß ẞ 漢字 🙂 ﬁ Ｈi",
+              "\ue000 private use"]
+    docs = tricky[:4] + speeches(shared_data)[::25] + tricky[4:]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    shard_tokens = 1500
+    theirs = reference_prepare(src, tmp_path / "theirs", 120, shard_tokens, caseops_tokenizer)
+    capsys.readouterr()
+    info = datasets.prepare([src], caseops_tokenizer, tmp_path / "ours", val_docs=120, shard_tokens=shard_tokens,
+                            text_transform="caseops")
+    longest = max(len(ids) + 1 for ids, _ in caseops.encode_documents(data.load_tokenizer(caseops_tokenizer), docs))
+    assert longest < shard_tokens  # where the reference's one-shard-per-document flush cuts as ours does
+    assert len(info["shards"]["val"]) >= 3 and len(info["shards"]["train"]) >= 3
+    assert info["shards"]["val_bytes"] == [n.replace("_val_", "_val_bytes_") for n in info["shards"]["val"]]
+    assert_same_files(tmp_path / "ours", theirs)
+
+
+def test_embedded_caseops_dataset_is_the_reference_scripts_output(tmp_path, shared_data, caseops_tokenizer,
+                                                                   caseops_data, reference_prepare, capsys):
+    """tinyshakespeare's speeches as documents, the first 722 for val: the
+    record's script writes the same files; the sidecar sums to the
+    documents' UTF-8 bytes; the documents are short for packing."""
+    docs = speeches(shared_data)
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    theirs = reference_prepare(src, tmp_path / "theirs", 722, datasets.CASEOPS_SHARD_TOKENS, caseops_tokenizer)
+    capsys.readouterr()
+    assert_same_files(caseops_data, theirs)
+    val = data.read_shard(caseops_data / "fineweb_val_000000.bin")
+    sidecar = data.read_shard(caseops_data / "fineweb_val_bytes_000000.bin")
+    assert int(np.sum(val == 1)) == 722
+    assert int(sidecar.astype(np.int64).sum()) == sum(len(d.encode("utf-8")) for d in docs[:722])
+    assert len(val) / 722 < 2048 / 8  # many documents to a 2048-token row
+
+
+def test_embedded_caseops_resolution(caseops_data, caseops_tokenizer, monkeypatch):
+    monkeypatch.setenv("GOLF_JAX_CACHE", str(caseops_data.parent))
+    monkeypatch.setenv("GOLF_JAX_REFERENCE", str(REFERENCE))
+    ds = datasets.resolve_dataset("embedded", "", "fineweb_train_*.bin", "fineweb_val_*.bin", 8192,
+                                  text_transform="caseops")
+    assert ds.tokenizer == str(caseops_data / "tokenizer.model") and "CaseOps" in ds.name
+    assert datasets.file_sha256(ds.tokenizer) == datasets.file_sha256(caseops_tokenizer)
+    mtime = (caseops_data / "fineweb_val_000000.bin").stat().st_mtime_ns
+    again = datasets.resolve_dataset("embedded", str(caseops_tokenizer), "a", "b", 8192, text_transform="caseops")
+    assert again.tokenizer == str(caseops_tokenizer) and Path(again.val_pattern).parent == caseops_data
+    assert (caseops_data / "fineweb_val_000000.bin").stat().st_mtime_ns == mtime  # built once
+
+    monkeypatch.setenv("GOLF_JAX_REFERENCE", str(caseops_data / "absent"))
+    with pytest.raises(data.DataError, match=r"needs the 1.0611 record's tokenizer .*GOLF_JAX_REFERENCE"):
+        datasets.resolve_dataset("embedded", "", "a", "b", 8192, text_transform="caseops")
+    with pytest.raises(data.DataError, match=r"nope.model: tokenizer not found \(data.tokenizer_path\)"):
+        datasets.resolve_dataset("embedded", str(caseops_data / "nope.model"), "a", "b", 8192,
+                                 text_transform="caseops")
+
+
+def test_prepare_refuses_a_tokenizer_transform_mismatch(tmp_path, shared_data, caseops_tokenizer):
+    src = tmp_path / "docs.txt"
+    src.write_text("To be.\n\nOr not.\n")
+    with pytest.raises(data.DataError, match=r"CaseOps-transformed text only.*--text-transform caseops"):
+        datasets.prepare([src], caseops_tokenizer, tmp_path / "a", val_docs=1)
+    with pytest.raises(data.DataError, match=r"fineweb_1024_bpe.model: data.text_transform='caseops' needs a CaseOps"):
+        datasets.prepare([src], shared_data / datasets.EMBEDDED_TOKENIZER, tmp_path / "b", val_docs=1,
+                         text_transform="caseops")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_prepare_cli_with_caseops(tmp_path, caseops_tokenizer, capsys):
+    src = tmp_path / "docs.txt"
+    src.write_text("To BE.\n\nOr NOT to be.\n\nThat is the Question.\n")
+    datasets.main(["prepare", str(src), "--tokenizer", str(caseops_tokenizer), "--out", str(tmp_path / "o"),
+                   "--val-docs", "2", "--text-transform", "caseops"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["shards"] == {"val": ["fineweb_val_000000.bin"], "train": ["fineweb_train_000000.bin"],
+                              "val_bytes": ["fineweb_val_bytes_000000.bin"]}
+    sidecar = data.read_shard(tmp_path / "o" / "fineweb_val_bytes_000000.bin")
+    assert int(sidecar.sum()) == len("To BE.") + len("Or NOT to be.")

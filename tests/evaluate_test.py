@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import data, evaluate, model
+from golf_jax import data, datasets, evaluate, model
+from golf_jax.config import Config, DataConfig, EvalConfig, ModelConfig
 from tests.conftest import REPO, fixture_path
 
 
@@ -133,3 +136,60 @@ def test_scored_span_program_equals_the_full_one(tiny_params, tiny_cfg, eval_ref
     span = evaluate.window_loss_sums(tiny_params, tiny_cfg, tokens, starts, lo, hi, 128, 32)
     np.testing.assert_allclose(np.asarray(span), np.asarray(full), rtol=1e-6)
     assert float(jnp.min(full)) > 0
+
+
+# ----------------------------------------------------------------------------- the byte sidecar
+
+@pytest.fixture(scope="module")
+def sidecar(eval_ref):
+    """Original-byte counts for the fixture's val tokens (0 at BOS, as prepare writes them)."""
+    tokens = eval_ref["val_tokens"]
+    counts = np.random.default_rng(0).integers(0, 9, len(tokens))
+    counts[tokens == 1] = 0
+    return data.ByteSidecar(counts.astype(np.int64), "sidecar")
+
+
+def test_standard_eval_counts_the_sidecars_bytes(tiny_params, tiny_cfg, eval_ref, tables, sidecar):
+    """As the reference's eval_val (L2786): per batch of whole sequences,
+    val_bytes[raw_start + 1 : raw_end]; bits per byte sum nats / (ln 2 x bytes)."""
+    tokens, seq_len, batch_seqs = eval_ref["val_tokens"], 128, 5
+    r = evaluate.standard_eval(tiny_params, tiny_cfg, tokens, sidecar, seq_len=seq_len, batch_windows=batch_seqs)
+    total_seqs = (len(tokens) - 1) // seq_len
+    want_bytes = sum(int(sidecar.counts[start * seq_len + 1:min(start + batch_seqs, total_seqs) * seq_len + 1].sum())
+                     for start in range(0, total_seqs, batch_seqs))
+    assert r.bytes == want_bytes and r.tokens == total_seqs * seq_len
+    assert abs(r.loss - float(eval_ref["val_loss"])) <= 1e-5  # the loss is the tables' run's
+    assert r.bpb == pytest.approx(r.loss * r.tokens / (math.log(2) * want_bytes), rel=1e-14)  # float64 op order
+
+
+def test_sliding_eval_counts_the_sidecars_bytes(tiny_params, tiny_cfg, eval_ref, sidecar):
+    """Each window's scored targets' sidecar entries, the tail's repeats included."""
+    tokens = eval_ref["val_tokens"]
+    r = evaluate.sliding_eval(tiny_params, tiny_cfg, tokens, sidecar, seq_len=128, stride=32, batch_windows=16)
+    plan = evaluate.sliding_plan(len(tokens) - 1, 128, 32)
+    want = sum(int(sidecar.counts[s + 1 + lo:s + 1 + hi].sum()) for s, lo, hi in zip(plan.starts, plan.lo, plan.hi))
+    assert r.bytes == want and r.tokens == 3096
+    assert abs(r.loss - float(eval_ref["sliding_loss"])) <= 1e-5
+    assert r.bpb == pytest.approx(r.loss * r.tokens / (math.log(2) * want), rel=1e-14)  # float64 op order
+
+
+def caseops_cfg(**data_fields) -> Config:
+    return Config(model=ModelConfig(vocab_size=8192), data=DataConfig(text_transform="caseops", **data_fields),
+                  eval=EvalConfig(eval_seq_len=2048))
+
+
+def test_load_validation_takes_the_sidecar_with_caseops(caseops_data, tmp_path):
+    ds = datasets.Dataset(str(caseops_data / "fineweb_train_*.bin"), str(caseops_data / "fineweb_val_*.bin"),
+                          str(caseops_data / "tokenizer.model"))
+    tokens, counts = evaluate.load_validation(caseops_cfg(), ds)
+    assert isinstance(counts, data.ByteSidecar) and (len(tokens) - 1) % 2048 == 0
+    whole = data.read_shard(caseops_data / "fineweb_val_bytes_000000.bin")
+    np.testing.assert_array_equal(counts.target_bytes(tokens), whole[1:len(tokens)])
+    with pytest.raises(data.DataError, match="set data.text_transform='caseops'"):
+        evaluate.load_validation(dataclasses.replace(caseops_cfg(), data=DataConfig()), ds)
+    # The val shard without its sidecar: named, with the field that finds it.
+    shutil.copy(caseops_data / "fineweb_val_000000.bin", tmp_path)
+    alone = dataclasses.replace(ds, val_pattern=str(tmp_path / "fineweb_val_*.bin"))
+    with pytest.raises(data.DataError, match=rf"{tmp_path}/fineweb_val_bytes_\*.bin: no byte sidecar found "
+                                             rf"\(data.val_bytes_pattern\)"):
+        evaluate.load_validation(caseops_cfg(), alone)

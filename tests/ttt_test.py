@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import evaluate, model, ttt
+from golf_jax import data, evaluate, model, ttt
 from golf_jax.config import ConfigError
 from tests.conftest import REPO
 from tests.train_test import tiny_config
@@ -124,6 +124,20 @@ def test_score_first_protocol(setup, runs):
     t[(N - 2) * CHUNK + 1:(N - 1) * CHUNK - cfg.eval.eval_seq_len] = 7
     b = ttt.run(params, frozen, t, tables, progress=False)
     assert runs[1].chunk_loss_sums[N] == b.chunk_loss_sums[N]
+
+
+def test_a_byte_sidecar_counts_the_bytes(setup, runs):
+    """With a byte sidecar (data.text_transform "caseops") the chunks' losses
+    are those with the byte tables and their bytes the sidecar's entries of
+    the chunks' scored targets."""
+    cfg, tokens, _, params = setup
+    counts = np.random.default_rng(0).integers(0, 9, len(tokens))
+    frozen = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lr=0.0))
+    r = ttt.run(params, frozen, tokens, data.ByteSidecar(counts, "sidecar"), progress=False, max_chunks=2)
+    assert r.chunk_loss_sums == runs[1].chunk_loss_sums[:2] and r.chunk_tokens == runs[1].chunk_tokens[:2]
+    windows = ttt.chunk_plan(len(tokens) - 1, cfg).windows[:2]
+    assert r.chunk_bytes == [sum(int(counts[s + 1 + lo:s + 1 + hi].sum()) for s, lo, hi in zip(w.starts, w.lo, w.hi))
+                             for w in windows]
 
 
 def test_last_chunk_is_scored_never_trained(setup, runs):

@@ -103,7 +103,7 @@ def text_tokens(cfg, shape, seed: int = 0) -> jax.Array:
     make the embedding gradients' scatter-adds collide, uniform ids do not."""
     try:
         ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
-                                  cfg.data.val_pattern, cfg.model.vocab_size)
+                                  cfg.data.val_pattern, cfg.model.vocab_size, cfg.data.text_transform)
         stream = data.TokenStream(ds.train_pattern, cfg.model.vocab_size)
     except data.DataError:
         return random_tokens(shape, cfg.model.vocab_size, seed)
@@ -213,7 +213,7 @@ def bench_data_feed(cfg, repeats: int) -> dict | None:
     """Host time to assemble one optimizer step's batch from the shards (None without data)."""
     try:
         ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
-                                  cfg.data.val_pattern, cfg.model.vocab_size)
+                                  cfg.data.val_pattern, cfg.model.vocab_size, cfg.data.text_transform)
         batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
                                     cfg.data.train_seq_len, 1, cfg.data.micro_batches_per_step)
     except data.DataError:
@@ -412,7 +412,7 @@ def bench_ttt(params, cfg, chunks: int) -> dict | None:
 
     try:
         ds = datasets.resolve_dataset(cfg.data.data_dir, cfg.data.tokenizer_path, cfg.data.train_pattern,
-                                  cfg.data.val_pattern, cfg.model.vocab_size)
+                                  cfg.data.val_pattern, cfg.model.vocab_size, cfg.data.text_transform)
         tables = data.byte_tables(data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size), cfg.model.vocab_size)
         stream = data.TokenStream(ds.train_pattern, cfg.model.vocab_size)
     except data.DataError:
