@@ -72,12 +72,12 @@ IMPLS = ("jnp", "pallas")
 # Launch parameters (scripts/fusion_kernel_sweep.py): a program takes up to
 # block_rows rows and walks the vocabulary block_cols columns at a time (both
 # powers of two dividing N and V, see `blocks`). Read each time the kernels
-# are traced, as part of their cache key. Not yet timed on a GPU. Registers a
-# thread for sm_90a (compiled here: Triton 3.6's ptxas, no spills for any
-# config of the sweep, V = 1024 or 8192), forward / backward: these 124 / 80;
-# one row of 1024 columns, 4 warps (the 1.0611 record's kernel) 40-56 / 32.
-TUNED = {"forward": dict(block_rows=16, block_cols=512, num_warps=8, num_stages=2),
-         "backward": dict(block_rows=16, block_cols=512, num_warps=8, num_stages=2)}
+# are traced, as part of their cache key. Swept on an H200 (docs/performance.md,
+# eighth session; 98,304 x 1024 bf16 logits): 8 rows x 512 columns, 4 warps
+# takes 0.479 ms forward+backward, the first guess (16 x 512, 8 warps) 0.501,
+# the 1.0611 record's shape (one row of 1024, 4 warps) 0.624.
+TUNED = {"forward": dict(block_rows=8, block_cols=512, num_warps=4, num_stages=2),
+         "backward": dict(block_rows=8, block_cols=512, num_warps=4, num_stages=2)}
 # Below this many rows a block makes the interpreter's grid loop long for
 # nothing: interpret mode, which has no power-of-two rule, takes all rows at once.
 MIN_INTERPRET_BLOCK_ROWS = 8

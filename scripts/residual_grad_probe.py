@@ -4,7 +4,8 @@ In isolation kernels/residual_norm.py rounds as XLA's compiled jnp path does
 (tests/kernels_residual_norm_test.py, GPU), yet 60-step runs with it leave the
 fidelity curve from step 2. This takes the first step's gradient of the record
 model at its initial weights (the reference's seed-314 weights with --init, real text, 8 x 2048 tokens) for:
-float32 ("truth"), bf16 jnp (the default), bf16 with each kernel set; and prints
+float32 ("truth"), bf16 jnp, bf16 with kernel sets and with other rounding choices
+(`SEMANTICS`) of the mix kernel; and prints
 per parameter each bf16 variant's relative error against float32 and, for the
 scalar parameters (AdamW: the first step moves each by lr times its sign), the
 count of elements whose sign differs from float32's.
@@ -27,11 +28,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from golf_jax import cli, compat, model  # noqa: E402
 from golf_jax.tools import bench  # noqa: E402
+from kernels import residual_norm  # noqa: E402
 
-VARIANTS = {"bf16 jnp": dict(fusion_impl="jnp"),
-            "bf16 norm_rope,xsa": dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa"),
-            "bf16 residual_norm": dict(fusion_impl="auto", fusion_kernels="residual_norm"),
-            "bf16 all three": dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa,residual_norm")}
+RESIDUAL = dict(fusion_impl="auto", fusion_kernels="residual_norm")
+# label -> (model fields, kernels/residual_norm.SEMANTICS changes while tracing it)
+VARIANTS = {"bf16 jnp": (dict(fusion_impl="jnp"), {}),
+            "bf16 norm_rope,xsa": (dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa"), {}),
+            "bf16 residual_norm": (RESIDUAL, {}),
+            "residual, float32 inside": (RESIDUAL, dict(round_dnorm=False, round_ds=False)),
+            "residual, ds float32": (RESIDUAL, dict(round_ds=False)),
+            "residual, dnorm float32": (RESIDUAL, dict(round_dnorm=False))}
 
 
 def main() -> None:
@@ -48,8 +54,14 @@ def main() -> None:
     truth = [np.asarray(g, np.float64) for g in jax.tree.leaves(truth)]
     print(f"float32 loss {float(f32_loss):.6f}")
     rows = {}
-    for label, fields in VARIANTS.items():
-        loss, g = grad(params, bench.with_model(cfg, **fields).model, x, y)
+    for label, (fields, semantics) in VARIANTS.items():
+        saved = dict(residual_norm.SEMANTICS)
+        residual_norm.SEMANTICS.update(semantics)  # part of the kernels' cache key
+        try:
+            loss, g = grad(params, bench.with_model(cfg, **fields).model, x, y)
+        finally:
+            residual_norm.SEMANTICS.clear()
+            residual_norm.SEMANTICS.update(saved)
         g = [np.asarray(a, np.float64) for a in jax.tree.leaves(g)]
         rows[label] = g
         print(f"{label}: loss {float(loss):.6f}")
