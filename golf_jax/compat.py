@@ -19,7 +19,7 @@ from golf_jax.param_tree import Params
 BANKS = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank", "skip_weights")
 # Per-block tensors: our key under params["blocks"] -> the reference's suffix.
 BLOCK_KEYS = {"attn_scale": "attn_scale", "mlp_scale": "mlp_scale", "resid_mix": "resid_mix",
-              "q_gain": "attn.q_gain"}
+              "q_gain": "attn.q_gain", "attn_gate_w": "attn.attn_gate_w"}
 NESTED = {  # (our section, our key) -> reference name
     ("bigram", "embed"): "bigram.embed.weight",
     ("bigram", "proj"): "bigram.proj.weight",
@@ -27,8 +27,12 @@ NESTED = {  # (our section, our key) -> reference name
     ("ve", "embed"): "ve_shared.embed.weight",
     ("ve", "proj"): "ve_shared.proj.weight",
     ("ve", "scale"): "ve_shared.scale",
+    ("smear", "gate"): "smear_gate.weight",  # the 1.0611 record's SmearGate
+    ("smear", "lambda"): "smear_lambda",
 }
-TOP = {"tok_emb": "tok_emb.weight", "smear_gate": "smear.gate", "lm_head": "lm_head.weight"}
+TOP = {"tok_emb": "tok_emb.weight", "smear_gate": "smear.gate", "lm_head": "lm_head.weight",
+       "skip_gates": "skip_gates", "parallel_resid_lambdas": "parallel_resid_lambdas",
+       "parallel_post_lambdas": "parallel_post_lambdas"}
 
 
 class CompatError(ValueError):
@@ -85,7 +89,7 @@ def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig, sou
         if theirs in state:
             params[ours] = jnp.asarray(state[theirs])
     params["blocks"] = {ours: jnp.stack([jnp.asarray(state[f"blocks.{i}.{theirs}"]) for i in range(cfg.num_layers)])
-                        for ours, theirs in BLOCK_KEYS.items()}
+                        for ours, theirs in BLOCK_KEYS.items() if f"blocks.0.{theirs}" in state}
     for (section, key), theirs in NESTED.items():
         if theirs in state:
             params.setdefault(section, {})[key] = jnp.asarray(state[theirs])
@@ -108,6 +112,8 @@ def params_to_reference(tree: Params, cfg: ModelConfig) -> dict[str, np.ndarray]
         if ours in tree:
             out[theirs] = np.asarray(tree[ours])
     for ours, theirs in BLOCK_KEYS.items():
+        if ours not in tree["blocks"]:
+            continue
         stacked = np.asarray(tree["blocks"][ours])
         for i in range(cfg.num_layers):
             out[f"blocks.{i}.{theirs}"] = stacked[i]

@@ -4,6 +4,10 @@ Hyperparameters live here and nowhere else; shapes derive from them. A config
 file is a plain Python file with a `get_config()` returning a `Config`
 (see `configs/record.py`); `golf_jax.cli` loads it and applies
 `--config.<field>=<value>` overrides.
+
+About 480 lines, over the ~450 the project aims for: every setting of both
+records, each with its reason beside it, is the one page users read to know
+what a field means; split by stage, it would be read across files.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class ModelConfig:
     # Beyond the reference constructor.
     # reference quirk: NTK-scaled rotary base for sequences above this length
     # (the reference's Rotary default train length, not the run's seq len).
+    # 0: the base unscaled at every length (the 1.0611 record's ROPE_YARN=0).
     rope_ntk_base_len: int = 1024
     # reference quirk: the model is cast to bf16 and only banks, small linears
     # and scalars go back to fp32, so the three embedding tables are bf16 params.
@@ -91,6 +96,25 @@ class ModelConfig:
     # docs/fidelity.md), though it rounds as XLA does in isolation.
     fusion_kernels: str = "norm_rope,xsa"
 
+    # The 1.0611 record's architecture (docs/frontier.md); the defaults are the 1.1147 record's.
+    # Depth recurrence: with looping=True, layers loop_start..loop_end run num_loops more times (`layer_order`).
+    num_loops: int = 0
+    loop_start: int = 0
+    loop_end: int = 0
+    skip_gates: bool = False  # U-Net skips lerp(w skip, x, sigmoid(g)), not x + w skip
+    # Decoder layers >= this (> 0) are two-lane parallel blocks (blocks.Block.parallel);
+    # the output is the lanes' "mean", or lane "attn" (0) or "mlp" (1).
+    parallel_start_layer: int = 0
+    parallel_final_lane: str = "mean"
+    sparse_attn_gate: bool = False  # each head's output times sigmoid(scale W_h . n[:gate_window]), n its input
+    sparse_attn_gate_scale: float = 1.0
+    gate_window: int = 12  # also the windowed SmearGate's
+    # "static": the 1.1147 record's per-channel SmearGate after the embedding's norm;
+    # "windowed": the 1.0611 record's on the raw embedding, before it, its gate
+    # lambda sigmoid(W e_t[:gate_window]), none where token t is bos_id; "none".
+    smear_gate: str = "static"
+    bos_id: int = 1
+
     # Derived shapes: one source of truth.
     @property
     def head_dim(self) -> int:
@@ -114,7 +138,29 @@ class ModelConfig:
 
     @property
     def num_skip_weights(self) -> int:
-        return min(self.num_encoder_layers, self.num_layers - self.num_encoder_layers)
+        # From the looped order when there is one, as the reference sizes them.
+        encoder, decoder = self.layer_order(looping=True)
+        return min(len(encoder), len(decoder))
+
+    def layer_order(self, looping: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The physical layers the encoder and then the decoder apply, in order.
+
+        Unlooped: the first num_layers // 2 layers, then the rest. Looped (with
+        num_loops > 0): the layers with loop_start..loop_end repeated num_loops
+        more times, split at half the applications (the 1.0611 record: encoder
+        [0,1,2,3,4,5,3,4], decoder [5,3,4,5,6,7,8,9,10]).
+        """
+        if not looping or self.num_loops == 0:
+            n = self.num_encoder_layers
+            return tuple(range(n)), tuple(range(n, self.num_layers))
+        loop = list(range(self.loop_start, self.loop_end + 1))
+        order = [*range(self.loop_start), *loop * (self.num_loops + 1), *range(self.loop_end + 1, self.num_layers)]
+        n = len(order) // 2
+        return tuple(order[:n]), tuple(order[n:])
+
+    def parallel_on(self, layer: int) -> bool:
+        """Whether a decoder application of `layer` is a two-lane parallel block."""
+        return 0 < self.parallel_start_layer <= layer
 
     @property
     def ve_layer_indices(self) -> tuple[int, ...]:
@@ -163,6 +209,19 @@ class ModelConfig:
         need(0.0 <= self.mlp_negative_slope <= 1.0, "mlp_negative_slope", "must be in [0, 1]")
         need(self.mlp_impl in ("auto", "triton", "jnp", "reference"), "mlp_impl", "auto, triton, jnp or reference")
         need(self.fusion_impl in ("auto", "pallas", "jnp"), "fusion_impl", "auto, pallas or jnp")
+        need(self.rope_ntk_base_len >= 0, "rope_ntk_base_len", "must be >= 0 (0: no NTK scaling)")
+        need(self.num_loops >= 0, "num_loops", "must be >= 0")
+        need(self.num_loops == 0 or 0 <= self.loop_start <= self.loop_end < self.num_layers, "loop_start",
+             f"loop_start <= loop_end: layers in [0, {self.num_layers}), got {self.loop_start}..{self.loop_end}")
+        need(0 <= self.parallel_start_layer <= self.num_layers, "parallel_start_layer",
+             f"must be in [0, num_layers={self.num_layers}] (0: off)")
+        need(self.parallel_final_lane in ("mean", "attn", "mlp"), "parallel_final_lane", "mean, attn or mlp")
+        need(self.smear_gate in ("static", "windowed", "none"), "smear_gate", "static, windowed or none")
+        need(not (self.sparse_attn_gate or self.smear_gate == "windowed") or 0 < self.gate_window <= self.model_dim,
+             "gate_window",
+             f"must be in [1, model_dim={self.model_dim}] for the sparse attention gate and the windowed SmearGate")
+        need(self.smear_gate != "windowed" or 0 <= self.bos_id < self.vocab_size, "bos_id",
+             f"must be a token id in [0, {self.vocab_size}) for the windowed SmearGate")
         unknown = set(self.fusion_kernels.split(",")) - set(FUSION_KERNELS) - {""}
         need(not unknown, "fusion_kernels", f"names from {', '.join(FUSION_KERNELS)}, got {sorted(unknown)}")
 

@@ -1,9 +1,11 @@
 """The model's functional pieces, pure jnp over arrays: norms, linears,
 BigramHash buckets, the rotary tables, the attention paths (cuDNN, Pallas,
-jnp) and XSA, the embedding lookup, SmearGate and the soft-capped head; and
-which implementation a config resolves to (among them the Pallas kernels of
-kernels/, whose jnp references include the rotation itself and XSA). The
-Flax modules that assemble them are in golf_jax/model.py.
+jnp) and XSA, the embedding lookup, SmearGate and the soft-capped head; the
+1.0611 record's windowed SmearGate, gated U-Net skip, head-output gate and
+parallel lanes' output; and which implementation a config resolves to (among
+them the Pallas kernels of kernels/, whose jnp references include the rotation
+itself and XSA). The Flax modules that assemble them are in golf_jax/model.py
+and golf_jax/blocks.py.
 
 Shapes in names: B batch, T sequence, H query heads, K KV heads, G = H / K,
 D head dim, d model dim.
@@ -226,8 +228,9 @@ def bigram_buckets(tokens_BxT: jax.Array, bigram_vocab_size: int,
 
 
 def rotary_base(cfg: ModelConfig, seq_len: int) -> float:
-    # reference quirk: NTK-scaled RoPE base above rope_ntk_base_len (1024) tokens.
-    if seq_len > cfg.rope_ntk_base_len:
+    # reference quirk: NTK-scaled RoPE base above rope_ntk_base_len (1024) tokens;
+    # 0 switches it off (the 1.0611 record).
+    if 0 < cfg.rope_ntk_base_len < seq_len:
         r = cfg.rotary_dims
         return cfg.rope_base * (seq_len / cfg.rope_ntk_base_len) ** (r / (r - 2))
     return cfg.rope_base
@@ -332,6 +335,71 @@ def smear(gate_d: jax.Array, x_BxTxd: jax.Array, prev_x_Bxd: jax.Array | None = 
     first = jnp.zeros_like(x_BxTxd[:, :1]) if prev_x_Bxd is None else prev_x_Bxd[:, None].astype(dtype)
     x_prev = jnp.concatenate([first, x_BxTxd[:, :-1]], axis=1)
     return scaled_sum([(1 - gate, x_BxTxd), (gate, x_prev)], in_float32)
+
+
+def _rounding(dtype, in_float32: bool):
+    """The rounding after each op of a chain of elementwise ops: none when they run
+    in float32 and are rounded once at the end (in_float32, as `scaled_sum`), to
+    `dtype` otherwise (eager PyTorch)."""
+    return (lambda x: x) if in_float32 else rounding_to(dtype)
+
+
+def windowed_smear(gate_1xW: jax.Array, lambda_1: jax.Array, e_BxTxd: jax.Array, tokens_BxT: jax.Array, bos_id: int,
+                   prev_e_Bxd: jax.Array | None = None, in_float32: bool = True) -> jax.Array:
+    """The 1.0611 record's SmearGate, on the raw embedding e (before its norm):
+    e_t + lambda sigmoid(W e_t[:window]) e_{t-1} [token_t != bos_id].
+
+    Position 0 has no previous embedding (prev_e_Bxd, when decoding a
+    continuation: the last one before it). reference quirk: only the BOS test
+    separates documents, so a document split into several attention segments
+    is smeared across its splits. W e_t is a matmul in e's dtype (a CastedLinear);
+    the rest as `scaled_sum` (in_float32: in float32, rounded once)."""
+    dtype, f32 = e_BxTxd.dtype, jnp.float32
+    rnd = _rounding(dtype, in_float32)
+    first = jnp.zeros_like(e_BxTxd[:, :1]) if prev_e_Bxd is None else prev_e_Bxd[:, None].astype(dtype)
+    e_prev = jnp.concatenate([first, e_BxTxd[:, :-1]], axis=1).astype(f32)
+    z_BxTx1 = linear(e_BxTxd[..., :gate_1xW.shape[-1]], gate_1xW)
+    g_BxTx1 = rnd(lambda_1.astype(dtype).astype(f32) * rnd(jax.nn.sigmoid(z_BxTx1.astype(f32))))
+    not_bos = (tokens_BxT != bos_id)[..., None].astype(f32)
+    return (e_BxTxd.astype(f32) + rnd(rnd(g_BxTx1 * e_prev) * not_bos)).astype(dtype)
+
+
+def torch_lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
+    """torch.lerp's formula (its two branches, for accuracy near either end)."""
+    return jnp.where(jnp.abs(weight) < 0.5, start + weight * (end - start), end - (end - start) * (1 - weight))
+
+
+def gated_skip(x_BxTxd: jax.Array, skip_BxTxd: jax.Array, weight_d: jax.Array, gate_d: jax.Array,
+               in_float32: bool = True) -> jax.Array:
+    """The 1.0611 record's U-Net skip: lerp(w * skip, x, sigmoid(g)), so a gate of
+    0 takes half of each. The scales are cast to x's dtype first (the reference's
+    .to(dtype)); in_float32 as `scaled_sum`, else rounded per op as eager PyTorch
+    (whose lerp computes in float32 and rounds once)."""
+    dtype, f32 = x_BxTxd.dtype, jnp.float32
+    rnd = _rounding(dtype, in_float32)
+    start = rnd(weight_d.astype(dtype).astype(f32) * skip_BxTxd.astype(f32))
+    g = rnd(jax.nn.sigmoid(gate_d.astype(dtype).astype(f32)))
+    return torch_lerp(start, x_BxTxd.astype(f32), g).astype(dtype)
+
+
+def head_gate(y_BxTxHxD: jax.Array, n_BxTxd: jax.Array, gate_HxW: jax.Array, scale: float,
+              in_float32: bool = True) -> jax.Array:
+    """The sparse head-output gate: head h's output times sigmoid(scale W_h . n[:window]),
+    n the attention's input. W n is a matmul in n's dtype; the rest as `scaled_sum`."""
+    dtype, f32 = y_BxTxHxD.dtype, jnp.float32
+    rnd = _rounding(dtype, in_float32)
+    z_BxTxH = linear(n_BxTxd[..., :gate_HxW.shape[-1]], gate_HxW).astype(f32)
+    g_BxTxH = rnd(jax.nn.sigmoid(rnd(scale * z_BxTxH)))
+    return (y_BxTxHxD.astype(f32) * g_BxTxH[..., None]).astype(dtype)
+
+
+def final_lane(lane0: jax.Array, lane1: jax.Array, which: str) -> jax.Array:
+    """The parallel decoder's output: the lanes' mean, or one of them."""
+    if which == "attn":
+        return lane0
+    if which == "mlp":
+        return lane1
+    return 0.5 * (lane0 + lane1)
 
 
 def head_projection(w_Vxd: jax.Array, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array:

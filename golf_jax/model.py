@@ -12,20 +12,31 @@ The parameters are in the reference's banked layout, linear weights
     tok_emb        [V, d]            (bf16 in the record: reference quirk)
     qo_bank        [2L, d, d]        rows 0..L-1 Q, L..2L-1 attention out-proj
     kv_bank        [2L, kv, d]       rows 0..L-1 K, L..2L-1 V
-    mlp_up_bank    [L, 3d, d]
-    mlp_down_bank  [L, d, 3d]
+    mlp_up_bank    [L, hid, d]       hid = mlp_mult d (3d in the 1.1147 record, 4d in the 1.0611)
+    mlp_down_bank  [L, d, hid]
     blocks         {attn_scale [L, d], mlp_scale [L, d], resid_mix [L, 2, d], q_gain [L, H]}
-    skip_weights   [S, d]            S = min(L // 2, L - L // 2)
-    smear_gate     [d]
+    skip_weights   [S, d]            S = min(encoder, decoder applications) (ModelConfig.num_skip_weights)
+    smear_gate     [d]                                                if smear_gate == "static"
     bigram         {embed [Vb, db], proj [d, db], scale []}          if bigram_vocab_size
     ve             {embed [V, dv], proj [kv, dv], scale [], layer_scales [n_ve, 1]}  if VE layers
     lm_head        [V, d]                                             if not tie_embeddings
+    The 1.0611 record's, each behind its config field:
+    blocks         {attn_gate_w [L, H, gate_window]}                  if sparse_attn_gate
+    skip_gates     [S, d]                                             if skip_gates
+    parallel_resid_lambdas [L, 2], parallel_post_lambdas [L, 2, 2]    if parallel_start_layer
+    smear          {gate [1, gate_window], lambda [1]}                if smear_gate == "windowed"
 
 The banks are why a `Block` declares no parameters of its own: Parallel Muon
 orthogonalises a whole bank per device and GPTQ walks its matrices, so `GPT`
 declares the banks (and the per-layer controls, stacked over layers, in the
 `blocks` submodule) and hands each block its slices (`LayerWeights`).
-`golf_jax.compat` maps the banks to the reference's per-layer names.
+`golf_jax.compat` maps the banks to the reference's per-layer names. The
+blocks' modules are in golf_jax/blocks.py.
+
+Depth recurrence applies a layer's `Block` several times in one call
+(`looping=True`, a static argument: at most two programs per shape); each
+application sows its own Grams. The decoder's two-lane layers are the same
+`Block`s through `Block.parallel`.
 
 Modules and collections:
 
@@ -33,7 +44,8 @@ Modules and collections:
       blocks: BlockControls   the per-layer controls
       bigram: BigramHash      sows the Gram of proj's input
       ve: ValueEmbedding      sows the Gram of proj's input
-      layers_i: Block
+      smear: WindowedSmear    the 1.0611 record's SmearGate
+      layers_i: Block         (golf_jax/blocks.py)
         attn: CausalSelfAttention   cache: k, v; sows the Grams of the q/k/v input and of proj's
         mlp: MLP                    sows the Grams of fc's and proj's inputs
 
@@ -50,22 +62,18 @@ D head dim, d model dim.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# INPUT_GRAMS, MLP and CausalSelfAttention re-exported: model.INPUT_GRAMS etc. as before the split.
+from golf_jax.blocks import INPUT_GRAMS, MLP, Block, CausalSelfAttention, LayerWeights, sow_gram  # noqa: F401
 from golf_jax.config import ModelConfig
-from golf_jax.layers import (attention, attention_impl, bigram_buckets, compute_dtype,
-                             exclusive_self_attention, fusion_impl, gram, head_nll, linear, lm_head, lookup, mlp_impl,
-                             rms_norm, rotary_base, rotary_tables, scaled_sum, smear)
+from golf_jax.layers import (bigram_buckets, compute_dtype, final_lane, fusion_impl, gated_skip, head_nll, linear,
+                             lm_head, lookup, rms_norm, rotary_base, rotary_tables, scaled_sum, smear,
+                             windowed_smear)
 from golf_jax.param_tree import Params, embedding_dtype
-from kernels import mlp as mlp_kernels
-from kernels.qk_norm_rope import apply_rotary, norm_rope
-from kernels.residual_norm import add_norm
-
-INPUT_GRAMS = "input_grams"  # the collection of sown Gram matrices (Hessian collection)
 
 
 # ----------------------------------------------------------------------------- initialisers
@@ -116,14 +124,6 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> Params:
     """
     cfg.validate()
     return GPT(cfg).init(key, method=GPT.declare_parameters)["params"]
-
-
-def sow_gram(module: nn.Module, name: str, x: jax.Array) -> None:
-    """Sow the Gram matrix of a linear layer's input, when the caller collects them."""
-    if module.is_mutable_collection(INPUT_GRAMS):
-        module.sow(INPUT_GRAMS, name, gram(x))
-
-
 
 
 # ----------------------------------------------------------------------------- the modules
@@ -183,116 +183,29 @@ class BlockControls(nn.Module):
         self.resid_mix = self.param("resid_mix", resid_mix_init, (L, 2, d))
         self.q_gain = self.param("q_gain", bf16_representable(nn.initializers.constant(self.cfg.qk_gain_init)),
                                  (L, self.cfg.num_heads))
+        if self.cfg.sparse_attn_gate:
+            self.attn_gate_w = self.param("attn_gate_w", nn.initializers.zeros,
+                                          (L, self.cfg.num_heads, self.cfg.gate_window))
 
 
-class LayerWeights(NamedTuple):
-    """One layer's slices of the banks ([out, in]) and its controls."""
-    q: jax.Array  # [d, d]
-    k: jax.Array  # [kv, d]
-    v: jax.Array  # [kv, d]
-    proj: jax.Array  # [d, d]: attention out-projection
-    fc: jax.Array  # [hid, d]: MLP up
-    mlp_proj: jax.Array  # [d, hid]: MLP down
-    attn_scale: jax.Array  # [d]
-    mlp_scale: jax.Array  # [d]
-    resid_mix: jax.Array  # [2, d]: weights of the stream and of x0
-    q_gain: jax.Array  # [H]
-
-
-class CausalSelfAttention(nn.Module):
-    """GQA attention with QK RMSNorm, partial RoPE, a per-head query gain and
-    XSA; V optionally plus the value embedding. With decode=True it reads and
-    writes its KV cache, Flax's way (see the module docstring)."""
-    cfg: ModelConfig
-    layer: int
-
-    @nn.compact
-    def __call__(self, h_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
-                 rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0) -> jax.Array:
-        cfg = self.cfg
-        H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        B, T, d = h_BxTxd.shape
-        sow_gram(self, "qkv", h_BxTxd)
-        q_BxTxHxD = linear(h_BxTxd, w.q).reshape(B, T, H, D)
-        k_BxTxKxD = linear(h_BxTxd, w.k).reshape(B, T, K, D)
-        v_BxTxKV = linear(h_BxTxd, w.v)
-        if ve_BxTxKV is not None:
-            v_BxTxKV = v_BxTxKV + ve_BxTxKV
-        v_BxTxKxD = v_BxTxKV.reshape(B, T, K, D)
-        if not decode and fusion_impl(cfg, "norm_rope") == "pallas":
-            # RMSNorm, partial RoPE and q_gain: one kernel each way, the same arithmetic
-            q_BxTxHxD = norm_rope(q_BxTxHxD, *rope, w.q_gain, cfg.rotary_dims, "pallas")
-            k_BxTxKxD = norm_rope(k_BxTxKxD, *rope, None, cfg.rotary_dims, "pallas")
-        else:
-            q_BxTxHxD = apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims)
-            q_BxTxHxD = scaled_sum([(w.q_gain[None, None, :, None], q_BxTxHxD)], cfg.scales_in_float32)
-            k_BxTxKxD = apply_rotary(rms_norm(k_BxTxKxD), *rope, cfg.rotary_dims)
-        if decode:
-            filled = self.has_variable("cache", "k")
-            k_cache = self.variable("cache", "k", jnp.zeros, k_BxTxKxD.shape, k_BxTxKxD.dtype)  # [B, S, K, D]
-            v_cache = self.variable("cache", "v", jnp.zeros, v_BxTxKxD.shape, v_BxTxKxD.dtype)
-            if filled:  # write T positions at pos, attend over the whole cache (causal from pos)
-                k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BxTxKxD, (0, pos, 0, 0))
-                v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BxTxKxD, (0, pos, 0, 0))
-                y_BxTxHxD = attention(q_BxTxHxD, k_cache.value, v_cache.value, "jnp", q_offset=pos)
-            else:  # the call that creates the cache
-                y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp")
-        else:
-            y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg))
-        if cfg.xsa_on(self.layer):
-            y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, v_BxTxKxD, "jnp" if decode else fusion_impl(cfg, "xsa"))
-        y_BxTxd = y_BxTxHxD.reshape(B, T, d)
-        sow_gram(self, "proj", y_BxTxd)
-        return linear(y_BxTxd, w.proj)
-
-
-class MLP(nn.Module):
-    """leaky_relu(h W_fc^T, slope)^2 W_proj^T: the fused kernels on GPUs, the
-    jnp path elsewhere and while Grams are sown (they need the hidden
-    activation itself)."""
+class WindowedSmear(nn.Module):
+    """The 1.0611 record's SmearGate (`layers.windowed_smear`): its gate's weight
+    [1, gate_window] and lambda [1], both zero (the identity) at init."""
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, h_BxTxd: jax.Array, w_fc: jax.Array, w_proj: jax.Array) -> jax.Array:
-        slope = self.cfg.mlp_negative_slope
-        w_fc, w_proj = w_fc.astype(h_BxTxd.dtype), w_proj.astype(h_BxTxd.dtype)
-        if not self.is_mutable_collection(INPUT_GRAMS):
-            return mlp_kernels.mlp(h_BxTxd, w_fc, w_proj, slope, mlp_impl(self.cfg))
-        sow_gram(self, "fc", h_BxTxd)
-        act_BxTxF = mlp_kernels.leaky_squared(linear(h_BxTxd, w_fc), slope)
-        sow_gram(self, "proj", act_BxTxF)
-        return linear(act_BxTxF, w_proj)
+    def setup(self):
+        self.gate = self.param("gate", nn.initializers.zeros, (1, self.cfg.gate_window))
+        self.scale = self.param("lambda", nn.initializers.zeros, (1,))
 
-
-class Block(nn.Module):
-    """x_in = mix(x, x0); x = x_in + attn(norm(x_in)); x + mlp(norm(x)).
-
-    The norms carry the LN scale 1/sqrt(layer + 1) (cfg.ln_scale)."""
-    cfg: ModelConfig
-    layer: int
-
-    @nn.compact
-    def __call__(self, x_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
-                 rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0) -> jax.Array:
-        norm_scale = (self.layer + 1) ** -0.5 if self.cfg.ln_scale else 1.0
-        f32 = self.cfg.scales_in_float32
-        fused = not decode and fusion_impl(self.cfg, "residual_norm") == "pallas"
-
-        def mix_norm(a, b, scale_a, scale_b):  # a mix, and the norm after it: one kernel each way when fused
-            if fused:
-                return add_norm(a, b, scale_a, scale_b, norm_scale, "pallas")
-            mixed = scaled_sum([(scale_a, a), (scale_b, b)], f32)
-            return mixed, rms_norm(mixed, norm_scale)
-        x_in, h = mix_norm(x_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1])
-        attn_out = CausalSelfAttention(self.cfg, self.layer, name="attn")(h, w, ve_BxTxKV, rope, decode, pos)
-        x, h = mix_norm(x_in, attn_out, None, w.attn_scale)
-        mlp_out = MLP(self.cfg, name="mlp")(h, w.fc, w.mlp_proj)
-        return scaled_sum([(None, x), (w.mlp_scale, mlp_out)], f32)
+    def __call__(self, e_BxTxd: jax.Array, tokens_BxT: jax.Array, prev_e_Bxd: jax.Array | None = None) -> jax.Array:
+        return windowed_smear(self.gate, self.scale, e_BxTxd, tokens_BxT, self.cfg.bos_id, prev_e_Bxd,
+                              self.cfg.scales_in_float32)
 
 
 class GPT(nn.Module):
-    """Embedding (token + BigramHash, RMSNorm, SmearGate), the blocks with
-    U-Net skips and value embeddings, final norm, tied soft-capped head."""
+    """Embedding (token + BigramHash, SmearGate, RMSNorm), the blocks with U-Net
+    skips, value embeddings, depth recurrence and the parallel decoder as the
+    config asks, final norm, tied soft-capped head."""
     cfg: ModelConfig
 
     def setup(self):
@@ -306,26 +219,94 @@ class GPT(nn.Module):
         self.mlp_down_bank = self.param("mlp_down_bank", nn.initializers.zeros, (L, d, cfg.mlp_dim))
         self.controls = BlockControls(cfg, name="blocks")
         self.skip_weights = self.param("skip_weights", nn.initializers.ones, (cfg.num_skip_weights, d))
-        self.smear_gate = self.param("smear_gate", nn.initializers.zeros, (d,))
+        self.skip_gates = (self.param("skip_gates", nn.initializers.zeros, (cfg.num_skip_weights, d))
+                           if cfg.skip_gates else None)
+        if cfg.parallel_start_layer > 0:  # over all layers, as the reference (only the parallel ones use theirs)
+            self.lane_resid = self.param("parallel_resid_lambdas", bf16_representable(nn.initializers.constant(1.1)),
+                                         (L, 2))
+            self.lane_post = self.param("parallel_post_lambdas", nn.initializers.ones, (L, 2, 2))
+        self.smear_gate = self.param("smear_gate", nn.initializers.zeros, (d,)) if cfg.smear_gate == "static" else None
+        self.smear = WindowedSmear(cfg) if cfg.smear_gate == "windowed" else None
         self.bigram = BigramHash(cfg) if cfg.bigram_enabled else None
         self.ve = ValueEmbedding(cfg) if cfg.ve_layer_indices else None
         self.lm_head = None if cfg.tie_embeddings else self.param("lm_head", nn.initializers.zeros, (V, d))
         self.layers = [Block(cfg, layer) for layer in range(L)]
 
     def layer_weights(self, layer: int, dtype) -> LayerWeights:
-        L, c = self.cfg.num_layers, self.controls
+        cfg, c = self.cfg, self.controls
+        L = cfg.num_layers
+        parallel = cfg.parallel_on(layer)
         return LayerWeights(
             q=self.qo_bank[layer], k=self.kv_bank[layer], v=self.kv_bank[L + layer], proj=self.qo_bank[L + layer],
             fc=self.mlp_up_bank[layer], mlp_proj=self.mlp_down_bank[layer],
             attn_scale=c.attn_scale[layer].astype(dtype), mlp_scale=c.mlp_scale[layer].astype(dtype),
-            resid_mix=c.resid_mix[layer].astype(dtype), q_gain=c.q_gain[layer].astype(dtype))
+            resid_mix=c.resid_mix[layer].astype(dtype), q_gain=c.q_gain[layer].astype(dtype),
+            attn_gate=c.attn_gate_w[layer] if cfg.sparse_attn_gate else None,
+            lane_resid=self.lane_resid[layer].astype(dtype) if parallel else None,
+            lane_post=self.lane_post[layer].astype(dtype) if parallel else None)
+
+    def skip(self, x_BxTxd: jax.Array, skip_BxTxd: jax.Array, i: int) -> jax.Array:
+        """U-Net skip i into the stream: x + w skip, or lerp(w skip, x, sigmoid(g))."""
+        w = self.skip_weights[i].astype(x_BxTxd.dtype)
+        if self.skip_gates is None:
+            return scaled_sum([(None, x_BxTxd), (w, skip_BxTxd)], self.cfg.scales_in_float32)
+        return gated_skip(x_BxTxd, skip_BxTxd, w, self.skip_gates[i], self.cfg.scales_in_float32)
+
+    def stack(self, x0_BxTxd: jax.Array, looping: bool, apply_layer) -> jax.Array:
+        """The encoder, then the decoder (`ModelConfig.layer_order`). Each encoder
+        output is a skip; the decoder's applications pop them, last in first out,
+        while skip weights last (`num_skip_weights`). Decoder applications of
+        layers >= parallel_start_layer run on two lanes, both starting from the
+        stream, the skips going into lane 0; the output is `final_lane` of them.
+
+        apply_layer(layer, x, lanes): a block's output (lanes None) or lanes' update.
+        """
+        cfg = self.cfg
+        encoder, decoder = cfg.layer_order(looping)
+        x_BxTxd, skips = x0_BxTxd, []
+        for layer in encoder:
+            x_BxTxd = apply_layer(layer, x_BxTxd, None)
+            skips.append(x_BxTxd)
+        lanes = None
+        for i, layer in enumerate(decoder):
+            parallel = cfg.parallel_on(layer)
+            if parallel and lanes is None:
+                lanes = (x_BxTxd, x_BxTxd)
+            stream = lanes[0] if parallel else x_BxTxd
+            if i < cfg.num_skip_weights and skips:
+                stream = self.skip(stream, skips.pop(), i)
+            if parallel:
+                lanes = apply_layer(layer, stream, lanes[1])
+            else:
+                x_BxTxd = apply_layer(layer, stream, None)
+        # reference quirk: a sequential block after the lanes began would run on the
+        # stream before them and be discarded here (no config of the record's does that)
+        return x_BxTxd if lanes is None else final_lane(*lanes, cfg.parallel_final_lane)
+
+    def embed(self, tokens_BxT: jax.Array, dtype, prev_token_B=None, prev_x_Bxd=None) -> tuple[jax.Array, jax.Array]:
+        """x0 [B, T, d], and the embedding a continuation's SmearGate reads as previous."""
+        cfg = self.cfg
+        x_BxTxd = lookup(self.tok_emb, tokens_BxT, dtype)
+        if self.bigram is not None:
+            x_BxTxd = x_BxTxd + self.bigram(tokens_BxT, dtype, prev_token_B)
+        if self.smear is not None:  # on the raw embedding, before the norm
+            return rms_norm(self.smear(x_BxTxd, tokens_BxT, prev_x_Bxd)), x_BxTxd
+        x_BxTxd = rms_norm(x_BxTxd)
+        if self.smear_gate is None:
+            return x_BxTxd, x_BxTxd
+        return smear(self.smear_gate, x_BxTxd, prev_x_Bxd, cfg.scales_in_float32), x_BxTxd
 
     @nn.compact
-    def hidden(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False) -> jax.Array:
+    def hidden(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
+               looping: bool = False, segment_ids_T: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, d] in the compute dtype.
 
         rope_len: the sequence length whose rotary base to use (default T; see
         `rotary_base`); decode=True needs it (the training length).
+        looping: the depth recurrence's order (`ModelConfig.layer_order`), a Python bool.
+        segment_ids_T [T]: each position's document in a packed row
+        (`packing.segment_ids`): attention stays within a document, RoPE
+        positions stay those of the row (the reference's).
         """
         cfg = self.cfg
         dtype = compute_dtype(cfg)
@@ -334,38 +315,34 @@ class GPT(nn.Module):
         if decode:
             if rope_len is None:
                 raise ValueError("decode=True needs rope_len (the training sequence length)")
+            if looping and cfg.num_loops > 0 or segment_ids_T is not None:
+                raise ValueError("decode=True: the KV cache holds one application of each layer and one "
+                                 "sequence; it has no depth recurrence (looping) nor packed rows (segment_ids_T)")
             filled = self.has_variable("cache", "pos")
             pos_var = self.variable("cache", "pos", lambda: jnp.zeros((), jnp.int32))
             prev_token_var = self.variable("cache", "prev_token", lambda: jnp.full((B,), -1, jnp.int32))
             prev_x_var = self.variable("cache", "prev_x", lambda: jnp.zeros((B, cfg.model_dim), dtype))
             pos, prev_token_B, prev_x_Bxd = pos_var.value, prev_token_var.value, prev_x_var.value
 
-        x_BxTxd = lookup(self.tok_emb, tokens_BxT, dtype)
-        if self.bigram is not None:
-            x_BxTxd = x_BxTxd + self.bigram(tokens_BxT, dtype, prev_token_B)
-        x_BxTxd = rms_norm(x_BxTxd)
-        x0_BxTxd = smear(self.smear_gate, x_BxTxd, prev_x_Bxd, cfg.scales_in_float32)
+        x0_BxTxd, smear_input_BxTxd = self.embed(tokens_BxT, dtype, prev_token_B, prev_x_Bxd)
         rope = rotary_tables(cfg, pos + jnp.arange(T), rotary_base(cfg, rope_len or T))
         ve_BxTxKV = self.ve(tokens_BxT, dtype) if self.ve is not None else None
 
-        h_BxTxd, skips = x0_BxTxd, []
-        for layer, block in enumerate(self.layers):
-            decoder_idx = layer - cfg.num_encoder_layers
-            if decoder_idx >= 0 and skips:  # U-Net: add the mirrored encoder output
-                h_BxTxd = scaled_sum([(None, h_BxTxd), (self.skip_weights[decoder_idx].astype(dtype), skips.pop())],
-                                     cfg.scales_in_float32)
+        def apply_layer(layer, x_BxTxd, lane1_BxTxd):
             ve = None
             if layer in cfg.ve_layer_indices:
                 ve = scaled_sum([(self.ve.layer_scales[cfg.ve_layer_indices.index(layer)].astype(dtype), ve_BxTxKV)],
                                 cfg.scales_in_float32)
-            h_BxTxd = block(h_BxTxd, x0_BxTxd, self.layer_weights(layer, dtype), ve, rope, decode, pos)
-            if decoder_idx < 0:
-                skips.append(h_BxTxd)
+            args = (self.layer_weights(layer, dtype), ve, rope, decode, pos, segment_ids_T)
+            if lane1_BxTxd is None:
+                return self.layers[layer](x_BxTxd, x0_BxTxd, *args)
+            return self.layers[layer].parallel(x_BxTxd, lane1_BxTxd, x0_BxTxd, *args)
 
+        h_BxTxd = self.stack(x0_BxTxd, looping, apply_layer)
         if decode and filled:
             pos_var.value = pos + T
             prev_token_var.value = tokens_BxT[:, -1].astype(jnp.int32)
-            prev_x_var.value = x_BxTxd[:, -1]
+            prev_x_var.value = smear_input_BxTxd[:, -1]
         return rms_norm(h_BxTxd)
 
     def declare_parameters(self) -> None:
@@ -376,26 +353,34 @@ class GPT(nn.Module):
             self.bigram.embed
         if self.ve is not None:
             self.ve.embed
+        if self.smear is not None:
+            self.smear.gate
 
     def head(self, h_BxTxd: jax.Array) -> jax.Array:
         """Soft-capped float32 logits [B, T, V] of final-normed hidden states."""
         return lm_head(self.tok_emb if self.lm_head is None else self.lm_head, self.cfg, h_BxTxd)
 
-    def __call__(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False) -> jax.Array:
+    def __call__(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
+                 looping: bool = False, segment_ids_T: jax.Array | None = None) -> jax.Array:
         """Soft-capped float32 logits [B, T, V]."""
-        return self.head(self.hidden(tokens_BxT, rope_len, decode))
+        return self.head(self.hidden(tokens_BxT, rope_len, decode, looping, segment_ids_T))
 
-    def fused_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+    def fused_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array, looping: bool = False,
+                  segment_ids_T: jax.Array | None = None) -> jax.Array:
         """Per-token cross-entropy [B, T] through the fused softcap + cross-entropy kernel."""
         w = self.tok_emb if self.lm_head is None else self.lm_head
-        return head_nll(w, self.cfg, self.hidden(tokens_BxT), targets_BxT, "pallas")
+        h = self.hidden(tokens_BxT, None, False, looping, segment_ids_T)
+        return head_nll(w, self.cfg, h, targets_BxT, "pallas")
 
 
 # ----------------------------------------------------------------------------- the model as functions
+# looping (static) and segment_ids (a packed row's documents, [T]) as in GPT.hidden.
 
-def hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | None = None) -> jax.Array:
+def hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | None = None, *,
+           looping: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
     """Final-normed hidden states [B, T, d] in the compute dtype."""
-    return GPT(cfg).apply({"params": params}, tokens, rope_len, method=GPT.hidden)
+    return GPT(cfg).apply({"params": params}, tokens, rope_len, looping=looping, segment_ids_T=segment_ids,
+                          method=GPT.hidden)
 
 
 def logits_from_hidden(params: Params, cfg: ModelConfig, h_BxTxd: jax.Array) -> jax.Array:
@@ -403,10 +388,11 @@ def logits_from_hidden(params: Params, cfg: ModelConfig, h_BxTxd: jax.Array) -> 
     return GPT(cfg).apply({"params": params}, h_BxTxd, method=GPT.head)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rope_len"))
-def logits(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | None = None) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "rope_len", "looping"))
+def logits(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | None = None, *,
+           looping: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
     """Soft-capped logits [B, T, vocab], float32."""
-    return GPT(cfg).apply({"params": params}, tokens, rope_len)
+    return GPT(cfg).apply({"params": params}, tokens, rope_len, looping=looping, segment_ids_T=segment_ids)
 
 
 def nll_from_logits(z: jax.Array, targets: jax.Array) -> jax.Array:
@@ -414,16 +400,18 @@ def nll_from_logits(z: jax.Array, targets: jax.Array) -> jax.Array:
     return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def token_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "looping"))
+def token_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array, *,
+              looping: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
     """Per-token cross-entropy [B, T], float32 (with the softcap_ce kernel of
     model.fusion_impl, from the pre-softcap logits: kernels/softcap_ce.py)."""
     if fusion_impl(cfg, "softcap_ce") == "pallas":
-        return GPT(cfg).apply({"params": params}, tokens, targets, method=GPT.fused_nll)
-    return nll_from_logits(logits(params, cfg, tokens), targets)
+        return GPT(cfg).apply({"params": params}, tokens, targets, looping, segment_ids, method=GPT.fused_nll)
+    return nll_from_logits(logits(params, cfg, tokens, looping=looping, segment_ids=segment_ids), targets)
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def loss(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("cfg", "looping"))
+def loss(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array, *,
+         looping: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
     """Mean cross-entropy over all tokens, float32."""
-    return jnp.mean(token_nll(params, cfg, tokens, targets))
+    return jnp.mean(token_nll(params, cfg, tokens, targets, looping=looping, segment_ids=segment_ids))

@@ -87,3 +87,23 @@ def test_npz_of_bf16_bits(tmp_path, tiny_ref, tiny_cfg):
     for k, v in as_bf16.items():
         assert got[k].dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(got[k], np.float32), np.asarray(v, np.float32))
+
+
+def test_frontier_state_round_trips_and_lands_in_its_params(frontier_ref):
+    """The 1.0611 record's state_dict names (its fixture's): each new tensor has its
+    place in the params tree and comes back under its own name."""
+    cfg, _, ref = frontier_ref
+    state = {k.removeprefix("param/"): v for k, v in ref.items() if k.startswith("param/")}
+    params = compat.params_from_reference(state, cfg)
+    back = compat.params_to_reference(params, cfg)
+    assert set(back) == set(state)
+    for k, v in state.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    np.testing.assert_array_equal(params["smear"]["gate"], state["smear_gate.weight"])
+    np.testing.assert_array_equal(params["smear"]["lambda"], state["smear_lambda"])
+    np.testing.assert_array_equal(params["blocks"]["attn_gate_w"][3], state["blocks.3.attn.attn_gate_w"])
+    for name in ("skip_gates", "parallel_resid_lambdas", "parallel_post_lambdas"):
+        np.testing.assert_array_equal(params[name], state[name])
+    assert "smear_gate" not in params  # the 1.1147 record's SmearGate is off
+    with pytest.raises(compat.CompatError, match="missing smear_lambda"):
+        compat.params_from_reference({k: v for k, v in state.items() if k != "smear_lambda"}, cfg)

@@ -97,6 +97,15 @@ def test_split_overrides_both_spellings():
     ({"ve_layers": "9,11"}, "model.ve_layers"),
     ({"ve_layers": "a,b"}, "model.ve_layers"),
     ({"compute_dtype": "float16"}, "model.compute_dtype"),
+    ({"num_loops": 2, "loop_start": 5, "loop_end": 3}, "model.loop_start"),
+    ({"num_loops": 2, "loop_start": 3, "loop_end": 11}, "model.loop_start"),
+    ({"num_loops": -1}, "model.num_loops"),
+    ({"parallel_start_layer": 12}, "model.parallel_start_layer"),
+    ({"parallel_final_lane": "sum"}, "model.parallel_final_lane"),
+    ({"smear_gate": "dynamic"}, "model.smear_gate"),
+    ({"sparse_attn_gate": True, "gate_window": 513}, "model.gate_window"),
+    ({"smear_gate": "windowed", "bos_id": 1024}, "model.bos_id"),
+    ({"rope_ntk_base_len": -1}, "model.rope_ntk_base_len"),
 ])
 def test_validation_names_the_field(changes, field):
     import dataclasses

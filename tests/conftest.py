@@ -166,6 +166,41 @@ def tiny_params(tiny_ref, tiny_cfg):
     return compat.params_from_reference(state, tiny_cfg)
 
 
+# The 1.0611 record's model fixtures, made by tests/frontier_reference/generate.py and checked in.
+FRONTIER_FIXTURES = Path(__file__).resolve().parent / "frontier_reference"
+
+
+def frontier_model_config(h: dict, bos_id: int) -> ModelConfig:
+    """golf_jax's model fields for the 1.0611 reference's Hyperparameters (the
+    attribute names of its `Hyperparameters`), on the float32 jnp path."""
+    assert not h["attn_out_gate_enabled"] and not h["gated_attn_enabled"] and h["sparse_attn_gate_init_std"] == 0
+    return ModelConfig(
+        vocab_size=h["vocab_size"], num_layers=h["num_layers"], model_dim=h["model_dim"], num_heads=h["num_heads"],
+        num_kv_heads=h["num_kv_heads"], mlp_mult=h["mlp_mult"], tie_embeddings=h["tie_embeddings"],
+        tied_embed_init_std=h["tied_embed_init_std"], logit_softcap=h["logit_softcap"], rope_base=h["rope_base"],
+        qk_gain_init=h["qk_gain_init"], xsa_last_n=h["xsa_last_n"], rope_dims=h["rope_dims"], ln_scale=h["ln_scale"],
+        bigram_vocab_size=0, ve_enabled=False,  # the 1.0611 record has neither
+        rope_ntk_base_len=h["train_seq_len"] if h["rope_yarn"] else 0,
+        num_loops=h["num_loops"], loop_start=h["loop_start"], loop_end=h["loop_end"],
+        skip_gates=h["skip_gates_enabled"], parallel_start_layer=h["parallel_start_layer"],
+        parallel_final_lane=h["parallel_final_lane"], sparse_attn_gate=h["sparse_attn_gate_enabled"],
+        sparse_attn_gate_scale=h["sparse_attn_gate_scale"], gate_window=h["gate_window"],
+        smear_gate="windowed" if h["smear_gate_enabled"] else "none", bos_id=bos_id,
+        compute_dtype="float32", attention_impl="jnp", mlp_impl="jnp")
+
+
+@pytest.fixture(scope="session")
+def frontier_ref() -> tuple[ModelConfig, dict, dict]:
+    """(config, the generator's JSON, its arrays) of the 1.0611 record's tiny model."""
+    config, arrays = FRONTIER_FIXTURES / "model_frontier_tiny_config.json", FRONTIER_FIXTURES / "model_frontier_tiny.npz"
+    if not config.is_file() or not arrays.is_file():
+        missing(f"{FRONTIER_FIXTURES}: fixtures not present (python tests/frontier_reference/generate.py)")
+    meta = json.loads(config.read_text())
+    with np.load(arrays) as z:
+        ref = {k: z[k] for k in z.files}
+    return frontier_model_config(meta["hyperparameters"], meta["bos_id"]), meta, ref
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     root = datasets.shared_data_dir()

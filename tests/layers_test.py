@@ -26,6 +26,57 @@ def test_rotary_base_quirk():
 
 
 
+def test_rotary_base_unscaled_when_the_quirk_is_off():
+    cfg = ModelConfig(rope_ntk_base_len=0)  # the 1.0611 record's ROPE_YARN=0
+    assert layers.rotary_base(cfg, 2048) == layers.rotary_base(cfg, 98_304) == cfg.rope_base
+
+
+def test_torch_lerp_is_torchs_and_the_gated_skip_mixes_in_float32():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    start, end = (rng.standard_normal((3, 64)).astype(np.float32) for _ in range(2))
+    weight = rng.uniform(0, 1, 64).astype(np.float32)  # both of torch's branches
+    want = torch.lerp(*(torch.from_numpy(a) for a in (start, end, weight))).numpy()
+    # torch's kernel fuses each branch into an FMA (one rounding fewer): an ulp apart at most.
+    np.testing.assert_allclose(np.asarray(layers.torch_lerp(start, end, weight)), want, rtol=3e-7, atol=3e-7)
+    # bf16 activations: in float32, rounded once (in_float32), or the product and the gate
+    # rounded first, as eager PyTorch's w * skip and sigmoid (its lerp computes in float32).
+    x, skip = (jnp.asarray(a).astype(jnp.bfloat16) for a in (start, end))
+    w, g = jnp.asarray(1.0 + 0.1 * weight), jnp.asarray(weight - 0.5)
+    f32 = [a.astype(jnp.float32) for a in (x, skip, w.astype(jnp.bfloat16), g.astype(jnp.bfloat16))]
+    once = layers.torch_lerp(f32[2] * f32[1], f32[0], jax.nn.sigmoid(f32[3])).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(layers.gated_skip(x, skip, w, g, in_float32=True), once)
+    r = layers.rounding_to(jnp.bfloat16)
+    eager = layers.torch_lerp(r(f32[2] * f32[1]), f32[0], r(jax.nn.sigmoid(f32[3]))).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(layers.gated_skip(x, skip, w, g, in_float32=False), eager)
+
+
+def test_windowed_smear_skips_document_starts_and_continues_from_a_previous_embedding():
+    rng = np.random.default_rng(6)
+    e = jnp.asarray(rng.standard_normal((2, 6, 16)).astype(np.float32))
+    tokens = jnp.asarray([[5, 1, 7, 7, 1, 1], [1, 3, 4, 1, 9, 2]])
+    gate, lam = jnp.asarray(rng.standard_normal((1, 12)).astype(np.float32)), jnp.asarray([0.7])
+    got = np.asarray(layers.windowed_smear(gate, lam, e, tokens, bos_id=1))
+    g = 0.7 * jax.nn.sigmoid(e[..., :12] @ gate.T)
+    want = np.asarray(e).copy()
+    want[:, 1:] += np.asarray(g[:, 1:] * e[:, :-1] * (tokens[:, 1:, None] != 1))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)  # float32 products in another order
+    np.testing.assert_array_equal(got[tokens == 1], np.asarray(e)[tokens == 1])
+    # A continuation: its first position smears from the embedding before it.
+    cont = layers.windowed_smear(gate, lam, e[:, 3:], tokens[:, 3:], 1, prev_e_Bxd=e[:, 2])
+    np.testing.assert_allclose(np.asarray(cont), got[:, 3:], rtol=1e-6, atol=1e-6)
+
+
+def test_head_gate_scales_each_heads_output():
+    rng = np.random.default_rng(7)
+    y = jnp.asarray(rng.standard_normal((2, 5, 4, 8)).astype(np.float32))
+    n = jnp.asarray(rng.standard_normal((2, 5, 32)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((4, 12)).astype(np.float32))
+    want = np.asarray(y) * np.asarray(jax.nn.sigmoid(0.5 * n[..., :12] @ w.T))[..., None]
+    np.testing.assert_allclose(np.asarray(layers.head_gate(y, n, w, 0.5)), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(layers.head_gate(y, n, jnp.zeros((4, 12)), 0.5), 0.5 * y)
+
+
 def test_rope_dims_zero_means_every_head_dim():
     cfg = ModelConfig(rope_dims=0)
     assert cfg.rotary_dims == cfg.head_dim == 64

@@ -126,6 +126,18 @@ def test_every_parameter_lands_in_its_group():
         "blocks/q_gain": "scalar",
     }
     assert got == want
+    # The 1.0611 record's: every new tensor is in its scalar AdamW (CONTROL_TENSOR_NAME_PATTERNS, and
+    # the SmearGate's added by hand), the banks in Muon, tok_emb in the embedding's AdamW.
+    frontier = dataclasses.replace(cfg, bigram_vocab_size=0, ve_enabled=False, num_loops=2, loop_start=3, loop_end=5,
+                                   skip_gates=True, parallel_start_layer=8, sparse_attn_gate=True, smear_gate="windowed")
+    params = jax.eval_shape(lambda k: model.init_params(frontier, k), jax.random.key(0))
+    got = {param_tree.path_name(p): label for p, label in jax.tree_util.tree_leaves_with_path(optim.param_labels(params))}
+    for name in ("bigram/embed", "bigram/proj", "bigram/scale", "ve/embed", "ve/proj", "ve/scale", "ve/layer_scales",
+                 "smear_gate"):
+        del want[name]
+    want.update({name: "scalar" for name in ("skip_gates", "parallel_resid_lambdas", "parallel_post_lambdas",
+                                             "smear/gate", "smear/lambda", "blocks/attn_gate_w")})
+    assert got == want
     untied = jax.eval_shape(lambda k: model.init_params(dataclasses.replace(cfg, tie_embeddings=False), k),
                             jax.random.key(0))
     assert optim.param_labels(untied)["lm_head"] == "head"
@@ -409,3 +421,40 @@ def test_frontier_optimizer_settings_are_checked():
         with pytest.raises(ConfigError, match=key.split(".")[1]):
             cli.apply_overrides(Config(), [(key, value)]).validate()
 
+
+
+def test_muon_step_is_the_frontiers_in_float32():
+    """Two steps of the 1.0611 record's own Muon (its non-distributed path: Nesterov,
+    rows normalised, Polar Express, decoupled decay; run eagerly, with float32 in place
+    of its bf16 casts: the algorithm without the rounding) against optim.muon."""
+    torch = pytest.importorskip("torch")
+    src = reference_source(FRONTIER, "_PE_COEFFS", "zeropower_via_newtonschulz5", "Muon")
+    for bf16_cast, f32_cast in (("G.bfloat16()", "G.float()"), ("p.grad.bfloat16()", "p.grad.float()"),
+                                ("dtype=torch.bfloat16", "dtype=torch.float32")):
+        assert bf16_cast in src
+        src = src.replace(bf16_cast, f32_cast)
+    namespace = {"torch": torch, "dist": torch.distributed}
+    exec(src, namespace)
+    rng = np.random.default_rng(4)
+    shapes = {"wide": (3, 24, 40), "tall": (2, 48, 16)}  # the tall one scaled by sqrt(rows / cols)
+    init = {b: rng.standard_normal(s).astype(np.float32) * 0.1 for b, s in shapes.items()}
+    grads = [{b: rng.standard_normal(s).astype(np.float32) for b, s in shapes.items()} for _ in range(2)]
+    lr, momentum, wd = 0.026, 0.92, 0.095
+    tensors = {b: torch.nn.Parameter(torch.from_numpy(v.copy())) for b, v in init.items()}
+    reference = namespace["Muon"](list(tensors.values()), lr=lr, momentum=momentum, backend_steps=5,
+                                  weight_decay=wd, row_normalize=True)
+    tx = optim.muon(lr, momentum, nesterov=True, ns_steps=5, weight_decay=wd, momentum_dtype=jnp.float32,
+                    ns_dtype=jnp.float32, ns_coefficients="polar_express", ns_rounding="compiled", row_normalize=True)
+    params = {b: jnp.asarray(v) for b, v in init.items()}
+    state, prev = tx.init(params), dict(init)
+    for g in grads:
+        for b, t in tensors.items():
+            t.grad = torch.from_numpy(g[b])
+        reference.step()
+        updates, state = tx.update({b: jnp.asarray(v) for b, v in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        for b, t in tensors.items():
+            want = t.detach().numpy().copy()
+            # float32, its p (1 - lr wd) - lr s O against our p - lr (s O + wd p): measured 3e-6 of the step.
+            assert relative_to_step(params[b], want, prev[b]) <= 1e-4, b
+            prev[b] = want

@@ -1,0 +1,167 @@
+"""The transformer block's Flax modules: attention, the MLP, the sequential
+block and the 1.0611 record's two-lane parallel block. They declare no
+parameters: `model.GPT` holds the banks and the per-layer controls and hands
+each block its slices (`LayerWeights`); see golf_jax/model.py.
+
+Shapes in names: B batch, T sequence, H query heads, K KV heads, G = H / K,
+D head dim, d model dim.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from golf_jax.config import ModelConfig
+from golf_jax.layers import (attention, attention_impl, exclusive_self_attention, fusion_impl, gram, head_gate, linear,
+                             mlp_impl, rms_norm, scaled_sum)
+from kernels import mlp as mlp_kernels
+from kernels.qk_norm_rope import apply_rotary, norm_rope
+from kernels.residual_norm import add_norm
+
+INPUT_GRAMS = "input_grams"  # the collection of sown Gram matrices (Hessian collection)
+
+
+def sow_gram(module: nn.Module, name: str, x: jax.Array) -> None:
+    """Sow the Gram matrix of a linear layer's input, when the caller collects them.
+    A layer applied several times (depth recurrence) sows one Gram per application."""
+    if module.is_mutable_collection(INPUT_GRAMS):
+        module.sow(INPUT_GRAMS, name, gram(x))
+
+
+class LayerWeights(NamedTuple):
+    """One layer's slices of the banks ([out, in]) and its controls."""
+    q: jax.Array  # [d, d]
+    k: jax.Array  # [kv, d]
+    v: jax.Array  # [kv, d]
+    proj: jax.Array  # [d, d]: attention out-projection
+    fc: jax.Array  # [hid, d]: MLP up
+    mlp_proj: jax.Array  # [d, hid]: MLP down
+    attn_scale: jax.Array  # [d]
+    mlp_scale: jax.Array  # [d]
+    resid_mix: jax.Array  # [2, d]: weights of the stream and of x0
+    q_gain: jax.Array  # [H]
+    attn_gate: jax.Array | None = None  # [H, gate_window]: the sparse head-output gate
+    lane_resid: jax.Array | None = None  # [2]: each lane's own weight (parallel blocks)
+    lane_post: jax.Array | None = None  # [2, 2]: [attention, MLP] output -> [lane 0, lane 1]
+
+
+class CausalSelfAttention(nn.Module):
+    """GQA attention with QK RMSNorm, partial RoPE, a per-head query gain, XSA
+    and the optional sparse head-output gate; V optionally plus the value
+    embedding. With decode=True it reads and writes its KV cache, Flax's way
+    (see golf_jax/model.py's docstring). segment_ids_T: per-document attention
+    in a packed row (`layers.attention`)."""
+    cfg: ModelConfig
+    layer: int
+
+    @nn.compact
+    def __call__(self, h_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
+                 rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0,
+                 segment_ids_T: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        B, T, d = h_BxTxd.shape
+        sow_gram(self, "qkv", h_BxTxd)
+        q_BxTxHxD = linear(h_BxTxd, w.q).reshape(B, T, H, D)
+        k_BxTxKxD = linear(h_BxTxd, w.k).reshape(B, T, K, D)
+        v_BxTxKV = linear(h_BxTxd, w.v)
+        if ve_BxTxKV is not None:
+            v_BxTxKV = v_BxTxKV + ve_BxTxKV
+        v_BxTxKxD = v_BxTxKV.reshape(B, T, K, D)
+        if not decode and fusion_impl(cfg, "norm_rope") == "pallas":
+            # RMSNorm, partial RoPE and q_gain: one kernel each way, the same arithmetic
+            q_BxTxHxD = norm_rope(q_BxTxHxD, *rope, w.q_gain, cfg.rotary_dims, "pallas")
+            k_BxTxKxD = norm_rope(k_BxTxKxD, *rope, None, cfg.rotary_dims, "pallas")
+        else:
+            q_BxTxHxD = apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims)
+            q_BxTxHxD = scaled_sum([(w.q_gain[None, None, :, None], q_BxTxHxD)], cfg.scales_in_float32)
+            k_BxTxKxD = apply_rotary(rms_norm(k_BxTxKxD), *rope, cfg.rotary_dims)
+        if decode:
+            filled = self.has_variable("cache", "k")
+            k_cache = self.variable("cache", "k", jnp.zeros, k_BxTxKxD.shape, k_BxTxKxD.dtype)  # [B, S, K, D]
+            v_cache = self.variable("cache", "v", jnp.zeros, v_BxTxKxD.shape, v_BxTxKxD.dtype)
+            if filled:  # write T positions at pos, attend over the whole cache (causal from pos)
+                k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BxTxKxD, (0, pos, 0, 0))
+                v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BxTxKxD, (0, pos, 0, 0))
+                y_BxTxHxD = attention(q_BxTxHxD, k_cache.value, v_cache.value, "jnp", q_offset=pos)
+            else:  # the call that creates the cache
+                y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp")
+        else:
+            y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg), segment_ids_T=segment_ids_T)
+        if cfg.xsa_on(self.layer):
+            y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, v_BxTxKxD, "jnp" if decode else fusion_impl(cfg, "xsa"))
+        if w.attn_gate is not None:
+            y_BxTxHxD = head_gate(y_BxTxHxD, h_BxTxd, w.attn_gate, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
+        y_BxTxd = y_BxTxHxD.reshape(B, T, d)
+        sow_gram(self, "proj", y_BxTxd)
+        return linear(y_BxTxd, w.proj)
+
+
+class MLP(nn.Module):
+    """leaky_relu(h W_fc^T, slope)^2 W_proj^T: the fused kernels on GPUs, the
+    jnp path elsewhere and while Grams are sown (they need the hidden
+    activation itself)."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BxTxd: jax.Array, w_fc: jax.Array, w_proj: jax.Array) -> jax.Array:
+        slope = self.cfg.mlp_negative_slope
+        w_fc, w_proj = w_fc.astype(h_BxTxd.dtype), w_proj.astype(h_BxTxd.dtype)
+        if not self.is_mutable_collection(INPUT_GRAMS):
+            return mlp_kernels.mlp(h_BxTxd, w_fc, w_proj, slope, mlp_impl(self.cfg))
+        sow_gram(self, "fc", h_BxTxd)
+        act_BxTxF = mlp_kernels.leaky_squared(linear(h_BxTxd, w_fc), slope)
+        sow_gram(self, "proj", act_BxTxF)
+        return linear(act_BxTxF, w_proj)
+
+
+class Block(nn.Module):
+    """One physical layer, applied as a sequential block (`__call__`) or as a
+    two-lane parallel block (`parallel`). Its norms carry the LN scale
+    1/sqrt(layer + 1) (cfg.ln_scale) of the physical layer, however often and
+    wherever depth recurrence applies it."""
+    cfg: ModelConfig
+    layer: int
+
+    def setup(self):
+        self.attn = CausalSelfAttention(self.cfg, self.layer)
+        self.mlp = MLP(self.cfg)
+        self.norm_scale = (self.layer + 1) ** -0.5 if self.cfg.ln_scale else 1.0
+
+    def mix_norm(self, a, b, scale_a, scale_b, decode: bool):
+        """scale_a a + scale_b b, and its norm: one kernel each way when fused."""
+        if not decode and fusion_impl(self.cfg, "residual_norm") == "pallas":
+            return add_norm(a, b, scale_a, scale_b, self.norm_scale, "pallas")
+        mixed = scaled_sum([(scale_a, a), (scale_b, b)], self.cfg.scales_in_float32)
+        return mixed, rms_norm(mixed, self.norm_scale)
+
+    def __call__(self, x_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
+                 rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0,
+                 segment_ids_T: jax.Array | None = None) -> jax.Array:
+        """x_in = mix(x, x0); x = x_in + attn(norm(x_in)); x + mlp(norm(x))."""
+        x_in, h = self.mix_norm(x_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
+        attn_out = self.attn(h, w, ve_BxTxKV, rope, decode, pos, segment_ids_T)
+        x, h = self.mix_norm(x_in, attn_out, None, w.attn_scale, decode)
+        mlp_out = self.mlp(h, w.fc, w.mlp_proj)
+        return scaled_sum([(None, x), (w.mlp_scale, mlp_out)], self.cfg.scales_in_float32)
+
+    def parallel(self, lane0_BxTxd: jax.Array, lane1_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights,
+                 ve_BxTxKV: jax.Array | None, rope: tuple[jax.Array, jax.Array], decode: bool = False,
+                 pos: jax.Array | int = 0, segment_ids_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """The 1.0611 record's parallel block: attention reads mix(lane 0, x0), the
+        MLP reads lane 1, and with a = attn_scale attn, m = mlp_scale mlp,
+
+            lane_j = r_j lane_j + P[0, j] a + P[1, j] m   (r = w.lane_resid, P = w.lane_post).
+        """
+        f32 = self.cfg.scales_in_float32
+        _, h = self.mix_norm(lane0_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
+        attn_out = scaled_sum([(w.attn_scale, self.attn(h, w, ve_BxTxKV, rope, decode, pos, segment_ids_T))], f32)
+        mlp_out = scaled_sum([(w.mlp_scale, self.mlp(rms_norm(lane1_BxTxd, self.norm_scale), w.fc, w.mlp_proj))], f32)
+        r, P = w.lane_resid, w.lane_post
+        lane0 = scaled_sum([(r[0], lane0_BxTxd), (P[0, 0], attn_out), (P[1, 0], mlp_out)], f32)
+        lane1 = scaled_sum([(r[1], lane1_BxTxd), (P[0, 1], attn_out), (P[1, 1], mlp_out)], f32)
+        return lane0, lane1
