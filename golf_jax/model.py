@@ -356,9 +356,13 @@ class GPT(nn.Module):
         if self.smear is not None:
             self.smear.gate
 
+    def head_weight(self) -> jax.Array:
+        """The head's [V, d]: the token embedding when tied."""
+        return self.tok_emb if self.lm_head is None else self.lm_head
+
     def head(self, h_BxTxd: jax.Array) -> jax.Array:
         """Soft-capped float32 logits [B, T, V] of final-normed hidden states."""
-        return lm_head(self.tok_emb if self.lm_head is None else self.lm_head, self.cfg, h_BxTxd)
+        return lm_head(self.head_weight(), self.cfg, h_BxTxd)
 
     def __call__(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
                  looping: bool = False, segment_ids_T: jax.Array | None = None) -> jax.Array:
@@ -368,9 +372,8 @@ class GPT(nn.Module):
     def fused_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array, looping: bool = False,
                   segment_ids_T: jax.Array | None = None) -> jax.Array:
         """Per-token cross-entropy [B, T] through the fused softcap + cross-entropy kernel."""
-        w = self.tok_emb if self.lm_head is None else self.lm_head
         h = self.hidden(tokens_BxT, None, False, looping, segment_ids_T)
-        return head_nll(w, self.cfg, h, targets_BxT, "pallas")
+        return head_nll(self.head_weight(), self.cfg, h, targets_BxT, "pallas")
 
 
 # ----------------------------------------------------------------------------- the model as functions

@@ -66,7 +66,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from kernels.partition import row_partitioned
-from kernels.xsa import _divide
+from kernels.xsa import divide
 
 IMPLS = ("jnp", "pallas")
 # Launch parameters (scripts/fusion_kernel_sweep.py): a program takes up to
@@ -141,7 +141,7 @@ def _backward_kernel(z_ref, target_ref, max_ref, sum_ref, g_ref, dz_ref, *, bloc
     autodiff's order of operations (module docstring)."""
     vocab = z_ref.shape[1]
     target, row_max, g = target_ref[...], max_ref[...], g_ref[...]
-    g_over_sum = _divide(g, sum_ref[...], exact)
+    g_over_sum = divide(g, sum_ref[...], exact)
 
     def step(j, carry):
         start = pl.multiple_of(j * block_cols, block_cols)

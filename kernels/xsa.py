@@ -108,9 +108,10 @@ def _sqrt(x: jax.Array, exact: bool) -> jax.Array:
                                            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]
 
 
-def _divide(a: jax.Array, b: jax.Array, exact: bool) -> jax.Array:
+def divide(a: jax.Array, b: jax.Array, exact: bool) -> jax.Array:
     """Correctly rounded float32 a / b (b broadcast to a's shape): PTX div.rn
-    where `exact` (Triton 3.6 lowers `/` to the 2-ulp div.full), jnp's otherwise."""
+    where `exact` (Triton 3.6 lowers `/` to the 2-ulp div.full), jnp's otherwise.
+    Shared with kernels/softcap_ce.py."""
     b = jnp.broadcast_to(b, a.shape)
     if not exact:
         return a / b
@@ -123,7 +124,7 @@ def _unit_value(v_ref, exact: bool):
     vf = v_ref[...].astype(jnp.float32)
     norm = _sqrt(jnp.sum(vf * vf, axis=1, keepdims=True), exact)
     clamped = jnp.maximum(norm, XSA_NORM_EPS)
-    return _divide(vf, clamped, exact), norm, clamped
+    return divide(vf, clamped, exact), norm, clamped
 
 
 def _forward_kernel(y_ref, v_ref, out_ref, *, group: int, head_dim: int, exact: bool):
@@ -165,7 +166,7 @@ def _backward_kernel(dout_ref, y_ref, v_ref, dy_ref, dv_ref, *, group: int, head
         dy_ref[:, cols] = (doutf - dout_along * vn).astype(dy_ref.dtype)
         dvn = dvn - along * doutf - dout_along * yf
     tangential = dvn - vn * jnp.sum(vn * dvn, axis=1, keepdims=True)
-    dvf = _divide(jnp.where(norm > XSA_NORM_EPS, tangential, dvn), clamped, exact)
+    dvf = divide(jnp.where(norm > XSA_NORM_EPS, tangential, dvn), clamped, exact)
     dv_ref[...] = dvf.astype(dv_ref.dtype)
 
 
