@@ -199,15 +199,17 @@ class TrainCheckpoints:
 
 
 def run_meta(step: int, training_s: float, cursor: dict, qat_on: bool, stop_after: int | None, cfg: Config,
-             history: dict, budget: dict | None = None, dataset: dict | None = None) -> dict:
+             history: dict, budget: dict | None = None, dataset: dict | None = None,
+             looping: dict | None = None) -> dict:
     """A training checkpoint's metadata: where the run is, the config that
-    made it and its dataset's identity (`datasets.Dataset.record`)."""
+    made it and its dataset's identity (`datasets.Dataset.record`); looping:
+    the layer loop's switch (`layer_loop.LoopSwitch.state`)."""
     # The run's PRNG key is the seed's; training itself draws no random numbers
     # (no dropout), so the key is recorded for what comes after, not consumed.
     key = np.asarray(jax.random.key_data(jax.random.key(cfg.run.seed))).tolist()
     return {"step": step, "training_s": training_s, "cursor": cursor, "qat_on": qat_on, "stop_after_step": stop_after,
             "rng_key": key, "config": config_lib.to_dict(cfg), "history": history, "budget": budget,
-            "data": dataset}
+            "data": dataset, "looping": looping}
 
 
 def check_resume_config(saved: dict, cfg: Config, where: Path) -> None:

@@ -1,16 +1,67 @@
 """The data feed of training: each step's micro-batches assembled on a
 background thread and placed on the devices (this process's rows of the
-global batch), so loading is off the critical path."""
+global batch), so loading is off the critical path. Rows of train_seq_len
+(`data.TrainBatches`, the 1.1147 record's) or packed documents (`PackedSteps`,
+the 1.0611 record's)."""
 
 from __future__ import annotations
 
 import queue
 import threading
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from golf_jax import data
+from golf_jax import data, packing
+from golf_jax.config import Config
+
+
+class StepBatch(NamedTuple):
+    """One optimizer step's inputs, global arrays [accum, rows, length] sharded
+    by rows; segments: packed rows' documents (packing.RowSegments) or None;
+    cursor: the stream's state after it, for checkpoints."""
+
+    xs: jax.Array
+    ys: jax.Array
+    segments: packing.RowSegments | None
+    cursor: dict
+
+
+class PackedSteps:
+    """The 1.0611 record's packed rows for this process's devices.
+
+    The record's 8-GPU run takes one global span of 8 rows per step (its
+    DocumentPackingLoader, world size 8, no accumulation); here every step
+    takes one span of micro_batches_per_step rows (`packing.PackedBatches` with
+    that world size) whatever the device count, so the rows are the record's.
+    With n devices and accum micro-steps, device d's micro-step a is row a n + d:
+    each device trains one row [1, L] per micro-step, L = train_batch_tokens /
+    micro_batches_per_step. `ranks`: this process's devices (mesh positions).
+    """
+
+    def __init__(self, pattern: str, cfg: Config, n_devices: int, accum: int, ranks: Sequence[int]):
+        rows = n_devices * accum
+        self.row_len = cfg.data.train_batch_tokens // rows
+        self.loader = packing.PackedBatches(pattern, 0, rows, cfg.data.train_seq_len, bos_id=cfg.model.bos_id,
+                                            vocab_size=cfg.model.vocab_size)
+        self.n_devices, self.accum, self.ranks = n_devices, accum, tuple(sorted(ranks))
+
+    def next_step(self) -> tuple[np.ndarray, np.ndarray, packing.RowSegments]:
+        """Host arrays [accum, len(ranks), ...]: inputs, targets and their segments."""
+        wanted = [a * self.n_devices + d for a in range(self.accum) for d in self.ranks]
+        rows = self.loader.next_rows(self.row_len, wanted)
+        shape = (self.accum, len(self.ranks))
+        xs = np.stack([x[0] for x, _, _, _ in rows]).reshape(*shape, -1)
+        ys = np.stack([y[0] for _, y, _, _ in rows]).reshape(*shape, -1)
+        segs = [packing.row_segments(cu, self.row_len) for _, _, cu, _ in rows]
+        return xs, ys, packing.RowSegments(*(np.stack(a).reshape(*shape, -1) for a in zip(*segs)))
+
+    def state(self) -> dict:
+        return self.loader.state()
+
+    def restore(self, state: dict) -> None:
+        self.loader.restore(state)
 
 
 class Prefetcher:
@@ -18,7 +69,7 @@ class Prefetcher:
     thread and puts them on the devices, so data loading is off the critical
     path. Each item carries the stream cursor after it, for checkpoints."""
 
-    def __init__(self, batches: data.TrainBatches, accum: int, sharding, depth: int = 2):
+    def __init__(self, batches: data.TrainBatches | PackedSteps, accum: int, sharding, depth: int = 2):
         self.batches, self.accum, self.sharding = batches, accum, sharding
         self.queue: queue.Queue = queue.Queue(depth)
         self.stopped = threading.Event()
@@ -49,13 +100,28 @@ class Prefetcher:
         self.thread.join(timeout=5)
 
 
-def next_step_batch(batches: data.TrainBatches, accum: int, sharding):
+def next_step_batch(batches: data.TrainBatches | PackedSteps, accum: int, sharding) -> StepBatch:
     """One optimizer step's micro-batches as global arrays [accum, rows, seq]
     sharded by rows over the mesh, built from this process's ranks only."""
+    if isinstance(batches, PackedSteps):
+        xs, ys, segs = batches.next_step()
+        put = lambda a: _global_packed(a, batches, sharding)  # noqa: E731
+        return StepBatch(put(xs), put(ys), packing.RowSegments(*map(put, segs)), batches.state())
     micro = [batches.next_micro_batch() for _ in range(accum)]
     xs = np.stack([x for x, _ in micro])
     ys = np.stack([y for _, y in micro])
-    return _global_rows(xs, batches, sharding), _global_rows(ys, batches, sharding), batches.state()
+    return StepBatch(_global_rows(xs, batches, sharding), _global_rows(ys, batches, sharding), None, batches.state())
+
+
+def _global_packed(local: np.ndarray, batches: PackedSteps, sharding) -> jax.Array:
+    """[accum, n_devices, ...] from this process's rows: one row per device."""
+    shape = (local.shape[0], batches.n_devices, *local.shape[2:])
+
+    def block(index):
+        at = batches.ranks.index(index[1].start or 0)
+        return local[:, at:at + 1]
+
+    return jax.make_array_from_callback(shape, sharding, block)
 
 
 def _global_rows(local: np.ndarray, batches: data.TrainBatches, sharding) -> jax.Array:

@@ -73,28 +73,29 @@ def sliding_plan(n_targets: int, seq_len: int, stride: int, score_once: bool = F
     return WindowPlan(starts, lo, hi)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "seq_len", "score_span"))
+@functools.partial(jax.jit, static_argnames=("cfg", "seq_len", "score_span", "looping"))
 def window_loss_sums(params, cfg: ModelConfig, tokens_N: jax.Array, starts_W: jax.Array,
-                     lo_W: jax.Array, hi_W: jax.Array, seq_len: int, score_span: int = 0) -> jax.Array:
+                     lo_W: jax.Array, hi_W: jax.Array, seq_len: int, score_span: int = 0,
+                     looping: bool = False) -> jax.Array:
     """Sum of the scored positions' cross-entropy for each window, float32 [W].
 
     score_span > 0: every window scores only positions in [hi - score_span,
     hi) (a sliding window past the first scores its last `stride`), so the
     tied head, the softcap and the cross-entropy run on those positions only
     (the hidden states of the others are still needed: they are the context).
-    `span_for` says when a batch allows it.
+    `span_for` says when a batch allows it. looping: the model's depth recurrence.
     """
     pos_T = jnp.arange(seq_len + 1)
     chunk_WxT1 = tokens_N[starts_W[:, None] + pos_T[None, :]]
     x = jnp.where(pos_T[None, :-1] < hi_W[:, None], chunk_WxT1[:, :-1], 0)  # zero padding, as the reference
     targets_WxT = chunk_WxT1[:, 1:]
     if not score_span:
-        nll_WxT = model.token_nll(params, cfg, x, targets_WxT)
+        nll_WxT = model.token_nll(params, cfg, x, targets_WxT, looping=looping)
         scored = (pos_T[None, :-1] >= lo_W[:, None]) & (pos_T[None, :-1] < hi_W[:, None])
         return jnp.sum(jnp.where(scored, nll_WxT, 0.0), axis=1)
     raw_WxS = hi_W[:, None] - score_span + jnp.arange(score_span)[None, :]
     pos_WxS = jnp.clip(raw_WxS, 0, seq_len - 1)  # below 0 only when hi < span: masked below
-    h_WxSxd = jnp.take_along_axis(model.hidden(params, cfg, x), pos_WxS[..., None], axis=1)
+    h_WxSxd = jnp.take_along_axis(model.hidden(params, cfg, x, looping=looping), pos_WxS[..., None], axis=1)
     z = model.logits_from_hidden(params, cfg, h_WxSxd)
     nll_WxS = model.nll_from_logits(z, jnp.take_along_axis(targets_WxT, pos_WxS, axis=1))
     scored = (raw_WxS >= lo_W[:, None]) & (raw_WxS < hi_W[:, None])
@@ -118,7 +119,7 @@ def padded_tokens(tokens: np.ndarray, seq_len: int) -> np.ndarray:
 
 def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.TargetBytes, plan: WindowPlan,
                   seq_len: int, batch_windows: int, desc: str = "eval", progress: bool = True,
-                  score_span: int = 0) -> EvalResult:
+                  score_span: int = 0, looping: bool = False) -> EvalResult:
     """Score every window of `plan` over `tokens` (targets are tokens[1:]).
     score_span: batches whose windows all score at most their last score_span
     positions run the program that computes logits only there."""
@@ -138,7 +139,8 @@ def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Tar
     in_flight: collections.deque = collections.deque()
     for b in tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False):
         span = span_for(lo[b], hi[b], score_span)
-        in_flight.append(window_loss_sums(params, cfg, tokens_dev, starts[b], lo[b], hi[b], seq_len, span))
+        in_flight.append(window_loss_sums(params, cfg, tokens_dev, starts[b], lo[b], hi[b], seq_len, span,
+                                          looping=looping))
         # Read back two batches behind: the device stays busy while the
         # progress bar tracks finished work.
         while len(in_flight) > 2 or (b == n_batches - 1 and in_flight):
@@ -152,18 +154,20 @@ def evaluate_plan(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Tar
 
 
 def standard_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.TargetBytes, seq_len: int,
-                  batch_windows: int, progress: bool = True) -> EvalResult:
+                  batch_windows: int, progress: bool = True, looping: bool = False) -> EvalResult:
     """The reference's standard evaluation: consecutive windows of seq_len."""
     plan = standard_plan(len(tokens) - 1, seq_len)
-    return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, batch_windows, "standard eval", progress)
+    return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, batch_windows, "standard eval", progress,
+                         looping=looping)
 
 
 def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.TargetBytes, seq_len: int,
-                 stride: int, batch_windows: int, score_once: bool = False, progress: bool = True) -> EvalResult:
+                 stride: int, batch_windows: int, score_once: bool = False, progress: bool = True,
+                 looping: bool = False) -> EvalResult:
     """The reference's sliding-window evaluation (stride 64 in the record)."""
     plan = sliding_plan(len(tokens) - 1, seq_len, stride, score_once)
     return evaluate_plan(params, cfg, tokens, tables, plan, seq_len, batch_windows, "sliding eval", progress,
-                         score_span=stride)
+                         score_span=stride, looping=looping)
 
 
 def load_validation(cfg: Config, ds: datasets.Dataset) -> tuple[np.ndarray, data.TargetBytes]:
@@ -192,18 +196,20 @@ def load_eval_data(cfg: Config, dataset: dict | None = None, tokenizer: str | No
 
 
 def run_standard(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes,
-                 progress: bool = True) -> EvalResult:
-    """The standard evaluation as configured (the reference's per-rank batch)."""
+                 progress: bool = True, looping: bool | None = None) -> EvalResult:
+    """The standard evaluation as configured (the reference's per-rank batch).
+    looping: None, as after training (`ModelConfig.looping_after_training`)."""
+    looping = cfg.model.looping_after_training if looping is None else looping
     return standard_eval(params, cfg.model, tokens, tables, cfg.eval.eval_seq_len,
-                         cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress)
+                         cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress, looping)
 
 
 def run_sliding(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes,
                 progress: bool = True) -> EvalResult:
-    """The sliding-window evaluation as configured."""
+    """The sliding-window evaluation as configured (after training: looped with a loop)."""
     e = cfg.eval
     return sliding_eval(params, cfg.model, tokens, tables, e.eval_seq_len, e.sliding_stride,
-                        e.sliding_batch_windows, e.sliding_score_once, progress)
+                        e.sliding_batch_windows, e.sliding_score_once, progress, cfg.model.looping_after_training)
 
 
 def run_evaluations(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes,

@@ -29,18 +29,22 @@ BANK_INPUTS = {
 SMALL_INPUTS = ("bigram/proj", "ve/proj")  # sown under the parameter's own path
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _input_grams(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("cfg", "looping"))
+def _input_grams(params: Params, cfg: ModelConfig, tokens_BxT: jax.Array,
+                 looping: bool = False) -> dict[str, jax.Array]:
     """{"layers_3/attn/qkv": X^T X, "bigram/proj": ...} of one batch; the
-    forward's output is unused, so XLA drops the last matmul."""
-    _, state = model.GPT(cfg).apply({"params": params}, tokens_BxT, method=model.GPT.hidden,
+    forward's output is unused, so XLA drops the last matmul. With the depth
+    recurrence a looped layer sows one Gram per application: they are summed,
+    as the 1.0611 record's hooks accumulate every call (collect_hessians, L2039)."""
+    _, state = model.GPT(cfg).apply({"params": params}, tokens_BxT, looping=looping, method=model.GPT.hidden,
                                     mutable=[model.INPUT_GRAMS])
     flat = jax.tree_util.tree_flatten_with_path(state[model.INPUT_GRAMS], is_leaf=lambda x: isinstance(x, tuple))[0]
-    return {param_tree.path_name(path): sown[0] for path, sown in flat}  # sown values are 1-tuples: one call each
+    # sown values are tuples, one per call (a 1-tuple unlooped: reduce returns it untouched)
+    return {param_tree.path_name(path): functools.reduce(jnp.add, sown) for path, sown in flat}
 
 
 def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, batch_size: int,
-                     damping: float = 0.01, progress: bool = False) -> dict[str, jax.Array]:
+                     damping: float = 0.01, progress: bool = False, looping: bool = False) -> dict[str, jax.Array]:
     """H = X^T X / N + damping * mean(diag) I for every linear layer's input X,
     the model run on tokens[:, :-1] (as the reference does), float32.
 
@@ -52,7 +56,7 @@ def collect_hessians(params: Params, cfg: ModelConfig, tokens_NxT: np.ndarray, b
     n = inputs.shape[0]
     sums: dict | None = None
     for i in tqdm(range(0, n, batch_size), desc="hessians", unit="batch", disable=not progress):
-        grams = _input_grams(params, cfg, jnp.asarray(inputs[i:i + batch_size]))
+        grams = _input_grams(params, cfg, jnp.asarray(inputs[i:i + batch_size]), looping)
         _check_finite_grams(grams, f"sequences {i}..{min(i + batch_size, n) - 1}")
         sums = grams if sums is None else jax.tree.map(jnp.add, sums, grams)
 

@@ -13,6 +13,7 @@ array (a learning rate of 0.035 becomes 0.03491).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -282,7 +283,20 @@ def muon_momentum_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     """Linear warmup from muon_momentum_warmup_start to muon_momentum over the first steps."""
     if cfg.muon_momentum_warmup_steps <= 0:  # optax's linear schedule would stay at its start
         return optax.constant_schedule(cfg.muon_momentum)
+    if cfg.muon_momentum_warmup_exact:
+        return exact_momentum_warmup(cfg.muon_momentum_warmup_start, cfg.muon_momentum,
+                                     cfg.muon_momentum_warmup_steps)
     return optax.linear_schedule(cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps)
+
+
+def exact_momentum_warmup(start: float, end: float, steps: int) -> optax.Schedule:
+    """The reference's momentum at step s (its step_fn, before the update):
+    f = min(s / steps, 1), (1 - f) start + f end in double, then float32 (torch's
+    arithmetic on the Python float). A table of the steps + 1 values, indexed by
+    the update count: the device computes in float32 and would round otherwise."""
+    table = jnp.asarray([(1 - min(s / steps, 1.0)) * start + min(s / steps, 1.0) * end for s in range(steps + 1)],
+                        jnp.float32)
+    return lambda count: table[jnp.minimum(count, steps)]
 
 
 def build_optimizer(cfg: OptimizerConfig, axis_name: str | None = None) -> optax.GradientTransformation:
@@ -332,14 +346,28 @@ def lr_multiplier(step: int, elapsed_s: float, cfg: ScheduleConfig) -> float:
     return remaining_s / max(warmdown_s, 1e-12) if remaining_s <= warmdown_s else 1.0
 
 
+def training_fraction(step: int, elapsed_s: float, cfg: ScheduleConfig) -> float:
+    """The 1.0611 record's training fraction: the elapsed share of the wall-clock
+    cap, or without one the share of the iterations done before this step."""
+    if cfg.max_wallclock_seconds > 0:
+        return elapsed_s / cfg.max_wallclock_seconds
+    return step / max(cfg.iterations, 1)
+
+
+def training_schedule(cfg: ScheduleConfig) -> ScheduleConfig:
+    """The schedule the training loop follows: with a cap and
+    gptq_reserve_seconds, the cap less the reserve (as the 1.0611 record's
+    max_wallclock_ms: its stop, its fraction and so its multiplier and loop
+    switch all aim at 599.5 s)."""
+    if cfg.gptq_reserve_seconds > 0 and cfg.max_wallclock_seconds > 0:
+        return dataclasses.replace(cfg, max_wallclock_seconds=cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds)
+    return cfg
+
+
 def fraction_lr_multiplier(step: int, elapsed_s: float, cfg: ScheduleConfig) -> float:
     """The 1.0611 record's multiplier: 1 until the training fraction f reaches
-    1 - warmdown_frac, then max((1 - f) / warmdown_frac, min_lr_mult). f is the
-    elapsed share of the wall-clock cap, or without one the share of the iterations."""
-    if cfg.max_wallclock_seconds > 0:
-        frac = elapsed_s / cfg.max_wallclock_seconds
-    else:
-        frac = step / max(cfg.iterations, 1)
+    1 - warmdown_frac, then max((1 - f) / warmdown_frac, min_lr_mult)."""
+    frac = training_fraction(step, elapsed_s, cfg)
     if frac >= 1.0 - cfg.warmdown_frac:
         return max((1.0 - frac) / cfg.warmdown_frac, cfg.min_lr_mult)
     return 1.0

@@ -13,6 +13,8 @@ sees few distinct shapes), and as per-token segment ids for a dense mask
 
 - `document_segments`: BOS positions in a row -> (cu_seqlens, max_seqlen).
 - `segment_ids`: cu_seqlens -> each token's segment index.
+- `RowSegments`, `row_segments`, `model_inputs`: a packed row's documents as the
+  training step feeds them to the model.
 - `PackedBatches`: the record's batch order over competition-format shards
   (read and validated by golf_jax.data), synchronous and deterministic.
 
@@ -21,7 +23,7 @@ numpy only: the arrays go to the devices from here.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -84,6 +86,39 @@ def segment_ids(cu_seqlens: np.ndarray, total_len: int) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+# ----------------------------------------------------------------------------- what the model gets
+
+class RowSegments(NamedTuple):
+    """The documents of packed rows as device inputs of static shapes, so no
+    program recompiles as documents vary: `segment_ids` [..., L] (each token's
+    segment) and `cu_seqlens` [..., cu_seqlens_capacity(L)] (`document_segments`'
+    boundaries, padded with L to the most a row of L tokens can have: L + 1,
+    rounded up to the bucket size). Leading axes: the training step's micro-steps
+    and rows."""
+
+    segment_ids: Any
+    cu_seqlens: Any
+
+
+def cu_seqlens_capacity(total_len: int, bucket_size: int = DEFAULT_BUCKET_SIZE) -> int:
+    return -(-(total_len + 1) // bucket_size) * bucket_size
+
+
+def row_segments(cu_seqlens: np.ndarray, total_len: int) -> RowSegments:
+    """One row's RowSegments (host arrays) from its cu_seqlens (`document_segments`)."""
+    padded = np.full(cu_seqlens_capacity(total_len), total_len, np.int32)
+    padded[:len(cu_seqlens)] = cu_seqlens
+    return RowSegments(segment_ids(cu_seqlens, total_len), padded)
+
+
+def model_inputs(row: RowSegments | None) -> dict:
+    """The model's keyword arguments for one packed row (leaves [L], [C]); {} for
+    unpacked batches. The one place that says how the model sees the documents:
+    per-token segment ids ("jnp" attention); a per-document attention kernel
+    would take offsets derived from row.cu_seqlens here instead."""
+    return {} if row is None else {"segment_ids": row.segment_ids}
+
+
 # ----------------------------------------------------------------------------- the packed stream
 
 class PackedBatches:
@@ -131,8 +166,16 @@ class PackedBatches:
     def next(self, tokens_local: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """inputs, targets (int32 [1, tokens_local]: one packed row), cu_seqlens (int32,
         see document_segments) and max_seqlen for this rank's next micro-batch."""
+        return self.next_rows(tokens_local, (self.rank,))[0]
+
+    def next_rows(self, tokens_local: int,
+                  ranks: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+        """The next micro-batch of each of `ranks` (as `next` gives its own rank's):
+        one global span, read once for several ranks (training's data feed)."""
         if tokens_local < 1:
             raise ValueError(f"tokens_local {tokens_local}: expected >= 1")
+        if not all(0 <= r < self.world_size for r in ranks):
+            raise ValueError(f"ranks {list(ranks)}: expected some of 0 .. {self.world_size - 1}")
         rank_span = tokens_local + 1
         global_span = rank_span * self.world_size
         opened = 0
@@ -143,14 +186,17 @@ class PackedBatches:
                                      f"{global_span} tokens from its first BOS")
             self._open((self.file_idx + 1) % len(self.files))
             opened += 1
-        start = self.cursor + self.rank * rank_span
-        window = np.asarray(self.tokens[start:start + rank_span], dtype=np.int32)
+        rows = [self._row(self.cursor + r * rank_span, tokens_local) for r in ranks]
+        self.cursor += global_span
+        return rows
+
+    def _row(self, start: int, tokens_local: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        window = np.asarray(self.tokens[start:start + tokens_local + 1], dtype=np.int32)
         if self.vocab_size is not None:
             data.check_ids(window, self.vocab_size, self.files[self.file_idx], start)
         lo, hi = np.searchsorted(self.bos_positions, [start, start + tokens_local], side="left")
         cu_seqlens, max_seqlen = document_segments(self.bos_positions[lo:hi] - start, tokens_local,
                                                    self.train_seq_len, self.bucket_size)
-        self.cursor += global_span
         return window[None, :-1], window[None, 1:], cu_seqlens, max_seqlen
 
     def state(self) -> dict:

@@ -4,6 +4,7 @@ stages after it, so neither imports the other for them."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 from pathlib import Path
@@ -61,7 +62,13 @@ def plot_curves(train_points, val_points, path: Path) -> None:
 
 class CompileCounter:
     """Counts XLA compilations (any function) while active; those inside
-    `aside()` are counted apart, in `aside_count`."""
+    `aside()` are counted apart, in `aside_count`.
+
+    A training loop's promise is no compilation after its first step
+    (`first_step_done`) but the first call of each program used only later
+    (inside `first_use(program)`: the looped step, the looped validation);
+    `recompilations` counts the others. `names`: the compilations by
+    program name ("jit(step)")."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -69,9 +76,31 @@ class CompileCounter:
         self.count = 0
         self.aside_count = 0
         self._aside = False
+        self.at_first_step: int | None = None
+        self._programs: set = set()
+        self.first_use_count = 0
+        self.names: collections.Counter = collections.Counter()
+
+    def first_step_done(self) -> None:
+        if self.at_first_step is None:
+            self.at_first_step = self.count
+
+    @contextlib.contextmanager
+    def first_use(self, program):
+        counted = program not in self._programs and self.at_first_step is not None
+        self._programs.add(program)
+        before = self.count
+        yield
+        if counted:
+            self.first_use_count += self.count - before
+
+    @property
+    def recompilations(self) -> int:
+        return self.count - (self.at_first_step or 0) - self.first_use_count
 
     def _listener(self, event: str, duration: float, **kwargs) -> None:
         if event == self.EVENT:
+            self.names[kwargs.get("fun_name")] += 1
             if self._aside:
                 self.aside_count += 1
             else:

@@ -5,13 +5,17 @@ The loop reproduces the reference's schedule: warm-up steps
 that compile and prime and are then undone, validation at step 0, every
 `val_loss_every` steps and at the end (not counted in the wall clock), the
 warmdown multiplier from the wall clock, late QAT, SWA, and the 600 s cap.
+The 1.0611 record's too (configs/frontier.py): packed document rows
+(data_feed.PackedSteps), the layer loop switched on at a training fraction
+(golf_jax/layer_loop.py) after a warm-up of plain then looped steps, the
+fraction schedule, the cap less its GPTQ reserve.
 
     python train.py --config configs/smoke.py [--resume] [--config.<field>=<value>]
 
-About 500 lines, over the ~450 the project aims for: the run's stages share
+About 530 lines, over the ~450 the project aims for: the run's stages share
 one state (`TrainingRun`), which reads best whole; the step, the data feed,
-the checkpoints, the run folder, the signals and the budget accounting are
-already elsewhere.
+the checkpoints, the run folder, the signals, the budget accounting, the
+layer loop's switch and the compilation count are already elsewhere.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from golf_jax import (checkpoint, compat, data, data_feed, datasets, distributed, evaluate, layers, optim,
-                      param_tree, quantize, run_dir, train_step)
+from golf_jax import (checkpoint, compat, data, data_feed, datasets, distributed, evaluate, layer_loop, layers,
+                      optim, param_tree, quantize, run_dir, train_step)
 from golf_jax.runlog import CompileCounter, RunLog, peak_memory_bytes, plot_curves
 from golf_jax.stop_signal import StopOnSignal
 from golf_jax.config import Config, ConfigError
@@ -109,7 +113,7 @@ class TrainingRun:
         self.cfg, self.stop, self.primary = cfg, stop, distributed.is_primary()
         self.mesh = train_step.make_mesh(cfg.run.num_devices)
         self.accum = check_runnable(cfg, self.mesh.size)
-        self.sched, self.out_dir = cfg.schedule, Path(cfg.run.output_dir)
+        self.sched, self.out_dir = optim.training_schedule(cfg.schedule), Path(cfg.run.output_dir)
         self.ckpts = checkpoint.TrainCheckpoints(self.out_dir / "checkpoints", keep=2)  # creates nothing yet
         saved = self.ckpts.read_meta() if resume else None
         self._load_inputs(saved)
@@ -137,6 +141,7 @@ class TrainingRun:
         checkpoint.check_free_space(self.out_dir, (self.ckpts.keep + 1) * checkpoint.tree_bytes(self.state)
                                     + param_tree.param_count(params) * 4)
         self.step, self.training_s, self.qat_on, self.stop_after_step = 0, 0.0, False, None
+        self.loop_switch = layer_loop.LoopSwitch(self.cfg)
         self.history: dict = {"train": [], "val": []}
         self.saved_at = None  # the step of the last checkpoint this run holds
         self.budget = None  # budget mode: the time reserved for the stages after training
@@ -162,9 +167,13 @@ class TrainingRun:
                                             where=f"the run in {self.out_dir}",
                                             hint="put that tokenizer back, or start a new run")
         self.val_tokens, self.tables = evaluate.load_validation(cfg, ds)
-        self.batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
-                                         cfg.data.train_seq_len, world_size=self.mesh.size, accum_steps=self.accum,
-                                         ranks=train_step.local_ranks(self.mesh))
+        if cfg.data.packed_documents:
+            self.batches = data_feed.PackedSteps(ds.train_pattern, cfg, self.mesh.size, self.accum,
+                                                 train_step.local_ranks(self.mesh))
+        else:
+            self.batches = data.TrainBatches(ds.train_pattern, cfg.model.vocab_size, cfg.data.train_batch_tokens,
+                                             cfg.data.train_seq_len, world_size=self.mesh.size,
+                                             accum_steps=self.accum, ranks=train_step.local_ranks(self.mesh))
         self.dataset, self.dataset_record = ds, ds.record()
 
     def _restore(self, saved: dict) -> None:
@@ -173,6 +182,7 @@ class TrainingRun:
         self.step, self.training_s, self.qat_on = meta["step"], meta["training_s"], meta["qat_on"]
         self.stop_after_step, self.history = meta["stop_after_step"], meta["history"]
         self.budget = meta.get("budget")
+        self.loop_switch.restore(meta.get("looping"))
         self.batches.restore(meta["cursor"])
 
     def _log_launch(self, params: Params) -> None:
@@ -185,6 +195,11 @@ class TrainingRun:
                       f"attention {layers.attention_impl(cfg.model)}")
         self.log.line(self.dataset.describe(self.dataset_record))
         self.log.line(param_tree.summary(params))
+        if self.sched is not self.cfg.schedule:
+            # (the record's own line, "gptq:reserving 0s", prints its 0.5 s without decimals)
+            self.log.line(f"wall-clock cap {self.cfg.schedule.max_wallclock_seconds:g} s less "
+                          f"schedule.gptq_reserve_seconds {self.cfg.schedule.gptq_reserve_seconds:g} s: training "
+                          f"stops at {self.sched.max_wallclock_seconds:g} s")
         if self.step > 0:
             self.log.line(f"resuming at step {self.step} from {self.ckpts.directory}")
 
@@ -197,14 +212,19 @@ class TrainingRun:
         if sched.warmup_steps > 0:
             initial, cursor0 = jax.tree.map(lambda x: x.copy(), self.state), self.batches.state()
             state = self.state
-            for i in range(sched.warmup_steps):
-                xs, ys, _ = data_feed.next_step_batch(self.batches, self.accum, self.batch_sharding)
-                state, loss = self.step_fn(state, xs, ys, 1.0, False, False)
-                if i == 0:
-                    loss.block_until_ready()
-                    self.t_first_step = time.perf_counter() - self.t_launch
+            # As the 1.0611 record: warmup_steps plain steps, then as many looped
+            # ones, so both programs are compiled before the clock starts.
+            for looping in layer_loop.warm_up_programs(self.cfg.model):
+                for i in range(sched.warmup_steps):
+                    batch = data_feed.next_step_batch(self.batches, self.accum, self.batch_sharding)
+                    state, loss = self.step_fn(state, batch.xs, batch.ys, 1.0, False, False, batch.segments, looping)
+                    if i == 0 and not looping:
+                        loss.block_until_ready()
+                        self.t_first_step = time.perf_counter() - self.t_launch
             jax.block_until_ready(state)
-            self.log.line(f"warmup: {sched.warmup_steps} steps; launch to first step {self.t_first_step:.1f} s")
+            looped = f", then {sched.warmup_steps} looped" if self.cfg.model.num_loops > 0 else ""
+            self.log.line(f"warmup: {sched.warmup_steps} steps{looped}; launch to first step "
+                          f"{self.t_first_step:.1f} s")
             if sched.quant_in_budget and self.primary:  # on the warm-up's live weights
                 self.budget = quantize.reserve_budget(self.cfg, state.params, self.log, self.budget)
             self.state = initial
@@ -223,8 +243,10 @@ class TrainingRun:
 
     def decide(self, sigterm: bool) -> dict:
         """This process's decisions for the coming step, from its clock."""
+        elapsed = self.training_s_now()
         return {"sigterm": sigterm, "stop_after_step": self.stop_after_step,
-                "mult": optim.lr_multiplier(self.step, self.training_s_now(), self.sched)}
+                "mult": optim.lr_multiplier(self.step, elapsed, self.sched),
+                "frac": optim.training_fraction(self.step, elapsed, self.sched)}
 
     def loop(self, max_steps: int | None) -> dict | None:
         """Steps until the iterations or the wall-clock cap; None, or the
@@ -234,7 +256,7 @@ class TrainingRun:
         self.steps0, self.start_s = self.step, self.training_s
         self.agreement = distributed.StepAgreement()  # process 0's clock decides, with several processes
         self.t0 = time.perf_counter()
-        self.compiles, self.compiles_at_first_step = CompileCounter().__enter__(), None
+        self.compiles = CompileCounter().__enter__()
         try:
             while True:
                 # With several processes, process 0's decision (its wall clock, a
@@ -256,6 +278,8 @@ class TrainingRun:
                 if max_steps is not None and self.step - self.steps0 >= max_steps:
                     self._save_and_close()
                     return {"step": self.step, "interrupted": True}
+                if self.loop_switch.update(self.step, agreed["frac"]):
+                    self.log.line(self.loop_switch.describe())
                 self._one_step(agreed["mult"])
         except BaseException as failure:
             # A save in flight completes; nothing after the failure is saved. A
@@ -283,7 +307,9 @@ class TrainingRun:
     def _validate_now(self) -> None:
         self.drain()
         self.training_s = self.training_s_now()
-        val = self.validate(self.state.params)
+        # As the record's eval_val during training: the model as it trains now.
+        with self.compiles.first_use(("validation", self.loop_switch.on)):
+            val = self.validate(self.state.params, looping=self.loop_switch.on)
         if val is not None:
             self.history["val"].append((self.step, val.loss))
             self.log.line(f"step {self.step}/{self.sched.iterations} val_loss {val.loss:.4f} val_bpb {val.bpb:.4f} "
@@ -297,13 +323,17 @@ class TrainingRun:
             self.qat_on = True
             self.log.line(f"late QAT on at step {self.step} (lr_mult {mult:.3f}, scope {sched.qat_scope})")
         swa_collect = sched.swa_enabled and mult < sched.swa_lr_threshold and (self.step + 1) % sched.swa_every == 0
-        xs, ys, self.cursor = self.prefetch.next()
+        batch = self.prefetch.next()
+        self.cursor = batch.cursor
         flags = train_step.finite_flags(self.state.params)  # dispatched before the step donates these buffers
-        self.state, loss = self.step_fn(self.state, xs, ys, mult, self.qat_on, swa_collect)
+        looping = self.loop_switch.on
+        with self.compiles.first_use(("step", looping)):
+            self.state, loss = self.step_fn(self.state, batch.xs, batch.ys, mult, self.qat_on, swa_collect,
+                                            batch.segments, looping)
         self.step += 1
-        if self.compiles_at_first_step is None:
+        if self.compiles.at_first_step is None:
             loss.block_until_ready()
-            self.compiles_at_first_step = self.compiles.count
+            self.compiles.first_step_done()
         self.drain()
         self.pending = (self.step, loss, mult, flags)
         self.bar.update(1)
@@ -375,16 +405,17 @@ class TrainingRun:
         with self.compiles.aside():
             self.ckpts.save(at_step, self.state, checkpoint.run_meta(at_step, at_training_s, self.cursor, self.qat_on,
                                                        self.stop_after_step, self.cfg, self.history, self.budget,
-                                                       self.dataset_record))
+                                                       self.dataset_record, self.loop_switch.state()))
         self.saved_at = at_step
 
-    def validate(self, params) -> evaluate.EvalResult | None:
+    def validate(self, params, looping: bool | None = None) -> evaluate.EvalResult | None:
         """Process 0 evaluates its own copy of the replicated weights; the
-        others go on to the next step, which waits for it in its collectives."""
+        others go on to the next step, which waits for it in its collectives.
+        looping: None, as after training (ModelConfig.looping_after_training)."""
         if not self.primary:
             return None
         return evaluate.run_standard(distributed.local_copy(params), self.cfg, self.val_tokens, self.tables,
-                                     progress=False)
+                                     progress=False, looping=looping)
 
     def close_outputs(self) -> None:
         """Wait for the save in flight (raising if it failed), close the logs; once."""
@@ -442,7 +473,9 @@ class TrainingRun:
             "launch_to_first_step_s": self.t_first_step, "peak_memory_bytes": peak_memory_bytes(),
             # Every XLA compilation after the first optimizer step, in the whole loop
             # (validation and the QAT switch included): 0 is the promise.
-            "recompilations_after_first_step": self.compiles.count - (self.compiles_at_first_step or 0),
+            # (the first call of a program first used later, the looped step's, excepted: CompileCounter).
+            "recompilations_after_first_step": self.compiles.recompilations,
+            "layer_loop_on_at_step": self.loop_switch.at_step,
             "checkpoint_compilations": self.compiles.aside_count,
             "steps_this_run": step - self.steps0,
             "wall_s": time.perf_counter() - self.t_launch, "stopped_by_wallclock": self.stop_after_step is not None,

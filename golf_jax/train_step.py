@@ -9,11 +9,14 @@ banks follow the reference's Parallel Muon: their gradients are
 reduce-scattered along the bank axis (padded to a multiple of the device
 count), each device runs momentum and Newton-Schulz on its slice, and the
 updates are all-gathered. AdamW runs replicated. Then the EMA (and SWA).
-Late QAT fake-quantises the chosen weights in the forward pass.
+Late QAT fake-quantises the chosen weights in the forward pass. The 1.0611
+record's packed rows (their documents as segment ids) and depth recurrence (a
+static `looping`, so two programs at most) go to the model as it takes them.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -22,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from golf_jax import model, optim
+from golf_jax import model, optim, packing
 from golf_jax.config import Config, ConfigError
 from golf_jax.param_tree import Params, path_name
 
@@ -184,7 +187,14 @@ def parallel_update(tx: optax.GradientTransformation, grad_sum: Params, opt_stat
 
 
 def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, template: TrainState):
-    """jit(shard_map(one optimizer step)); the state is donated."""
+    """jit(shard_map(one optimizer step)); the state is donated. Called as
+
+        step(state, xs, ys, lr_mult, qat_on, swa_collect, segments=None, looping=False)
+
+    segments: packed rows' documents (packing.RowSegments, [accum, rows, ...]
+    as xs) or None; looping (static): the depth recurrence's order, a second
+    program (at most two: the loop switch never recompiles).
+    """
     mcfg, n = cfg.model, mesh.size
     accum = cfg.data.micro_batches_per_step // n
     decay = cfg.schedule.ema_decay
@@ -194,22 +204,26 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
     # devices, in each parameter's dtype (bf16 for the embedding tables).
     in_param_dtype = cfg.optimizer.grad_accum_dtype == "param"
 
-    def loss_fn(params, x, y, qat_on):
-        return model.loss(apply_qat(params, scope, qat_on), mcfg, x, y)
+    def loss_fn(params, x, y, qat_on, row, looping):
+        return model.loss(apply_qat(params, scope, qat_on), mcfg, x, y, looping=looping, **packing.model_inputs(row))
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def device_step(state: TrainState, xs, ys, lr_mult, qat_on, swa_collect):
+    def device_step(state: TrainState, xs, ys, lr_mult, qat_on, swa_collect, segments, *, looping: bool):
         params = state.params
 
-        def micro(carry, xy):
+        def micro(carry, batch):
             gsum, lsum = carry
-            loss, g = grad_fn(params, xy[0], xy[1], qat_on)
+            x, y, segs = batch
+            # Packed: one row per device per micro-step, whose segment ids the model
+            # shares across the batch's (one) rows.
+            row = None if segs is None else jax.tree.map(lambda a: a[0], segs)
+            loss, g = grad_fn(params, x, y, qat_on, row, looping)
             return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, g), lsum + loss), None
 
         zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype if in_param_dtype else f32), params),
                  jnp.zeros([], f32))
-        (gsum, lsum), _ = jax.lax.scan(micro, zeros, (xs, ys))
+        (gsum, lsum), _ = jax.lax.scan(micro, zeros, (xs, ys, segments))
         loss = jax.lax.pmean(lsum / accum, AXIS)
         updates, opt_state = parallel_update(tx, gsum, state.opt_state, params, n, accum)
         # The warmdown multiplier scales every group's rate and decoupled decay.
@@ -222,13 +236,15 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         return TrainState(params, opt_state, ema, swa, swa_count), loss
 
     specs = state_specs(template)
-    # Replication of the outputs holds by construction (every replicated value
-    # comes out of a pmean, psum or all_gather); JAX's static check cannot see
-    # through all_gather in every version, so it is off. Nothing here is
-    # differentiated through a collective, which is what the check guards.
-    sharded = jax.shard_map(device_step, mesh=mesh,
-                            in_specs=(specs, P(None, AXIS), P(None, AXIS), P(), P(), P()),
-                            out_specs=(specs, P()), check_vma=False)
-    return jax.jit(sharded, donate_argnums=0)
 
+    def step(state, xs, ys, lr_mult, qat_on, swa_collect, segments=None, looping=False):
+        # Replication of the outputs holds by construction (every replicated value
+        # comes out of a pmean, psum or all_gather); JAX's static check cannot see
+        # through all_gather in every version, so it is off. Nothing here is
+        # differentiated through a collective, which is what the check guards.
+        sharded = jax.shard_map(functools.partial(device_step, looping=looping), mesh=mesh,
+                                in_specs=(specs, P(None, AXIS), P(None, AXIS), P(), P(), P(), P(None, AXIS)),
+                                out_specs=(specs, P()), check_vma=False)
+        return sharded(state, xs, ys, lr_mult, qat_on, swa_collect, segments)
 
+    return jax.jit(step, donate_argnums=0, static_argnames="looping")

@@ -145,7 +145,7 @@ def train_step_for(mcfg: ModelConfig, t: TTTConfig) -> tuple[optax.GradientTrans
 def make_train_step(mcfg: ModelConfig, tx: optax.GradientTransformation):
 
     def loss_fn(params, x_BxT, y_BxT, row_mask_B):
-        nll = model.token_nll(params, mcfg, x_BxT, y_BxT)
+        nll = model.token_nll(params, mcfg, x_BxT, y_BxT, looping=mcfg.looping_after_training)
         per_row = jnp.mean(nll, axis=1)
         return jnp.sum(per_row * row_mask_B) / jnp.maximum(jnp.sum(row_mask_B), 1.0)
 
@@ -182,7 +182,8 @@ def _score_chunk(params, cfg: Config, tokens_dev: jax.Array, windows: evaluate.W
         # positions only where every window of the batch allows it.
         span = evaluate.span_for(lo[b], hi[b], cfg.eval.sliding_stride)
         args = (jax.device_put(a[b], sharding) for a in (starts, lo, hi))
-        outs.append(evaluate.window_loss_sums(params, cfg.model, tokens_dev, *args, cfg.eval.eval_seq_len, span))
+        outs.append(evaluate.window_loss_sums(params, cfg.model, tokens_dev, *args, cfg.eval.eval_seq_len, span,
+                                              looping=cfg.model.looping_after_training))
     return float(sum(np.sum(np.asarray(o, np.float64)) for o in outs))
 
 

@@ -47,6 +47,50 @@ def test_approach_g_config_is_pr_1234_as_described():
     assert cfg.optimizer == record.optimizer and cfg.data == record.data
 
 
+def test_frontier_config_is_the_records_run():
+    """configs/frontier.py: the 1.0611 record's settings with its environment overrides
+    (SPEC.md sections 1-3, train_seed42.log), and its 35,945,671 parameters (shapes only)."""
+    import jax
+
+    from golf_jax import model, param_tree
+
+    cfg = cli.load_config_file(str(REPO / "configs/frontier.py")).validate()
+    m, d, o, s, e = cfg.model, cfg.data, cfg.optimizer, cfg.schedule, cfg.eval
+    shapes = jax.eval_shape(lambda k: model.init_params(m, k), jax.random.key(0))
+    assert param_tree.param_count(shapes) == 35_945_671
+    assert m.layer_order(looping=True) == ((0, 1, 2, 3, 4, 5, 3, 4), (5, 3, 4, 5, 6, 7, 8, 9, 10))
+    assert (m.vocab_size, m.mlp_mult, m.qk_gain_init, m.rope_ntk_base_len, m.sparse_attn_gate_scale) == (
+        8192, 4.0, 5.0, 0, 0.5)
+    assert (d.text_transform, d.packed_documents, d.train_batch_tokens // d.micro_batches_per_step) == (
+        "caseops", True, 98_304)
+    assert (o.matrix_lr, o.tied_embed_lr, o.scalar_lr, o.beta1, o.beta2, o.grad_clip_norm) == (
+        0.026, 0.03, 0.02, 0.9, 0.99, 0.3)
+    assert (o.muon_momentum_warmup_start, o.muon_momentum, o.muon_momentum_warmup_steps) == (0.92, 0.97, 1500)
+    assert (o.muon_weight_decay, o.embed_weight_decay, o.adam_weight_decay) == (0.095, 0.085, 0.02)
+    assert (o.muon_ns_coefficients, o.muon_row_normalize, o.muon_momentum_warmup_exact) == ("polar_express", True,
+                                                                                             True)
+    assert (s.warmdown_frac, s.min_lr_mult, s.max_wallclock_seconds, s.gptq_reserve_seconds) == (0.85, 0.1, 600, 0.5)
+    assert (s.enable_looping_at, s.ema_decay, s.warmup_steps, s.swa_enabled, s.late_qat_threshold) == (
+        0.35, 0.9965, 20, False, 0.0)
+    assert (e.val_loss_every, cfg.run.seed, cfg.ttt.enabled) == (0, 42, False)
+    smoke = cli.load_config_file(str(REPO / "configs/frontier_smoke.py")).validate()
+    assert smoke.data.data_dir == "embedded" and smoke.data.packed_documents and smoke.model.num_loops == 2
+    assert smoke.optimizer == cfg.optimizer
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"gptq_reserve_seconds": -1.0}, "schedule.gptq_reserve_seconds"),
+    ({"gptq_reserve_seconds": 600.0}, "schedule.gptq_reserve_seconds: must be >= 0 and below"),
+    ({"gptq_reserve_seconds": 0.5, "quant_in_budget": True}, "budget mode"),
+    ({"enable_looping_at": -0.1}, "schedule.enable_looping_at"),
+])
+def test_frontier_schedule_checks_name_the_field(changes, message):
+    import dataclasses
+    cfg = Config()
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(cfg, schedule=dataclasses.replace(cfg.schedule, **changes)).validate()
+
+
 def test_budget_mode_needs_a_cap():
     import dataclasses
     cfg = Config()

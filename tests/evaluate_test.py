@@ -193,3 +193,27 @@ def test_load_validation_takes_the_sidecar_with_caseops(caseops_data, tmp_path):
     with pytest.raises(data.DataError, match=rf"{tmp_path}/fineweb_val_bytes_\*.bin: no byte sidecar found "
                                              rf"\(data.val_bytes_pattern\)"):
         evaluate.load_validation(caseops_cfg(), alone)
+
+
+def test_evaluations_after_training_run_the_layer_loop(eval_ref, tables):
+    """With a depth recurrence, the evaluations as configured (run_standard without
+    `looping`, run_sliding) run the looped model (ModelConfig.looping_after_training), as
+    the 1.0611 record's evaluation models; training's validation passes its own state."""
+    import jax
+
+    looped = ModelConfig(num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, bigram_vocab_size=0,
+                         ve_enabled=False, xsa_last_n=3, rope_dims=8, num_loops=1, loop_start=1, loop_end=1,
+                         compute_dtype="float32", attention_impl="jnp")
+    cfg = Config(model=looped, eval=EvalConfig(eval_seq_len=128, val_batch_tokens=4 * 128 * 8, sliding_stride=64,
+                                                sliding_batch_windows=4))
+    rng = np.random.default_rng(0)  # away from the init, whose blocks (zero projections) are the identity
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.05, p.shape).astype(p.dtype),
+                          model.init_params(looped, jax.random.key(0)))
+    tokens = eval_ref["val_tokens"][:513]
+    after = evaluate.run_standard(params, cfg, tokens, tables, progress=False)
+    assert after.loss == evaluate.standard_eval(params, looped, tokens, tables, 128, 4, False, looping=True).loss
+    unlooped = evaluate.run_standard(params, cfg, tokens, tables, progress=False, looping=False)
+    assert unlooped.loss != after.loss
+    sliding = evaluate.run_sliding(params, cfg, tokens, tables, progress=False)
+    assert sliding.loss == evaluate.sliding_eval(params, looped, tokens, tables, 128, 64, 4, progress=False,
+                                                 looping=True).loss

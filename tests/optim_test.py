@@ -458,3 +458,41 @@ def test_muon_step_is_the_frontiers_in_float32():
             # float32, its p (1 - lr wd) - lr s O against our p - lr (s O + wd p): measured 3e-6 of the step.
             assert relative_to_step(params[b], want, prev[b]) <= 1e-4, b
             prev[b] = want
+
+
+def test_exact_momentum_warmup_is_the_frontiers_step_fn():
+    """The 1.0611 record's step_fn (its own code, run on stubs: no micro-batches, no clip)
+    sets Muon's momentum for each step; muon_momentum_warmup_exact gives that value, rounded
+    to float32 as torch's arithmetic takes the Python float, at every step of the warm-up
+    and after it. optax's float32 schedule (the 1.1147 record's setting) is 1 ulp off at some."""
+    torch = pytest.importorskip("torch")
+    optimizers = type("Optimizers", (list,), {})()
+    optimizers.optimizer_muon = types.SimpleNamespace(param_groups=[{}])
+    optimizers.step = lambda distributed: None
+    h = types.SimpleNamespace(grad_accum_steps=0, muon_momentum_warmup_steps=1500, muon_momentum_warmup_start=0.92,
+                              muon_momentum=0.97, grad_clip_norm=0, distributed=False)
+    namespace = {"torch": torch, "h": h, "optimizers": optimizers, "device": "cpu"}
+    exec(reference_source(FRONTIER, "step_fn"), namespace)
+    want = []
+    for step in range(1600):
+        namespace["step_fn"](step, 1.0)
+        want.append(np.float32(optimizers.optimizer_muon.param_groups[0]["momentum"]))
+    cfg = OptimizerConfig(muon_momentum=0.97, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
+                          muon_momentum_warmup_exact=True)
+    counts = jnp.arange(1600)
+    np.testing.assert_array_equal(np.asarray(jax.vmap(optim.muon_momentum_schedule(cfg))(counts)), want)
+    linear = jax.vmap(optim.muon_momentum_schedule(dataclasses.replace(cfg, muon_momentum_warmup_exact=False)))
+    assert np.sum(np.asarray(linear(counts)) != want) > 100
+
+
+def test_training_schedule_takes_the_reserve_off_the_cap():
+    """The 1.0611 record's max_wallclock_ms = 1e3 * 600 - 0.5 * 1e3: the fraction (and so the
+    multiplier and the loop switch) and the stop aim at 599.5 s; without a cap nothing changes."""
+    sched = ScheduleConfig(max_wallclock_seconds=600.0, gptq_reserve_seconds=0.5, warmdown_frac=0.85)
+    training = optim.training_schedule(sched)
+    assert training.max_wallclock_seconds == 599.5 and training.gptq_reserve_seconds == 0.5
+    assert optim.training_fraction(100, 209.825, training) == pytest.approx(0.35, rel=1e-15)
+    assert optim.training_fraction(100, 0.0, dataclasses.replace(training, max_wallclock_seconds=0.0,
+                                                                 iterations=400)) == 0.25
+    no_cap = dataclasses.replace(sched, max_wallclock_seconds=0.0)
+    assert optim.training_schedule(no_cap) is no_cap and optim.training_schedule(ScheduleConfig()) == ScheduleConfig()

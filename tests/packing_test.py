@@ -175,6 +175,38 @@ def test_packed_batches_restore_and_rank_spans(tmp_path):
             np.testing.assert_array_equal(g, w)
 
 
+def test_next_rows_are_each_ranks_next(tmp_path):
+    """next_rows reads one global span for several ranks: rank r's row is what a
+    PackedBatches of rank r gives (the record's loader's, test above)."""
+    pattern = write_shards(tmp_path, np.random.default_rng(3))
+    world = 4
+    per_rank = [packing.PackedBatches(pattern, r, world, 16) for r in range(world)]
+    together = packing.PackedBatches(pattern, 0, world, 16)
+    for _ in range(7):  # across shard advances (a global span is 4 x 21 tokens)
+        got = together.next_rows(20, [3, 0, 2])
+        want = [b.next(20) for b in per_rank]
+        for r, row in zip([3, 0, 2], got):
+            for g, w in zip(row, want[r]):
+                np.testing.assert_array_equal(g, w)
+        assert together.state() == per_rank[0].state()
+    with pytest.raises(ValueError, match="ranks"):
+        together.next_rows(20, [4])
+
+
+def test_row_segments_have_a_static_shape():
+    for bos_positions in ([0, 5, 9], list(range(32))):  # three documents; every token its own
+        cu, _ = packing.document_segments(bos_positions, 32, 16, bucket_size=packing.DEFAULT_BUCKET_SIZE)
+        row = packing.row_segments(cu, 32)
+        assert row.cu_seqlens.shape == (packing.cu_seqlens_capacity(32),) == (64,)
+        assert row.cu_seqlens.dtype == row.segment_ids.dtype == np.int32
+        np.testing.assert_array_equal(row.cu_seqlens[:len(cu)], cu)
+        assert np.all(row.cu_seqlens[len(cu):] == 32)  # padding: empty segments at the row's end
+        np.testing.assert_array_equal(row.segment_ids, packing.segment_ids(cu, 32))
+        assert packing.model_inputs(row).keys() == {"segment_ids"}
+    assert packing.cu_seqlens_capacity(63) == 64 and packing.cu_seqlens_capacity(64) == 128
+    assert packing.model_inputs(None) == {}
+
+
 def test_packed_batches_bad_input_names_the_file(tmp_path):
     with pytest.raises(data.DataError, match="no shards match"):
         packing.PackedBatches(str(tmp_path / "none_*.bin"), 0, 1, 16)

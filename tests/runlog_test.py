@@ -18,3 +18,21 @@ def test_compile_counter_counts_compilations_and_programs_read_from_the_cache():
         jax.clear_caches()  # as a new process would: the persistent cache (tests/conftest.py) has it
         f(x).block_until_ready()
         assert compiles.count == 2
+
+
+def test_first_use_of_a_program_after_the_first_step_is_not_a_recompilation():
+    f = jax.jit(lambda x, looping: jnp.cos(x) * (2.0 if looping else 5.0) - 0.375, static_argnums=1)
+    x = jnp.arange(5.0)
+    with CompileCounter() as compiles:
+        with compiles.first_use(("step", False)):
+            f(x, False).block_until_ready()  # before the first step: counted in at_first_step
+        compiles.first_step_done()
+        assert compiles.at_first_step == 1 and compiles.recompilations == 0
+        with compiles.first_use(("step", True)):  # the loop switch: a program's first call
+            f(x, True).block_until_ready()
+        assert compiles.first_use_count == 1 and compiles.recompilations == 0
+        jax.clear_caches()
+        with compiles.first_use(("step", True)):  # a program compiling again is a recompilation
+            f(x, True).block_until_ready()
+        assert compiles.recompilations == 1
+    assert compiles.names["jit(<lambda>)"] == 3

@@ -66,3 +66,52 @@ def test_parallel_muon_as_built_for_training_matches_the_reference():
                 # As the unsharded float32 check (optim_test): a float32 port lands near 3e-6 of the step.
                 assert np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref - prev[b]) <= 1e-4, (k, b)
             prev = {b: z[f"after{k}_fp32/{b}"] for b in after[k]}
+
+
+def test_step_with_packed_rows_and_the_loop_is_the_models_own_loss():
+    """The step's loss, with segments and the layer loop, against model.loss on each
+    micro-batch's row with its segment ids (the gradient is that loss's: jax.grad)."""
+    import dataclasses
+
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from golf_jax import cli, model, optim, packing, train_step
+
+    cfg = cli.load_config_file(REPO / "configs/frontier_smoke.py")
+    cfg = dataclasses.replace(
+        # Five layers: layers 1-2 looped (encoder [0,1,2,1], decoder [2,1,2,3,4]), two lanes at layer 4.
+        cfg, model=dataclasses.replace(cfg.model, vocab_size=256, model_dim=32, num_heads=2, num_kv_heads=1,
+                                       num_layers=5, xsa_last_n=5, loop_start=1, loop_end=2, parallel_start_layer=4),
+        data=dataclasses.replace(cfg.data, train_seq_len=16, train_batch_tokens=128, micro_batches_per_step=2),
+    ).validate()
+    mcfg, rng = cfg.model, np.random.default_rng(0)
+    tokens = rng.integers(2, 256, (2, 65)).astype(np.int32)
+    tokens[0, [5, 9, 40]] = tokens[1, [0, 30]] = mcfg.bos_id  # row 0 starts inside a document
+    rows = [packing.row_segments(packing.document_segments(np.flatnonzero(t[:-1] == 1), 64, 16)[0], 64)
+            for t in tokens]
+    xs, ys = tokens[:, None, :-1], tokens[:, None, 1:]
+    segs = packing.RowSegments(*(np.stack(a)[:, None] for a in zip(*rows)))
+    mesh = train_step.make_mesh(1)
+    tx = optim.build_optimizer(cfg.optimizer, train_step.AXIS)
+    # Every parameter away from its init (zero gates would hide the gates' inputs).
+    params = jax.tree.map(lambda p: p + rng.normal(0, 0.05, p.shape).astype(p.dtype),
+                          model.init_params(mcfg, jax.random.key(1)))
+    state = train_step.init_state(params, tx, mesh, False)
+    on_mesh = jax.device_put((xs, ys, segs), NamedSharding(mesh, P(None, train_step.AXIS)))
+    _, loss = train_step.make_train_step(cfg, mesh, tx, state)(state, *on_mesh[:2], 1.0, False, False, on_mesh[2],
+                                                                True)
+
+    @jax.jit
+    def direct(p):
+        def mean_loss(looping=True, segmented=True):
+            return sum(model.loss(p, mcfg, xs[a], ys[a], looping=looping,
+                                  **({"segment_ids": segs.segment_ids[a, 0]} if segmented else {}))
+                       for a in range(2)) / 2
+        return mean_loss(), mean_loss(looping=False), mean_loss(segmented=False)
+
+    want, unlooped, unsegmented = direct(params)
+    # float32 (the CPU's compute dtype); the step sums the micro-batches' losses in another order.
+    assert abs(float(loss) / float(want) - 1) <= 1e-6
+    # The loop and the segments reach the model: without either the loss is another.
+    assert abs(float(unlooped) - float(want)) > 1e-3 and abs(float(unsegmented) - float(want)) > 1e-3

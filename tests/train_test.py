@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import checkpoint, cli, datasets, optim, train, train_step
+from golf_jax import checkpoint, cli, datasets, optim, run_dir, train, train_step
 from golf_jax.config import Config, ConfigError
+from golf_jax.runlog import CompileCounter
 from tests.conftest import REPO
 
 
@@ -277,6 +281,69 @@ def test_main_entry_point(tmp_path, capsys):
     assert summary["budget"]["reserve_s"] == spent["reserved_s"]
 
 
+# configs/frontier_smoke.py shrunk: a narrower model on rows of 256 tokens, 6 steps, the layer
+# loop on from step 3 (frac 0.5), the last step's validation only.
+FRONTIER_TINY = {"model.model_dim": "32", "model.num_heads": "2", "model.num_kv_heads": "1",
+                 "data.train_seq_len": "64", "data.train_batch_tokens": "512",
+                 "schedule.iterations": "6", "schedule.enable_looping_at": "0.5", "schedule.warmup_steps": "1",
+                 "eval.eval_seq_len": "128", "eval.val_batch_tokens": "1024", "eval.max_val_tokens": "1024",
+                 "eval.val_loss_every": "0", "eval.sliding_stride": "64", "eval.sliding_batch_windows": "16",
+                 "run.checkpoint_every": "0", "run.train_log_every": "1", **TINY_QUANT}
+
+
+def frontier_config(out_dir, **overrides) -> Config:
+    cfg = cli.load_config_file(str(REPO / "configs/frontier_smoke.py"))
+    return cli.apply_overrides(cfg, list({**FRONTIER_TINY, "run.output_dir": str(out_dir), **overrides}.items()))
+
+
+def train_losses(out_dir) -> list:
+    records = [json.loads(line) for line in (out_dir / "train.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def frontier_run(tmp_path_factory):
+    """python train.py --config configs/frontier_smoke.py (FRONTIER_TINY): its folder, output
+    and compilations."""
+    out_dir = tmp_path_factory.mktemp("frontier_smoke")
+    overrides = [f"--config.{k}={v}" for k, v in {**FRONTIER_TINY, "run.output_dir": str(out_dir)}.items()]
+    printed = io.StringIO()
+    with CompileCounter() as compiles, contextlib.redirect_stdout(printed):
+        train.main(["--config", str(REPO / "configs/frontier_smoke.py"), "--no-progress", *overrides])
+    return out_dir, printed.getvalue(), compiles
+
+
+def test_frontier_smoke_trains_end_to_end(frontier_run):
+    """The 1.0611 record's training on packed rows, then the stages after training: the
+    layer loop comes on at its fraction; two step programs, both compiled by the warm-up."""
+    out_dir, out, compiles = frontier_run
+    assert "warmup: 1 steps, then 1 looped" in out and "layer loop on at step 3, frac 0.500" in out
+    assert "final (EMA) val_loss" in out and "int6 sliding window" in out
+    assert compiles.names["jit(step)"] == 2  # plain and looped
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["layer_loop_on_at_step"] == 3
+    assert summary["recompilations_after_first_step"] == 0
+    report = json.loads((out_dir / "quantize.json").read_text())
+    assert np.isfinite(report["sliding"]["bpb"]) and (out_dir / run_dir.ARTIFACT_NAME).exists()
+
+
+def test_frontier_warm_up_and_resume_across_the_loop_switch(frontier_run, tmp_path):
+    """Without warm-up (so the run above undid its warm-up exactly), stopped after the switch
+    and resumed with an enable_looping_at that would not loop: bit for bit the run above, loss
+    for loss and state for state, looped from its checkpoint's switch, the packed stream's
+    cursor restored."""
+    straight = frontier_config(frontier_run[0])
+    split = frontier_config(tmp_path, **{"schedule.warmup_steps": "0"})
+    assert train.train(split, progress=False, max_steps=4)["interrupted"]
+    assert restore_last(split)[1]["looping"] == {"on": True, "at_step": 3, "at_frac": 0.5}
+    train.train(cli.apply_overrides(split, [("schedule.enable_looping_at", "0.95")]), resume=True, progress=False)
+    losses = [train_losses(Path(c.run.output_dir)) for c in (straight, split)]
+    assert [s for s, _ in losses[0]] == list(range(1, 7)) and losses[0] == losses[1]
+    (sa, ma), (sb, mb) = restore_last(straight), restore_last(split)
+    assert ma["cursor"] == mb["cursor"] and ma["step"] == mb["step"] == 6
+    assert_trees_equal(sa, sb)
+
+
 MULTI_DEVICE = textwrap.dedent("""
     import os, sys, json
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -297,7 +364,7 @@ MULTI_DEVICE = textwrap.dedent("""
         batches = data.TrainBatches(ds.train_pattern, 1024, 4096, 64, world_size=n, accum_steps=8 // n)
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, train_step.AXIS))
         for _ in range(3):
-            xs, ys, _ = data_feed.next_step_batch(batches, 8 // n, sharding)
+            xs, ys, _, _ = data_feed.next_step_batch(batches, 8 // n, sharding)
             state, loss = step(state, xs, ys, 1.0, False, False)
         out[n] = {"loss": float(loss), "params": [np.asarray(x, np.float64).tolist() for x in jax.tree.leaves(state.params)]}
     json.dump(out, sys.stdout)

@@ -1,0 +1,29 @@
+"""configs/frontier.py at the size of configs/smoke.py: a 7-layer model with every feature
+of the 1.0611 record scaled to its depth (layers 2-3 looped twice more: encoder [0,1,2,3,2],
+decoder [3,2,3,4,5,6]; two lanes from layer 5; gated skips, the sparse head gate, the
+windowed SmearGate), packed document rows of 512 tokens, the loop switched on at 35% of
+the iterations; on the embedded CaseOps data (tinyshakespeare with the record's SP8192
+tokenizer, from ../shared/reference). A minute or two end to end on a CPU."""
+
+import dataclasses
+from pathlib import Path
+
+from golf_jax import cli
+from golf_jax.config import Config, DataConfig, EvalConfig, QuantConfig, RunConfig
+
+
+def get_config() -> Config:
+    cfg = cli.load_config_file(Path(__file__).with_name("frontier.py"))
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, num_layers=7, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=7,
+                                  rope_dims=8, loop_start=2, loop_end=3, parallel_start_layer=5),
+        data=DataConfig(data_dir="embedded", text_transform="caseops", train_seq_len=128, train_batch_tokens=1024,
+                        micro_batches_per_step=2, packed_documents=True),
+        schedule=dataclasses.replace(cfg.schedule, iterations=40, warmup_steps=2, max_wallclock_seconds=0.0,
+                                     gptq_reserve_seconds=0.0, ema_decay=0.9),
+        quant=QuantConfig(calib_num_seqs=4, calib_seq_len=128, calib_batch_size=4),
+        eval=EvalConfig(eval_seq_len=256, val_batch_tokens=4096, val_loss_every=20, sliding_stride=128,
+                        sliding_batch_windows=16, max_val_tokens=8192),
+        run=RunConfig(seed=42, output_dir="runs/frontier_smoke", train_log_every=5, checkpoint_every=20),
+    )

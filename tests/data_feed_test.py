@@ -1,0 +1,70 @@
+"""Training's data feed: the packed rows of each step (data_feed.PackedSteps) are the 1.0611
+record's loader's (packing.PackedBatches, checked against the record's own in packing_test.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from golf_jax import data_feed, packing, train_step
+from golf_jax.config import Config, DataConfig
+from tests.packing_test import write_shards
+
+# 4 rows of 20 tokens a step (the record: 8 of 98,304), documents cut at 16 tokens.
+CFG = Config(data=DataConfig(train_seq_len=16, train_batch_tokens=80, micro_batches_per_step=4,
+                             packed_documents=True))
+
+
+def reference_rows(pattern: str, steps: int) -> list[list[tuple]]:
+    """Each step's rows as the record's 4-rank run reads them: rank r's next()."""
+    ranks = [packing.PackedBatches(pattern, r, 4, 16) for r in range(4)]
+    return [[b.next(20) for b in ranks] for _ in range(steps)]
+
+
+def test_each_device_micro_step_gets_its_row_of_the_records_span(tmp_path):
+    pattern = write_shards(tmp_path, np.random.default_rng(1))
+    want = reference_rows(pattern, 6)  # across shard advances
+    # n devices, accum micro-steps: device d's micro-step a is row a n + d, whatever n.
+    for n, accum, ranks in [(1, 4, [0]), (2, 2, [0, 1]), (4, 1, [1, 3]), (2, 2, [1])]:
+        feed = data_feed.PackedSteps(pattern, CFG, n, accum, ranks)
+        for step in range(6):
+            xs, ys, segs = feed.next_step()
+            assert xs.shape == ys.shape == segs.segment_ids.shape == (accum, len(ranks), 20)
+            assert segs.cu_seqlens.shape == (accum, len(ranks), packing.cu_seqlens_capacity(20))
+            for a in range(accum):
+                for i, d in enumerate(ranks):
+                    x, y, cu, _ = want[step][a * n + d]
+                    row = packing.row_segments(cu, 20)
+                    np.testing.assert_array_equal(xs[a, i], x[0])
+                    np.testing.assert_array_equal(ys[a, i], y[0])
+                    np.testing.assert_array_equal(segs.segment_ids[a, i], row.segment_ids)
+                    np.testing.assert_array_equal(segs.cu_seqlens[a, i], row.cu_seqlens)
+
+
+def test_step_batches_on_the_devices_and_the_cursor(tmp_path):
+    pattern = write_shards(tmp_path, np.random.default_rng(2))
+    mesh = train_step.make_mesh(1)
+    sharding = NamedSharding(mesh, P(None, train_step.AXIS))
+    feed = data_feed.PackedSteps(pattern, CFG, 1, 4, [0])
+    first = data_feed.next_step_batch(feed, 4, sharding)
+    assert isinstance(first.xs, jax.Array) and first.xs.shape == (4, 1, 20) and first.xs.sharding == sharding
+    assert first.segments.cu_seqlens.shape == (4, 1, 64)
+    later = [data_feed.next_step_batch(feed, 4, sharding) for _ in range(3)]
+    again = data_feed.PackedSteps(pattern, CFG, 1, 4, [0])
+    again.restore(first.cursor)  # a checkpoint's cursor: the stream goes on exactly
+    for want in later:
+        got = data_feed.next_step_batch(again, 4, sharding)
+        for g, w in zip(jax.tree.leaves((got.xs, got.ys, got.segments)), jax.tree.leaves((want.xs, want.ys,
+                                                                                          want.segments))):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        assert got.cursor == want.cursor
+
+
+def test_bos_and_vocabulary_come_from_the_model(tmp_path):
+    pattern = write_shards(tmp_path, np.random.default_rng(3))
+    cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, vocab_size=512))
+    feed = data_feed.PackedSteps(pattern, cfg, 1, 4, [0])
+    assert feed.loader.bos_id == cfg.model.bos_id and feed.loader.vocab_size == 512 and feed.row_len == 20
