@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from golf_jax.config import ModelConfig
+from golf_jax.packing import Segments
 from golf_jax.layers import (attention, attention_impl, exclusive_self_attention, fusion_impl, gram, head_gate, linear,
                              mlp_impl, rms_norm, scaled_sum)
 from kernels import mlp as mlp_kernels
@@ -53,7 +54,7 @@ class CausalSelfAttention(nn.Module):
     """GQA attention with QK RMSNorm, partial RoPE, a per-head query gain, XSA
     and the optional sparse head-output gate; V optionally plus the value
     embedding. With decode=True it reads and writes its KV cache, Flax's way
-    (see golf_jax/model.py's docstring). segment_ids_T: per-document attention
+    (see golf_jax/model.py's docstring). segments (packing.Segments): per-document attention
     in a packed row (`layers.attention`)."""
     cfg: ModelConfig
     layer: int
@@ -61,7 +62,7 @@ class CausalSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, h_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
                  rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0,
-                 segment_ids_T: jax.Array | None = None) -> jax.Array:
+                 segments: Segments | None = None) -> jax.Array:
         cfg = self.cfg
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         B, T, d = h_BxTxd.shape
@@ -91,7 +92,7 @@ class CausalSelfAttention(nn.Module):
             else:  # the call that creates the cache
                 y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp")
         else:
-            y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg), segment_ids_T=segment_ids_T)
+            y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg), segments=segments)
         if cfg.xsa_on(self.layer):
             y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, v_BxTxKxD, "jnp" if decode else fusion_impl(cfg, "xsa"))
         if w.attn_gate is not None:
@@ -141,17 +142,17 @@ class Block(nn.Module):
 
     def __call__(self, x_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
                  rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0,
-                 segment_ids_T: jax.Array | None = None) -> jax.Array:
+                 segments: Segments | None = None) -> jax.Array:
         """x_in = mix(x, x0); x = x_in + attn(norm(x_in)); x + mlp(norm(x))."""
         x_in, h = self.mix_norm(x_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
-        attn_out = self.attn(h, w, ve_BxTxKV, rope, decode, pos, segment_ids_T)
+        attn_out = self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments)
         x, h = self.mix_norm(x_in, attn_out, None, w.attn_scale, decode)
         mlp_out = self.mlp(h, w.fc, w.mlp_proj)
         return scaled_sum([(None, x), (w.mlp_scale, mlp_out)], self.cfg.scales_in_float32)
 
     def parallel(self, lane0_BxTxd: jax.Array, lane1_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights,
                  ve_BxTxKV: jax.Array | None, rope: tuple[jax.Array, jax.Array], decode: bool = False,
-                 pos: jax.Array | int = 0, segment_ids_T: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                 pos: jax.Array | int = 0, segments: Segments | None = None) -> tuple[jax.Array, jax.Array]:
         """The 1.0611 record's parallel block: attention reads mix(lane 0, x0), the
         MLP reads lane 1, and with a = attn_scale attn, m = mlp_scale mlp,
 
@@ -159,7 +160,7 @@ class Block(nn.Module):
         """
         f32 = self.cfg.scales_in_float32
         _, h = self.mix_norm(lane0_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
-        attn_out = scaled_sum([(w.attn_scale, self.attn(h, w, ve_BxTxKV, rope, decode, pos, segment_ids_T))], f32)
+        attn_out = scaled_sum([(w.attn_scale, self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments))], f32)
         mlp_out = scaled_sum([(w.mlp_scale, self.mlp(rms_norm(lane1_BxTxd, self.norm_scale), w.fc, w.mlp_proj))], f32)
         r, P = w.lane_resid, w.lane_post
         lane0 = scaled_sum([(r[0], lane0_BxTxd), (P[0, 0], attn_out), (P[1, 0], mlp_out)], f32)

@@ -264,6 +264,12 @@ class DataConfig:
     # run (one global span per step) whatever the device count. False: the
     # 1.1147 record's rows of train_seq_len, attention across documents.
     packed_documents: bool = False
+    # Segment slots per train_seq_len fold of a packed row in cuDNN's packed
+    # layout (golf_jax/packing.py's docstring): a static shape, so a capacity,
+    # not a hyperparameter. Rows of 98,304 tokens with lognormal document
+    # lengths (mean 700 tokens, sigma 1.0-1.6) needed 5-7 (median), at most 18
+    # over 300 rows; a row that needs more raises an error naming this field.
+    segments_per_fold: int = 32
 
 
 @dataclass(frozen=True)
@@ -450,6 +456,8 @@ class Config:
             raise ConfigError("data.train_seq_len: must be positive")
         if d.micro_batches_per_step <= 0:
             raise ConfigError("data.micro_batches_per_step: must be positive")
+        if d.packed_documents and d.segments_per_fold < 2:
+            raise ConfigError(f"data.segments_per_fold: {d.segments_per_fold}; cuDNN's packed layout needs at least 2")
         if d.text_transform not in ("", "caseops"):
             raise ConfigError(f"data.text_transform: '' (none) or 'caseops', got {d.text_transform!r}")
         if d.train_batch_tokens % (d.micro_batches_per_step * d.train_seq_len):

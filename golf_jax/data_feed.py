@@ -19,12 +19,13 @@ from golf_jax.config import Config
 
 class StepBatch(NamedTuple):
     """One optimizer step's inputs, global arrays [accum, rows, length] sharded
-    by rows; segments: packed rows' documents (packing.RowSegments) or None;
+    by rows; segments: packed rows' documents (packing.Segments, leaves
+    [accum, rows, ...]) or None;
     cursor: the stream's state after it, for checkpoints."""
 
     xs: jax.Array
     ys: jax.Array
-    segments: packing.RowSegments | None
+    segments: packing.Segments | None
     cursor: dict
 
 
@@ -46,16 +47,17 @@ class PackedSteps:
         self.loader = packing.PackedBatches(pattern, 0, rows, cfg.data.train_seq_len, bos_id=cfg.model.bos_id,
                                             vocab_size=cfg.model.vocab_size)
         self.n_devices, self.accum, self.ranks = n_devices, accum, tuple(sorted(ranks))
+        self.fold_len, self.segments_per_fold = cfg.data.train_seq_len, cfg.data.segments_per_fold
 
-    def next_step(self) -> tuple[np.ndarray, np.ndarray, packing.RowSegments]:
+    def next_step(self) -> tuple[np.ndarray, np.ndarray, packing.Segments]:
         """Host arrays [accum, len(ranks), ...]: inputs, targets and their segments."""
         wanted = [a * self.n_devices + d for a in range(self.accum) for d in self.ranks]
         rows = self.loader.next_rows(self.row_len, wanted)
         shape = (self.accum, len(self.ranks))
         xs = np.stack([x[0] for x, _, _, _ in rows]).reshape(*shape, -1)
         ys = np.stack([y[0] for _, y, _, _ in rows]).reshape(*shape, -1)
-        segs = [packing.row_segments(cu, self.row_len) for _, _, cu, _ in rows]
-        return xs, ys, packing.RowSegments(*(np.stack(a).reshape(*shape, -1) for a in zip(*segs)))
+        segs = [packing.make_segments(cu, self.row_len, self.fold_len, self.segments_per_fold) for _, _, cu, _ in rows]
+        return xs, ys, packing.Segments(*(np.concatenate(a).reshape(*shape, *a[0].shape[1:]) for a in zip(*segs)))
 
     def state(self) -> dict:
         return self.loader.state()
@@ -106,7 +108,7 @@ def next_step_batch(batches: data.TrainBatches | PackedSteps, accum: int, shardi
     if isinstance(batches, PackedSteps):
         xs, ys, segs = batches.next_step()
         put = lambda a: _global_packed(a, batches, sharding)  # noqa: E731
-        return StepBatch(put(xs), put(ys), packing.RowSegments(*map(put, segs)), batches.state())
+        return StepBatch(put(xs), put(ys), packing.Segments(*map(put, segs)), batches.state())
     micro = [batches.next_micro_batch() for _ in range(accum)]
     xs = np.stack([x for x, _ in micro])
     ys = np.stack([y for _, y in micro])

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 # INPUT_GRAMS, MLP and CausalSelfAttention re-exported: model.INPUT_GRAMS etc. as before the split.
 from golf_jax.blocks import INPUT_GRAMS, MLP, Block, CausalSelfAttention, LayerWeights, sow_gram  # noqa: F401
 from golf_jax.config import ModelConfig
+from golf_jax.packing import Segments
 from golf_jax.layers import (bigram_buckets, compute_dtype, final_lane, fusion_impl, gated_skip, head_nll, linear,
                              lm_head, lookup, rms_norm, rotary_base, rotary_tables, scaled_sum, smear,
                              windowed_smear)
@@ -298,15 +299,15 @@ class GPT(nn.Module):
 
     @nn.compact
     def hidden(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
-               looping: bool = False, segment_ids_T: jax.Array | None = None) -> jax.Array:
+               looping: bool = False, segments: Segments | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, d] in the compute dtype.
 
         rope_len: the sequence length whose rotary base to use (default T; see
         `rotary_base`); decode=True needs it (the training length).
         looping: the depth recurrence's order (`ModelConfig.layer_order`), a Python bool.
-        segment_ids_T [T]: each position's document in a packed row
-        (`packing.segment_ids`): attention stays within a document, RoPE
-        positions stay those of the row (the reference's).
+        segments (`packing.Segments`): the documents of packed rows: attention
+        stays within a document, RoPE positions stay those of the row (the
+        reference's).
         """
         cfg = self.cfg
         dtype = compute_dtype(cfg)
@@ -315,9 +316,9 @@ class GPT(nn.Module):
         if decode:
             if rope_len is None:
                 raise ValueError("decode=True needs rope_len (the training sequence length)")
-            if looping and cfg.num_loops > 0 or segment_ids_T is not None:
+            if looping and cfg.num_loops > 0 or segments is not None:
                 raise ValueError("decode=True: the KV cache holds one application of each layer and one "
-                                 "sequence; it has no depth recurrence (looping) nor packed rows (segment_ids_T)")
+                                 "sequence; it has no depth recurrence (looping) nor packed rows (segments)")
             filled = self.has_variable("cache", "pos")
             pos_var = self.variable("cache", "pos", lambda: jnp.zeros((), jnp.int32))
             prev_token_var = self.variable("cache", "prev_token", lambda: jnp.full((B,), -1, jnp.int32))
@@ -333,7 +334,7 @@ class GPT(nn.Module):
             if layer in cfg.ve_layer_indices:
                 ve = scaled_sum([(self.ve.layer_scales[cfg.ve_layer_indices.index(layer)].astype(dtype), ve_BxTxKV)],
                                 cfg.scales_in_float32)
-            args = (self.layer_weights(layer, dtype), ve, rope, decode, pos, segment_ids_T)
+            args = (self.layer_weights(layer, dtype), ve, rope, decode, pos, segments)
             if lane1_BxTxd is None:
                 return self.layers[layer](x_BxTxd, x0_BxTxd, *args)
             return self.layers[layer].parallel(x_BxTxd, lane1_BxTxd, x0_BxTxd, *args)
@@ -365,24 +366,24 @@ class GPT(nn.Module):
         return lm_head(self.head_weight(), self.cfg, h_BxTxd)
 
     def __call__(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
-                 looping: bool = False, segment_ids_T: jax.Array | None = None) -> jax.Array:
+                 looping: bool = False, segments: Segments | None = None) -> jax.Array:
         """Soft-capped float32 logits [B, T, V]."""
-        return self.head(self.hidden(tokens_BxT, rope_len, decode, looping, segment_ids_T))
+        return self.head(self.hidden(tokens_BxT, rope_len, decode, looping, segments))
 
     def fused_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array, looping: bool = False,
-                  segment_ids_T: jax.Array | None = None) -> jax.Array:
+                  segments: Segments | None = None) -> jax.Array:
         """Per-token cross-entropy [B, T] through the fused softcap + cross-entropy kernel."""
-        h = self.hidden(tokens_BxT, None, False, looping, segment_ids_T)
+        h = self.hidden(tokens_BxT, None, False, looping, segments)
         return head_nll(self.head_weight(), self.cfg, h, targets_BxT, "pallas")
 
 
 # ----------------------------------------------------------------------------- the model as functions
-# looping (static) and segment_ids (a packed row's documents, [T]) as in GPT.hidden.
+# looping (static) and segments (packed rows' documents, packing.Segments) as in GPT.hidden.
 
 def hidden(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | None = None, *,
-           looping: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
+           looping: bool = False, segments: Segments | None = None) -> jax.Array:
     """Final-normed hidden states [B, T, d] in the compute dtype."""
-    return GPT(cfg).apply({"params": params}, tokens, rope_len, looping=looping, segment_ids_T=segment_ids,
+    return GPT(cfg).apply({"params": params}, tokens, rope_len, looping=looping, segments=segments,
                           method=GPT.hidden)
 
 
@@ -393,9 +394,9 @@ def logits_from_hidden(params: Params, cfg: ModelConfig, h_BxTxd: jax.Array) -> 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rope_len", "looping"))
 def logits(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | None = None, *,
-           looping: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
+           looping: bool = False, segments: Segments | None = None) -> jax.Array:
     """Soft-capped logits [B, T, vocab], float32."""
-    return GPT(cfg).apply({"params": params}, tokens, rope_len, looping=looping, segment_ids_T=segment_ids)
+    return GPT(cfg).apply({"params": params}, tokens, rope_len, looping=looping, segments=segments)
 
 
 def nll_from_logits(z: jax.Array, targets: jax.Array) -> jax.Array:
@@ -405,16 +406,16 @@ def nll_from_logits(z: jax.Array, targets: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "looping"))
 def token_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array, *,
-              looping: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
+              looping: bool = False, segments: Segments | None = None) -> jax.Array:
     """Per-token cross-entropy [B, T], float32 (with the softcap_ce kernel of
     model.fusion_impl, from the pre-softcap logits: kernels/softcap_ce.py)."""
     if fusion_impl(cfg, "softcap_ce") == "pallas":
-        return GPT(cfg).apply({"params": params}, tokens, targets, looping, segment_ids, method=GPT.fused_nll)
-    return nll_from_logits(logits(params, cfg, tokens, looping=looping, segment_ids=segment_ids), targets)
+        return GPT(cfg).apply({"params": params}, tokens, targets, looping, segments, method=GPT.fused_nll)
+    return nll_from_logits(logits(params, cfg, tokens, looping=looping, segments=segments), targets)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "looping"))
 def loss(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array, *,
-         looping: bool = False, segment_ids: jax.Array | None = None) -> jax.Array:
+         looping: bool = False, segments: Segments | None = None) -> jax.Array:
     """Mean cross-entropy over all tokens, float32."""
-    return jnp.mean(token_nll(params, cfg, tokens, targets, looping=looping, segment_ids=segment_ids))
+    return jnp.mean(token_nll(params, cfg, tokens, targets, looping=looping, segments=segments))

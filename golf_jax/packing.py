@@ -8,22 +8,45 @@ document. A document is a run of tokens from one BOS (id 1) to the next;
 documents longer than train_seq_len are split into train_seq_len chunks, each
 its own segment. Segments are described as FlashAttention's varlen
 `cu_seqlens` (segment boundaries, padded to a bucket multiple so the kernel
-sees few distinct shapes), and as per-token segment ids for a dense mask
-(`layers.attention(..., segment_ids_T=...)`).
+sees few distinct shapes), as per-token segment ids for a dense mask, and in
+cuDNN's packed layout (`layers.attention(..., segments=...)`).
 
 - `document_segments`: BOS positions in a row -> (cu_seqlens, max_seqlen).
 - `segment_ids`: cu_seqlens -> each token's segment index.
-- `RowSegments`, `row_segments`, `model_inputs`: a packed row's documents as the
-  training step feeds them to the model.
+- `cudnn_segments`, `make_segments`: cu_seqlens -> cuDNN's packed layout, of
+  static shape (see below), and `Segments`, what the model (`layers.attention`)
+  reads: the one description of a packed row's documents, from the data feed
+  through the training step to the attention.
+- `model_inputs`: the model's keyword arguments for packed rows or none.
 - `PackedBatches`: the record's batch order over competition-format shards
   (read and validated by golf_jax.data), synchronous and deterministic.
+
+cuDNN's packed layout (through jax._src.cudnn.fused_attention_stablehlo) takes
+per-row arrays of segment starts and lengths of a static count M. XLA gives
+cuDNN B x M sequences, each declared as long as the row (T), and keeps float32
+softmax statistics of B x M x heads x T for the backward: for one row of
+98,304 tokens, M = 200 slots and 8 heads, 630 MB per attention call, and a
+kernel grid over 200 x 98,304 query positions per head, nearly all past their
+segment's end (scripts/packed_attention_bench.py measures what that costs).
+Segments are at most train_seq_len (2048) tokens long, so the row is folded
+instead: viewed as R = T / L rows of L = fold_len tokens (a free reshape),
+each with M = segments_per_fold segment slots: cuDNN then sees R x M sequences
+of at most L tokens, as FlashAttention's varlen call sees its segments with
+max_seqlen = train_seq_len. A segment is kept whole: it may run past its fold
+row's end, since cuDNN addresses it by its offset into the (contiguous)
+buffer. JAX adds r x L to fold row r's offsets, so a segment can sit only in
+a fold row that starts at or before it: segments fill the fold rows in order,
+M each, and segment k must start at or after fold k // M. That holds unless
+the row's first segments are very short (fewer than L / M tokens on average);
+`segments_per_fold_needed` says what a row needs. L = T is the unfolded
+layout (R = 1).
 
 numpy only: the arrays go to the devices from here.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -31,6 +54,9 @@ from golf_jax import data
 
 DEFAULT_BOS_ID = 1
 DEFAULT_BUCKET_SIZE = 64
+# Segment slots per fold row of cuDNN's packed layout: DataConfig.segments_per_fold's
+# default (its comment says why 32), for callers without a config.
+DEFAULT_SEGMENTS_PER_FOLD = 32
 
 
 # ----------------------------------------------------------------------------- segments
@@ -73,50 +99,97 @@ def document_segments(bos_positions: Sequence[int] | np.ndarray, total_len: int,
     return cu_seqlens, int(np.diff(boundaries).max())
 
 
-def segment_ids(cu_seqlens: np.ndarray, total_len: int) -> np.ndarray:
-    """Each token's segment index (int32, [total_len]) under `cu_seqlens`: tokens attend
-    to each other only where their ids are equal (with the causal mask)."""
+def _checked(cu_seqlens: np.ndarray, total_len: int) -> np.ndarray:
     cu_seqlens = np.asarray(cu_seqlens)
     if cu_seqlens.ndim != 1 or cu_seqlens.size < 2 or cu_seqlens[0] != 0 or np.any(np.diff(cu_seqlens) < 0):
         raise ValueError(f"cu_seqlens must be non-decreasing from 0; got {cu_seqlens.tolist()}")
     if cu_seqlens[-1] != total_len:
         raise ValueError(f"cu_seqlens ends at {int(cu_seqlens[-1])}, not at the row's length {total_len}")
+    return cu_seqlens
+
+
+def segment_ids(cu_seqlens: np.ndarray, total_len: int) -> np.ndarray:
+    """Each token's segment index (int32, [total_len]) under `cu_seqlens`: tokens attend
+    to each other only where their ids are equal (with the causal mask)."""
+    cu_seqlens = _checked(cu_seqlens, total_len)
     # The padding (total_len, repeated) lies past every token, so it never counts.
     ids = np.searchsorted(cu_seqlens, np.arange(total_len), side="right") - 1
     return ids.astype(np.int32)
 
 
-# ----------------------------------------------------------------------------- what the model gets
+class Segments(NamedTuple):
+    """The segments of B packed rows as `layers.attention(..., segments=)` reads them
+    (numpy here; device arrays inside the model). B may be 1 for one layout shared by
+    every row.
 
-class RowSegments(NamedTuple):
-    """The documents of packed rows as device inputs of static shapes, so no
-    program recompiles as documents vary: `segment_ids` [..., L] (each token's
-    segment) and `cu_seqlens` [..., cu_seqlens_capacity(L)] (`document_segments`'
-    boundaries, padded with L to the most a row of L tokens can have: L + 1,
-    rounded up to the bucket size). Leading axes: the training step's micro-steps
-    and rows."""
-
-    segment_ids: Any
-    cu_seqlens: Any
-
-
-def cu_seqlens_capacity(total_len: int, bucket_size: int = DEFAULT_BUCKET_SIZE) -> int:
-    return -(-(total_len + 1) // bucket_size) * bucket_size
+    ids_BxT: each token's segment (`segment_ids`), for the jnp path's dense mask.
+    offsets_BxRxM1, lengths_BxRxM: cuDNN's packed layout (`cudnn_segments`).
+    """
+    ids_BxT: np.ndarray
+    offsets_BxRxM1: np.ndarray
+    lengths_BxRxM: np.ndarray
 
 
-def row_segments(cu_seqlens: np.ndarray, total_len: int) -> RowSegments:
-    """One row's RowSegments (host arrays) from its cu_seqlens (`document_segments`)."""
-    padded = np.full(cu_seqlens_capacity(total_len), total_len, np.int32)
-    padded[:len(cu_seqlens)] = cu_seqlens
-    return RowSegments(segment_ids(cu_seqlens, total_len), padded)
+def _starts_and_lengths(cu_seqlens: np.ndarray, total_len: int) -> tuple[np.ndarray, np.ndarray]:
+    cu_seqlens = _checked(cu_seqlens, total_len).astype(np.int64)
+    lengths = np.diff(cu_seqlens)
+    real = lengths > 0  # drops the padding's empty segments
+    return cu_seqlens[:-1][real], lengths[real]
 
 
-def model_inputs(row: RowSegments | None) -> dict:
-    """The model's keyword arguments for one packed row (leaves [L], [C]); {} for
-    unpacked batches. The one place that says how the model sees the documents:
-    per-token segment ids ("jnp" attention); a per-document attention kernel
-    would take offsets derived from row.cu_seqlens here instead."""
-    return {} if row is None else {"segment_ids": row.segment_ids}
+def segments_per_fold_needed(cu_seqlens: np.ndarray, total_len: int, fold_len: int) -> int:
+    """The fewest segment slots per fold row with which `cudnn_segments` takes this row
+    (at least 2: with one slot cuDNN's packed layout is off)."""
+    starts, _ = _starts_and_lengths(cu_seqlens, total_len)
+    # Segment k sits in fold k // M, which must start at or before it: k // M <= starts[k] // L.
+    folds_up_to_start = starts // fold_len + 1
+    return max(2, int(np.max(np.arange(starts.size) // folds_up_to_start)) + 1)
+
+
+def cudnn_segments(cu_seqlens: np.ndarray, total_len: int, fold_len: int,
+                   segments_per_fold: int = DEFAULT_SEGMENTS_PER_FOLD) -> tuple[np.ndarray, np.ndarray]:
+    """The segments of a packed row of total_len tokens (cu_seqlens, as `document_segments`
+    makes it) in cuDNN's packed layout over R = total_len / fold_len fold rows (module
+    docstring): offsets (int32 [R, M + 1]) and lengths (int32 [R, M]), M = segments_per_fold.
+    Fold row r lists its segments' starts, in tokens from the fold row's start (r x fold_len),
+    and their lengths; the rest is -1 (no segment), as JAX's dot_product_attention asks.
+    Raises ValueError when a segment is longer than fold_len or the row's segments need more
+    slots (`segments_per_fold_needed`)."""
+    if fold_len < 1 or total_len % fold_len:
+        raise ValueError(f"fold_len {fold_len} must divide the row's {total_len} tokens")
+    if segments_per_fold < 2:
+        raise ValueError(f"segments_per_fold {segments_per_fold}: cuDNN's packed layout needs at least 2 slots")
+    starts, lengths = _starts_and_lengths(cu_seqlens, total_len)
+    if lengths.max() > fold_len:
+        raise ValueError(f"a segment of {int(lengths.max())} tokens is longer than fold_len {fold_len}: "
+                         "split documents at most fold_len long (document_segments' max_doc_len)")
+    needed = segments_per_fold_needed(cu_seqlens, total_len, fold_len)
+    if needed > segments_per_fold:
+        raise ValueError(f"the {starts.size} segments of this {total_len}-token row need {needed} slots per fold "
+                         f"row of {fold_len} tokens, not {segments_per_fold}: its first segments are short "
+                         f"(fewer than {fold_len // segments_per_fold} tokens on average); raise segments_per_fold "
+                         "(DataConfig.segments_per_fold)")
+    fold, slot = np.divmod(np.arange(starts.size), segments_per_fold)
+    folds = total_len // fold_len
+    offsets = np.full((folds, segments_per_fold + 1), -1, np.int32)
+    seg_lengths = np.full((folds, segments_per_fold), -1, np.int32)
+    offsets[fold, slot] = starts - fold * fold_len
+    seg_lengths[fold, slot] = lengths
+    return offsets, seg_lengths
+
+
+def make_segments(cu_seqlens: np.ndarray, total_len: int, fold_len: int,
+                  segments_per_fold: int = DEFAULT_SEGMENTS_PER_FOLD) -> Segments:
+    """One packed row's `Segments` (a leading axis of 1; concatenate rows along it).
+    fold_len: train_seq_len, the longest segment (document_segments' max_doc_len)."""
+    offsets, lengths = cudnn_segments(cu_seqlens, total_len, fold_len, segments_per_fold)
+    return Segments(segment_ids(cu_seqlens, total_len)[None], offsets[None], lengths[None])
+
+
+def model_inputs(segments: Segments | None) -> dict:
+    """The model's keyword arguments for packed rows (`Segments` of B rows or 1
+    shared); {} for unpacked batches."""
+    return {} if segments is None else {"segments": segments}
 
 
 # ----------------------------------------------------------------------------- the packed stream

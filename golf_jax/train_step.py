@@ -191,7 +191,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
 
         step(state, xs, ys, lr_mult, qat_on, swa_collect, segments=None, looping=False)
 
-    segments: packed rows' documents (packing.RowSegments, [accum, rows, ...]
+    segments: packed rows' documents (packing.Segments, [accum, rows, ...]
     as xs) or None; looping (static): the depth recurrence's order, a second
     program (at most two: the loop switch never recompiles).
     """
@@ -204,8 +204,9 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
     # devices, in each parameter's dtype (bf16 for the embedding tables).
     in_param_dtype = cfg.optimizer.grad_accum_dtype == "param"
 
-    def loss_fn(params, x, y, qat_on, row, looping):
-        return model.loss(apply_qat(params, scope, qat_on), mcfg, x, y, looping=looping, **packing.model_inputs(row))
+    def loss_fn(params, x, y, qat_on, segments, looping):
+        return model.loss(apply_qat(params, scope, qat_on), mcfg, x, y, looping=looping,
+                          **packing.model_inputs(segments))
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -215,10 +216,7 @@ def make_train_step(cfg: Config, mesh, tx: optax.GradientTransformation, templat
         def micro(carry, batch):
             gsum, lsum = carry
             x, y, segs = batch
-            # Packed: one row per device per micro-step, whose segment ids the model
-            # shares across the batch's (one) rows.
-            row = None if segs is None else jax.tree.map(lambda a: a[0], segs)
-            loss, g = grad_fn(params, x, y, qat_on, row, looping)
+            loss, g = grad_fn(params, x, y, qat_on, segs, looping)
             return (jax.tree.map(lambda a, b: a + b.astype(a.dtype), gsum, g), lsum + loss), None
 
         zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype if in_param_dtype else f32), params),

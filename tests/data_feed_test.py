@@ -13,15 +13,15 @@ from golf_jax import data_feed, packing, train_step
 from golf_jax.config import Config, DataConfig
 from tests.packing_test import write_shards
 
-# 4 rows of 20 tokens a step (the record: 8 of 98,304), documents cut at 16 tokens.
-CFG = Config(data=DataConfig(train_seq_len=16, train_batch_tokens=80, micro_batches_per_step=4,
+# 4 rows of 32 tokens a step (the record: 8 of 98,304), documents cut at 16 tokens.
+CFG = Config(data=DataConfig(train_seq_len=16, train_batch_tokens=128, micro_batches_per_step=4,
                              packed_documents=True))
 
 
 def reference_rows(pattern: str, steps: int) -> list[list[tuple]]:
     """Each step's rows as the record's 4-rank run reads them: rank r's next()."""
     ranks = [packing.PackedBatches(pattern, r, 4, 16) for r in range(4)]
-    return [[b.next(20) for b in ranks] for _ in range(steps)]
+    return [[b.next(32) for b in ranks] for _ in range(steps)]
 
 
 def test_each_device_micro_step_gets_its_row_of_the_records_span(tmp_path):
@@ -32,16 +32,18 @@ def test_each_device_micro_step_gets_its_row_of_the_records_span(tmp_path):
         feed = data_feed.PackedSteps(pattern, CFG, n, accum, ranks)
         for step in range(6):
             xs, ys, segs = feed.next_step()
-            assert xs.shape == ys.shape == segs.segment_ids.shape == (accum, len(ranks), 20)
-            assert segs.cu_seqlens.shape == (accum, len(ranks), packing.cu_seqlens_capacity(20))
+            assert xs.shape == ys.shape == segs.ids_BxT.shape == (accum, len(ranks), 32)
+            # Two folds of 16 tokens, DataConfig.segments_per_fold slots each: static shapes.
+            assert segs.offsets_BxRxM1.shape == (accum, len(ranks), 2, 33)
+            assert segs.lengths_BxRxM.shape == (accum, len(ranks), 2, 32)
             for a in range(accum):
                 for i, d in enumerate(ranks):
                     x, y, cu, _ = want[step][a * n + d]
-                    row = packing.row_segments(cu, 20)
+                    row = packing.make_segments(cu, 32, 16, CFG.data.segments_per_fold)
                     np.testing.assert_array_equal(xs[a, i], x[0])
                     np.testing.assert_array_equal(ys[a, i], y[0])
-                    np.testing.assert_array_equal(segs.segment_ids[a, i], row.segment_ids)
-                    np.testing.assert_array_equal(segs.cu_seqlens[a, i], row.cu_seqlens)
+                    for got, want_row in zip(segs, row):
+                        np.testing.assert_array_equal(got[a, i], want_row[0])
 
 
 def test_step_batches_on_the_devices_and_the_cursor(tmp_path):
@@ -50,8 +52,8 @@ def test_step_batches_on_the_devices_and_the_cursor(tmp_path):
     sharding = NamedSharding(mesh, P(None, train_step.AXIS))
     feed = data_feed.PackedSteps(pattern, CFG, 1, 4, [0])
     first = data_feed.next_step_batch(feed, 4, sharding)
-    assert isinstance(first.xs, jax.Array) and first.xs.shape == (4, 1, 20) and first.xs.sharding == sharding
-    assert first.segments.cu_seqlens.shape == (4, 1, 64)
+    assert isinstance(first.xs, jax.Array) and first.xs.shape == (4, 1, 32) and first.xs.sharding == sharding
+    assert first.segments.offsets_BxRxM1.shape == (4, 1, 2, 33)
     later = [data_feed.next_step_batch(feed, 4, sharding) for _ in range(3)]
     again = data_feed.PackedSteps(pattern, CFG, 1, 4, [0])
     again.restore(first.cursor)  # a checkpoint's cursor: the stream goes on exactly
@@ -67,4 +69,4 @@ def test_bos_and_vocabulary_come_from_the_model(tmp_path):
     pattern = write_shards(tmp_path, np.random.default_rng(3))
     cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, vocab_size=512))
     feed = data_feed.PackedSteps(pattern, cfg, 1, 4, [0])
-    assert feed.loader.bos_id == cfg.model.bos_id and feed.loader.vocab_size == 512 and feed.row_len == 20
+    assert feed.loader.bos_id == cfg.model.bos_id and feed.loader.vocab_size == 512 and feed.row_len == 32

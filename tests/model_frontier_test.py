@@ -24,18 +24,25 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
+def fixture_segments(ref) -> packing.Segments:
+    """The fixture row's documents, unfolded (one fold row: the CPU's "jnp"
+    attention reads only their ids)."""
+    cu, total_len = ref["cu_seqlens"], ref["x"].shape[1]
+    return packing.make_segments(cu, total_len, total_len, packing.segments_per_fold_needed(cu, total_len, total_len))
+
+
 @pytest.fixture(scope="module")
 def results(frontier_ref) -> dict:
     """Loss, logits and gradients of each mode: one compiled program per mode."""
     cfg, _, ref = frontier_ref
     params = compat.params_from_reference({k[6:]: v for k, v in ref.items() if k.startswith("param/")}, cfg)
     x, y = jnp.asarray(ref["x"]), jnp.asarray(ref["y"])
-    segments = jnp.asarray(packing.segment_ids(ref["cu_seqlens"], x.shape[1]))
+    segments = fixture_segments(ref)
 
     @functools.partial(jax.jit, static_argnames="looping")
     def run(params, looping):
         def loss_and_logits(p):
-            z = model.logits(p, cfg, x, looping=looping, segment_ids=segments)
+            z = model.logits(p, cfg, x, looping=looping, segments=segments)
             return jnp.mean(model.nll_from_logits(z, y)), z
         (loss, z), grads = jax.value_and_grad(loss_and_logits, has_aux=True)(params)
         return loss, z, grads
@@ -168,7 +175,7 @@ def test_decode_refuses_looping_and_packed_rows(frontier_ref):
     cfg = frontier_ref[0]
     params = model.init_params(cfg, jax.random.key(0))
     x = jnp.zeros((1, 4), jnp.int32)
-    for kwargs in ({"looping": True}, {"segment_ids_T": jnp.zeros(4, jnp.int32)}):
+    for kwargs in ({"looping": True}, {"segments": packing.make_segments(np.array([0, 4]), 4, 4, 2)}):
         with pytest.raises(ValueError, match="decode=True"):
             model.GPT(cfg).apply({"params": params}, x, 8, True, method=model.GPT.hidden, mutable=["cache"], **kwargs)
 
@@ -198,8 +205,7 @@ def test_bfloat16_compute_close_to_float32(frontier_ref, results):
     params = param_tree.cast_params(
         compat.params_from_reference({k[6:]: v for k, v in ref.items() if k.startswith("param/")}, bf16), bf16)
     x, y = jnp.asarray(ref["x"]), jnp.asarray(ref["y"])
-    segments = jnp.asarray(packing.segment_ids(ref["cu_seqlens"], x.shape[1]))
-    got = model.loss(params, bf16, x, y, looping=True, segment_ids=segments)
+    got = model.loss(params, bf16, x, y, looping=True, segments=fixture_segments(ref))
     assert got.dtype == jnp.float32
     # bf16 has 8 mantissa bits (~4e-3 relative per op), compounded over 11 applications.
     assert abs(float(got) / float(ref["looped/loss"]) - 1) < 2e-2

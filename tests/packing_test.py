@@ -1,5 +1,5 @@
 """Document packing (golf_jax.packing) against the 1.0611 record's own `_build_cu_seqlens`
-and `DocumentPackingLoader`, and per-document attention (layers.attention's segment_ids_T)."""
+and `DocumentPackingLoader`, and per-document attention (layers.attention's segments)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,93 @@ def test_segment_ids_round_trip_with_cu_seqlens(case):
     assert set(bos_positions) <= set(real[:-1].tolist())  # every document starts a segment
 
 
+# ----------------------------------------------------------------------------- cuDNN's packed layout
+
+def test_cudnn_segments_by_hand():
+    # Segments 0-2, 2-3, 3-5, 5-6, 6-9, 9-16 in two fold rows of 8 tokens. Segment 4 (at 6) must sit
+    # in fold row 0, so row 0 needs 5 slots; segment 5 (9-16) goes to row 1 at 1, past row 1's end.
+    cu, _ = packing.document_segments([2, 3, 5, 6, 9], 16, 8, bucket_size=8)
+    assert packing.segments_per_fold_needed(cu, 16, 8) == 5
+    offsets, lengths = packing.cudnn_segments(cu, 16, 8, segments_per_fold=5)
+    assert offsets.tolist() == [[0, 2, 3, 5, 6, -1], [1, -1, -1, -1, -1, -1]]
+    assert lengths.tolist() == [[2, 1, 2, 1, 3], [7, -1, -1, -1, -1]]
+    assert offsets.dtype == lengths.dtype == np.int32
+    # Unfolded (one row of 16): one slot per segment.
+    offsets, lengths = packing.cudnn_segments(cu, 16, 16, segments_per_fold=6)
+    assert offsets.tolist() == [[0, 2, 3, 5, 6, 9, -1]] and lengths.tolist() == [[2, 1, 2, 1, 3, 7]]
+    with pytest.raises(ValueError, match="need 5 slots per fold row of 8 tokens, not 4"):
+        packing.cudnn_segments(cu, 16, 8, segments_per_fold=4)
+
+
+@pytest.mark.parametrize("total_len, fold_len, slots, match", [
+    (16, 6, 8, "must divide"), (16, 8, 1, "at least 2 slots"), (16, 4, 8, "longer than fold_len 4")])
+def test_cudnn_segments_rejects_bad_folds(total_len, fold_len, slots, match):
+    cu, _ = packing.document_segments([0, 9], total_len, 8, bucket_size=4)
+    with pytest.raises(ValueError, match=match):
+        packing.cudnn_segments(cu, total_len, fold_len, slots)
+
+
+def cudnn_view(offsets, lengths, fold_len):
+    """The sequences cuDNN runs, as JAX's dot_product_attention documents its packed arrays:
+    fold row r's non-negative entries, r x fold_len added to its offsets, in row order.
+    (start token, length) of each, then the empty ones, at the row's end."""
+    real = lengths >= 0
+    fold_starts = np.arange(offsets.shape[0])[:, None] * fold_len
+    n, total_len = int(real.sum()), offsets.shape[0] * fold_len
+    starts = np.r_[(offsets[:, :-1] + fold_starts)[real], np.full(real.size - n, total_len)]
+    return starts, np.r_[lengths[real], np.zeros(real.size - n, int)]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.tuples(st.integers(1, 6), st.integers(1, 24)).flatmap(lambda folds_len: st.tuples(
+    st.lists(st.integers(0, folds_len[0] * folds_len[1] - 1), unique=True).map(sorted),
+    st.just(folds_len[0] * folds_len[1]), st.just(folds_len[1]), st.integers(0, 3))))
+def test_cudnn_segments_hand_cudnn_every_segment_once(case):
+    bos_positions, total_len, fold_len, spare_slots = case
+    cu, _ = packing.document_segments(bos_positions, total_len, fold_len, bucket_size=8)
+    needed = packing.segments_per_fold_needed(cu, total_len, fold_len)
+    offsets, lengths = packing.cudnn_segments(cu, total_len, fold_len, needed + spare_slots)
+    folds, slots = lengths.shape
+    assert offsets.shape == (folds, slots + 1) and folds * fold_len == total_len
+    assert np.all((offsets[:, :-1] >= 0) == (lengths >= 0)) and np.all(offsets[:, -1] == -1)
+    starts, seq_lengths = cudnn_view(offsets, lengths, fold_len)
+    # The row's segments, each once, in order (so cuDNN's offsets never decrease), then empty ones.
+    real = np.unique(cu)
+    n = real.size - 1
+    np.testing.assert_array_equal(starts[:n], real[:-1])
+    np.testing.assert_array_equal(seq_lengths[:n], np.diff(real))
+    assert np.all(seq_lengths[n:] == 0)
+    if needed > 2:
+        with pytest.raises(ValueError, match="raise segments_per_fold"):
+            packing.cudnn_segments(cu, total_len, fold_len, needed - 1)
+
+
+@pytest.mark.parametrize("bos_positions, total_len, fold_len, slots", [
+    ([2, 3, 5, 6, 9], 16, 8, 5), ([0, 9, 30], 32, 8, 3), ([4, 11, 12], 30, 30, 8)])
+def test_cudnn_view_is_what_jax_hands_cudnn(bos_positions, total_len, fold_len, slots):
+    """JAX's own conversion (fused_attention_stablehlo._fix_seqlen_offsets, no GQA: heads 2,
+    head dim 4) gives cuDNN the sequences `cudnn_view` reads from the arrays."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    cu, _ = packing.document_segments(bos_positions, total_len, fold_len, bucket_size=8)
+    offsets, lengths = packing.cudnn_segments(cu, total_len, fold_len, slots)
+    qkv = jax.ShapeDtypeStruct((offsets.shape[0], fold_len, 2, 4), jnp.bfloat16)
+    seq, _, off, _ = (np.asarray(x).reshape(-1) for x in cudnn_attention._fix_seqlen_offsets(
+        jnp.asarray(lengths), jnp.asarray(lengths), jnp.asarray(offsets), jnp.asarray(offsets), qkv, qkv))
+    starts, seq_lengths = cudnn_view(offsets, lengths, fold_len)
+    np.testing.assert_array_equal(off[:seq.size], starts * 2 * 4)  # offsets in elements: tokens x heads x dim
+    np.testing.assert_array_equal(seq, seq_lengths)
+    assert off[seq.size] == total_len * 2 * 4  # cuDNN's closing offset: the row's end
+
+
+def test_make_segments_one_row():
+    cu, _ = packing.document_segments([3, 10], 16, 8, bucket_size=8)
+    segments = packing.make_segments(cu, 16, fold_len=8, segments_per_fold=2)
+    np.testing.assert_array_equal(segments.ids_BxT, packing.segment_ids(cu, 16)[None])
+    offsets, lengths = packing.cudnn_segments(cu, 16, 8, 2)
+    np.testing.assert_array_equal(segments.offsets_BxRxM1, offsets[None])
+    np.testing.assert_array_equal(segments.lengths_BxRxM, lengths[None])
+
+
 # ----------------------------------------------------------------------------- the packed stream
 
 def write_shards(directory: Path, rng: np.random.Generator) -> str:
@@ -194,16 +281,15 @@ def test_next_rows_are_each_ranks_next(tmp_path):
 
 
 def test_row_segments_have_a_static_shape():
+    """However many documents a row holds, its Segments have one shape: no program recompiles."""
     for bos_positions in ([0, 5, 9], list(range(32))):  # three documents; every token its own
         cu, _ = packing.document_segments(bos_positions, 32, 16, bucket_size=packing.DEFAULT_BUCKET_SIZE)
-        row = packing.row_segments(cu, 32)
-        assert row.cu_seqlens.shape == (packing.cu_seqlens_capacity(32),) == (64,)
-        assert row.cu_seqlens.dtype == row.segment_ids.dtype == np.int32
-        np.testing.assert_array_equal(row.cu_seqlens[:len(cu)], cu)
-        assert np.all(row.cu_seqlens[len(cu):] == 32)  # padding: empty segments at the row's end
-        np.testing.assert_array_equal(row.segment_ids, packing.segment_ids(cu, 32))
-        assert packing.model_inputs(row).keys() == {"segment_ids"}
-    assert packing.cu_seqlens_capacity(63) == 64 and packing.cu_seqlens_capacity(64) == 128
+        row = packing.make_segments(cu, 32, 16)
+        assert [a.shape for a in row] == [(1, 32), (1, 2, packing.DEFAULT_SEGMENTS_PER_FOLD + 1),
+                                          (1, 2, packing.DEFAULT_SEGMENTS_PER_FOLD)]
+        assert all(a.dtype == np.int32 for a in row)
+        np.testing.assert_array_equal(row.ids_BxT[0], packing.segment_ids(cu, 32))
+        assert packing.model_inputs(row) == {"segments": row}
     assert packing.model_inputs(None) == {}
 
 

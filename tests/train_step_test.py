@@ -88,10 +88,10 @@ def test_step_with_packed_rows_and_the_loop_is_the_models_own_loss():
     mcfg, rng = cfg.model, np.random.default_rng(0)
     tokens = rng.integers(2, 256, (2, 65)).astype(np.int32)
     tokens[0, [5, 9, 40]] = tokens[1, [0, 30]] = mcfg.bos_id  # row 0 starts inside a document
-    rows = [packing.row_segments(packing.document_segments(np.flatnonzero(t[:-1] == 1), 64, 16)[0], 64)
+    rows = [packing.make_segments(packing.document_segments(np.flatnonzero(t[:-1] == 1), 64, 16)[0], 64, 16)
             for t in tokens]
     xs, ys = tokens[:, None, :-1], tokens[:, None, 1:]
-    segs = packing.RowSegments(*(np.stack(a)[:, None] for a in zip(*rows)))
+    segs = packing.Segments(*map(np.stack, zip(*rows)))  # [accum, rows (1), ...]
     mesh = train_step.make_mesh(1)
     tx = optim.build_optimizer(cfg.optimizer, train_step.AXIS)
     # Every parameter away from its init (zero gates would hide the gates' inputs).
@@ -106,7 +106,7 @@ def test_step_with_packed_rows_and_the_loop_is_the_models_own_loss():
     def direct(p):
         def mean_loss(looping=True, segmented=True):
             return sum(model.loss(p, mcfg, xs[a], ys[a], looping=looping,
-                                  **({"segment_ids": segs.segment_ids[a, 0]} if segmented else {}))
+                                  **({"segments": jax.tree.map(lambda s: s[a], segs)} if segmented else {}))
                        for a in range(2)) / 2
         return mean_loss(), mean_loss(looping=False), mean_loss(segmented=False)
 
