@@ -5,12 +5,12 @@
 # the tiled CaseOps data (scripts/frontier_throughput_data.py: throughput, not learning), its
 # step time before and after the layer loop, peak memory and recompilations; then, with
 # PROBE=1, the residual kernel's gradient probe (issue 17).
-# Usage (device): OUT=/some/dir [CAP=150] [PROBE=1] bash scripts/device_frontier_check.sh
+# Usage (device): OUT=/some/dir [CAP=150] [ATTENTION=0] [PROBE=1] bash scripts/device_frontier_check.sh
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 export GOLF_JAX_REFERENCE=.shared/reference
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/layers_test.py 2>&1 | grep "passed\|failed\|Error\|assert" | tail -12
-timeout 150 python3 scripts/packed_attention_bench.py --out "$OUT/packed" 2>&1 | tail -30
+[ "${ATTENTION:-1}" = 1 ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/layers_test.py 2>&1 | grep "passed\|failed\|Error\|assert" | tail -12
+[ "${ATTENTION:-1}" = 1 ] && timeout 150 python3 scripts/packed_attention_bench.py --out "$OUT/packed" 2>&1 | tail -30
 python3 scripts/frontier_throughput_data.py --out /tmp/fdata --tokens 12000000
 timeout $(( ${CAP:-150} + 150 )) python3 train.py --config configs/frontier.py --config.data.data_dir=/tmp/fdata \
   --config.data.tokenizer_path=/tmp/fdata/tokenizer.model --config.max_wallclock_seconds=${CAP:-150} \
