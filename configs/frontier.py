@@ -3,8 +3,8 @@ Muon" (val_bpb 1.0611, ../shared/reference/frontier_1855), 8x H100, 600 s. Every
 its run as its log (train_seed42.log) and README command give them, the environment
 overrides included (SPEC.md's table: the code's defaults do not reproduce it), stated here
 even where it equals the dataclass default, so this file is the record's spec for training
-(docs/frontier.md). Its quantisation and score (per-group GPTQ with LQER, phased LoRA TTT)
-are issue 20: the stages after training here are still the 1.1147 record's.
+(docs/frontier.md). Its quantisation (GPTQ with SDClip scales and LQER on train-shard Hessians) is
+quant.scheme "sdclip"; its per-group compression and phased LoRA TTT are the rest of issue 20.
 
 Data: FineWeb 10B with the record's CaseOps transform and SP8192 tokenizer, prepared as the
 record's prepare_caseops_data.py does ([BOS] + the transformed document's ids; 10M-token shards;
@@ -66,10 +66,19 @@ def get_config() -> Config:
             late_qat_threshold=0.0, qat_scope="none",  # no QAT
             quant_in_budget=False,
         ),
-        # The 1.1147 record's quantisation, as before (issue 20 replaces it).
+        # GPTQ with SDClip scales, int8 gates, fp16 passthrough, LQER (golf_jax/quant_frontier.py).
+        # Until the per-group serialisation is connected, the artifact is a stopgap lzma container.
         quant=QuantConfig(
-            clip_range=31, gptq_block_size=128, calib_num_seqs=64, calib_seq_len=2048,
-            calib_temperature=0.8, calib_batch_size=64, lzma_preset=9, artifact_budget_bytes=16_000_000,
+            scheme="sdclip",
+            # GPTQ_CALIBRATION_BATCHES=16 batches of rank 0's 48 x 2048 train tokens (786,432 / 8 ranks)
+            calib_source="train_shards", calib_loader_world_size=8, calib_num_seqs=768, calib_seq_len=2048,
+            calib_batch_size=48, calib_temperature=0.8,
+            clip_range=31, embed_clip_range=63,  # MATRIX_BITS=6, EMBED_BITS=7
+            attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5, embed_clip_sigmas=14.0, matrix_clip_sigmas=12.85,
+            gptq_block_size=128, keep_float_max_numel=65_536,
+            gate_int8=True,  # GATED_ATTN_QUANT_GATE=1
+            lqer_top_k=3, lqer_rank=4, lqer_asym_group=64, lqer_factor_bits=4,  # LQER_*
+            lzma_preset=9, artifact_budget_bytes=16_000_000,
         ),
         eval=EvalConfig(
             eval_seq_len=2048, val_batch_tokens=524_288,

@@ -366,6 +366,54 @@ class QuantConfig:
     lzma_preset: int = 9
     artifact_budget_bytes: int = 16_000_000  # decimal, weights + code
 
+    # The 1.0611 record's quantisation (golf_jax/quant_frontier.py); the defaults are the 1.1147 record's.
+    # "percentile": GPTQ int6 of the banks with the clip-percentile search, int8 embedding rows
+    # (golf_jax.quant); "sdclip": GPTQ with the scales k std(row) / clip_range of every matrix of more
+    # than keep_float_max_numel values (the tied embedding too, at embed_clip_range), per-row int8
+    # sparse-gate weights, fp16 for the rest, and LQER on the lqer_top_k worst matrices.
+    scheme: str = "percentile"
+    # "self_generated": calib_num_seqs sequences sampled from the model (the 1.1147 record's);
+    # "train_shards": calib_num_seqs windows of calib_seq_len + 1 train tokens in the order rank 0
+    # of calib_loader_world_size ranks reads them (the 1.0611 record's ShuffledSequenceLoader).
+    calib_source: str = "self_generated"
+    calib_loader_world_size: int = 8
+    # k of the scale rule, by the matrix's role (the reference's *_CLIP_SIGMAS; the 1.0611 record's run).
+    attn_clip_sigmas: float = 13.0
+    mlp_clip_sigmas: float = 11.5
+    embed_clip_sigmas: float = 14.0
+    matrix_clip_sigmas: float = 12.85  # a GPTQ'd matrix of no other role (none in the record)
+    embed_clip_range: int = 63  # int7 tied embedding
+    # reference quirk: every tensor of at most this many values is stored fp16, matrices that
+    # GPTQ could take included (at small sizes every bank matrix; the record's are all larger).
+    keep_float_max_numel: int = 65_536
+    gate_int8: bool = True  # the sparse gate's attn_gate_w as per-row int8 (GATED_ATTN_QUANT_GATE)
+    lqer_top_k: int = 3  # 0: no LQER
+    lqer_rank: int = 4
+    # > 0: A int2 in [-2, 1] with one scale, B int4 in groups of this many values (where they
+    # divide B); else (or where they do not divide it) both per-row int(lqer_factor_bits).
+    lqer_asym_group: int = 64
+    lqer_factor_bits: int = 4
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"quant.{name}: {why}")
+
+        need(self.scheme in ("percentile", "sdclip"), "scheme", f"'percentile' or 'sdclip', got {self.scheme!r}")
+        need(self.calib_source in ("self_generated", "train_shards"), "calib_source",
+             f"'self_generated' or 'train_shards', got {self.calib_source!r}")
+        need(self.calib_num_seqs > 0 and self.calib_seq_len > 1 and self.calib_batch_size > 0, "calib_num_seqs",
+             "calib_num_seqs, calib_batch_size must be positive and calib_seq_len > 1")
+        need(self.calib_loader_world_size > 0, "calib_loader_world_size", "must be positive")
+        need(0 < self.clip_range <= 127 and 0 < self.embed_clip_range <= 127, "clip_range",
+             "clip_range and embed_clip_range must be in [1, 127] (int8 storage)")
+        need(min(self.attn_clip_sigmas, self.mlp_clip_sigmas, self.embed_clip_sigmas,
+                 self.matrix_clip_sigmas) > 0, "attn_clip_sigmas", "every *_clip_sigmas must be positive")
+        need(self.keep_float_max_numel >= 0, "keep_float_max_numel", "must be >= 0")
+        need(self.lqer_top_k >= 0 and self.lqer_rank > 0, "lqer_top_k", "lqer_top_k >= 0 and lqer_rank > 0")
+        need(self.lqer_asym_group >= 0 and 2 <= self.lqer_factor_bits <= 8, "lqer_asym_group",
+             "lqer_asym_group >= 0 (0: symmetric) and lqer_factor_bits in [2, 8]")
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -493,6 +541,7 @@ class Config:
         if self.schedule.quant_reserve_seconds < 0 or self.schedule.quant_reserve_margin < 0:
             raise ConfigError("schedule.quant_reserve_seconds and quant_reserve_margin: must be >= 0")
         self._validate_frontier_schedule()
+        self.quant.validate()
         self.ttt.validate(e.eval_seq_len, self.model.num_layers)
         return self
 

@@ -53,7 +53,8 @@ Modules and collections:
   way Flax's own attention makes it: a first call with `mutable=["cache"]`
   creates it at the input's shape, later calls write T positions at `pos`.
 - "input_grams" (`INPUT_GRAMS`, sown when the caller makes it mutable): X^T X
-  of every linear layer's input X, for the GPTQ Hessians.
+  of every linear layer's input X, and of the final norm's output ("final_norm",
+  the tied head's input), for the GPTQ Hessians.
 
 Shapes in names: B batch, T sequence, H query heads, K KV heads, G = H / K,
 D head dim, d model dim.
@@ -344,7 +345,9 @@ class GPT(nn.Module):
             pos_var.value = pos + T
             prev_token_var.value = tokens_BxT[:, -1].astype(jnp.int32)
             prev_x_var.value = smear_input_BxTxd[:, -1]
-        return rms_norm(h_BxTxd)
+        h_BxTxd = rms_norm(h_BxTxd)
+        sow_gram(self, "final_norm", h_BxTxd)  # the tied head's input: the 1.0611 record's tok_emb Hessian
+        return h_BxTxd
 
     def declare_parameters(self) -> None:
         """For `init`: every submodule's setup declares its parameters; nothing is computed."""

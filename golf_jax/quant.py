@@ -104,7 +104,7 @@ def _quantile_sorted(a_sorted: jax.Array, pct: float) -> jax.Array:
     return above - (above - below) * (np.float32(1) - w)
 
 
-def _to_fp16(x: jax.Array) -> jax.Array:
+def to_fp16(x: jax.Array) -> jax.Array:
     """float32 x rounded to float16 values, kept float32. A convert to float16
     and back is not enough under jit: XLA (allow_excess_precision, on by
     default) may drop the pair inside a fusion, and on an H100 the row
@@ -121,7 +121,7 @@ def _clip_scales(W_OxI: jax.Array, clip_range: int) -> jax.Array:
     # is below 1 gets the step 1/clip_range whatever its spread, and the
     # percentile search changes nothing there (so for every row of the gptq
     # fixture, and for most rows of trained banks of small weights).
-    return _to_fp16(jnp.maximum(clips / jnp.float32(clip_range), jnp.float32(1.0 / clip_range)))
+    return to_fp16(jnp.maximum(clips / jnp.float32(clip_range), jnp.float32(1.0 / clip_range)))
 
 
 def _rows_int6(W_OxI: jax.Array, clip_range: int) -> tuple[jax.Array, jax.Array]:
@@ -160,7 +160,7 @@ def quantize_int8_rows(E_VxD: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 # ----------------------------------------------------------------------------- GPTQ
 
-def _inverse_factor(H_IxI: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def inverse_factor(H_IxI: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Upper U with U^T U = (H + damping * mean(diag H) I)^-1, trying the
     DAMPING_LADDER in turn until the factorisations come out finite.
     Returns (U, damping, ok); U is the identity where no step worked."""
@@ -189,7 +189,7 @@ def _inverse_factor(H_IxI: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     return jnp.where(ok, U, eye), jnp.where(ok, ladder[k], jnp.nan), ok
 
 
-def _gptq_pass(Wp_OxI: jax.Array, U_IxI: jax.Array, s_O: jax.Array, clip_range: int, block_size: int) -> jax.Array:
+def gptq_pass(Wp_OxI: jax.Array, U_IxI: jax.Array, s_O: jax.Array, clip_range: int, block_size: int) -> jax.Array:
     """One GPTQ sweep over the (permuted) columns at fixed row scales: quantise
     a column, spread its scaled error over the columns still to come; within a
     block column by column, across blocks as one matmul (lazy batch updates)."""
@@ -235,10 +235,10 @@ def _gptq_one(W_OxI: jax.Array, H_IxI: jax.Array, clip_range: int, block_size: i
     perm = jnp.argsort(-(diag + jnp.float32(DAMPING_LADDER[0]) * jnp.mean(diag)), stable=True)
     inv_perm = jnp.argsort(perm)
     Wp_OxI = jnp.where(dead_I[perm][None, :], 0.0, W_OxI[:, perm])
-    U_IxI, damping, ok = _inverse_factor(H_IxI[perm][:, perm])
+    U_IxI, damping, ok = inverse_factor(H_IxI[perm][:, perm])
 
     s_PxO = _clip_scales(W_OxI, clip_range)  # from the unpermuted W, dead columns included
-    Q_PxOxI = jax.vmap(_gptq_pass, in_axes=(None, None, 0, None, None))(Wp_OxI, U_IxI, s_PxO, clip_range, block_size)
+    Q_PxOxI = jax.vmap(gptq_pass, in_axes=(None, None, 0, None, None))(Wp_OxI, U_IxI, s_PxO, clip_range, block_size)
     mse_P = jnp.mean(jnp.square(Wp_OxI - Q_PxOxI * s_PxO[..., None]), axis=(1, 2))
     best = jnp.argmin(mse_P)  # the first of equal errors, as the reference's strict <
     q_OxI = Q_PxOxI[best][:, inv_perm].astype(jnp.int8)

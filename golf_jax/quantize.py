@@ -17,14 +17,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
+import json
+import lzma
 import time
 from pathlib import Path
 from typing import Sequence
 
 import jax
+import numpy as np
 
-from golf_jax import (artifact, atomic, checkpoint, distributed, evaluate, generate, param_tree, pruning, quant,
-                      run_dir, ttt)
+from golf_jax import (artifact, atomic, calibration, checkpoint, distributed, evaluate, param_tree, pruning, quant,
+                      quant_frontier, run_dir, ttt)
 from golf_jax.hessians import collect_hessians
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
@@ -57,18 +61,23 @@ UNLOOPED_CALIBRATION = ("calibration: the self-generated tokens come from the mo
 
 
 def calibrate_and_quantize(params: param_tree.Params, cfg: Config, stage, progress: bool = False
-                           ) -> tuple[quant.QuantizedModel, dict]:
+                           ) -> tuple[quant.QuantizedModel | quant_frontier.FrontierQuantized, dict]:
     """The stages budget mode counts (BUDGET_STAGES, each inside `stage(name)`):
-    AR self-generated calibration, Hessians, GPTQ. Returns the quantised
-    model and GPTQ's report; every result is on the host when a stage ends."""
+    calibration (quant.calib_source), Hessians, GPTQ (quant.scheme). Returns the
+    quantised model (a quant_frontier.FrontierQuantized for "sdclip") and GPTQ's
+    report; every result is on the host when a stage ends."""
     q = cfg.quant
     with stage("calibration"):
-        calib = generate.calibration_tokens(params, cfg, progress=progress)
+        calib = calibration.calibration_tokens(params, cfg, progress=progress)
+    # The 1.0611 record's Hessians: Grams / batches, undamped (GPTQ damps), and the tied embedding's.
+    frontier = dict(damping=0.0, per_batch=True, embedding=cfg.model.tie_embeddings) if q.scheme == "sdclip" else {}
     with stage("hessians"):
         hessians = collect_hessians(params, cfg.model, calib, q.calib_batch_size, progress=progress,
-                                    looping=cfg.model.looping_after_training)
+                                    looping=cfg.model.looping_after_training, **frontier)
         jax.block_until_ready(hessians)
     with stage("gptq"):
+        if q.scheme == "sdclip":
+            return quant_frontier.quantize_params(params, cfg.model, hessians, q)
         qmodel, quant_report = quant.quantize_params(params, cfg.model, hessians, q)
     return qmodel, quant_report
 
@@ -161,6 +170,60 @@ def budget_line(b: dict) -> str:
                if b["reserved_s"] is not None else ""))
 
 
+def _artifact(qmodel: quant.QuantizedModel, cfg: Config, meta: dict, path: Path, stage, log, report: dict) -> Params:
+    """The 1.1147 record's artifact: pruned to the budget, written, read back; its weights."""
+    q = cfg.quant
+    code = artifact.code_bytes()
+    with stage("compress_and_prune"):
+        qmodel, blob, pruned = pruning.fit_to_budget(
+            qmodel, lambda qm: artifact.serialize(qm, meta, q.lzma_preset), q.artifact_budget_bytes, code)
+    report["pruning"] = pruned
+    if not pruned["fits"]:
+        log(f"warning: the artifact does not fit even with every +-1 value pruned: {pruned['bytes']:,} bytes "
+            f"against a budget of {q.artifact_budget_bytes:,}")
+    with stage("write_artifact"):
+        weights_bytes = atomic.write_bytes(path, blob)
+    report["artifact"] = artifact.artifact_budget_report(weights_bytes, q.artifact_budget_bytes, code)
+    report["artifact"]["path"] = str(path)
+    log(f"artifact {path}: {weights_bytes:,} bytes + {code:,} bytes of code = {weights_bytes + code:,} "
+        f"(budget {q.artifact_budget_bytes:,}); pruned {pruned.get('pruned', 0):,} of "
+        f"{pruned.get('candidates', 0):,} +-1 values")
+
+    with stage("reload"):
+        return checkpoint.load_model(artifact_path=path).params
+
+
+FRONTIER_STOPGAP_MAGIC = b"GOLFSDCLIP0\n"
+
+
+def _frontier_artifact(fq: quant_frontier.FrontierQuantized, cfg: Config, meta: dict, path: Path, stage, log,
+                       report: dict) -> Params:
+    """The "sdclip" scheme's quantised model, written and read back; its weights. A stopgap
+    container (magic, then lzma of an .npz of the arrays and a JSON of meta), not the 1.0611
+    record's per-group serialisation, which replaces it (issue 20); nothing pruned, as the record."""
+    code = artifact.code_bytes()
+    with stage("compress"):
+        buf = io.BytesIO()
+        np.savez(buf, **fq.arrays)
+        header = json.dumps({"meta": fq.meta, "artifact_meta": meta}, default=str).encode()
+        blob = FRONTIER_STOPGAP_MAGIC + lzma.compress(len(header).to_bytes(8, "little") + header + buf.getvalue(),
+                                                      preset=cfg.quant.lzma_preset)
+    with stage("write_artifact"):
+        weights_bytes = atomic.write_bytes(path, blob)
+    report["pruning"] = {"fits": weights_bytes + code <= cfg.quant.artifact_budget_bytes, "pruned": 0}
+    report["artifact"] = artifact.artifact_budget_report(weights_bytes, cfg.quant.artifact_budget_bytes, code)
+    report["artifact"]["path"] = str(path)
+    log(f"artifact {path} (stopgap lzma container, not the record's per-group format): {weights_bytes:,} bytes + "
+        f"{code:,} bytes of code = {weights_bytes + code:,} (budget {cfg.quant.artifact_budget_bytes:,})")
+    with stage("reload"):
+        raw = lzma.decompress(path.read_bytes()[len(FRONTIER_STOPGAP_MAGIC):])
+        n = int.from_bytes(raw[:8], "little")
+        stored = json.loads(raw[8:8 + n])
+        with np.load(io.BytesIO(raw[8 + n:])) as z:
+            arrays = {k: z[k] for k in z.files}
+        return quant_frontier.dequantize_params(quant_frontier.FrontierQuantized(arrays, stored["meta"]), cfg.model)
+
+
 def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str | Path, progress: bool = True,
                           pre_quant: dict | None = None, log=print, train_summary: dict | None = None,
                           dataset: dict | None = None, tokenizer: str | None = None) -> dict:
@@ -175,7 +238,6 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
     user's --tokenizer, which overrides that check."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    q = cfg.quant
     times: dict[str, float] = {}
     compiles: dict[str, int] = {}
     report: dict = {"config": config_lib.to_dict(cfg), "backend": jax.default_backend(),
@@ -190,7 +252,7 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
             pre_quant = dataclasses.asdict(evaluate.run_standard(params, cfg, val_tokens, tables, progress))
     report["pre_quant"] = pre_quant
     log(f"pre-quantisation: val_loss {pre_quant['loss']:.4f} val_bpb {pre_quant['bpb']:.4f}")
-    if cfg.model.num_loops > 0:
+    if cfg.model.num_loops > 0 and cfg.quant.calib_source == "self_generated":
         log(UNLOOPED_CALIBRATION)
 
     qmodel, quant_report = calibrate_and_quantize(params, cfg, stage, progress)
@@ -202,26 +264,11 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
     if fallbacks:
         log(f"GPTQ fell back to the per-row quantiser for {len(fallbacks)} matrices: {', '.join(fallbacks)}")
 
-    code = artifact.code_bytes()
     meta = _artifact_meta(cfg, quant_report, dataset or ds.record())
-    with stage("compress_and_prune"):
-        qmodel, blob, pruned = pruning.fit_to_budget(
-            qmodel, lambda qm: artifact.serialize(qm, meta, q.lzma_preset), q.artifact_budget_bytes, code)
-    report["pruning"] = pruned
-    if not pruned["fits"]:
-        log(f"warning: the artifact does not fit even with every +-1 value pruned: {pruned['bytes']:,} bytes "
-            f"against a budget of {q.artifact_budget_bytes:,}")
-    path = out_dir / ARTIFACT_NAME
-    with stage("write_artifact"):
-        weights_bytes = atomic.write_bytes(path, blob)
-    report["artifact"] = artifact.artifact_budget_report(weights_bytes, q.artifact_budget_bytes, code)
-    report["artifact"]["path"] = str(path)
-    log(f"artifact {path}: {weights_bytes:,} bytes + {code:,} bytes of code = {weights_bytes + code:,} "
-        f"(budget {q.artifact_budget_bytes:,}); pruned {pruned.get('pruned', 0):,} of "
-        f"{pruned.get('candidates', 0):,} +-1 values")
-
-    with stage("reload"):
-        qparams = checkpoint.load_model(artifact_path=path).params
+    if isinstance(qmodel, quant_frontier.FrontierQuantized):
+        qparams = _frontier_artifact(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report)
+    else:
+        qparams = _artifact(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report)
     with stage("eval_int6_roundtrip"):
         rt = evaluate.run_standard(qparams, cfg, val_tokens, tables, progress)
     report["int6_roundtrip"] = dataclasses.asdict(rt)

@@ -27,6 +27,7 @@ def test_record_config_is_the_appendix():
     assert (o.matrix_lr, o.muon_momentum, o.muon_momentum_warmup_start, o.tied_embed_lr) == (0.025, 0.99, 0.92, 0.035)
     assert (s.warmdown_iters, s.max_wallclock_seconds, s.ema_decay, s.late_qat_threshold) == (4000, 600.0, 0.997, 0.15)
     assert (q.clip_range, q.calib_num_seqs, q.calib_temperature, e.sliding_stride) == (31, 64, 0.8, 64)
+    assert (q.scheme, q.calib_source) == ("percentile", "self_generated")
     assert cfg.run.seed == 314
     assert (o.muon_ns_coefficients, o.muon_ns_rounding, o.muon_row_normalize, s.warmdown_frac) == ("quintic", "eager",
                                                                                                 False, 0.0)
@@ -73,6 +74,13 @@ def test_frontier_config_is_the_records_run():
     assert (s.enable_looping_at, s.ema_decay, s.warmup_steps, s.swa_enabled, s.late_qat_threshold) == (
         0.35, 0.9965, 20, False, 0.0)
     assert (e.val_loss_every, cfg.run.seed, cfg.ttt.enabled) == (0, 42, False)
+    q = cfg.quant  # SPEC.md section 4 and the README's command
+    assert (q.scheme, q.calib_source, q.calib_num_seqs // q.calib_batch_size, q.calib_batch_size, q.calib_seq_len) == (
+        "sdclip", "train_shards", 16, 48, 2048)
+    assert (q.attn_clip_sigmas, q.mlp_clip_sigmas, q.embed_clip_sigmas, q.clip_range, q.embed_clip_range) == (
+        13.0, 11.5, 14.0, 31, 63)
+    assert (q.gate_int8, q.keep_float_max_numel, q.lqer_top_k, q.lqer_rank, q.lqer_asym_group) == (
+        True, 65_536, 3, 4, 64)
     smoke = cli.load_config_file(str(REPO / "configs/frontier_smoke.py")).validate()
     assert smoke.data.data_dir == "embedded" and smoke.data.packed_documents and smoke.model.num_loops == 2
     assert smoke.optimizer == cfg.optimizer

@@ -79,3 +79,36 @@ def test_a_looped_layer_sums_the_grams_of_its_applications():
                                rtol=1e-4, atol=1e-4)
     unlooped = hessians._input_grams(params, cfg, tokens)
     np.testing.assert_array_equal(unlooped["layers_0/attn/qkv"], grams["layers_0/attn/qkv"])
+
+
+def test_frontier_hessians_match_reference(frontier_ref):
+    """The 1.0611 record's 6L + 1 Hessians (tests/frontier_reference/generate_quant.py: its
+    collect_hessians on the tiny model, looping on, a dense forward, two batches): summed
+    Grams over every application of a looped layer, / the number of batches, undamped, and
+    tok_emb's from the final norm's output; compared through their diagonals and probes."""
+    from golf_jax import compat, quant_frontier
+    from tests.conftest import FRONTIER_FIXTURES, missing
+
+    path = FRONTIER_FIXTURES / "quant_frontier_tiny.npz"
+    if not path.is_file():
+        missing(f"{path}: not present (python tests/frontier_reference/generate_quant.py)")
+    with np.load(path) as z:
+        ref = {k: z[k] for k in z.files if k.startswith("hess/")}
+    cfg, _, arrays = frontier_ref
+    params = compat.params_from_reference({k.removeprefix("param/"): v for k, v in arrays.items()
+                                           if k.startswith("param/")}, cfg)
+    x = ref["hess/x"].reshape(-1, ref["hess/x"].shape[-1])  # [batches x sequences, T]
+    tokens = np.concatenate([x, np.zeros((x.shape[0], 1), x.dtype)], axis=1)  # the inputs are tokens[:, :-1]
+    hess = hessians.collect_hessians(params, cfg, tokens, batch_size=ref["hess/x"].shape[1], damping=0.0,
+                                     looping=True, per_batch=True, embedding=True)
+    ours = quant_frontier.reference_hessians(hess, cfg.num_layers)
+    names = {k.split("/")[1] for k in ref if k.count("/") == 2}
+    assert sorted(ours) == sorted(names) and len(names) == 6 * cfg.num_layers + 1
+    probes = ref["hess/probes"]
+    for name in names:
+        H = np.asarray(ours[name], np.float64)
+        for what, value in (("diag", np.diag(H)), ("probe", H @ probes[:H.shape[0]])):
+            want = ref[f"hess/{name}/{what}"]
+            rel = np.linalg.norm(value - want) / np.linalg.norm(want)
+            # float32 forwards of two frameworks and sums of 128 outer products in another order
+            assert rel <= 1e-5, f"{name} {what}: relative error {rel:.2e}"

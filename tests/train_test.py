@@ -325,6 +325,8 @@ def test_frontier_smoke_trains_end_to_end(frontier_run):
     assert summary["recompilations_after_first_step"] == 0
     report = json.loads((out_dir / "quantize.json").read_text())
     assert np.isfinite(report["sliding"]["bpb"]) and (out_dir / run_dir.ARTIFACT_NAME).exists()
+    # the record's quantisation: at this width only the embedding has more than 65,536 values
+    assert list(report["quantization"]["matrices"]) == report["quantization"]["lqer"] == ["tok_emb.weight"]
 
 
 def test_frontier_warm_up_and_resume_across_the_loop_switch(frontier_run, tmp_path):
