@@ -85,6 +85,8 @@ def get_config() -> Config:
             val_loss_every=0,  # VAL_LOSS_EVERY=0: the last step's validation only
             sliding_stride=64, sliding_batch_windows=32, sliding_score_once=False,
         ),
-        ttt=TTTConfig(enabled=False),  # its phased LoRA TTT is issue 20
+        # The phased LoRA TTT (golf_jax/ttt_lora.py) at the record's settings (the lora_*, phased_*,
+        # global_* defaults): `python -m golf_jax.ttt --artifact ...`; train.py does not run it yet.
+        ttt=TTTConfig(enabled=False, mode="lora_phased"),
         run=RunConfig(seed=42, output_dir="runs/frontier", train_log_every=500),
     )

@@ -1,7 +1,9 @@
 """The transformer block's Flax modules: attention, the MLP, the sequential
 block and the 1.0611 record's two-lane parallel block. They declare no
 parameters: `model.GPT` holds the banks and the per-layer controls and hands
-each block its slices (`LayerWeights`); see golf_jax/model.py.
+each block its slices (`LayerWeights`); see golf_jax/model.py. `LoRA` and
+`SlotLoRA`: the 1.0611 record's test-time adapters (golf_jax/ttt_lora.py),
+which ride in `LayerWeights.lora` (None: the plain block).
 
 Shapes in names: B batch, T sequence, H query heads, K KV heads, G = H / K,
 D head dim, d model dim.
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -33,6 +36,50 @@ def sow_gram(module: nn.Module, name: str, x: jax.Array) -> None:
         module.sow(INPUT_GRAMS, name, gram(x))
 
 
+class SlotLoRA(NamedTuple):
+    """One layer application's low-rank adapters (the 1.0611 record's TTT,
+    golf_jax/ttt_lora.py), one per batch row: each target a pair (A [B, r, in],
+    B [B, out, r]) whose delta is scale (x A^T) B^T. q, k, v and o read the
+    attention's normed input, mlp the MLP's; q, k, v add to the projections,
+    o to the attention's output, mlp to the MLP's (before their scales)."""
+    q: tuple[jax.Array, jax.Array]
+    k: tuple[jax.Array, jax.Array]
+    v: tuple[jax.Array, jax.Array]
+    o: tuple[jax.Array, jax.Array]
+    mlp: tuple[jax.Array, jax.Array]
+    scale: float
+
+    def delta(self, target: str, x_BxTxI: jax.Array) -> jax.Array:
+        return lora_delta(x_BxTxI, *getattr(self, target), self.scale)
+
+
+def lora_delta(x_BxTxI: jax.Array, a_BxRxI: jax.Array, b_BxOxR: jax.Array, scale: float) -> jax.Array:
+    """scale (x A^T) B^T, each row of the batch with its own adapter, in x's dtype."""
+    low_BxTxR = jnp.einsum("bti,bri->btr", x_BxTxI, a_BxRxI.astype(x_BxTxI.dtype))
+    return jnp.einsum("btr,bor->bto", low_BxTxR, b_BxOxR.astype(x_BxTxI.dtype)) * scale
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "mlp")  # per layer application (SlotLoRA), then "head"
+
+
+@flax.struct.dataclass
+class LoRA:
+    """The 1.0611 record's test-time LoRA (golf_jax/ttt_lora.py), one adapter per
+    batch row: factors[t] = (A [S, B, r, in], B [S, B, out, r]) for t in
+    LORA_TARGETS over the S layer applications of the looped order
+    (`ModelConfig.layer_order`), and factors["head"] = (A [B, r, d], B [B, V, r]),
+    added to the head's logits before the softcap. A pytree (its gradient is a
+    LoRA); `scale` (alpha / rank) is static."""
+    factors: dict
+    scale: float = flax.struct.field(pytree_node=False)
+
+    def slot(self, i: int) -> SlotLoRA:
+        return SlotLoRA(*(tuple(m[i] for m in self.factors[t]) for t in LORA_TARGETS), self.scale)
+
+    def head_delta(self, h_BxTxd: jax.Array) -> jax.Array:
+        return lora_delta(h_BxTxd, *self.factors["head"], self.scale)
+
+
 class LayerWeights(NamedTuple):
     """One layer's slices of the banks ([out, in]) and its controls."""
     q: jax.Array  # [d, d]
@@ -48,6 +95,7 @@ class LayerWeights(NamedTuple):
     attn_gate: jax.Array | None = None  # [H, gate_window]: the sparse head-output gate
     lane_resid: jax.Array | None = None  # [2]: each lane's own weight (parallel blocks)
     lane_post: jax.Array | None = None  # [2, 2]: [attention, MLP] output -> [lane 0, lane 1]
+    lora: SlotLoRA | None = None  # this application's TTT adapters (GPT.hidden's lora)
 
 
 class CausalSelfAttention(nn.Module):
@@ -67,9 +115,14 @@ class CausalSelfAttention(nn.Module):
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         B, T, d = h_BxTxd.shape
         sow_gram(self, "qkv", h_BxTxd)
-        q_BxTxHxD = linear(h_BxTxd, w.q).reshape(B, T, H, D)
-        k_BxTxKxD = linear(h_BxTxd, w.k).reshape(B, T, K, D)
-        v_BxTxKV = linear(h_BxTxd, w.v)
+
+        def project(target: str, w_OxI: jax.Array) -> jax.Array:
+            out = linear(h_BxTxd, w_OxI)
+            return out if w.lora is None else out + w.lora.delta(target, h_BxTxd)
+
+        q_BxTxHxD = project("q", w.q).reshape(B, T, H, D)
+        k_BxTxKxD = project("k", w.k).reshape(B, T, K, D)
+        v_BxTxKV = project("v", w.v)
         if ve_BxTxKV is not None:
             v_BxTxKV = v_BxTxKV + ve_BxTxKV
         v_BxTxKxD = v_BxTxKV.reshape(B, T, K, D)
@@ -99,6 +152,8 @@ class CausalSelfAttention(nn.Module):
             y_BxTxHxD = head_gate(y_BxTxHxD, h_BxTxd, w.attn_gate, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
         y_BxTxd = y_BxTxHxD.reshape(B, T, d)
         sow_gram(self, "proj", y_BxTxd)
+        if w.lora is not None:  # the out-projection's adapter reads the attention's input
+            return linear(y_BxTxd, w.proj) + w.lora.delta("o", h_BxTxd)
         return linear(y_BxTxd, w.proj)
 
 
@@ -140,6 +195,11 @@ class Block(nn.Module):
         mixed = scaled_sum([(scale_a, a), (scale_b, b)], self.cfg.scales_in_float32)
         return mixed, rms_norm(mixed, self.norm_scale)
 
+    def mlp_with_lora(self, h_BxTxd: jax.Array, w: LayerWeights) -> jax.Array:
+        """The MLP of its normed input, plus its TTT adapter's delta when w has one."""
+        out = self.mlp(h_BxTxd, w.fc, w.mlp_proj)
+        return out if w.lora is None else out + w.lora.delta("mlp", h_BxTxd)
+
     def __call__(self, x_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
                  rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0,
                  segments: Segments | None = None) -> jax.Array:
@@ -147,7 +207,7 @@ class Block(nn.Module):
         x_in, h = self.mix_norm(x_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
         attn_out = self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments)
         x, h = self.mix_norm(x_in, attn_out, None, w.attn_scale, decode)
-        mlp_out = self.mlp(h, w.fc, w.mlp_proj)
+        mlp_out = self.mlp_with_lora(h, w)
         return scaled_sum([(None, x), (w.mlp_scale, mlp_out)], self.cfg.scales_in_float32)
 
     def parallel(self, lane0_BxTxd: jax.Array, lane1_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights,
@@ -161,7 +221,7 @@ class Block(nn.Module):
         f32 = self.cfg.scales_in_float32
         _, h = self.mix_norm(lane0_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
         attn_out = scaled_sum([(w.attn_scale, self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments))], f32)
-        mlp_out = scaled_sum([(w.mlp_scale, self.mlp(rms_norm(lane1_BxTxd, self.norm_scale), w.fc, w.mlp_proj))], f32)
+        mlp_out = scaled_sum([(w.mlp_scale, self.mlp_with_lora(rms_norm(lane1_BxTxd, self.norm_scale), w))], f32)
         r, P = w.lane_resid, w.lane_post
         lane0 = scaled_sum([(r[0], lane0_BxTxd), (P[0, 0], attn_out), (P[1, 0], mlp_out)], f32)
         lane1 = scaled_sum([(r[1], lane1_BxTxd), (P[0, 1], attn_out), (P[1, 1], mlp_out)], f32)

@@ -455,6 +455,31 @@ class TTTConfig:
     grad_clip_norm: float = 1.0  # 0 = no clip
     freeze_blocks: int = 0  # the first N blocks stay fixed ("all blocks trainable": 0)
     score_batch_windows: int = 0  # sliding windows per scoring call; 0 = eval.sliding_batch_windows
+    # "global": the above (the 1.1147 record's, golf_jax/ttt.py); "lora_phased": the 1.0611
+    # record's (golf_jax/ttt_lora.py, SPEC.md section 5), whose settings follow (its values):
+    # per-document LoRA of lora_rank (scale lora_alpha / lora_rank) on the looped model, one
+    # AdamW step per scored chunk of lora_chunk_tokens (context up to lora_context_len), batches
+    # of lora_batch_docs documents; global SGD of all weights on the first phased_prefix_docs
+    # scored documents in phased_num_phases phases (global_*; sequences of eval.eval_seq_len).
+    mode: str = "global"
+    lora_rank: int = 80
+    lora_alpha: float = 144.0
+    lora_lr: float = 1e-4
+    lora_beta1: float = 0.0
+    lora_beta2: float = 0.99
+    lora_eps: float = 1e-10
+    lora_weight_decay: float = 0.5
+    lora_chunk_tokens: int = 48
+    lora_context_len: int = 2048
+    lora_batch_docs: int = 64
+    lora_min_window: int = 0  # chunk windows are padded to a power of two, at least this (fewer programs)
+    phased_prefix_docs: int = 2500
+    phased_num_phases: int = 3
+    global_lr: float = 1e-3  # cosine over the phase's chunks
+    global_momentum: float = 0.9
+    global_chunk_tokens: int = 32_768
+    global_batch_seqs: int = 32
+    global_grad_clip: float = 1.0
 
     def validate(self, eval_seq_len: int, num_layers: int) -> None:
         def need(ok: bool, name: str, why: str) -> None:
@@ -473,6 +498,16 @@ class TTTConfig:
         need(self.grad_clip_norm >= 0, "grad_clip_norm", "must be >= 0")
         need(0 <= self.freeze_blocks <= num_layers, "freeze_blocks", f"must be in [0, num_layers={num_layers}]")
         need(self.score_batch_windows >= 0, "score_batch_windows", "must be >= 0")
+        need(self.mode in ("global", "lora_phased"), "mode", "'global' or 'lora_phased'")
+        need(self.lora_rank > 0 and self.lora_batch_docs > 0 and self.lora_chunk_tokens > 0, "lora_rank",
+             "lora_rank, lora_batch_docs and lora_chunk_tokens must be positive")
+        need(self.lora_context_len >= self.lora_chunk_tokens, "lora_context_len", "must be >= lora_chunk_tokens")
+        need(0 <= self.lora_min_window <= self.lora_context_len, "lora_min_window", "in [0, lora_context_len]")
+        need(0 <= self.lora_beta1 < 1 and 0 <= self.lora_beta2 < 1, "lora_beta1", "lora_beta1 and lora_beta2 in [0, 1)")
+        need(self.phased_prefix_docs >= 0 and self.phased_num_phases >= 1, "phased_num_phases",
+             "phased_prefix_docs >= 0 and phased_num_phases >= 1")
+        need(self.global_chunk_tokens >= eval_seq_len and self.global_batch_seqs > 0, "global_chunk_tokens",
+             f"global_chunk_tokens >= eval.eval_seq_len={eval_seq_len} and global_batch_seqs > 0")
 
 
 @dataclass(frozen=True)

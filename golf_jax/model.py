@@ -38,6 +38,10 @@ Depth recurrence applies a layer's `Block` several times in one call
 application sows its own Grams. The decoder's two-lane layers are the same
 `Block`s through `Block.parallel`.
 
+Test-time adapters (golf_jax/ttt_lora.py): `GPT.hidden(lora=...)` hands layer
+application i `lora.slot(i)` in its `LayerWeights`, `lora_token_nll` adds the
+head's; without `lora` nothing of them is traced (the same program as before).
+
 Modules and collections:
 
     GPT                     params above; cache: pos, prev_token, prev_x
@@ -69,12 +73,13 @@ import jax
 import jax.numpy as jnp
 
 # INPUT_GRAMS, MLP and CausalSelfAttention re-exported: model.INPUT_GRAMS etc. as before the split.
-from golf_jax.blocks import INPUT_GRAMS, MLP, Block, CausalSelfAttention, LayerWeights, sow_gram  # noqa: F401
+from golf_jax.blocks import (INPUT_GRAMS, MLP, Block, CausalSelfAttention, LayerWeights, LoRA,  # noqa: F401
+                             sow_gram)
 from golf_jax.config import ModelConfig
 from golf_jax.packing import Segments
 from golf_jax.layers import (bigram_buckets, compute_dtype, final_lane, fusion_impl, gated_skip, head_nll, linear,
-                             lm_head, lookup, rms_norm, rotary_base, rotary_tables, scaled_sum, smear,
-                             windowed_smear)
+                             head_projection, lm_head, lookup, rms_norm, rotary_base, rotary_tables, scaled_sum,
+                             smear, softcap, windowed_smear)
 from golf_jax.param_tree import Params, embedding_dtype
 
 
@@ -300,7 +305,7 @@ class GPT(nn.Module):
 
     @nn.compact
     def hidden(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
-               looping: bool = False, segments: Segments | None = None) -> jax.Array:
+               looping: bool = False, segments: Segments | None = None, lora: LoRA | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, d] in the compute dtype.
 
         rope_len: the sequence length whose rotary base to use (default T; see
@@ -309,6 +314,7 @@ class GPT(nn.Module):
         segments (`packing.Segments`): the documents of packed rows: attention
         stays within a document, RoPE positions stay those of the row (the
         reference's).
+        lora: test-time adapters, the i-th layer application's `lora.slot(i)`.
         """
         cfg = self.cfg
         dtype = compute_dtype(cfg)
@@ -320,6 +326,8 @@ class GPT(nn.Module):
             if looping and cfg.num_loops > 0 or segments is not None:
                 raise ValueError("decode=True: the KV cache holds one application of each layer and one "
                                  "sequence; it has no depth recurrence (looping) nor packed rows (segments)")
+            if lora is not None:
+                raise ValueError("decode=True: test-time adapters (lora) are for scoring, not decoding")
             filled = self.has_variable("cache", "pos")
             pos_var = self.variable("cache", "pos", lambda: jnp.zeros((), jnp.int32))
             prev_token_var = self.variable("cache", "prev_token", lambda: jnp.full((B,), -1, jnp.int32))
@@ -330,12 +338,18 @@ class GPT(nn.Module):
         rope = rotary_tables(cfg, pos + jnp.arange(T), rotary_base(cfg, rope_len or T))
         ve_BxTxKV = self.ve(tokens_BxT, dtype) if self.ve is not None else None
 
+        applications = []  # the slots so far: the i-th application gets lora.slot(i)
+
         def apply_layer(layer, x_BxTxd, lane1_BxTxd):
             ve = None
             if layer in cfg.ve_layer_indices:
                 ve = scaled_sum([(self.ve.layer_scales[cfg.ve_layer_indices.index(layer)].astype(dtype), ve_BxTxKV)],
                                 cfg.scales_in_float32)
-            args = (self.layer_weights(layer, dtype), ve, rope, decode, pos, segments)
+            w = self.layer_weights(layer, dtype)
+            if lora is not None:
+                w = w._replace(lora=lora.slot(len(applications)))
+            applications.append(layer)
+            args = (w, ve, rope, decode, pos, segments)
             if lane1_BxTxd is None:
                 return self.layers[layer](x_BxTxd, x0_BxTxd, *args)
             return self.layers[layer].parallel(x_BxTxd, lane1_BxTxd, x0_BxTxd, *args)
@@ -367,6 +381,16 @@ class GPT(nn.Module):
     def head(self, h_BxTxd: jax.Array) -> jax.Array:
         """Soft-capped float32 logits [B, T, V] of final-normed hidden states."""
         return lm_head(self.head_weight(), self.cfg, h_BxTxd)
+
+    def lora_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array, lora: LoRA, looping: bool) -> jax.Array:
+        """Per-token cross-entropy [B, T] with test-time adapters in every layer
+        application and on the head's logits (the reference's forward_ttt)."""
+        slots = len(sum(self.cfg.layer_order(looping), ()))
+        if lora.factors["q"][0].shape[0] != slots:
+            raise ValueError(f"lora has {lora.factors['q'][0].shape[0]} layer applications; looping={looping}: {slots}")
+        h = self.hidden(tokens_BxT, looping=looping, lora=lora)
+        z = head_projection(self.head_weight(), self.cfg, h) + lora.head_delta(h).astype(jnp.float32)
+        return nll_from_logits(softcap(z, self.cfg.logit_softcap), targets_BxT)
 
     def __call__(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
                  looping: bool = False, segments: Segments | None = None) -> jax.Array:
@@ -405,6 +429,13 @@ def logits(params: Params, cfg: ModelConfig, tokens: jax.Array, rope_len: int | 
 def nll_from_logits(z: jax.Array, targets: jax.Array) -> jax.Array:
     """Cross-entropy of each target under logits z [..., vocab]."""
     return jax.nn.logsumexp(z, axis=-1) - jnp.take_along_axis(z, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def lora_token_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array, lora: LoRA, *,
+                   looping: bool = False) -> jax.Array:
+    """Per-token cross-entropy [B, T], float32, with test-time adapters
+    (`GPT.lora_nll`; golf_jax/ttt_lora.py jits it with its training step)."""
+    return GPT(cfg).apply({"params": params}, tokens, targets, lora, looping, method=GPT.lora_nll)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "looping"))

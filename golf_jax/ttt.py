@@ -15,6 +15,9 @@ parallel over the device mesh (windows and training sequences sharded along
 "data", the parameters replicated).
 
     python -m golf_jax.ttt --artifact runs/smoke/final_model.int6.golf [--config.ttt.lr=0.004]
+
+With --config.ttt.mode=lora_phased the command runs the 1.0611 record's
+phased LoRA TTT instead (golf_jax/ttt_lora.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from golf_jax import data, evaluate, model
+from golf_jax import data, evaluate, model, ttt_lora
 from golf_jax.train_step import AXIS, make_mesh
 from golf_jax.config import Config, ModelConfig, TTTConfig
 from golf_jax.param_tree import Params, path_name
@@ -298,6 +301,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
     t = cfg.ttt
+    if t.mode == "lora_phased":  # the 1.0611 record's (golf_jax/ttt_lora.py)
+        result = ttt_lora.run(params, cfg, tokens, tables, progress=not args.no_progress)
+        print(f"phased LoRA TTT: val_loss {result.loss:.8f} val_bpb {result.bpb:.8f} over {result.documents:,} "
+              f"documents, {result.phases} phases; {result.seconds:.1f} s")
+        if args.out:
+            checkpoint.write_json(args.out, ttt_lora.summary(result))
+        return
     print(f"TTT on {source}: {len(tokens) - 1:,} targets in chunks of {t.chunk_tokens:,}; {t.optimizer} lr {t.lr} "
           f"(cosine), {t.epochs} epochs, batches of {t.batch_seqs} x {t.seq_len or cfg.eval.eval_seq_len}")
     pre = None

@@ -1,0 +1,192 @@
+"""The 1.0611 record's phased score-first LoRA TTT (golf_jax/ttt_lora.py): every
+chunk's score against the reference's own eval_val_ttt_phased (the fixture of
+tests/frontier_reference/generate_ttt.py, float32 on the CPU), the protocol
+(nothing already scored depends on a later token), the document plan, and the
+model's LoRA path (no adapter: the plain model)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from golf_jax import compat, data, model, ttt_lora
+from golf_jax.config import Config, EvalConfig, TTTConfig
+from tests.conftest import FRONTIER_FIXTURES, missing
+from tests.frontier_reference import generate_ttt
+
+
+@pytest.fixture(scope="module")
+def fixture(frontier_ref):
+    """(config, params, tokens, byte sidecar, the reference's arrays, init_a)."""
+    path = FRONTIER_FIXTURES / "ttt_lora_tiny.npz"
+    if not path.is_file():
+        missing(f"{path} not present (python tests/frontier_reference/generate_ttt.py)")
+    with np.load(path) as z:
+        ref = {k: z[k] for k in z.files}
+    env = dict(zip(ref["env_names"].tolist(), ref["env_values"].tolist()))
+    mcfg, _, model_ref = frontier_ref
+    ttt = TTTConfig(mode="lora_phased", lora_rank=int(env["TTT_LORA_RANK"]), lora_alpha=float(env["TTT_LORA_ALPHA"]),
+                    lora_lr=float(env["TTT_LORA_LR"]), lora_beta2=float(env["TTT_BETA2"]),
+                    lora_weight_decay=float(env["TTT_WEIGHT_DECAY"]), lora_chunk_tokens=int(env["TTT_CHUNK_SIZE"]),
+                    lora_context_len=int(env["TTT_EVAL_SEQ_LEN"]), lora_batch_docs=int(env["TTT_BATCH_SIZE"]),
+                    phased_prefix_docs=int(env["PHASED_TTT_PREFIX_DOCS"]),
+                    phased_num_phases=int(env["PHASED_TTT_NUM_PHASES"]), global_lr=float(env["GLOBAL_TTT_LR"]),
+                    global_chunk_tokens=int(env["GLOBAL_TTT_CHUNK_TOKENS"]),
+                    lora_min_window=int(env["TTT_EVAL_SEQ_LEN"]))  # one program for every chunk: seconds less
+    cfg = Config(model=mcfg, eval=EvalConfig(eval_seq_len=int(env["EVAL_SEQ_LEN"])), ttt=ttt)
+    cfg.ttt.validate(cfg.eval.eval_seq_len, mcfg.num_layers)
+    params = compat.params_from_reference({k[6:]: v for k, v in model_ref.items() if k.startswith("param/")}, mcfg)
+    tables = data.ByteSidecar(ref["val_bytes"], "fixture")
+    return cfg, params, ref["tokens"], tables, ref, fixture_init_a(mcfg, ttt.lora_rank)
+
+
+def fixture_init_a(mcfg, rank: int) -> ttt_lora.InitA:
+    """The generator's A factors (`generate_ttt.lora_a`) in model.LoRA's layout."""
+    def init(construction: int, rows: int) -> dict:
+        shapes = ttt_lora.lora_shapes(mcfg, rows, rank)
+        out = {}
+        for ti, target in enumerate(generate_ttt.LORA_TARGETS):
+            slots, *row_shape = shapes[target][0]
+            out[target] = np.stack([generate_ttt.lora_a(construction, ti, s, tuple(row_shape), mcfg.model_dim)
+                                    for s in range(slots)])
+        out["head"] = generate_ttt.lora_a(construction, generate_ttt.HEAD, 0, shapes["head"][0], mcfg.model_dim)
+        return out
+    return init
+
+
+@pytest.fixture(scope="module")
+def result(fixture):
+    cfg, params, tokens, tables, _, init_a = fixture
+    return ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False)
+
+
+def test_every_chunk_matches_the_reference(fixture, result):
+    """Each scored chunk's loss, row by row, through both phases of global SGD
+    (the last two batches are scored after them) and the partial batch's LoRA."""
+    _, _, _, _, ref, _ = fixture
+    assert len(result.chunk_row_sums) == len(ref["chunk_rows"])
+    got, want = np.stack(result.chunk_row_sums), ref["chunk_rows"]
+    assert np.array_equal(got == 0, want == 0)  # the same rows scored at every chunk
+    # float32 against float32, sums in other orders, through up to 8 AdamW steps and 5 SGD steps
+    rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+    assert rel.max() <= 1e-5, rel.max()
+    np.testing.assert_array_equal(result.chunk_tokens, ref["chunk_tokens"])
+    np.testing.assert_array_equal(result.chunk_bytes, ref["chunk_bytes"])
+    assert result.phases == 2
+    assert abs(result.loss / float(ref["loss"]) - 1) <= 1e-6 and abs(result.bpb / float(ref["bpb"]) - 1) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+def batch_chunk_ranges(cfg, tokens) -> list[tuple[np.ndarray, range]]:
+    """Each batch's documents (processing order) and its steps' indices in chunk_row_sums."""
+    starts, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
+    out, at = [], 0
+    for _, docs in ttt_lora.batch_order(lengths, cfg.ttt.lora_batch_docs):
+        n = -(-(int(lengths[docs].max()) - 1) // cfg.ttt.lora_chunk_tokens)
+        out.append((docs, range(at, at + n)))
+        at += n
+    return out
+
+
+def test_score_first_protocol(fixture, result):
+    """A document's chunk N does not change when its tokens after chunk N change, nor
+    does anything scored before; it changes when its chunk 0 changes although chunk 0
+    lies outside chunk N's window (through the LoRA's training only). Changing a
+    document of the last batch changes nothing scored before that batch."""
+    cfg, params, tokens, tables, _, init_a = fixture
+    starts, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
+    ranges = batch_chunk_ranges(cfg, tokens)
+    (docs, steps), (last_docs, last_steps) = ranges[0], ranges[-1]
+    row = int(np.argmax(lengths[docs]))
+    doc, C, N = docs[row], cfg.ttt.lora_chunk_tokens, 5
+    assert (N + 1) * C + 1 < lengths[doc] - 1 and (N + 1) * C - cfg.ttt.lora_context_len > C  # chunk 0 outside the window
+    rng = np.random.default_rng(0)
+
+    def altered(lo, hi):
+        t = tokens.copy()
+        t[lo:hi] = rng.integers(cfg.model.bos_id + 1, cfg.model.vocab_size, hi - lo)  # no new documents
+        return ttt_lora.run(params, cfg, t, tables, init_a=init_a, progress=False).chunk_row_sums
+
+    base = result.chunk_row_sums
+    future = altered(starts[doc] + (N + 1) * C + 1, starts[doc] + lengths[doc] - 1)  # keep the next BOS
+    for i in steps[:N + 1]:
+        np.testing.assert_array_equal(future[i], base[i])  # bit for bit
+    assert future[steps[N + 1]][row] != base[steps[N + 1]][row]
+    past = altered(starts[doc] + 1, starts[doc] + C + 1)  # chunk 0's targets
+    assert past[steps[N]][row] != base[steps[N]][row]
+    late = altered(starts[last_docs[0]] + 1, starts[last_docs[0]] + lengths[last_docs[0]] - 1)
+    for i in range(last_steps.start):
+        np.testing.assert_array_equal(late[i], base[i])
+    assert any(np.any(late[i] != base[i]) for i in last_steps)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def test_documents_run_from_a_bos_through_the_next():
+    tokens = np.array([5, 6, 1, 7, 8, 1, 9, 1, 4, 4, 4])
+    starts, lengths = ttt_lora.find_documents(tokens, 1)
+    np.testing.assert_array_equal(starts, [2, 5, 7])
+    np.testing.assert_array_equal(lengths, [4, 3, 4])  # the last to the end, without a BOS
+    with pytest.raises(ValueError, match="ends with a BOS"):
+        ttt_lora.find_documents(np.array([1, 3, 1]), 1)
+
+
+def test_batches_longest_first_partial_batch_leading():
+    lengths = np.array([5, 9, 3, 8, 7, 2, 10])
+    order = ttt_lora.batch_order(lengths, 3)
+    # ascending: documents 5, 2, 0 | 4, 3, 1 | 6 (lengths 2, 3, 5 | 7, 8, 9 | 10)
+    assert [b for b, _ in order] == [2, 1, 0]
+    np.testing.assert_array_equal(order[0][1], [6])  # the partial batch: the longest document
+    np.testing.assert_array_equal(order[1][1], [4, 3, 1])
+    np.testing.assert_array_equal(order[2][1], [5, 2, 0])
+    # Ties, as Python's stable sorts in the reference: equal lengths keep their order, and
+    # of two batches with the same longest document the earlier one goes first.
+    ties = ttt_lora.batch_order(np.array([4, 4, 4, 4]), 2)
+    assert [b for b, _ in ties] == [0, 1] and ties[0][1].tolist() == [0, 1]
+
+
+def test_record_windows_compile_six_programs():
+    t = TTTConfig(mode="lora_phased")
+    widths = {ttt_lora.window_width(min((ci + 1) * 48, 2048), t) for ci in range(200)}
+    assert widths == {64, 128, 256, 512, 1024, 2048}
+
+
+def test_a_long_documents_last_chunk_slides_its_window():
+    """A document of 100 targets, chunks of 8, context 32: the last chunk (targets 96..99)
+    is scored in the window of the 32 tokens before its end, not the template's."""
+    t = TTTConfig(mode="lora_phased", lora_chunk_tokens=8, lora_context_len=32, lora_batch_docs=2)
+    tokens = np.concatenate([[1], np.arange(2, 102), [1]]).astype(np.int32)  # one document, 101 targets
+    (x, y, lo, hi, train_lo, train, do_step), scored, _ = ttt_lora._chunk_inputs(
+        tokens, np.array([0]), np.array([101]), 12, t)
+    assert x.shape == (2, 32) and int(train_lo) == 24 and not do_step and scored.tolist() == [5]
+    np.testing.assert_array_equal(x[0], tokens[101 - 32:101])  # the window ends at the last target
+    assert (lo[0], hi[0]) == (27, 32) and not np.any(x[1])
+
+
+def test_adapters_must_cover_every_layer_application(fixture):
+    """The looped model applies 11 layers here: adapters for the 7 unlooped ones are refused."""
+    cfg, params, *_ = fixture
+    unlooped = len(sum(cfg.model.layer_order(False), ()))
+    shapes = ttt_lora.lora_shapes(cfg.model, 1, 2)
+    factors = {t: (jnp.zeros((unlooped, *a[1:])), jnp.zeros((unlooped, *b[1:]))) if t != "head" else
+               (jnp.zeros(a), jnp.zeros(b)) for t, (a, b) in shapes.items()}
+    x = jnp.zeros((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="layer applications"):
+        jax.eval_shape(lambda p: model.lora_token_nll(p, cfg.model, x, x, model.LoRA(factors, 1.0), looping=True),
+                       params)
+
+
+def test_defaults_are_the_records_settings():
+    """SPEC.md section 5 and its table of the record's environment overrides."""
+    t = TTTConfig()
+    assert t.mode == "global"  # the 1.1147 record's TTT stays the default
+    assert (t.lora_rank, t.lora_alpha, t.lora_lr, t.lora_beta1, t.lora_beta2, t.lora_eps, t.lora_weight_decay) == \
+        (80, 144.0, 1e-4, 0.0, 0.99, 1e-10, 0.5)
+    assert (t.lora_chunk_tokens, t.lora_context_len, t.lora_batch_docs) == (48, 2048, 64)
+    assert [t.phased_prefix_docs * (k + 1) // t.phased_num_phases for k in range(t.phased_num_phases)] == \
+        [833, 1666, 2500]
+    assert (t.global_lr, t.global_momentum, t.global_chunk_tokens, t.global_batch_seqs, t.global_grad_clip) == \
+        (1e-3, 0.9, 32_768, 32, 1.0)
