@@ -84,9 +84,10 @@ def get_config() -> Config:
             eval_seq_len=2048, val_batch_tokens=524_288,
             val_loss_every=0,  # VAL_LOSS_EVERY=0: the last step's validation only
             sliding_stride=64, sliding_batch_windows=32, sliding_score_once=False,
+            sliding_enabled=False,  # EVAL_STRIDE unused: the score is the phased TTT's
         ),
         # The phased LoRA TTT (golf_jax/ttt_lora.py) at the record's settings (the lora_*, phased_*,
-        # global_* defaults): `python -m golf_jax.ttt --artifact ...`; train.py does not run it yet.
-        ttt=TTTConfig(enabled=False, mode="lora_phased"),
+        # global_* defaults), on the artifact's weights: the run's score.
+        ttt=TTTConfig(enabled=True, mode="lora_phased"),
         run=RunConfig(seed=42, output_dir="runs/frontier", train_log_every=500),
     )

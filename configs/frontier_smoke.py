@@ -26,6 +26,11 @@ def get_config() -> Config:
                                      gptq_reserve_seconds=0.0, ema_decay=0.9),
         quant=dataclasses.replace(cfg.quant, calib_num_seqs=4, calib_seq_len=128, calib_batch_size=2),
         eval=EvalConfig(eval_seq_len=256, val_batch_tokens=4096, val_loss_every=20, sliding_stride=128,
-                        sliding_batch_windows=16, max_val_tokens=8192),
+                        sliding_batch_windows=16, max_val_tokens=8192, sliding_enabled=False),
+        # The phased LoRA TTT at this size: rank 8, batches of 16 speeches (~58 tokens each), windows
+        # of 64 or 128 tokens (two chunk programs), one global phase after the first 64 documents.
+        ttt=dataclasses.replace(cfg.ttt, lora_rank=8, lora_alpha=14.4, lora_batch_docs=16, lora_context_len=128,
+                                lora_min_window=64, phased_prefix_docs=64, phased_num_phases=1,
+                                global_chunk_tokens=1024, global_batch_seqs=4),
         run=RunConfig(seed=42, output_dir="runs/frontier_smoke", train_log_every=5, checkpoint_every=20),
     )

@@ -424,6 +424,9 @@ class EvalConfig:
     val_loss_every: int = 4000
     sliding_stride: int = 64
     sliding_batch_windows: int = 32
+    # The sliding-window evaluation after quantisation; the 1.0611 record has none
+    # (its EVAL_STRIDE is unused: its score is the phased LoRA TTT's).
+    sliding_enabled: bool = True
     # reference quirk: trailing windows all re-score the last `stride` tokens.
     # True scores every token exactly once instead.
     sliding_score_once: bool = False

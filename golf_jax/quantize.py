@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from golf_jax import (artifact, atomic, calibration, checkpoint, distributed, evaluate, param_tree, pruning, quant,
-                      quant_frontier, run_dir, ttt)
+                      quant_frontier, run_dir, ttt, ttt_lora)
 from golf_jax.hessians import collect_hessians
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
@@ -273,14 +273,23 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
         rt = evaluate.run_standard(qparams, cfg, val_tokens, tables, progress)
     report["int6_roundtrip"] = dataclasses.asdict(rt)
     log(f"int6 round trip: val_loss {rt.loss:.4f} val_bpb {rt.bpb:.4f}")
-    with stage("eval_sliding"):
-        sl = evaluate.run_sliding(qparams, cfg, val_tokens, tables, progress)
-    report["sliding"] = dataclasses.asdict(sl)
-    log(f"int6 sliding window (stride {cfg.eval.sliding_stride}): val_loss {sl.loss:.4f} val_bpb {sl.bpb:.4f}")
-    if cfg.ttt.enabled:
+    sl = None
+    if cfg.eval.sliding_enabled:
+        with stage("eval_sliding"):
+            sl = evaluate.run_sliding(qparams, cfg, val_tokens, tables, progress)
+        report["sliding"] = dataclasses.asdict(sl)
+        log(f"int6 sliding window (stride {cfg.eval.sliding_stride}): val_loss {sl.loss:.4f} val_bpb {sl.bpb:.4f}")
+    if cfg.ttt.enabled and cfg.ttt.mode == "lora_phased":
+        with stage("ttt"):
+            lora = ttt_lora.run(qparams, cfg, val_tokens, tables, progress=progress)
+        report["ttt"] = {**ttt_lora.summary(lora), "pre_bpb": rt.bpb, "gain_bpb": rt.bpb - lora.bpb}
+        log(f"phased score-first LoRA TTT ({lora.documents} documents, global SGD phases: {lora.phases}): "
+            f"val_loss {lora.loss:.4f} val_bpb {lora.bpb:.4f} ({rt.bpb - lora.bpb:+.4f} bpb against the "
+            f"int6 round trip)")
+    elif cfg.ttt.enabled:
         with stage("ttt"):
             result = ttt.run(qparams, cfg, val_tokens, tables, progress)
-        report["ttt"] = ttt.summary(result, sl)
+        report["ttt"] = ttt.summary(result, sl if sl is not None else rt)
         log(f"score-first TTT ({result.chunks} chunks, {result.train_steps} steps): val_loss {result.loss:.4f} "
             f"val_bpb {result.bpb:.4f} ({report['ttt']['gain_bpb']:+.4f} bpb against the sliding window)")
 

@@ -153,7 +153,7 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
     tx = lora_optimizer(t)
     looping = cfg.looping_after_training
 
-    def step(params, lora, opt_state, x_BxW, y_BxW, score_lo_B, score_hi_B, train_lo, train_rows_B, do_step):
+    def lora_chunk_step(params, lora, opt_state, x_BxW, y_BxW, score_lo_B, score_hi_B, train_lo, train_rows_B, do_step):
         pos_W = jnp.arange(x_BxW.shape[1])
 
         def loss_fn(lora):
@@ -171,7 +171,7 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
         keep = lambda new, old: jnp.where(do_step, new, old)  # noqa: E731
         return jax.tree.map(keep, stepped, lora), jax.tree.map(keep, stepped_state, opt_state), row_sums
 
-    return jax.jit(step, donate_argnums=(1, 2))
+    return jax.jit(lora_chunk_step, donate_argnums=(1, 2))
 
 
 @functools.lru_cache(maxsize=8)
@@ -180,7 +180,7 @@ def global_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
     clip / (norm + 1e-6), at most 1) and momentum (buf = m buf + g, p -= lr buf)."""
     looping = cfg.looping_after_training
 
-    def step(params, momentum, x_1xT, y_1xT, segments, lr):
+    def global_sgd_step(params, momentum, x_1xT, y_1xT, segments, lr):
         grads = jax.grad(model.loss)(params, cfg, x_1xT, y_1xT, looping=looping, segments=segments)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         if t.global_grad_clip > 0:
@@ -191,7 +191,7 @@ def global_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
         params = jax.tree.map(lambda p, b: (p.astype(jnp.float32) - lr * b).astype(p.dtype), params, momentum)
         return params, momentum
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(global_sgd_step, donate_argnums=(0, 1))
 
 
 # ----------------------------------------------------------------------------- one batch, one phase

@@ -318,13 +318,16 @@ def test_frontier_smoke_trains_end_to_end(frontier_run):
     layer loop comes on at its fraction; two step programs, both compiled by the warm-up."""
     out_dir, out, compiles = frontier_run
     assert "warmup: 1 steps, then 1 looped" in out and "layer loop on at step 3, frac 0.500" in out
-    assert "final (EMA) val_loss" in out and "int6 sliding window" in out
+    assert "final (EMA) val_loss" in out and "int6 sliding window" not in out  # the record has none
     assert compiles.names["jit(step)"] == 2  # plain and looped
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["layer_loop_on_at_step"] == 3
     assert summary["recompilations_after_first_step"] == 0
     report = json.loads((out_dir / "quantize.json").read_text())
-    assert np.isfinite(report["sliding"]["bpb"]) and (out_dir / run_dir.ARTIFACT_NAME).exists()
+    assert "sliding" not in report and (out_dir / run_dir.ARTIFACT_NAME).exists()
+    # its score: the phased LoRA TTT on the artifact's weights, timed as a stage
+    assert "phased score-first LoRA TTT" in out and np.isfinite(report["ttt"]["bpb"]) and report["times_s"]["ttt"] > 0
+    assert report["ttt"]["documents"] > 0 and report["ttt"]["phases"] == 1
     # the record's quantisation: at this width only the embedding has more than 65,536 values
     assert list(report["quantization"]["matrices"]) == report["quantization"]["lqer"] == ["tok_emb.weight"]
 
