@@ -24,7 +24,9 @@ def get_config() -> Config:
                         micro_batches_per_step=2, packed_documents=True),
         schedule=dataclasses.replace(cfg.schedule, iterations=40, warmup_steps=2, max_wallclock_seconds=0.0,
                                      gptq_reserve_seconds=0.0, ema_decay=0.9),
-        quant=dataclasses.replace(cfg.quant, calib_num_seqs=4, calib_seq_len=128, calib_batch_size=2),
+        # brotli groups and raw code bytes: no lrzip binary or python-minifier needed to try it.
+        quant=dataclasses.replace(cfg.quant, calib_num_seqs=4, calib_seq_len=128, calib_batch_size=2,
+                                  group_compressor="brotli", code_size_count="raw"),
         eval=EvalConfig(eval_seq_len=256, val_batch_tokens=4096, val_loss_every=20, sliding_stride=128,
                         sliding_batch_windows=16, max_val_tokens=8192, sliding_enabled=False),
         # The phased LoRA TTT at this size: rank 8, batches of 16 speeches (~58 tokens each), windows

@@ -345,11 +345,16 @@ def code_bytes(root: str | Path | None = None) -> int:
     outside them (`train.py`, configs, tests) are not needed to load and
     evaluate, and third-party libraries (jax here, torch there) are not
     counted by either."""
+    return sum(p.stat().st_size for p in code_files(root))
+
+
+def code_files(root: str | Path | None = None) -> list[Path]:
+    """The files `code_bytes` counts, sorted within each package."""
     repo = Path(__file__).parents[1]
     roots = [Path(root)] if root is not None else [repo / p for p in CODE_PACKAGES]
     excluded = [repo / p for p in NOT_COUNTED]
-    return sum(p.stat().st_size for r in roots for p in sorted(r.rglob("*.py"))
-               if p.is_file() and not any(p.is_relative_to(x) for x in excluded))
+    return [p for r in roots for p in sorted(r.rglob("*.py"))
+            if p.is_file() and not any(p.is_relative_to(x) for x in excluded)]
 
 
 def artifact_budget_report(artifact_bytes: int, budget: int, code: int | None = None) -> dict:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from golf_jax import artifact, atomic, compat, data, model, param_tree, quant
+from golf_jax import artifact, artifact_pergroup, atomic, compat, data, model, param_tree, quant, quant_frontier
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError
 
@@ -371,6 +371,15 @@ class LoadedModel(NamedTuple):
 
 def load_model(artifact_path: str | Path | None = None, checkpoint_path: str | Path | None = None) -> LoadedModel:
     """The weights of an artifact, a saved model or a run's latest training checkpoint (its EMA)."""
+    if artifact_path and artifact_pergroup.is_pergroup(artifact_path):
+        arrays, meta = artifact_pergroup.read_artifact(artifact_path)
+        cfg = config_lib.from_dict(meta["config"])
+        try:
+            params = quant_frontier.dequantize_params(quant_frontier.FrontierQuantized(arrays, meta["scheme_meta"]),
+                                                      cfg.model)
+        except quant.QuantError as e:
+            raise quant.QuantError(f"{artifact_path}: {e}") from None
+        return LoadedModel(params, cfg, f"artifact {artifact_path}", meta.get("data"))
     if artifact_path:
         qmodel, meta = artifact.read_artifact(artifact_path)
         cfg = config_lib.from_dict(meta["config"])

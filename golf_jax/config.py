@@ -13,6 +13,8 @@ what a field means; split by stage, it would be read across files.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import shutil
 from dataclasses import dataclass, field
 
 # The Pallas kernels model.fusion_kernels can name (golf_jax.layers.fusion_impl).
@@ -365,6 +367,13 @@ class QuantConfig:
     calib_batch_size: int = 64
     lzma_preset: int = 9
     artifact_budget_bytes: int = 16_000_000  # decimal, weights + code
+    # "lzma": the 1.1147 record's artifact (golf_jax.artifact); "pergroup": the 1.0611
+    # record's per-group streams (golf_jax.artifact_pergroup), for the frontier quantiser.
+    artifact_format: str = "lzma"
+    group_compressor: str = "lrzip"  # pergroup: "lrzip" (the reference's binary), "zpaq", "brotli", "lzma"
+    # "raw": file sizes on disk (the 1.1147 record's count); "minified_brotli": minified,
+    # brotli-11, base85 in an exec wrapper (the 1.0611 record's, golf_jax.code_size).
+    code_size_count: str = "raw"
 
     # The 1.0611 record's quantisation (golf_jax/quant_frontier.py); the defaults are the 1.1147 record's.
     # "percentile": GPTQ int6 of the banks with the clip-percentile search, int8 embedding rows
@@ -399,6 +408,7 @@ class QuantConfig:
             if not ok:
                 raise ConfigError(f"quant.{name}: {why}")
 
+        compressors = ("lrzip", "zpaq", "brotli", "lzma")
         need(self.scheme in ("percentile", "sdclip"), "scheme", f"'percentile' or 'sdclip', got {self.scheme!r}")
         need(self.calib_source in ("self_generated", "train_shards"), "calib_source",
              f"'self_generated' or 'train_shards', got {self.calib_source!r}")
@@ -413,7 +423,35 @@ class QuantConfig:
         need(self.lqer_top_k >= 0 and self.lqer_rank > 0, "lqer_top_k", "lqer_top_k >= 0 and lqer_rank > 0")
         need(self.lqer_asym_group >= 0 and 2 <= self.lqer_factor_bits <= 8, "lqer_asym_group",
              "lqer_asym_group >= 0 (0: symmetric) and lqer_factor_bits in [2, 8]")
+        need(self.artifact_format in ("lzma", "pergroup"), "artifact_format", f"'lzma' or 'pergroup', got "
+             f"{self.artifact_format!r}")
+        need(self.group_compressor in compressors, "group_compressor",
+             f"one of {', '.join(map(repr, compressors))}, got {self.group_compressor!r}")
+        need(self.code_size_count in ("raw", "minified_brotli"), "code_size_count",
+             f"'raw' or 'minified_brotli', got {self.code_size_count!r}")
+        # Each scheme has its format: the 1.1147 record's QuantizedModel goes to the lzma
+        # artifact, the 1.0611 record's named arrays to the per-group one.
+        need((self.scheme == "sdclip") == (self.artifact_format == "pergroup"), "artifact_format",
+             f"scheme {self.scheme!r} is written as {'pergroup' if self.scheme == 'sdclip' else 'lzma'}")
 
+
+    def missing_tools(self) -> str | None:
+        """What the stages after training need and this machine lacks (a message), else
+        None: train.py asks before training, so a run does not fail after it. Not part of
+        `validate`: a config stays loadable (and replayable) where the tools are missing."""
+        need_minifier = self.code_size_count == "minified_brotli"
+        missing = [m for m in ("python_minifier", "brotli") if importlib.util.find_spec(m) is None
+                   and (need_minifier or (m == "brotli" and self.artifact_format == "pergroup"))]
+        if missing:
+            return f"quant: needs the Python packages {' and '.join(missing)} (pip install golf_jax[codesize])"
+        if self.artifact_format != "pergroup":
+            return None
+        if self.group_compressor == "lrzip" and not shutil.which("lrzip"):
+            return ("quant.group_compressor='lrzip' needs the lrzip binary on PATH (apt-get install lrzip), or "
+                    "choose 'zpaq' (as small: pip install zpaq), 'brotli' or 'lzma'")
+        if self.group_compressor == "zpaq" and importlib.util.find_spec("zpaq") is None:
+            return "quant.group_compressor='zpaq' needs the zpaq package (pip install zpaq)"
+        return None
 
 @dataclass(frozen=True)
 class EvalConfig:

@@ -17,18 +17,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
-import json
-import lzma
 import time
 from pathlib import Path
 from typing import Sequence
 
 import jax
-import numpy as np
 
-from golf_jax import (artifact, atomic, calibration, checkpoint, distributed, evaluate, param_tree, pruning, quant,
-                      quant_frontier, run_dir, ttt, ttt_lora)
+from golf_jax import (artifact, artifact_pergroup, atomic, calibration, checkpoint, code_size, distributed, evaluate,
+                      param_tree, pruning, quant, quant_frontier, run_dir, ttt, ttt_lora)
 from golf_jax.hessians import collect_hessians
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
@@ -173,7 +169,7 @@ def budget_line(b: dict) -> str:
 def _artifact(qmodel: quant.QuantizedModel, cfg: Config, meta: dict, path: Path, stage, log, report: dict) -> Params:
     """The 1.1147 record's artifact: pruned to the budget, written, read back; its weights."""
     q = cfg.quant
-    code = artifact.code_bytes()
+    code = code_size.counted_code_bytes(cfg.quant.code_size_count)
     with stage("compress_and_prune"):
         qmodel, blob, pruned = pruning.fit_to_budget(
             qmodel, lambda qm: artifact.serialize(qm, meta, q.lzma_preset), q.artifact_budget_bytes, code)
@@ -193,35 +189,25 @@ def _artifact(qmodel: quant.QuantizedModel, cfg: Config, meta: dict, path: Path,
         return checkpoint.load_model(artifact_path=path).params
 
 
-FRONTIER_STOPGAP_MAGIC = b"GOLFSDCLIP0\n"
-
-
 def _frontier_artifact(fq: quant_frontier.FrontierQuantized, cfg: Config, meta: dict, path: Path, stage, log,
                        report: dict) -> Params:
-    """The "sdclip" scheme's quantised model, written and read back; its weights. A stopgap
-    container (magic, then lzma of an .npz of the arrays and a JSON of meta), not the 1.0611
-    record's per-group serialisation, which replaces it (issue 20); nothing pruned, as the record."""
-    code = artifact.code_bytes()
+    """The "sdclip" scheme's quantised model in the 1.0611 record's per-group artifact
+    (golf_jax.artifact_pergroup), written, read back and dequantised; nothing pruned, as
+    the record."""
+    q = cfg.quant
+    code = code_size.counted_code_bytes(q.code_size_count)
     with stage("compress"):
-        buf = io.BytesIO()
-        np.savez(buf, **fq.arrays)
-        header = json.dumps({"meta": fq.meta, "artifact_meta": meta}, default=str).encode()
-        blob = FRONTIER_STOPGAP_MAGIC + lzma.compress(len(header).to_bytes(8, "little") + header + buf.getvalue(),
-                                                      preset=cfg.quant.lzma_preset)
+        blob = artifact_pergroup.serialize(fq.arrays, {**meta, "scheme_meta": fq.meta}, compressor=q.group_compressor)
     with stage("write_artifact"):
         weights_bytes = atomic.write_bytes(path, blob)
-    report["pruning"] = {"fits": weights_bytes + code <= cfg.quant.artifact_budget_bytes, "pruned": 0}
-    report["artifact"] = artifact.artifact_budget_report(weights_bytes, cfg.quant.artifact_budget_bytes, code)
-    report["artifact"]["path"] = str(path)
-    log(f"artifact {path} (stopgap lzma container, not the record's per-group format): {weights_bytes:,} bytes + "
-        f"{code:,} bytes of code = {weights_bytes + code:,} (budget {cfg.quant.artifact_budget_bytes:,})")
+    report["pruning"] = {"fits": weights_bytes + code <= q.artifact_budget_bytes, "pruned": 0}
+    report["artifact"] = artifact.artifact_budget_report(weights_bytes, q.artifact_budget_bytes, code)
+    report["artifact"].update(path=str(path), streams=artifact_pergroup.stream_sizes(blob),
+                              group_compressor=q.group_compressor, code_size_count=q.code_size_count)
+    log(f"artifact {path} (per-group, {q.group_compressor}): {weights_bytes:,} bytes + {code:,} bytes of code "
+        f"({q.code_size_count}) = {weights_bytes + code:,} (budget {q.artifact_budget_bytes:,})")
     with stage("reload"):
-        raw = lzma.decompress(path.read_bytes()[len(FRONTIER_STOPGAP_MAGIC):])
-        n = int.from_bytes(raw[:8], "little")
-        stored = json.loads(raw[8:8 + n])
-        with np.load(io.BytesIO(raw[8 + n:])) as z:
-            arrays = {k: z[k] for k in z.files}
-        return quant_frontier.dequantize_params(quant_frontier.FrontierQuantized(arrays, stored["meta"]), cfg.model)
+        return checkpoint.load_model(artifact_path=path).params
 
 
 def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str | Path, progress: bool = True,

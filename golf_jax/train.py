@@ -501,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         distributed.initialize(args)  # before anything touches a device
     except ConfigError as e:
         parser.exit(2, f"{parser.prog}: {e}\n")
+    if not args.no_quantize and (missing := cfg.quant.missing_tools()) is not None:  # not after training
+        parser.exit(2, f"{parser.prog}: {missing}; or train with --no-quantize\n")
     try:
         summary = train(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
         out_dir = Path(cfg.run.output_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -73,7 +74,9 @@ def test_frontier_config_is_the_records_run():
     assert (s.warmdown_frac, s.min_lr_mult, s.max_wallclock_seconds, s.gptq_reserve_seconds) == (0.85, 0.1, 600, 0.5)
     assert (s.enable_looping_at, s.ema_decay, s.warmup_steps, s.swa_enabled, s.late_qat_threshold) == (
         0.35, 0.9965, 20, False, 0.0)
-    assert (e.val_loss_every, cfg.run.seed, cfg.ttt.enabled) == (0, 42, False)
+    # its score: the phased LoRA TTT, no sliding window
+    assert (e.val_loss_every, cfg.run.seed, cfg.ttt.enabled, cfg.ttt.mode, e.sliding_enabled) == (
+        0, 42, True, "lora_phased", False)
     q = cfg.quant  # SPEC.md section 4 and the README's command
     assert (q.scheme, q.calib_source, q.calib_num_seqs // q.calib_batch_size, q.calib_batch_size, q.calib_seq_len) == (
         "sdclip", "train_shards", 16, 48, 2048)
@@ -234,3 +237,30 @@ def test_config_for_a_trained_model_keeps_its_model_section():
         cli.config_for_model(saved, [("num_layers", "2")])
     with pytest.raises(ConfigError, match="record.py: its model section differs from the model's"):
         cli.config_for_model(saved, [], str(REPO / "configs/record.py"))
+
+
+@pytest.mark.parametrize("field,value", [("artifact_format", "zip"), ("group_compressor", "zstd"),
+                                         ("code_size_count", "gzip"), ("artifact_format", "pergroup")])
+def test_quant_artifact_choices_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"quant.{field}"):
+        Config(quant=config.QuantConfig(**{field: value})).validate()
+
+
+def test_missing_tools_of_the_stages_after_training_are_named(monkeypatch):
+    """quant.missing_tools (train.py asks before training, unless --no-quantize): each tool the
+    artifact and code count need, named with its install command; a config stays loadable."""
+    import importlib.util
+    import shutil
+
+    q = config.QuantConfig(scheme="sdclip", artifact_format="pergroup", group_compressor="lrzip",
+                           code_size_count="minified_brotli")
+    Config(quant=q).validate()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "python_minifier and brotli" in q.missing_tools()
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert "apt-get install lrzip" in q.missing_tools()
+    assert config.QuantConfig().missing_tools() is None  # the 1.1147 record's lzma artifact needs nothing
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "zpaq" else real_find_spec(name))
+    assert "pip install zpaq" in dataclasses.replace(q, group_compressor="zpaq", code_size_count="raw").missing_tools()
