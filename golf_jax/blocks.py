@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 from golf_jax.config import ModelConfig
 from golf_jax.packing import Segments
-from golf_jax.layers import (attention, attention_impl, exclusive_self_attention, fusion_impl, gram, head_gate, linear,
+from golf_jax.attention import causal_attention
+from golf_jax.layers import (attention_impl, exclusive_self_attention, fusion_impl, gram, head_gate, linear,
                              mlp_impl, rms_norm, scaled_sum)
 from kernels import mlp as mlp_kernels
 from kernels.qk_norm_rope import apply_rotary, norm_rope
@@ -103,7 +104,7 @@ class CausalSelfAttention(nn.Module):
     and the optional sparse head-output gate; V optionally plus the value
     embedding. With decode=True it reads and writes its KV cache, Flax's way
     (see golf_jax/model.py's docstring). segments (packing.Segments): per-document attention
-    in a packed row (`layers.attention`)."""
+    in a packed row (`attention.causal_attention`)."""
     cfg: ModelConfig
     layer: int
 
@@ -141,11 +142,11 @@ class CausalSelfAttention(nn.Module):
             if filled:  # write T positions at pos, attend over the whole cache (causal from pos)
                 k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BxTxKxD, (0, pos, 0, 0))
                 v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BxTxKxD, (0, pos, 0, 0))
-                y_BxTxHxD = attention(q_BxTxHxD, k_cache.value, v_cache.value, "jnp", q_offset=pos)
+                y_BxTxHxD = causal_attention(q_BxTxHxD, k_cache.value, v_cache.value, "jnp", q_offset=pos)
             else:  # the call that creates the cache
-                y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp")
+                y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp")
         else:
-            y_BxTxHxD = attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg), segments=segments)
+            y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg), segments=segments)
         if cfg.xsa_on(self.layer):
             y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, v_BxTxKxD, "jnp" if decode else fusion_impl(cfg, "xsa"))
         if w.attn_gate is not None:

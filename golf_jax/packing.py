@@ -9,12 +9,12 @@ documents longer than train_seq_len are split into train_seq_len chunks, each
 its own segment. Segments are described as FlashAttention's varlen
 `cu_seqlens` (segment boundaries, padded to a bucket multiple so the kernel
 sees few distinct shapes), as per-token segment ids for a dense mask, and in
-cuDNN's packed layout (`layers.attention(..., segments=...)`).
+cuDNN's packed layout (`attention.causal_attention(..., segments=...)`).
 
 - `document_segments`: BOS positions in a row -> (cu_seqlens, max_seqlen).
 - `segment_ids`: cu_seqlens -> each token's segment index.
 - `cudnn_segments`, `make_segments`: cu_seqlens -> cuDNN's packed layout, of
-  static shape (see below), and `Segments`, what the model (`layers.attention`)
+  static shape (see below), and `Segments`, what the model (`attention.causal_attention`)
   reads: the one description of a packed row's documents, from the data feed
   through the training step to the attention.
 - `model_inputs`: the model's keyword arguments for packed rows or none.
@@ -118,7 +118,7 @@ def segment_ids(cu_seqlens: np.ndarray, total_len: int) -> np.ndarray:
 
 
 class Segments(NamedTuple):
-    """The segments of B packed rows as `layers.attention(..., segments=)` reads them
+    """The segments of B packed rows as `attention.causal_attention(..., segments=)` reads them
     (numpy here; device arrays inside the model). B may be 1 for one layout shared by
     every row.
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The 1.0611 record's training path on one GPU (issue 19), one call: the packed cuDNN
-# attention's GPU tests (tests/layers_test.py -m gpu) and its bench against dense masks
+# attention's GPU tests (tests/attention_test.py -m gpu) and its bench against dense masks
 # (scripts/packed_attention_bench.py); then a capped train.py run of configs/frontier.py on
 # the tiled CaseOps data (scripts/frontier_throughput_data.py: throughput, not learning), its
 # step time before and after the layer loop, peak memory and recompilations; then, with
@@ -9,7 +9,7 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 export GOLF_JAX_REFERENCE=.shared/reference
-[ "${ATTENTION:-1}" = 1 ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/layers_test.py 2>&1 | grep "passed\|failed\|Error\|assert" | tail -12
+[ "${ATTENTION:-1}" = 1 ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/attention_test.py 2>&1 | grep "passed\|failed\|Error\|assert" | tail -12
 [ "${ATTENTION:-1}" = 1 ] && timeout 150 python3 scripts/packed_attention_bench.py --out "$OUT/packed" 2>&1 | tail -30
 python3 scripts/frontier_throughput_data.py --out /tmp/fdata --tokens 12000000
 timeout $(( ${CAP:-150} + 150 )) python3 train.py --config configs/frontier.py --config.data.data_dir=/tmp/fdata \

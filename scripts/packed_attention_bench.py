@@ -1,5 +1,5 @@
 """Per-document attention for the 1.0611 record's packed rows, on one GPU (issue 19):
-cuDNN's packed layout (layers.cudnn_packed_attention) against the 1.1147 record's
+cuDNN's packed layout (attention.cudnn_packed_attention) against the 1.1147 record's
 dense causal rows and against dense [T, T] masks.
 
     source scripts/device_env.sh; python3 scripts/packed_attention_bench.py --out $OUT/packed
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import layers, packing
+from golf_jax import attention, packing
 
 H, K, D = 8, 4, 64
 ROW, CHUNK = 98_304, 2048
@@ -100,12 +100,12 @@ def forward_and_backward(attend, q, k, v, g, extra) -> dict:
 
 
 def packed(q, k, v, segments):
-    return layers.attention(q, k, v, "cudnn", segments=segments)
+    return attention.causal_attention(q, k, v, "cudnn", segments=segments)
 
 
 def dense_rows(q, k, v, _):
     rows = lambda x: x.reshape(-1, CHUNK, *x.shape[2:])  # noqa: E731
-    return layers.attention(rows(q), rows(k), rows(v), "cudnn").reshape(q.shape)
+    return attention.causal_attention(rows(q), rows(k), rows(v), "cudnn").reshape(q.shape)
 
 
 def cudnn_mask(q, k, v, ids_T):
@@ -115,7 +115,7 @@ def cudnn_mask(q, k, v, ids_T):
 
 
 def jnp_mask(q, k, v, ids_T):
-    return layers.attention(q, k, v, "jnp", segment_ids_T=ids_T)
+    return attention.causal_attention(q, k, v, "jnp", segment_ids_T=ids_T)
 
 
 def cases(cu_row: np.ndarray, cu_full: np.ndarray):
@@ -180,7 +180,7 @@ def main() -> None:
            "full_chunks": int(np.sum(lengths == CHUNK)),
            "slots_needed_fold_2048": packing.segments_per_fold_needed(cu_row, ROW, CHUNK)}
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-              "native_gqa_packed": layers.packed_kv_offsets_follow_key_heads(), "row": row, "cases": []}
+              "native_gqa_packed": attention.packed_kv_offsets_follow_key_heads(), "row": row, "cases": []}
     print(f"{report['device']}, jax {jax.__version__}; packed layout with "
           f"{'native GQA' if report['native_gqa_packed'] else 'KV repeated to the query heads'}; row: {row}")
     print(f"{'case':<48} {'fwd ms':>8} {'fwd+bwd ms':>11} {'temp MB':>9} {'compile s':>10}")

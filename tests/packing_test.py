@@ -1,5 +1,5 @@
 """Document packing (golf_jax.packing) against the 1.0611 record's own `_build_cu_seqlens`
-and `DocumentPackingLoader`, and per-document attention (layers.attention's segments)."""
+and `DocumentPackingLoader`, and per-document attention (attention.causal_attention's segments)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from golf_jax import data, layers, packing
+from golf_jax import attention, data, packing
 from tests.conftest import reference_source
 
 FRONTIER = "frontier_1855/train_gpt.py"
@@ -321,19 +321,19 @@ def test_attention_with_segments_equals_attention_per_segment():
     # Segments 0-4, 4-11, 11-12 (one token), then 12-20, 20-28, 28-30 (an 18-token document in chunks of 8).
     cu, _ = packing.document_segments([4, 11, 12], 30, 8, bucket_size=8)
     q, k, v = qkv(30)
-    got = np.asarray(layers.attention(q, k, v, "jnp", segment_ids_T=jnp.asarray(packing.segment_ids(cu, 30))))
+    got = np.asarray(attention.causal_attention(q, k, v, "jnp", segment_ids_T=jnp.asarray(packing.segment_ids(cu, 30))))
     bounds = np.unique(cu)
     assert bounds.tolist() == [0, 4, 11, 12, 20, 28, 30]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        want = np.asarray(layers.attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], "jnp"))
+        want = np.asarray(attention.causal_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], "jnp"))
         # float32 both ways; only the summation order over the masked (zero) terms differs.
         np.testing.assert_allclose(got[:, lo:hi], want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
 
 
 def test_attention_with_one_segment_is_the_causal_path_exactly():
     q, k, v = qkv(24, seed=1)
-    plain = layers.attention(q, k, v, "jnp")
-    one = layers.attention(q, k, v, "jnp", segment_ids_T=jnp.zeros(24, jnp.int32))
+    plain = attention.causal_attention(q, k, v, "jnp")
+    one = attention.causal_attention(q, k, v, "jnp", segment_ids_T=jnp.zeros(24, jnp.int32))
     np.testing.assert_array_equal(np.asarray(one), np.asarray(plain))
 
 
@@ -341,4 +341,4 @@ def test_attention_with_one_segment_is_the_causal_path_exactly():
 def test_attention_segments_reject_other_paths_and_lengths(impl, T_ids):
     q, k, v = qkv(24)
     with pytest.raises(ValueError, match="segment_ids_T"):
-        layers.attention(q, k, v, impl, segment_ids_T=jnp.zeros(T_ids, jnp.int32))
+        attention.causal_attention(q, k, v, impl, segment_ids_T=jnp.zeros(T_ids, jnp.int32))

@@ -55,7 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from golf_jax import artifact, cli, data, datasets, evaluate, generate, layers, model, optim, param_tree, quant, runlog, train_step
+from golf_jax import (artifact, attention, cli, data, datasets, evaluate, generate, layers, model, optim, param_tree,
+                      quant, runlog, train_step)
 from golf_jax.hessians import collect_hessians
 from golf_jax.tools import profiling
 from golf_jax.config import ModelConfig
@@ -245,7 +246,7 @@ def bench_attention(cfg: ModelConfig, batch: int, seq_len: int, repeats: int) ->
     q = jax.random.normal(keys[0], (batch, seq_len, H, D), jnp.bfloat16)
     k = jax.random.normal(keys[1], (batch, seq_len, K, D), jnp.bfloat16)
     v = jax.random.normal(keys[2], (batch, seq_len, K, D), jnp.bfloat16)
-    impls = {name: (lambda q, k, v, name=name: layers.attention(q, k, v, name)) for name in ("cudnn", "pallas", "jnp")}
+    impls = {name: (lambda q, k, v, name=name: attention.causal_attention(q, k, v, name)) for name in ("cudnn", "pallas", "jnp")}
     impls["mgpu"] = mgpu_attention
     on_gpu = jax.default_backend() == "gpu"
     expected = np.asarray(jax.jit(impls["jnp"])(q, k, v), np.float32)
