@@ -37,18 +37,25 @@ remainder with torch.save; this one differs only in those: the group and
 permutation streams are the reference's bytes, and the JSON remainder is a
 few kilobytes smaller than torch.save's zip of pickles (4,261 bytes, 0.04%,
 on the record-size tensors of tests/frontier_reference/pergroup_sizes.py).
+
+The groups are coded side by side, one thread each (`workers`): the
+reference codes them one after another, and lrzip's ZPAQ at level 9 codes
+about 0.2 MB/s per group, so the record's seven groups took 168 s in a row on
+the H200 host (docs/performance.md). The bytes do not depend on it.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -192,22 +199,33 @@ def _json_default(obj):
     raise TypeError(f"{type(obj).__name__} is not JSON-serialisable")
 
 
+def map_in_threads(fn: Callable, items: Sequence, workers: int | None = None) -> list:
+    """[fn(item) for item in items] on up to `workers` threads (None: one per
+    CPU), in order; the first exception is raised. For work that releases the
+    GIL: an lrzip process, a C coder, numpy."""
+    workers = min(workers or os.cpu_count() or 1, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(workers, thread_name_prefix="golf_jax_group") as pool:
+        return list(pool.map(fn, items))
+
+
 def serialize(arrays: Mapping[str, np.ndarray], meta=None, groups=REFERENCE_GROUPS,
-              compressor: str = "lrzip") -> bytes:
+              compressor: str = "lrzip", workers: int | None = None) -> bytes:
     """The complete artifact bytes; deterministic for the zpaq, brotli and
-    lzma group compressors (lrzip's may depend on the machine's threads)."""
+    lzma group compressors (lrzip's may depend on the machine's threads).
+    The groups are reordered and coded on up to `workers` threads."""
     for name in arrays:
         if not isinstance(name, str):
             raise ArtifactError(f"cannot serialise tensor {name!r}: tensor names must be strings")
     compress, _ = compressors.get(compressor)
     members, rest = route(arrays, groups)
-    streams, perms, manifest = [], [], []
-    for group, names in zip(groups, members):
-        stream, perm = _group_stream(arrays, names, group, compress)
-        streams.append(stream)
-        perms.append(perm)
-        manifest.append({"key": group.key, "reorder_rows": group.reorder_rows,
-                         "members": [[name, list(np.shape(arrays[name]))] for name in names]})
+    coded = map_in_threads(lambda job: _group_stream(arrays, job[1], job[0], compress),
+                           list(zip(groups, members)), workers)
+    streams, perms = [stream for stream, _ in coded], [perm for _, perm in coded]
+    manifest = [{"key": group.key, "reorder_rows": group.reorder_rows,
+                 "members": [[name, list(np.shape(arrays[name]))] for name in names]}
+                for group, names in zip(groups, members)]
     brotli = compressors.brotli_module()
     body = _remainder_body(arrays, rest, manifest, meta, compressor)
     streams.append(brotli.compress(body, quality=11, lgwin=24))
@@ -220,9 +238,9 @@ def serialize(arrays: Mapping[str, np.ndarray], meta=None, groups=REFERENCE_GROU
 
 
 def write_artifact(path: str | Path, arrays: Mapping[str, np.ndarray], meta=None, groups=REFERENCE_GROUPS,
-                   compressor: str = "lrzip") -> int:
+                   compressor: str = "lrzip", workers: int | None = None) -> int:
     """Write the artifact atomically (golf_jax.atomic); returns its size in bytes."""
-    return atomic.write_bytes(path, serialize(arrays, meta, groups, compressor))
+    return atomic.write_bytes(path, serialize(arrays, meta, groups, compressor, workers))
 
 
 def stream_sizes(buf: bytes, groups=REFERENCE_GROUPS) -> dict[str, int]:
@@ -248,8 +266,9 @@ def is_pergroup(path: str | Path) -> bool:
         return False  # the reader that follows names the problem
 
 
-def read_artifact(path: str | Path) -> tuple[dict[str, np.ndarray], object]:
-    """(arrays, meta) from an artifact file; arrays sorted by name."""
+def read_artifact(path: str | Path, workers: int | None = None) -> tuple[dict[str, np.ndarray], object]:
+    """(arrays, meta) from an artifact file; arrays sorted by name; the groups
+    decoded on up to `workers` threads."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact not found" if not path.exists() else f"{path}: not a file")
@@ -257,12 +276,13 @@ def read_artifact(path: str | Path) -> tuple[dict[str, np.ndarray], object]:
         buf = path.read_bytes()
     except OSError as e:
         raise ArtifactError(f"{path}: cannot read artifact ({e})") from e
-    return deserialize(buf, source=str(path))
+    return deserialize(buf, source=str(path), workers=workers)
 
 
-def deserialize(buf: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], object]:
+def deserialize(buf: bytes, source: str = "<bytes>", workers: int | None = None) -> tuple[dict[str, np.ndarray], object]:
     """(arrays, meta) from artifact bytes; every problem is an ArtifactError
-    whose message starts with `source`."""
+    whose message starts with `source`. The groups are decoded on up to
+    `workers` threads."""
     def fail(why: str) -> ArtifactError:
         return ArtifactError(f"{source}: {why}")
 
@@ -271,9 +291,11 @@ def deserialize(buf: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarr
     perms = _unbrotli(streams[-1], "the permutations", fail) if lengths[-1] else b""
     _, decompress = compressors.get(header["compressor"])
     arrays = _remainder_arrays(header["tensors"], payload, fail)
+    groups = header["groups"]
+    raws = map_in_threads(lambda job: _decompress_group(*job, decompress, fail), list(zip(streams, groups)), workers)
     perm_offset = 0
-    for stream, group in zip(streams, header["groups"]):
-        perm_offset = _unpack_group(stream, group, decompress, perms, perm_offset, arrays, fail)
+    for raw, group in zip(raws, groups):
+        perm_offset = _unpack_group(raw, group, perms, perm_offset, arrays, fail)
     if perm_offset != len(perms):
         raise fail(f"{len(perms) - perm_offset} permutation bytes are left over: the artifact is corrupted")
     return dict(sorted(arrays.items())), header["meta"]
@@ -381,24 +403,34 @@ def _remainder_arrays(entries: list, payload: memoryview, fail) -> dict[str, np.
     return arrays
 
 
-def _unpack_group(stream, group, decompress, perms: bytes, perm_offset: int, arrays: dict, fail) -> int:
-    """Put one group's matrices into `arrays`; returns the next permutation offset."""
+def _group_shapes(group, fail) -> list[tuple[int, ...]]:
     if not isinstance(group, dict) or not {"key", "reorder_rows", "members"} <= group.keys():
         raise fail("malformed JSON header: a group is not an object with key, reorder_rows and members")
-    key, members = group["key"], group["members"]
-    shapes = [_shape(m[1] if isinstance(m, list) and len(m) == 2 else None, f"group {key!r}", fail)
-              for m in members]
-    want = sum(math.prod(s) for s in shapes)
-    if not members:
+    return [_shape(m[1] if isinstance(m, list) and len(m) == 2 else None, f"group {group['key']!r}", fail)
+            for m in group["members"]]
+
+
+def _decompress_group(stream, group, decompress, fail) -> bytes:
+    """One group's raw int8 bytes, checked against its members' shapes."""
+    want = sum(math.prod(s) for s in _group_shapes(group, fail))
+    key = group["key"]
+    if not group["members"]:
         if len(stream):
             raise fail(f"group {key!r}: a stream of {len(stream)} bytes for no tensors")
-        return perm_offset
+        return b""
     try:
         raw = decompress(bytes(stream))
     except Exception as e:  # each compressor has its own error types; all mean a bad stream here
         raise fail(f"group {key!r}: cannot decompress its stream ({e}): the artifact is corrupted") from e
     if len(raw) != want:
         raise fail(f"group {key!r}: {len(raw)} bytes decompressed, its tensors need {want}")
+    return raw
+
+
+def _unpack_group(raw: bytes, group, perms: bytes, perm_offset: int, arrays: dict, fail) -> int:
+    """Put one group's matrices (its decompressed bytes) into `arrays`;
+    returns the next permutation offset."""
+    key, members, shapes = group["key"], group["members"], _group_shapes(group, fail)
     flat, offset = np.frombuffer(raw, dtype=np.int8), 0
     for (name, _), shape in zip(members, shapes):
         if not isinstance(name, str) or name in arrays:

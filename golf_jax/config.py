@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import shutil
+import subprocess
 from dataclasses import dataclass, field
 
 # The Pallas kernels model.fusion_kernels can name (golf_jax.layers.fusion_impl).
@@ -446,12 +447,27 @@ class QuantConfig:
             return f"quant: needs the Python packages {' and '.join(missing)} (pip install golf_jax[codesize])"
         if self.artifact_format != "pergroup":
             return None
-        if self.group_compressor == "lrzip" and not shutil.which("lrzip"):
-            return ("quant.group_compressor='lrzip' needs the lrzip binary on PATH (apt-get install lrzip), or "
-                    "choose 'zpaq' (as small: pip install zpaq), 'brotli' or 'lzma'")
+        lrzip_problem = self.group_compressor == "lrzip" and _binary_problem("lrzip", "-V")
+        if lrzip_problem:
+            return (f"quant.group_compressor='lrzip' needs a working lrzip binary ({lrzip_problem}): apt-get install "
+                    "lrzip, or choose 'zpaq' (as small: pip install zpaq), 'brotli' or 'lzma'")
         if self.group_compressor == "zpaq" and importlib.util.find_spec("zpaq") is None:
             return "quant.group_compressor='zpaq' needs the zpaq package (pip install zpaq)"
         return None
+
+def _binary_problem(name: str, *version_args: str) -> str | None:
+    """Why the binary `name` cannot run here (not on PATH, or it fails to start, e.g. a
+    missing shared library), else None: asked by running it with `version_args`."""
+    if not shutil.which(name):
+        return f"{name} is not on PATH"
+    try:
+        run = subprocess.run([name, *version_args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"{name} {' '.join(version_args)} did not run: {e}"
+    if run.returncode:
+        return f"{name} {' '.join(version_args)} exits {run.returncode}: {(run.stderr or run.stdout).strip()[-200:]}"
+    return None
+
 
 @dataclass(frozen=True)
 class EvalConfig:

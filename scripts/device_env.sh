@@ -16,7 +16,7 @@ fi
 # artifact: the image has neither), unpacked aside from / and put on the paths.
 if compgen -G ".whl/*.deb" > /dev/null; then
   for f in .whl/*.deb; do dpkg -x "$f" /tmp/debroot; done
-  export PATH=/tmp/debroot/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/debroot/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+  export PATH=/tmp/debroot/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/debroot/usr/lib/x86_64-linux-gnu:/tmp/debroot/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 fi
 export GOLF_JAX_SHARED_DATA=$DATA PYTHONUNBUFFERED=1
 D="--config.data.data_dir=$DATA/tinyshakespeare_sp1024 --config.data.tokenizer_path=$DATA/tokenizers/fineweb_1024_bpe.model"

@@ -8,6 +8,8 @@ import io
 import json
 import os
 import struct
+import threading
+import time
 import zlib
 
 import ml_dtypes
@@ -100,6 +102,37 @@ def test_round_trip_is_exact_and_deterministic(compressor):
     assert meta_back == {"quant": {"blocks.0.mlp.fc.weight": "gptq (int6)+lqer_asym"}, "n": 3}
     sizes = ap.stream_sizes(blob)
     assert sum(sizes.values()) == len(blob) and sizes["permutations"] > 0 and sizes["attn.c_k.weight.q"] > 0
+
+
+def test_groups_are_coded_side_by_side_to_the_same_bytes(monkeypatch):
+    """workers > 1 codes (and decodes) the groups on threads at once, as
+    many as asked; the bytes are those of coding them one after another."""
+    arrays = frontier_like()
+    serial = ap.serialize(arrays, {}, compressor="brotli", workers=1)
+    assert ap.serialize(arrays, {}, compressor="brotli", workers=4) == serial
+    assert_same(arrays, ap.deserialize(serial, workers=4)[0])
+
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def slow(code):
+        def run(data: bytes) -> bytes:
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            time.sleep(0.1)  # long enough for the other threads to enter
+            with lock:
+                active[0] -= 1
+            return code(data)
+        return run
+
+    compress, decompress = compressors.COMPRESSORS["brotli"]
+    monkeypatch.setitem(compressors.COMPRESSORS, "brotli", (slow(compress), slow(decompress)))
+    for workers, want in ((1, 1), (3, 3)):
+        most[0] = 0
+        assert ap.serialize(arrays, {}, compressor="brotli", workers=workers) == serial and most[0] == want
+        most[0] = 0
+        assert_same(arrays, ap.deserialize(serial, workers=workers)[0])
+        assert most[0] == want
 
 
 def test_streams_match_the_reference_serializer():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import json
 
 import pytest
@@ -264,3 +265,15 @@ def test_missing_tools_of_the_stages_after_training_are_named(monkeypatch):
     assert config.QuantConfig().missing_tools() is None  # the 1.1147 record's lzma artifact needs nothing
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "zpaq" else real_find_spec(name))
     assert "pip install zpaq" in dataclasses.replace(q, group_compressor="zpaq", code_size_count="raw").missing_tools()
+
+
+def test_an_lrzip_that_cannot_start_is_named_before_training(monkeypatch, tmp_path):
+    """An lrzip on PATH whose shared library is missing (as a .deb unpacked aside from /) fails
+    quant.missing_tools with its own message, not the compress stage after training."""
+    fake = tmp_path / "lrzip"
+    fake.write_text("#!/bin/sh\necho 'lrzip: error while loading shared libraries: liblzo2.so.2' >&2\nexit 127\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    q = config.QuantConfig(scheme="sdclip", artifact_format="pergroup", group_compressor="lrzip", code_size_count="raw")
+    problem = q.missing_tools()
+    assert "exits 127" in problem and "liblzo2.so.2" in problem and "apt-get install lrzip" in problem

@@ -175,7 +175,9 @@ TWO_DEVICES = textwrap.dedent(r"""
     out = grad(xs, gain, "pallas")
     hlo = grad.lower(xs, gain, "pallas").compile().as_text()
     gathered = [math.prod(map(int, dims.split(","))) for dims in re.findall(r"= f32\[([\d,]+)\][^=]*all-gather\(", hlo)]
+    terms_l1 = float(jnp.sum(jnp.abs(qk.norm_rope(x, cos, sin, gain, 8, "jnp") * dout)))
     json.dump({"diff": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))],
+               "terms_l1": terms_l1,
                "dx_spec": str(out[1][0].sharding.spec), "gathered": gathered, "x_size": x.size}, sys.stdout)
 """)
 
@@ -184,12 +186,17 @@ def test_kernels_split_along_rows_over_two_devices():
     """A batch sharded over devices (GSPMD: evaluation and TTT) runs the
     kernels on each device's rows: no all-gather of the activations (only of
     the gain's per-block partial sums, one row per 16 tokens here), dx stays
-    sharded, values match the unsharded jnp path (float32 sums in another
-    order, 1e-4 on O(10) values)."""
+    sharded, values match the unsharded jnp path: float32 sums in another
+    order. The loss sums 4096 products of either sign, so its rounding scales
+    with the sum of their magnitudes (~3e3), not with the loss (~1e1): 1e-6 of
+    that is ~8 float32 eps (a CI CPU once put it at 1.07e-4 absolute, 3.5e-8
+    of the magnitudes). The gradients are O(1) per element: 1e-4."""
     out = run_on_two_cpu_devices(TWO_DEVICES)
     assert max(out["gathered"], default=0) <= out["x_size"] // 16
     assert out["dx_spec"].startswith(("P('d'", "PartitionSpec('d'"))
-    assert max(out["diff"]) < 1e-4
+    loss_diff, *grad_diffs = out["diff"]
+    assert loss_diff < 1e-6 * out["terms_l1"]
+    assert max(grad_diffs) < 1e-4
 
 
 # ----------------------------------------------------------------------------- GPU
