@@ -29,9 +29,17 @@ window width (6 for the record's 48-token chunks in 2048: 64 to 2048) and one
 global SGD step per batch length (one when global_batch_seqs covers a chunk's
 sequences, as in the record; two otherwise).
 
-One device. The reference's ranks claim batches through a file counter and
-pause for a phase when any rank's count crosses its boundary; here one
-process scores the batches in order (the reference run on one GPU).
+Devices (run.num_devices, this process's): a batch's rows are split over
+them, each device holding its rows' inputs, LoRA factors and optimizer
+state; the model's weights are replicated. Rows are independent (each its own
+adapter and loss), so XLA's partitioner runs a chunk step with no collective
+but the scalar loss, and the scores are the one-device scores (the same
+batches in the same order). The global phases run replicated: every device
+takes the same SGD steps (a few seconds at the record's size; the chunk
+steps are the time). The reference's ranks instead claim whole batches
+through a file counter and pause for a phase when any rank's count crosses
+its boundary, so which documents a phase trains on depends on the ranks'
+timing; here it is the order of one GPU's run.
 """
 
 from __future__ import annotations
@@ -47,11 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from golf_jax import data, model, packing
 from golf_jax.config import Config, ModelConfig, TTTConfig
 from golf_jax.param_tree import Params
+from golf_jax.train_step import AXIS, make_mesh
 
 # init_a(construction, rows) -> A factors of the construction-th LoRA (every target, `rows` rows).
 InitA = Callable[[int, int], dict]
@@ -140,12 +150,48 @@ def fresh_lora(a_factors: dict, cfg: ModelConfig, t: TTTConfig) -> model.LoRA:
     return model.LoRA(factors, t.lora_alpha / t.lora_rank)
 
 
+class RowPlacement:
+    """Where a batch's arrays live: on several devices, rows split over the mesh
+    (inputs along their leading axis, LoRA factors along their row axis, which
+    is third from last), weights replicated; on one device, nothing placed."""
+
+    def __init__(self, mesh: jax.sharding.Mesh, rows: int):
+        self.mesh = mesh if mesh.size > 1 else None
+        if self.mesh is not None and rows % mesh.size:
+            raise ValueError(f"ttt.lora_batch_docs={rows} rows cannot be split over {mesh.size} devices "
+                             "(run.num_devices): use a multiple")
+
+    def _put(self, x, spec: P):
+        return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, spec))
+
+    def replicated(self, tree):
+        return jax.tree.map(lambda x: self._put(x, P()), tree)
+
+    def rows(self, x):
+        return self._put(x, P(AXIS))
+
+    def lora(self, lora: model.LoRA) -> model.LoRA:
+        return jax.tree.map(lambda x: self._put(x, P(*([None] * (x.ndim - 3)), AXIS)), lora)
+
+
 def lora_optimizer(t: TTTConfig) -> optax.GradientTransformation:
     """torch's AdamW: decoupled decay on every factor (A and B)."""
     return optax.adamw(t.lora_lr, b1=t.lora_beta1, b2=t.lora_beta2, eps=t.lora_eps, weight_decay=t.lora_weight_decay)
 
 
 # ----------------------------------------------------------------------------- the programs
+
+@functools.lru_cache(maxsize=8)
+def _optimizer_init_for(t: TTTConfig) -> Callable:
+    """The optimizer's init, jitted: its moments take the factors' placement."""
+    return jax.jit(lora_optimizer(t).init)
+
+
+@jax.jit
+def _zero_b(lora: model.LoRA) -> model.LoRA:
+    """The same A factors, B zero; placed as `lora` is."""
+    return lora.replace(factors={k: (a, jnp.zeros_like(b)) for k, (a, b) in lora.factors.items()})
+
 
 @functools.lru_cache(maxsize=8)
 def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
@@ -224,15 +270,16 @@ def _chunk_inputs(tokens: np.ndarray, starts: np.ndarray, pred_lens: np.ndarray,
     return (x, y, lo, hi, np.int32(train_lo), train, np.bool_(train.any())), hi[:n] - lo[:n], first_target
 
 
-def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log: dict):
+def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log: dict, place: RowPlacement):
     """Every chunk of one batch: score, then step. Returns the trained LoRA."""
     starts, lengths = docs
     pred_lens = lengths - 1
-    opt_state = lora_optimizer(t).init(lora)
+    opt_state = _optimizer_init_for(t)(lora)
     outs = []
     for ci in range(int(-(-pred_lens.max() // t.lora_chunk_tokens))):
-        inputs, scored, first = _chunk_inputs(tokens, starts, pred_lens, ci, t)
-        lora, opt_state, row_sums = step(params, lora, opt_state, *inputs)
+        (x, y, lo, hi, train_lo, train, do_step), scored, first = _chunk_inputs(tokens, starts, pred_lens, ci, t)
+        x, y, lo, hi, train = map(place.rows, (x, y, lo, hi, train))
+        lora, opt_state, row_sums = step(params, lora, opt_state, x, y, lo, hi, train_lo, train, do_step)
         outs.append(row_sums)
         log["chunk_tokens"].append(int(scored.sum()))
         log["chunk_bytes"].append(int(np.sum(cum_bytes[first + scored] - cum_bytes[first])))
@@ -284,14 +331,15 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     batches = batch_order(lengths, t.lora_batch_docs)
     prefix = min(len(starts), t.phased_prefix_docs)
     boundaries = [prefix * (k + 1) // t.phased_num_phases for k in range(t.phased_num_phases)]
-    params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
+    params = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
     step = chunk_step_for(mcfg, t)
     constructions = 0
 
     def build(rows):
         nonlocal constructions
         constructions += 1
-        return fresh_lora(init_a(constructions - 1, rows), mcfg, t)
+        return place.lora(fresh_lora(init_a(constructions - 1, rows), mcfg, t))
 
     warm = build(t.lora_batch_docs)
     log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": []}
@@ -299,10 +347,10 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     for b_index, docs in tqdm(batches, desc="ttt lora", unit="batch", disable=not progress):
         full = len(docs) == t.lora_batch_docs
         if full:  # the warm A, B zeroed
-            lora = warm.replace(factors={k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()})
+            lora = _zero_b(warm)
         else:  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
             lora = build(len(docs))
-        lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log)
+        lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log, place)
         if full:
             warm = lora
         if phase < t.phased_num_phases and prefix > 0:

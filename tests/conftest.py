@@ -192,6 +192,11 @@ def frontier_model_config(h: dict, bos_id: int) -> ModelConfig:
 @pytest.fixture(scope="session")
 def frontier_ref() -> tuple[ModelConfig, dict, dict]:
     """(config, the generator's JSON, its arrays) of the 1.0611 record's tiny model."""
+    return load_frontier_ref()
+
+
+def load_frontier_ref() -> tuple[ModelConfig, dict, dict]:
+    """The `frontier_ref` fixture, for a test's subprocess (several devices)."""
     config, arrays = FRONTIER_FIXTURES / "model_frontier_tiny_config.json", FRONTIER_FIXTURES / "model_frontier_tiny.npz"
     if not config.is_file() or not arrays.is_file():
         missing(f"{FRONTIER_FIXTURES}: fixtures not present (python tests/frontier_reference/generate.py)")

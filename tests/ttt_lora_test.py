@@ -6,6 +6,8 @@ model's LoRA path (no adapter: the plain model)."""
 
 from __future__ import annotations
 
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,13 +15,18 @@ import pytest
 
 from golf_jax import compat, data, model, ttt_lora
 from golf_jax.config import Config, EvalConfig, TTTConfig
-from tests.conftest import FRONTIER_FIXTURES, missing
+from tests.conftest import FRONTIER_FIXTURES, missing, run_on_two_cpu_devices
 from tests.frontier_reference import generate_ttt
 
 
 @pytest.fixture(scope="module")
 def fixture(frontier_ref):
     """(config, params, tokens, byte sidecar, the reference's arrays, init_a)."""
+    return load_fixture(frontier_ref)
+
+
+def load_fixture(frontier_ref):
+    """The `fixture`, for a test's subprocess (several devices)."""
     path = FRONTIER_FIXTURES / "ttt_lora_tiny.npz"
     if not path.is_file():
         missing(f"{path} not present (python tests/frontier_reference/generate_ttt.py)")
@@ -79,6 +86,56 @@ def test_every_chunk_matches_the_reference(fixture, result):
 
 
 # ----------------------------------------------------------------------------- the protocol
+
+TWO_DEVICES = textwrap.dedent(r"""
+    import os, sys, json, dataclasses, re
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from golf_jax import ttt_lora
+    from tests.conftest import load_frontier_ref
+    from tests.ttt_lora_test import load_fixture
+    cfg, params, tokens, tables, _, init_a = load_fixture(load_frontier_ref())
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_devices=2))
+    first_call = []
+    step_for = ttt_lora.chunk_step_for
+
+    def recording_step_for(mcfg, t):
+        step = step_for(mcfg, t)
+        def record(*args):
+            if not first_call:
+                first_call.append((args[1].factors["q"][0].sharding.spec, args[3].sharding.spec,
+                                   step.lower(*args).compile().as_text()))
+            return step(*args)
+        return record
+
+    ttt_lora.chunk_step_for = recording_step_for
+    r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False)
+    lora_spec, x_spec, hlo = first_call[0]
+    collectives = re.findall(r"(?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+    json.dump({"rows": np.stack(r.chunk_row_sums).tolist(), "tokens": r.chunk_tokens, "bytes": r.chunk_bytes,
+               "phases": r.phases, "lora_spec": str(lora_spec), "x_spec": str(x_spec),
+               "collectives": collectives}, sys.stdout)
+""")
+
+
+def test_batch_rows_split_over_two_devices(fixture, result):
+    """run.num_devices=2: each device scores and trains half of a batch's rows
+    (their inputs, LoRA factors and moments split, weights replicated), with no
+    collective at all (rows are independent); every chunk's score as the reference's, as on one
+    device (float32, sums in other orders: the same 1e-5 as one device's)."""
+    _, _, _, _, ref, _ = fixture
+    out = run_on_two_cpu_devices(TWO_DEVICES)
+    assert out["lora_spec"].endswith(("None, 'data')", "None, 'data', None, None)")) and "'data'" in out["x_spec"]
+    assert out["collectives"] == []
+    got, want = np.asarray(out["rows"]), ref["chunk_rows"]
+    assert np.array_equal(got == 0, want == 0)
+    rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
+    assert rel.max() <= 1e-5, rel.max()
+    one = np.stack(result.chunk_row_sums)
+    assert (np.abs(got - one) / np.maximum(np.abs(one), 1e-30)).max() <= 1e-5
+    assert out["tokens"] == result.chunk_tokens and out["bytes"] == result.chunk_bytes and out["phases"] == 2
+
 
 def batch_chunk_ranges(cfg, tokens) -> list[tuple[np.ndarray, range]]:
     """Each batch's documents (processing order) and its steps' indices in chunk_row_sums."""
@@ -190,3 +247,10 @@ def test_defaults_are_the_records_settings():
         [833, 1666, 2500]
     assert (t.global_lr, t.global_momentum, t.global_chunk_tokens, t.global_batch_seqs, t.global_grad_clip) == \
         (1e-3, 0.9, 32_768, 32, 1.0)
+
+
+def test_rows_that_cannot_be_split_evenly_are_refused():
+    two_devices = type("Mesh", (), {"size": 2})()
+    with pytest.raises(ValueError, match=r"lora_batch_docs=3 rows cannot be split over 2 devices"):
+        ttt_lora.RowPlacement(two_devices, 3)
+    assert ttt_lora.RowPlacement(two_devices, 4).mesh is two_devices
