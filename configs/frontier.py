@@ -88,6 +88,9 @@ def get_config() -> Config:
             val_loss_every=0,  # VAL_LOSS_EVERY=0: the last step's validation only
             sliding_stride=64, sliding_batch_windows=32, sliding_score_once=False,
             sliding_enabled=False,  # EVAL_STRIDE unused: the score is the phased TTT's
+            # eval_val (L2732): packed rows of 32 x 2048 tokens, attention within documents;
+            # its 8 ranks each drop their last partial batch
+            document_masked=True, document_eval_ranks=8,
         ),
         # The phased LoRA TTT (golf_jax/ttt_lora.py) at the record's settings (the lora_*, phased_*,
         # global_* defaults), on the artifact's weights: the run's score.

@@ -28,7 +28,8 @@ def get_config() -> Config:
         quant=dataclasses.replace(cfg.quant, calib_num_seqs=4, calib_seq_len=128, calib_batch_size=2,
                                   group_compressor="brotli", code_size_count="raw"),
         eval=EvalConfig(eval_seq_len=256, val_batch_tokens=4096, val_loss_every=20, sliding_stride=128,
-                        sliding_batch_windows=16, max_val_tokens=8192, sliding_enabled=False),
+                        sliding_batch_windows=16, max_val_tokens=8192, sliding_enabled=False,
+                        document_masked=True),
         # The phased LoRA TTT at this size: rank 8, batches of 16 speeches (~58 tokens each), windows
         # of 64 or 128 tokens (two chunk programs), one global phase after the first 64 documents.
         ttt=dataclasses.replace(cfg.ttt, lora_rank=8, lora_alpha=14.4, lora_batch_docs=16, lora_context_len=128,

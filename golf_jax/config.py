@@ -485,6 +485,13 @@ class EvalConfig:
     # True scores every token exactly once instead.
     sliding_score_once: bool = False
     max_val_tokens: int = 0  # 0 = the whole validation set
+    # The 1.0611 record's standard evaluation (its eval_val, a diagnostic: its score is the
+    # TTT's): each per-rank batch of standard_batch_windows sequences is one packed row whose
+    # attention stays within documents (split at eval_seq_len), as training's rows.
+    # reference quirk: each of its document_eval_ranks ranks (8: the record's GPUs) drops its
+    # last partial batch of sequences.
+    document_masked: bool = False
+    document_eval_ranks: int = 8
 
     def standard_batch_windows(self, micro_batches_per_step: int) -> int:
         """Sequences per standard-eval call: the reference's per-rank val batch
@@ -613,6 +620,8 @@ class Config:
                               f"= {e.eval_seq_len * d.micro_batches_per_step}")
         if e.sliding_batch_windows <= 0:
             raise ConfigError("eval.sliding_batch_windows: must be positive")
+        if e.document_eval_ranks <= 0:
+            raise ConfigError("eval.document_eval_ranks: must be positive")
         if self.run.train_log_every <= 0:
             raise ConfigError("run.train_log_every: must be positive")
         if self.run.checkpoint_every < 0 or self.run.num_devices < 0:

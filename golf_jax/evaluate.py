@@ -1,7 +1,9 @@
 """Evaluation in bits per byte: standard (non-overlapping windows) and
-sliding-window, as the reference scores the record.
+sliding-window, as the reference scores the record; with
+eval.document_masked, the 1.0611 record's standard evaluation over packed
+rows of documents (`document_eval`).
 
-Both run one jitted function over fixed-shape batches of windows (the last
+Each runs one jitted function over fixed-shape batches of windows (the last
 batch padded and masked), so each compiles once per process. Per-window loss
 sums come back in float32 and are accumulated in float64 on the host; token
 and byte counts are exact integers computed on the host.
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from golf_jax import data, datasets, layers, model, param_tree
+from golf_jax import data, datasets, layers, model, packing, param_tree
 from golf_jax.config import Config, ConfigError, ModelConfig
 
 
@@ -170,6 +172,66 @@ def sliding_eval(params, cfg: ModelConfig, tokens: np.ndarray, tables: data.Targ
                          score_span=stride, looping=looping)
 
 
+def document_rows(n_targets: int, seq_len: int, batch_seqs: int, ranks: int) -> np.ndarray:
+    """The first token of each packed row (batch_seqs x seq_len tokens) of the
+    1.0611 record's eval_val over `ranks` ranks: rank r takes sequences
+    [total r / ranks, total (r + 1) / ranks) of the total = n_targets // seq_len,
+    in batches of batch_seqs. reference quirk: its last partial batch is dropped."""
+    total = n_targets // seq_len
+    starts = []
+    for r in range(ranks):
+        lo, hi = total * r // ranks, total * (r + 1) // ranks
+        starts += range(lo, lo + (hi - lo) // batch_seqs * batch_seqs, batch_seqs)
+    return np.asarray(starts, np.int64) * seq_len
+
+
+def configured_document_rows(cfg: Config, n_tokens: int) -> tuple[np.ndarray, int]:
+    """`document_rows` of n_tokens validation tokens as configured, and the rows'
+    length; a ConfigError when there are none."""
+    e = cfg.eval
+    batch_seqs = e.standard_batch_windows(cfg.data.micro_batches_per_step)
+    starts = document_rows(n_tokens - 1, e.eval_seq_len, batch_seqs, e.document_eval_ranks)
+    if not len(starts):
+        raise ConfigError(f"eval.document_masked: {n_tokens - 1} validation targets give none of the "
+                          f"{e.document_eval_ranks} ranks (eval.document_eval_ranks) a whole batch of {batch_seqs} "
+                          f"x {e.eval_seq_len} tokens: more validation tokens, or a smaller eval.val_batch_tokens")
+    return starts, batch_seqs * e.eval_seq_len
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "looping"))
+def packed_row_loss_sum(params, cfg: ModelConfig, x_1xL: jax.Array, y_1xL: jax.Array,
+                        segments: packing.Segments, looping: bool = False) -> jax.Array:
+    """Sum of a packed row's cross-entropy (attention within its segments), float32."""
+    return jnp.sum(model.token_nll(params, cfg, x_1xL, y_1xL, looping=looping, segments=segments))
+
+
+def document_eval(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes, progress: bool = True,
+                  looping: bool = False) -> EvalResult:
+    """The 1.0611 record's eval_val (eval.document_masked): every row of
+    `document_rows` scored whole, its documents (BOS to BOS, split at
+    eval_seq_len, as training's packed rows: `packing.document_segments`)
+    attending only within themselves. One program: the rows' segment slots
+    per fold are the most any row needs (at least data.segments_per_fold)."""
+    t0 = time.perf_counter()
+    seq, tokens = cfg.eval.eval_seq_len, np.asarray(tokens, np.int32)
+    starts, row_len = configured_document_rows(cfg, len(tokens))
+    cu = [packing.document_segments(np.flatnonzero(tokens[s:s + row_len] == cfg.model.bos_id), row_len, seq)[0]
+          for s in starts]
+    slots = max([cfg.data.segments_per_fold] + [packing.segments_per_fold_needed(c, row_len, seq) for c in cu])
+    sums = []
+    for s, c in tqdm(zip(starts, cu), total=len(starts), desc="document eval", unit="row", disable=not progress,
+                     leave=False):
+        segments = packing.make_segments(c, row_len, seq, slots)
+        sums.append(packed_row_loss_sum(params, cfg.model, tokens[None, s:s + row_len],
+                                        tokens[None, s + 1:s + row_len + 1], segments, looping=looping))
+    loss_sum = float(np.sum(np.asarray(jax.device_get(sums), np.float64)))
+    cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
+    token_count = len(starts) * row_len
+    byte_count = int(np.sum(cum_bytes[starts + row_len] - cum_bytes[starts]))
+    mean_loss, bpb = data.bits_per_byte(loss_sum, token_count, byte_count)
+    return EvalResult(mean_loss, bpb, token_count, byte_count, time.perf_counter() - t0)
+
+
 def load_validation(cfg: Config, ds: datasets.Dataset) -> tuple[np.ndarray, data.TargetBytes]:
     """The validation tokens of `ds` and what their bits per byte divide by:
     the tokenizer's byte tables, or with data.text_transform the byte sidecar
@@ -178,6 +240,8 @@ def load_validation(cfg: Config, ds: datasets.Dataset) -> tuple[np.ndarray, data
     sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size, d.text_transform)
     tokens = data.load_validation_tokens(ds.val_pattern, cfg.eval.eval_seq_len, cfg.model.vocab_size,
                                          cfg.eval.max_val_tokens)
+    if cfg.eval.document_masked:
+        configured_document_rows(cfg, len(tokens))  # refused before anything is compiled
     if not d.text_transform:
         return tokens, data.byte_tables(sp, cfg.model.vocab_size)
     sidecar = os.path.join(os.path.dirname(ds.val_pattern), d.val_bytes_pattern)
@@ -197,9 +261,12 @@ def load_eval_data(cfg: Config, dataset: dict | None = None, tokenizer: str | No
 
 def run_standard(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes,
                  progress: bool = True, looping: bool | None = None) -> EvalResult:
-    """The standard evaluation as configured (the reference's per-rank batch).
-    looping: None, as after training (`ModelConfig.looping_after_training`)."""
+    """The standard evaluation as configured (the reference's per-rank batch;
+    eval.document_masked: `document_eval`). looping: None, as after training
+    (`ModelConfig.looping_after_training`)."""
     looping = cfg.model.looping_after_training if looping is None else looping
+    if cfg.eval.document_masked:
+        return document_eval(params, cfg, tokens, tables, progress, looping)
     return standard_eval(params, cfg.model, tokens, tables, cfg.eval.eval_seq_len,
                          cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), progress, looping)
 

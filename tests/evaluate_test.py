@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from golf_jax import data, datasets, evaluate, model
-from golf_jax.config import Config, DataConfig, EvalConfig, ModelConfig
+from golf_jax.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig
 from tests.conftest import REPO, fixture_path
 
 
@@ -217,3 +217,89 @@ def test_evaluations_after_training_run_the_layer_loop(eval_ref, tables):
     sliding = evaluate.run_sliding(params, cfg, tokens, tables, progress=False)
     assert sliding.loss == evaluate.sliding_eval(params, looped, tokens, tables, 128, 64, 4, progress=False,
                                                  looping=True).loss
+
+
+# ----------------------------------------------------------------------------- the 1.0611 record's eval_val
+
+def documents_stream(n_tokens: int, vocab: int, bos: int, seed: int = 0) -> np.ndarray:
+    """Random tokens in documents of 1 to 120 tokens, each opening with BOS."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(bos + 1, vocab, n_tokens).astype(np.int32)
+    starts = np.cumsum(rng.integers(1, 120, n_tokens))
+    tokens[starts[starts < n_tokens]] = bos
+    tokens[0] = bos
+    return tokens
+
+
+def test_document_masked_eval_is_the_records_eval_val(frontier_ref):
+    """eval.document_masked against the 1.0611 record's own eval_val (run with torch on
+    the CPU, its 8 ranks one after another, their sums added as its all-reduce does),
+    given golf_jax's model as its forward: the same rows (each rank's last partial batch
+    dropped), the same document boundaries (its cu_seqlens), the same token and byte
+    counts, exactly; the loss to float32 (cross-entropy of the same logits in torch
+    and in JAX, summed in other orders: 1e-6)."""
+    torch = pytest.importorskip("torch")
+    import types
+
+    from golf_jax import compat, packing
+    from tests.conftest import reference_source
+
+    mcfg, _, model_ref = frontier_ref
+    params = compat.params_from_reference({k[6:]: v for k, v in model_ref.items() if k.startswith("param/")}, mcfg)
+    seq, looping = 64, mcfg.looping_after_training
+    cfg = Config(model=mcfg, data=DataConfig(micro_batches_per_step=8),
+                 eval=EvalConfig(eval_seq_len=seq, val_batch_tokens=2 * seq * 8, document_masked=True))
+    tokens = documents_stream(45 * seq + 1 + 37, mcfg.vocab_size, mcfg.bos_id)  # 45 sequences: 5 or 6 per rank,
+    # in batches of 2: 42 taken
+    counts = np.random.default_rng(1).integers(1, 9, len(tokens))
+    counts[tokens == mcfg.bos_id] = 0
+    sidecar = data.ByteSidecar(counts.astype(np.int64), "sidecar")
+
+    ns = {"torch": torch, "F": torch.nn.functional, "dist": types.SimpleNamespace(is_available=lambda: False),
+          "math": math, "BOS_ID": None}
+    exec(reference_source("frontier_1855/train_gpt.py", "get_next_multiple_of_n", "_build_cu_seqlens", "eval_val"), ns)
+    ns["_loss_bpb"] = lambda *sums: sums  # each rank's sums, to be added across ranks
+
+    def our_logits(x, cu_seqlens, max_seqlen):
+        x = x.numpy().astype(np.int32)
+        cu = cu_seqlens.numpy()
+        np.testing.assert_array_equal(cu, packing.document_segments(np.flatnonzero(x[0] == mcfg.bos_id), x.shape[1],
+                                                                    seq)[0])
+        segments = packing.make_segments(cu, x.shape[1], seq, packing.segments_per_fold_needed(cu, x.shape[1], seq))
+        return torch.from_numpy(np.array(model.logits(params, mcfg, x, looping=looping, segments=segments)))
+
+    val = types.SimpleNamespace(val_tokens=torch.from_numpy(tokens.astype(np.int64)),
+                                val_bytes=torch.from_numpy(counts.astype(np.int32)))
+    stub = types.SimpleNamespace(eval=lambda: None, train=lambda: None)
+    sums = np.zeros(3)
+    for rank in range(8):
+        h = types.SimpleNamespace(eval_seq_len=seq, val_batch_tokens=cfg.eval.val_batch_tokens, world_size=8,
+                                  grad_accum_steps=1, rank=rank)
+        sums += [float(s) for s in ns["eval_val"](h, torch.device("cpu"), val, stub, forward_logits_fn=our_logits)]
+    want_loss, want_tokens, want_bytes = sums[0] / sums[1], int(sums[1]), int(sums[2])
+
+    got = evaluate.run_standard(params, cfg, tokens, sidecar, progress=False)
+    assert (got.tokens, got.bytes) == (want_tokens, want_bytes) and want_tokens == 42 * seq
+    assert got.loss == pytest.approx(want_loss, rel=1e-6)
+    assert got.bpb == pytest.approx(want_loss / math.log(2) * want_tokens / want_bytes, rel=1e-6)
+    # the rows are masked per document: without the masks the loss is another
+    plain = evaluate.standard_eval(params, mcfg, tokens, sidecar, seq, 2, progress=False, looping=looping)
+    assert abs(plain.loss / got.loss - 1) > 1e-4
+
+
+def test_document_rows_drop_each_ranks_partial_batch():
+    # 45 sequences over 8 ranks: 5 or 6 each, in batches of 2: 4 or 6 taken
+    starts = evaluate.document_rows(45 * 64 + 10, 64, 2, 8) // 64
+    per_rank = [range(45 * r // 8, 45 * (r + 1) // 8) for r in range(8)]
+    assert [len(r) for r in per_rank] == [5, 6, 5, 6, 6, 5, 6, 6]
+    want = [s for r in per_rank for s in list(r)[:len(r) // 2 * 2:2]]
+    assert starts.tolist() == want and len(starts) == 21
+    assert evaluate.document_rows(64 * 8, 64, 2, 8).size == 0
+
+
+def test_too_few_validation_tokens_for_a_document_row_are_refused_before_compiling(eval_ref):
+    cfg = Config(eval=EvalConfig(eval_seq_len=128, val_batch_tokens=4 * 128 * 8, document_masked=True))
+    with pytest.raises(ConfigError, match=r"eval.document_masked: 1024 validation targets give none of the 8 ranks "
+                                          r"\(eval.document_eval_ranks\) a whole batch of 4 x 128 tokens"):
+        evaluate.configured_document_rows(cfg, 1025)
+    assert evaluate.configured_document_rows(cfg, 4 * 128 * 8 + 1)[1] == 512

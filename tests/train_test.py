@@ -287,6 +287,7 @@ FRONTIER_TINY = {"model.model_dim": "32", "model.num_heads": "2", "model.num_kv_
                  "data.train_seq_len": "64", "data.train_batch_tokens": "512",
                  "schedule.iterations": "6", "schedule.enable_looping_at": "0.5", "schedule.warmup_steps": "1",
                  "eval.eval_seq_len": "128", "eval.val_batch_tokens": "1024", "eval.max_val_tokens": "1024",
+                 "eval.document_eval_ranks": "2",  # 8 sequences: 2 ranks of one 4-sequence row
                  "eval.val_loss_every": "0", "eval.sliding_stride": "64", "eval.sliding_batch_windows": "16",
                  "run.checkpoint_every": "0", "run.train_log_every": "1", **TINY_QUANT}
 
