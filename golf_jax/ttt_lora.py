@@ -152,8 +152,11 @@ def fresh_lora(a_factors: dict, cfg: ModelConfig, t: TTTConfig) -> model.LoRA:
 
 class RowPlacement:
     """Where a batch's arrays live: on several devices, rows split over the mesh
-    (inputs along their leading axis, LoRA factors along their row axis, which
-    is third from last), weights replicated; on one device, nothing placed."""
+    (inputs along their leading axis, LoRA factors and their moments along
+    their row axis, which is third from last), weights and scalars replicated;
+    on one device, nothing placed. Every array a program takes is placed so,
+    before its first call too: a placement that changed after one call would
+    compile the program again."""
 
     def __init__(self, mesh: jax.sharding.Mesh, rows: int):
         self.mesh = mesh if mesh.size > 1 else None
@@ -170,8 +173,9 @@ class RowPlacement:
     def rows(self, x):
         return self._put(x, P(AXIS))
 
-    def lora(self, lora: model.LoRA) -> model.LoRA:
-        return jax.tree.map(lambda x: self._put(x, P(*([None] * (x.ndim - 3)), AXIS)), lora)
+    def lora(self, tree):
+        """A LoRA, or its optimizer state: factors by rows, the step count replicated."""
+        return jax.tree.map(lambda x: self._put(x, P(*([None] * (x.ndim - 3)), AXIS) if x.ndim >= 3 else P()), tree)
 
 
 def lora_optimizer(t: TTTConfig) -> optax.GradientTransformation:
@@ -183,7 +187,7 @@ def lora_optimizer(t: TTTConfig) -> optax.GradientTransformation:
 
 @functools.lru_cache(maxsize=8)
 def _optimizer_init_for(t: TTTConfig) -> Callable:
-    """The optimizer's init, jitted: its moments take the factors' placement."""
+    """The optimizer's init, jitted once per configuration (its step count a device scalar)."""
     return jax.jit(lora_optimizer(t).init)
 
 
@@ -274,7 +278,7 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
     """Every chunk of one batch: score, then step. Returns the trained LoRA."""
     starts, lengths = docs
     pred_lens = lengths - 1
-    opt_state = _optimizer_init_for(t)(lora)
+    opt_state = place.lora(_optimizer_init_for(t)(lora))
     outs = []
     for ci in range(int(-(-pred_lens.max() // t.lora_chunk_tokens))):
         (x, y, lo, hi, train_lo, train, do_step), scored, first = _chunk_inputs(tokens, starts, pred_lens, ci, t)
@@ -287,7 +291,7 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
     return lora
 
 
-def _global_phase(params, cfg: Config, segments: list[np.ndarray]) -> Params:
+def _global_phase(params, cfg: Config, segments: list[np.ndarray], place: RowPlacement) -> Params:
     """SGD of every weight over the scored documents, concatenated: chunks of
     global_chunk_tokens (the last never trained on), each whole sequences of
     eval.eval_seq_len in batches of global_batch_seqs, cosine rate over the chunks;
@@ -299,7 +303,7 @@ def _global_phase(params, cfg: Config, segments: list[np.ndarray]) -> Params:
     total = len(stream) - 1
     n_chunks = -(-total // t.global_chunk_tokens)
     step = global_step_for(cfg.model, t)
-    momentum = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    momentum = place.replicated(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     for ci in range(n_chunks - 1):
         start = ci * t.global_chunk_tokens
         n_seqs = (min(start + t.global_chunk_tokens, total) - start) // seq
@@ -347,7 +351,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     for b_index, docs in tqdm(batches, desc="ttt lora", unit="batch", disable=not progress):
         full = len(docs) == t.lora_batch_docs
         if full:  # the warm A, B zeroed
-            lora = _zero_b(warm)
+            lora = place.lora(_zero_b(warm))
         else:  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
             lora = build(len(docs))
         lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log, place)
@@ -359,7 +363,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
                 # reference quirk: in ascending batch order, so the longest (first scored)
                 # documents are the ones cut when the batches overshoot the boundary
                 chosen = [doc for _, _, doc in sorted(scored)[:boundaries[phase]]]
-                params = _global_phase(params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in chosen])
+                params = _global_phase(params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in chosen], place)
                 warm = build(t.lora_batch_docs)
                 phase += 1
     n_tokens, n_bytes = sum(log["chunk_tokens"]), sum(log["chunk_bytes"])

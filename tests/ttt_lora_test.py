@@ -93,6 +93,7 @@ TWO_DEVICES = textwrap.dedent(r"""
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from golf_jax import ttt_lora
+    from golf_jax.runlog import CompileCounter
     from tests.conftest import load_frontier_ref
     from tests.ttt_lora_test import load_fixture
     cfg, params, tokens, tables, _, init_a = load_fixture(load_frontier_ref())
@@ -103,31 +104,37 @@ TWO_DEVICES = textwrap.dedent(r"""
     def recording_step_for(mcfg, t):
         step = step_for(mcfg, t)
         def record(*args):
-            if not first_call:
-                first_call.append((args[1].factors["q"][0].sharding.spec, args[3].sharding.spec,
-                                   step.lower(*args).compile().as_text()))
+            if not first_call:  # abstract: the step donates its LoRA and optimizer state
+                first_call.append((step, jax.tree.map(
+                    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+                    if isinstance(a, jax.Array) else a, args)))
             return step(*args)
         return record
 
     ttt_lora.chunk_step_for = recording_step_for
-    r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False)
-    lora_spec, x_spec, hlo = first_call[0]
+    with CompileCounter() as compiles:
+        r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False)
+    step, args = first_call[0]
+    lora_spec, x_spec = args[1].factors["q"][0].sharding.spec, args[3].sharding.spec
+    hlo = step.lower(*args).compile().as_text()
     collectives = re.findall(r"(?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
     json.dump({"rows": np.stack(r.chunk_row_sums).tolist(), "tokens": r.chunk_tokens, "bytes": r.chunk_bytes,
                "phases": r.phases, "lora_spec": str(lora_spec), "x_spec": str(x_spec),
-               "collectives": collectives}, sys.stdout)
+               "collectives": collectives, "compiles": compiles.names}, sys.stdout)
 """)
 
 
 def test_batch_rows_split_over_two_devices(fixture, result):
     """run.num_devices=2: each device scores and trains half of a batch's rows
     (their inputs, LoRA factors and moments split, weights replicated), with no
-    collective at all (rows are independent); every chunk's score as the reference's, as on one
+    collective at all (rows are independent), each program compiled once; every chunk's score as the reference's, as on one
     device (float32, sums in other orders: the same 1e-5 as one device's)."""
     _, _, _, _, ref, _ = fixture
     out = run_on_two_cpu_devices(TWO_DEVICES)
     assert out["lora_spec"].endswith(("None, 'data')", "None, 'data', None, None)")) and "'data'" in out["x_spec"]
     assert out["collectives"] == []
+    # every array placed before its first call: one program each (the record: one per window width)
+    assert out["compiles"]["jit(lora_chunk_step)"] == out["compiles"]["jit(global_sgd_step)"] == 1
     got, want = np.asarray(out["rows"]), ref["chunk_rows"]
     assert np.array_equal(got == 0, want == 0)
     rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
