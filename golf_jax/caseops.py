@@ -135,6 +135,19 @@ def decode(text: str) -> str:
     return out
 
 
+def decode_sampled(text: str) -> str:
+    """`decode` for a model's samples, which may put an operator out of place:
+    such an operator stands for no text and is dropped, never raised."""
+    decoder, out = _Decoder(), []
+    for ch in text:
+        try:
+            out.append(decoder.feed(ch))
+        except CaseOpsError:
+            decoder = _Decoder()  # the pending operator dropped; a fresh decoder takes any character
+            out.append(decoder.feed(ch))
+    return "".join(out)
+
+
 def original_byte_counts(surfaces: Iterable[str]) -> list[int]:
     """The UTF-8 bytes of the original text that each piece of a transformed
     document stands for (the record's byte sidecar): 0 for an operator, 1 for a

@@ -7,6 +7,12 @@ Generation is one jitted program: a prefill of the prompt, then a
 ([batch, max_len, kv_heads, head_dim]), and the position, the previous token
 and its normed embedding (BigramHash and SmearGate need them).
 
+A model with a layer loop after training (the 1.0611 record's depth recurrence)
+takes `generate_recomputing` instead: the cache holds one K/V per layer, not per
+application of a looped layer, so every step reruns the whole buffer (causal:
+the unwritten positions change nothing before them). Its CaseOps text is
+transformed for the prompt and decoded back for the samples.
+
 Difference from the reference, on purpose: the reference recomputes the whole
 prefix at every step, so its rotary base changes when the prefix passes 1024
 tokens (its NTK quirk, see `layers.rotary_base`) and every earlier position's
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from golf_jax import checkpoint, cli, data, datasets, model
+from golf_jax import caseops, checkpoint, cli, data, datasets, model
 from golf_jax.config import Config, ModelConfig
 from golf_jax.param_tree import Params
 
@@ -87,6 +93,50 @@ def generate(params: Params, cfg: ModelConfig, prompt_BxP: jax.Array, key: jax.A
     return jnp.concatenate([prompt_BxP.astype(jnp.int32), new_NxB.T], axis=1)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "num_new", "temperature", "rope_len", "looping"))
+def generate_recomputing(params: Params, cfg: ModelConfig, prompt_BxP: jax.Array, key: jax.Array, *, num_new: int,
+                         temperature: float, rope_len: int, looping: bool) -> jax.Array:
+    """`generate` without a cache, for any model (looping: its depth recurrence):
+    each step runs the model over a buffer of P + num_new tokens, so its cost
+    grows with the square of the length."""
+    B, P = prompt_BxP.shape
+    buffer = jnp.zeros((B, P + num_new), jnp.int32).at[:, :P].set(prompt_BxP.astype(jnp.int32))
+
+    def step(buffer, i_and_key):
+        i, step_key = i_and_key
+        z = model.logits(params, cfg, buffer, rope_len, looping=looping)
+        token = sample(step_key, jax.lax.dynamic_index_in_dim(z, P + i - 1, axis=1, keepdims=False), temperature)
+        return jax.lax.dynamic_update_slice(buffer, token[:, None], (0, P + i)), None
+
+    buffer, _ = jax.lax.scan(step, buffer, (jnp.arange(num_new), jax.random.split(key, num_new)))
+    return buffer
+
+
+def sample_text_ids(params: Params, cfg: Config, prompt_BxP: jax.Array, key: jax.Array, num_new: int,
+                    temperature: float) -> jax.Array:
+    """The model's continuation of the prompt: cached (`generate`), or with a
+    layer loop after training `generate_recomputing`, which loops as the model
+    is evaluated."""
+    kwargs = dict(num_new=num_new, temperature=temperature, rope_len=cfg.data.train_seq_len)
+    if cfg.model.looping_after_training:
+        return generate_recomputing(params, cfg.model, prompt_BxP, key, looping=True, **kwargs)
+    return generate(params, cfg.model, prompt_BxP, key, **kwargs)
+
+
+def prompt_ids(sp, cfg: Config, prompt: str) -> list[int]:
+    """The prompt's token ids; a CaseOps model's (data.text_transform) from the
+    transformed text after BOS, as its documents start."""
+    if cfg.data.text_transform == "caseops":
+        return [cfg.model.bos_id] + sp.encode(caseops.encode(prompt))
+    return sp.encode(prompt) if prompt else []
+
+
+def sample_text(sp, cfg: Config, ids: Sequence[int]) -> str:
+    """Token ids as text; a CaseOps model's decoded back to the original case."""
+    text = sp.decode(list(ids))
+    return caseops.decode_sampled(text) if cfg.data.text_transform == "caseops" else text
+
+
 def calibration_tokens(params: Params, cfg: Config, key: jax.Array | None = None,
                        progress: bool = False) -> np.ndarray:
     """The self-generated calibration set: calib_num_seqs x calib_seq_len tokens,
@@ -123,25 +173,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                             checkpoint_path=args.checkpoint)
         # The model's own tokenizer: another one would decode its ids into gibberish.
         ds = datasets.dataset_for_model(cfg.data, cfg.model.vocab_size, record, args.tokenizer, source)
-        sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size)
+        sp = data.load_tokenizer(ds.tokenizer, cfg.model.vocab_size, cfg.data.text_transform)
     except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
     key = jax.random.key(args.seed)
-    ids = sp.encode(args.prompt) if args.prompt else []
+    ids = prompt_ids(sp, cfg, args.prompt)
     if ids:
         prompt = jnp.tile(jnp.asarray(ids, jnp.int32)[None], (args.samples, 1))
     else:
         key, k = jax.random.split(key)
         prompt = jax.random.randint(k, (args.samples, 1), 0, cfg.model.vocab_size, jnp.int32)
     t0 = time.perf_counter()
-    out = np.asarray(generate(params, cfg.model, prompt, key, num_new=args.tokens, temperature=args.temperature,
-                              rope_len=cfg.data.train_seq_len))
+    out = np.asarray(sample_text_ids(params, cfg, prompt, key, args.tokens, args.temperature))
     dt = time.perf_counter() - t0
     print(f"# {source}; {args.samples} x {args.tokens} tokens in {dt:.1f} s (compile included), "
           f"temperature {args.temperature}")
     for i, row in enumerate(out):
         print(f"--- sample {i}")
-        print(sp.decode(row.tolist()))
+        print(sample_text(sp, cfg, row.tolist()))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,9 @@ class TrainingRun:
         distributed.wait_for_all("golf_jax/run_dir_checked", timeout_s=600)
         self.new_folder = run_dir.claim(self.out_dir, replaced if self.primary else ())
         distributed.wait_for_all("golf_jax/run_dir_claimed", timeout_s=600)
+        if "checkpoints" in replaced:  # orbax's manager listed the old run's steps: it would refuse to save them again
+            self.ckpts.close()
+            self.ckpts = checkpoint.TrainCheckpoints(self.out_dir / "checkpoints", keep=2)
         try:
             self._prepare_outputs(params, resume, saved, progress)
         except BaseException:

@@ -128,3 +128,13 @@ def test_text_to_tokens_and_back(sp, text):
     [(ids, counts)] = caseops.encode_documents(sp, [text])
     assert caseops.decode(sp.decode(ids)) == text
     assert len(counts) == len(ids) and sum(counts) == len(text.encode("utf-8"))
+
+
+def test_sampled_text_with_operators_out_of_place_decodes():
+    """A model's samples may put an operator where encode never does: dropped."""
+    T, A, C = caseops.TITLE, caseops.ALLCAPS, caseops.CAPNEXT
+    assert caseops.decode_sampled(caseops.encode("Hello WORLD McX")) == "Hello WORLD McX"
+    assert caseops.decode_sampled(f"{T} hello{T}") == " hello"  # no letter after TITLE; one at the end
+    assert caseops.decode_sampled(f"{C}{C}ab {A}cd") == "Ab CD"
+    with pytest.raises(caseops.CaseOpsError):
+        caseops.decode(f"{T} hello")

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from golf_jax import generate, model
-from golf_jax.config import Config, DataConfig, QuantConfig, RunConfig
+from golf_jax.config import Config, DataConfig, ModelConfig, QuantConfig, RunConfig
 
 ROPE_LEN = 2048  # > rope_ntk_base_len, so the NTK-scaled base is the one under test
 
@@ -107,3 +107,45 @@ def test_a_model_trained_on_the_fallback_decodes_with_its_own_tokenizer(tmp_path
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert str(kept) in err and datasets.EMBEDDED_TOKENIZER in err
+
+
+def test_recomputing_generation_is_the_cached_one(tiny_params, tiny_cfg):
+    """Without a cache, greedy: the same tokens as the cached path."""
+    prompt = jnp.asarray([[5, 77, 300], [1, 2, 3]], jnp.int32)
+    kwargs = dict(num_new=12, temperature=0.0, rope_len=ROPE_LEN)  # the greedy test's program, compiled once
+    cached = generate.generate(tiny_params, tiny_cfg, prompt, jax.random.key(1), **kwargs)
+    again = generate.generate_recomputing(tiny_params, tiny_cfg, prompt, jax.random.key(1), looping=False, **kwargs)
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(cached))
+
+
+def test_a_looped_model_generates_through_its_loop(frontier_ref):
+    """The 1.0611 record's model (a layer loop after training): sample_text_ids takes the
+    path without a cache; each greedy token is the argmax of the looped model's logits."""
+    from golf_jax import compat
+
+    mcfg, _, model_ref = frontier_ref
+    assert mcfg.looping_after_training
+    params = compat.params_from_reference({k[6:]: v for k, v in model_ref.items() if k.startswith("param/")}, mcfg)
+    cfg = Config(model=mcfg, data=DataConfig(train_seq_len=64))
+    prompt = jnp.asarray([[mcfg.bos_id, 9, 17]], jnp.int32)
+    out = np.asarray(generate.sample_text_ids(params, cfg, prompt, jax.random.key(0), 5, 0.0))
+    z = np.asarray(model.logits(params, mcfg, out, 64, looping=True))
+    np.testing.assert_array_equal(out[:, 3:], z[:, 2:-1].argmax(-1))
+    assert not np.allclose(np.asarray(model.logits(params, mcfg, out, 64, looping=False)), z)  # the loop matters
+
+
+def test_caseops_prompts_and_samples_are_the_original_text(caseops_tokenizer):
+    """A CaseOps model's prompt: BOS, then the transformed text's tokens; its samples
+    decoded back to the original case, an operator out of place dropped."""
+    from golf_jax import caseops, data
+
+    sp = data.load_tokenizer(caseops_tokenizer)
+    cfg = Config(model=ModelConfig(vocab_size=8192), data=DataConfig(text_transform="caseops"))
+    text = "The QUICK brown McFox, said Ann."
+    ids = generate.prompt_ids(sp, cfg, text)
+    assert ids[0] == cfg.model.bos_id and ids[1:] == sp.encode(caseops.encode(text))
+    assert generate.sample_text(sp, cfg, ids) == text
+    title = sp.piece_to_id(caseops.TITLE)
+    assert generate.sample_text(sp, cfg, ids + [title]) == text  # a TITLE with no word after it: dropped
+    plain = Config(model=ModelConfig(vocab_size=8192))
+    assert generate.sample_text(sp, plain, ids) == sp.decode(ids) != text

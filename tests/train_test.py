@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import checkpoint, cli, datasets, optim, run_dir, train, train_step
+from golf_jax import caseops, checkpoint, cli, datasets, optim, run_dir, train, train_step
 from golf_jax.config import Config, ConfigError
 from golf_jax.runlog import CompileCounter
 from tests.conftest import REPO
@@ -86,6 +86,18 @@ def test_run_trains_and_writes_its_outputs(tmp_path):
     assert saved["final_weights"] == "EMA" and np.isfinite(saved["final_val_bpb"])
     params, saved_cfg = checkpoint.load_params(tmp_path / "final_model")
     assert saved_cfg == cfg and params["tok_emb"].dtype == jnp.bfloat16  # reference quirk kept
+
+
+def test_overwrite_replaces_a_finished_run_of_the_same_length(tmp_path):
+    """--overwrite over a finished run that saved the same final step: the old
+    checkpoints go, and the new run saves its own (orbax's manager, made before
+    the folder was claimed, listed the old steps and refused them)."""
+    cfg = tiny_config(tmp_path, **{"schedule.iterations": "2", "schedule.warmup_steps": "0"})
+    train.train(cfg, progress=False)
+    first = (tmp_path / "checkpoints" / "2").stat().st_mtime_ns
+    summary = train.train(cfg, overwrite=True, progress=False)
+    assert summary["steps"] == 2 and (tmp_path / "checkpoints" / "2").stat().st_mtime_ns != first
+    assert restore_last(cfg)[1]["step"] == 2
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -288,6 +300,8 @@ FRONTIER_TINY = {"model.model_dim": "32", "model.num_heads": "2", "model.num_kv_
                  "schedule.iterations": "6", "schedule.enable_looping_at": "0.5", "schedule.warmup_steps": "1",
                  "eval.eval_seq_len": "128", "eval.val_batch_tokens": "1024", "eval.max_val_tokens": "1024",
                  "eval.document_eval_ranks": "2",  # 8 sequences: 2 ranks of one 4-sequence row
+                 # no global SGD phase (tests/ttt_lora_test.py has two, against the reference): 10 s less
+                 "ttt.phased_prefix_docs": "0",
                  "eval.val_loss_every": "0", "eval.sliding_stride": "64", "eval.sliding_batch_windows": "16",
                  "run.checkpoint_every": "0", "run.train_log_every": "1", **TINY_QUANT}
 
@@ -328,9 +342,20 @@ def test_frontier_smoke_trains_end_to_end(frontier_run):
     assert "sliding" not in report and (out_dir / run_dir.ARTIFACT_NAME).exists()
     # its score: the phased LoRA TTT on the artifact's weights, timed as a stage
     assert "phased score-first LoRA TTT" in out and np.isfinite(report["ttt"]["bpb"]) and report["times_s"]["ttt"] > 0
-    assert report["ttt"]["documents"] > 0 and report["ttt"]["phases"] == 1
+    assert report["ttt"]["documents"] > 0 and report["ttt"]["phases"] == 0
     # the record's quantisation: at this width only the embedding has more than 65,536 values
     assert list(report["quantization"]["matrices"]) == report["quantization"]["lqer"] == ["tok_emb.weight"]
+
+
+def test_frontier_artifact_generates_text_in_its_original_case(frontier_run, capsys):
+    """python -m golf_jax.generate on the run's artifact: the prompt through CaseOps after
+    BOS, the looped model without a cache, the samples decoded back to the original case."""
+    from golf_jax import generate
+
+    generate.main(["--artifact", str(frontier_run[0] / run_dir.ARTIFACT_NAME), "--prompt", "The KING said",
+                   "--tokens", "4", "--temperature", "0"])
+    sample = capsys.readouterr().out.split("--- sample 0\n")[1]
+    assert sample.startswith("The KING said") and not set(sample) & caseops.OPERATORS
 
 
 def test_frontier_warm_up_and_resume_across_the_loop_switch(frontier_run, tmp_path):
