@@ -140,7 +140,6 @@ def test_streams_match_the_reference_serializer():
     binary, on the same tensors: each group stream and the permutations are
     the same bytes; only the remainder differs (JSON for torch.save)."""
     torch = pytest.importorskip("torch")
-    import brotli
     import collections
     names = ("_GROUP_ORDER", "_SIMSORT_KEYS", "_PACK_MAGIC", "_similarity_sort_l1", "_pack_streams",
              "_unpack_streams", "_serialize_pergroup")
