@@ -9,7 +9,6 @@ import json
 import os
 import struct
 import threading
-import time
 import zlib
 
 import ml_dtypes
@@ -112,27 +111,32 @@ def test_groups_are_coded_side_by_side_to_the_same_bytes(monkeypatch):
     assert ap.serialize(arrays, {}, compressor="brotli", workers=4) == serial
     assert_same(arrays, ap.deserialize(serial, workers=4)[0])
 
-    lock, active, most = threading.Lock(), [0], [0]
+    # The first `workers` calls wait for one another at a barrier: they meet only if they run
+    # at once (no timing assumed; a serial coder would break the barrier after 10 s). The
+    # counter checks that no more than `workers` run at once.
+    state = {"lock": threading.Lock(), "active": 0, "most": 0, "calls": 0, "barrier": None}
 
-    def slow(code):
+    def gated(code):
         def run(data: bytes) -> bytes:
-            with lock:
-                active[0] += 1
-                most[0] = max(most[0], active[0])
-            time.sleep(0.1)  # long enough for the other threads to enter
-            with lock:
-                active[0] -= 1
+            with state["lock"]:
+                state["calls"] += 1
+                first = state["calls"] <= state["barrier"].parties
+                state["active"] += 1
+                state["most"] = max(state["most"], state["active"])
+            if first:
+                state["barrier"].wait()
+            with state["lock"]:
+                state["active"] -= 1
             return code(data)
         return run
 
     compress, decompress = compressors.COMPRESSORS["brotli"]
-    monkeypatch.setitem(compressors.COMPRESSORS, "brotli", (slow(compress), slow(decompress)))
-    for workers, want in ((1, 1), (3, 3)):
-        most[0] = 0
-        assert ap.serialize(arrays, {}, compressor="brotli", workers=workers) == serial and most[0] == want
-        most[0] = 0
-        assert_same(arrays, ap.deserialize(serial, workers=workers)[0])
-        assert most[0] == want
+    monkeypatch.setitem(compressors.COMPRESSORS, "brotli", (gated(compress), gated(decompress)))
+    for workers in (1, 3):
+        for code in (lambda: ap.serialize(arrays, {}, compressor="brotli", workers=workers) == serial,
+                     lambda: assert_same(arrays, ap.deserialize(serial, workers=workers)[0]) is None):
+            state.update(active=0, most=0, calls=0, barrier=threading.Barrier(workers, timeout=10))
+            assert code() and state["most"] == workers and state["calls"] == 7
 
 
 def test_streams_match_the_reference_serializer():
