@@ -103,7 +103,7 @@ def test_every_process_takes_process_zeros_decision():
 
 # A two-layer model with every feature of the record; float32 everywhere, so
 # the only difference between the runs is the order of float32 sums in the
-# all-reduce (see train_test.test_one_two_four_eight_devices_agree).
+# all-reduce (see train_test.test_one_two_and_eight_devices_agree).
 TINY = {"num_layers": "2", "model_dim": "64", "num_heads": "2", "num_kv_heads": "1", "ve_layers": "1",
         "xsa_last_n": "2", "bigram_dim": "32", "ve_dim": "16", "iterations": "10", "warmup_steps": "0",
         "max_val_tokens": "512", "micro_batches_per_step": "4", "checkpoint_every": "0", "val_loss_every": "0",

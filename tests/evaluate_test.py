@@ -231,6 +231,8 @@ def documents_stream(n_tokens: int, vocab: int, bos: int, seed: int = 0) -> np.n
     return tokens
 
 
+# The record's eval_val asks for CUDA autocast; torch on the CPU says it turns it off (float32 here).
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
 def test_document_masked_eval_is_the_records_eval_val(frontier_ref):
     """eval.document_masked against the 1.0611 record's own eval_val (run with torch on
     the CPU, its 8 ranks one after another, their sums added as its all-reduce does),

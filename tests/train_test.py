@@ -383,7 +383,7 @@ MULTI_DEVICE = textwrap.dedent("""
     from tests.train_test import tiny_config
     from golf_jax import data, data_feed, datasets, optim, train, train_step
     out = {}
-    for n in (1, 2, 4, 8):
+    for n in (1, 2, 8):  # 4 splits as 2 and 8 do (9 s of the suite)
         cfg = tiny_config(sys.argv[2], **{"data.micro_batches_per_step": "8", "data.train_batch_tokens": "4096",
                                           "run.num_devices": str(n), "optimizer.muon_momentum_dtype": "float32",
                                           "optimizer.muon_ns_dtype": "float32", "model.embedding_dtype": "float32"})
@@ -402,14 +402,14 @@ MULTI_DEVICE = textwrap.dedent("""
 """)
 
 
-def test_one_two_four_eight_devices_agree(tmp_path):
+def test_one_two_and_eight_devices_agree(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     run = subprocess.run([sys.executable, "-c", MULTI_DEVICE, str(REPO), str(tmp_path)], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout)
     ref = out["1"]
-    for n in ("2", "4", "8"):
+    for n in ("2", "8"):
         # Same tokens, same math; only the order of the float32 sums differs
         # (per-device partial sums, then the all-reduce). Float32 throughout:
         # with bf16 embedding tables, AdamW's g / (|g| + eps) turns a rounding
