@@ -279,7 +279,8 @@ def read_artifact(path: str | Path, workers: int | None = None) -> tuple[dict[st
     return deserialize(buf, source=str(path), workers=workers)
 
 
-def deserialize(buf: bytes, source: str = "<bytes>", workers: int | None = None) -> tuple[dict[str, np.ndarray], object]:
+def deserialize(buf: bytes, source: str = "<bytes>",
+                workers: int | None = None) -> tuple[dict[str, np.ndarray], object]:
     """(arrays, meta) from artifact bytes; every problem is an ArtifactError
     whose message starts with `source`. The groups are decoded on up to
     `workers` threads."""

@@ -455,6 +455,7 @@ class QuantConfig:
             return "quant.group_compressor='zpaq' needs the zpaq package (pip install zpaq)"
         return None
 
+
 def _binary_problem(name: str, *version_args: str) -> str | None:
     """Why the binary `name` cannot run here (not on PATH, or it fails to start, e.g. a
     missing shared library), else None: asked by running it with `version_args`."""

@@ -199,10 +199,12 @@ def configured_document_rows(cfg: Config, n_tokens: int) -> tuple[np.ndarray, in
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "looping"))
-def packed_row_loss_sum(params, cfg: ModelConfig, x_1xL: jax.Array, y_1xL: jax.Array,
-                        segments: packing.Segments, looping: bool = False) -> jax.Array:
-    """Sum of a packed row's cross-entropy (attention within its segments), float32."""
-    return jnp.sum(model.token_nll(params, cfg, x_1xL, y_1xL, looping=looping, segments=segments))
+def packed_row_loss_sum(params, cfg: ModelConfig, row_1xL1: jax.Array, segments: packing.Segments,
+                        looping: bool = False) -> jax.Array:
+    """Sum of a packed row's cross-entropy (L + 1 tokens: inputs, then targets one on;
+    attention within its segments), float32."""
+    return jnp.sum(model.token_nll(params, cfg, row_1xL1[:, :-1], row_1xL1[:, 1:], looping=looping,
+                                   segments=segments))
 
 
 def document_eval(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes, progress: bool = True,
@@ -222,8 +224,8 @@ def document_eval(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBy
     for s, c in tqdm(zip(starts, cu), total=len(starts), desc="document eval", unit="row", disable=not progress,
                      leave=False):
         segments = packing.make_segments(c, row_len, seq, slots)
-        sums.append(packed_row_loss_sum(params, cfg.model, tokens[None, s:s + row_len],
-                                        tokens[None, s + 1:s + row_len + 1], segments, looping=looping))
+        sums.append(packed_row_loss_sum(params, cfg.model, tokens[None, s:s + row_len + 1], segments,
+                                        looping=looping))
     loss_sum = float(np.sum(np.asarray(jax.device_get(sums), np.float64)))
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
     token_count = len(starts) * row_len

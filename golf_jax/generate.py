@@ -97,15 +97,17 @@ def generate(params: Params, cfg: ModelConfig, prompt_BxP: jax.Array, key: jax.A
 def generate_recomputing(params: Params, cfg: ModelConfig, prompt_BxP: jax.Array, key: jax.Array, *, num_new: int,
                          temperature: float, rope_len: int, looping: bool) -> jax.Array:
     """`generate` without a cache, for any model (looping: its depth recurrence):
-    each step runs the model over a buffer of P + num_new tokens, so its cost
-    grows with the square of the length."""
+    each step runs the blocks over a buffer of P + num_new tokens (the head on
+    the one position it samples from), so its cost grows with the square of the
+    length."""
     B, P = prompt_BxP.shape
     buffer = jnp.zeros((B, P + num_new), jnp.int32).at[:, :P].set(prompt_BxP.astype(jnp.int32))
 
     def step(buffer, i_and_key):
         i, step_key = i_and_key
-        z = model.logits(params, cfg, buffer, rope_len, looping=looping)
-        token = sample(step_key, jax.lax.dynamic_index_in_dim(z, P + i - 1, axis=1, keepdims=False), temperature)
+        h = model.hidden(params, cfg, buffer, rope_len, looping=looping)
+        z = model.logits_from_hidden(params, cfg, jax.lax.dynamic_slice_in_dim(h, P + i - 1, 1, axis=1))
+        token = sample(step_key, z[:, 0], temperature)
         return jax.lax.dynamic_update_slice(buffer, token[:, None], (0, P + i)), None
 
     buffer, _ = jax.lax.scan(step, buffer, (jnp.arange(num_new), jax.random.split(key, num_new)))

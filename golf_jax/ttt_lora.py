@@ -33,7 +33,7 @@ Devices (run.num_devices, this process's): a batch's rows are split over
 them, each device holding its rows' inputs, LoRA factors and optimizer
 state; the model's weights are replicated. Rows are independent (each its own
 adapter and loss), so XLA's partitioner runs a chunk step with no collective
-but the scalar loss, and the scores are the one-device scores (the same
+at all, and the scores are the one-device scores (the same
 batches in the same order). The global phases run replicated: every device
 takes the same SGD steps (a few seconds at the record's size; the chunk
 steps are the time). The reference's ranks instead claim whole batches
@@ -173,7 +173,7 @@ class RowPlacement:
     def rows(self, x):
         return self._put(x, P(AXIS))
 
-    def lora(self, tree):
+    def factors(self, tree):
         """A LoRA, or its optimizer state: factors by rows, the step count replicated."""
         return jax.tree.map(lambda x: self._put(x, P(*([None] * (x.ndim - 3)), AXIS) if x.ndim >= 3 else P()), tree)
 
@@ -184,18 +184,6 @@ def lora_optimizer(t: TTTConfig) -> optax.GradientTransformation:
 
 
 # ----------------------------------------------------------------------------- the programs
-
-@functools.lru_cache(maxsize=8)
-def _optimizer_init_for(t: TTTConfig) -> Callable:
-    """The optimizer's init, jitted once per configuration (its step count a device scalar)."""
-    return jax.jit(lora_optimizer(t).init)
-
-
-@jax.jit
-def _zero_b(lora: model.LoRA) -> model.LoRA:
-    """The same A factors, B zero; placed as `lora` is."""
-    return lora.replace(factors={k: (a, jnp.zeros_like(b)) for k, (a, b) in lora.factors.items()})
-
 
 @functools.lru_cache(maxsize=8)
 def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
@@ -278,7 +266,7 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
     """Every chunk of one batch: score, then step. Returns the trained LoRA."""
     starts, lengths = docs
     pred_lens = lengths - 1
-    opt_state = place.lora(_optimizer_init_for(t)(lora))
+    opt_state = place.factors(lora_optimizer(t).init(lora))
     outs = []
     for ci in range(int(-(-pred_lens.max() // t.lora_chunk_tokens))):
         (x, y, lo, hi, train_lo, train, do_step), scored, first = _chunk_inputs(tokens, starts, pred_lens, ci, t)
@@ -343,7 +331,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     def build(rows):
         nonlocal constructions
         constructions += 1
-        return place.lora(fresh_lora(init_a(constructions - 1, rows), mcfg, t))
+        return place.factors(fresh_lora(init_a(constructions - 1, rows), mcfg, t))
 
     warm = build(t.lora_batch_docs)
     log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": []}
@@ -351,7 +339,8 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     for b_index, docs in tqdm(batches, desc="ttt lora", unit="batch", disable=not progress):
         full = len(docs) == t.lora_batch_docs
         if full:  # the warm A, B zeroed
-            lora = place.lora(_zero_b(warm))
+            zeroed = {k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()}
+            lora = place.factors(warm.replace(factors=zeroed))
         else:  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
             lora = build(len(docs))
         lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log, place)
