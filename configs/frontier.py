@@ -94,6 +94,10 @@ def get_config() -> Config:
         ),
         # The phased LoRA TTT (golf_jax/ttt_lora.py) at the record's settings (the lora_*, phased_*,
         # global_* defaults), on the artifact's weights: the run's score.
-        ttt=TTTConfig(enabled=True, mode="lora_phased"),
+        # lora_min_window: windows under 512 tokens padded to 512 (causal: no score changes): 3
+        # chunk programs instead of 6, ~70-90 s less compilation for ~10 s more of steps on one
+        # GPU's share of 8 (their steps: 4.8-6.5 ms against 8.7 ms at 512 on an H200,
+        # docs/performance.md, 2026-12-02).
+        ttt=TTTConfig(enabled=True, mode="lora_phased", lora_min_window=512),
         run=RunConfig(seed=42, output_dir="runs/frontier", train_log_every=500),
     )

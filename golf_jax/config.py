@@ -545,6 +545,11 @@ class TTTConfig:
     global_chunk_tokens: int = 32_768
     global_batch_seqs: int = 32
     global_grad_clip: float = 1.0
+    # On several devices (run.num_devices), the global phases' batches split as the reference's
+    # ranks split them (each device's sequences a packed row of its own, the mean of the rows'
+    # means: the record's 8-GPU run); False: every device takes the whole batch, one device's
+    # result on any number of devices, at one device's speed.
+    global_data_parallel: bool = True
 
     def validate(self, eval_seq_len: int, num_layers: int) -> None:
         def need(ok: bool, name: str, why: str) -> None:

@@ -382,13 +382,18 @@ class GPT(nn.Module):
         """Soft-capped float32 logits [B, T, V] of final-normed hidden states."""
         return lm_head(self.head_weight(), self.cfg, h_BxTxd)
 
-    def lora_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array, lora: LoRA, looping: bool) -> jax.Array:
-        """Per-token cross-entropy [B, T] with test-time adapters in every layer
-        application and on the head's logits (the reference's forward_ttt)."""
+    def lora_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array, lora: LoRA, looping: bool,
+                 first: jax.Array | int = 0, count: int | None = None) -> jax.Array:
+        """Per-token cross-entropy [B, count] of positions [first, first + count) (default all T)
+        with test-time adapters in every layer application and on the head's logits (forward_ttt),
+        the head on those positions only (a TTT chunk scores 48 of up to 2,048 positions)."""
         slots = len(sum(self.cfg.layer_order(looping), ()))
         if lora.factors["q"][0].shape[0] != slots:
             raise ValueError(f"lora has {lora.factors['q'][0].shape[0]} layer applications; looping={looping}: {slots}")
         h = self.hidden(tokens_BxT, looping=looping, lora=lora)
+        if count is not None:
+            h = jax.lax.dynamic_slice_in_dim(h, first, count, axis=1)
+            targets_BxT = jax.lax.dynamic_slice_in_dim(targets_BxT, first, count, axis=1)
         z = head_projection(self.head_weight(), self.cfg, h) + lora.head_delta(h).astype(jnp.float32)
         return nll_from_logits(softcap(z, self.cfg.logit_softcap), targets_BxT)
 
@@ -432,10 +437,10 @@ def nll_from_logits(z: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def lora_token_nll(params: Params, cfg: ModelConfig, tokens: jax.Array, targets: jax.Array, lora: LoRA, *,
-                   looping: bool = False) -> jax.Array:
-    """Per-token cross-entropy [B, T], float32, with test-time adapters
-    (`GPT.lora_nll`; golf_jax/ttt_lora.py jits it with its training step)."""
-    return GPT(cfg).apply({"params": params}, tokens, targets, lora, looping, method=GPT.lora_nll)
+                   looping: bool = False, first: jax.Array | int = 0, count: int | None = None) -> jax.Array:
+    """Per-token cross-entropy [B, count] of positions [first, first + count) (default
+    [B, T]), float32, with test-time adapters (`GPT.lora_nll`; jitted in ttt_lora.py)."""
+    return GPT(cfg).apply({"params": params}, tokens, targets, lora, looping, first, count, method=GPT.lora_nll)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "looping"))

@@ -68,12 +68,16 @@ class CompileCounter:
     (`first_step_done`) but the first call of each program used only later
     (inside `first_use(program)`: the looped step, the looped validation);
     `recompilations` counts the others. `names`: the compilations by
-    program name ("jit(step)")."""
+    program name ("jit(step)"); `seconds`: the time they took."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"
+    # tracing, lowering and XLA's compilation: the seconds a first call spends before it runs
+    SECONDS_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                      EVENT)
 
     def __init__(self):
         self.count = 0
+        self.seconds = 0.0  # SECONDS_EVENTS' durations, aside() or not
         self.aside_count = 0
         self._aside = False
         self.at_first_step: int | None = None
@@ -99,6 +103,8 @@ class CompileCounter:
         return self.count - (self.at_first_step or 0) - self.first_use_count
 
     def _listener(self, event: str, duration: float, **kwargs) -> None:
+        if event in self.SECONDS_EVENTS:
+            self.seconds += duration
         if event == self.EVENT:
             self.names[kwargs.get("fun_name")] += 1
             if self._aside:

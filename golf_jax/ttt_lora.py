@@ -25,25 +25,28 @@ reference's eval_val_ttt_phased), with ttt.mode = "lora_phased".
 Shapes: a batch is always lora_batch_docs rows (padding rows score and train
 nothing); a chunk's window is padded to the next power of two, at least
 lora_min_window and at most lora_context_len. Programs: one chunk step per
-window width (6 for the record's 48-token chunks in 2048: 64 to 2048) and one
-global SGD step per batch length (one when global_batch_seqs covers a chunk's
-sequences, as in the record; two otherwise).
+window width (6 for the record's 48-token chunks in 2048: 64 to 2048; 3 with
+configs/frontier.py's lora_min_window 512) and one global SGD step per batch
+length (one when global_batch_seqs covers a chunk's sequences, as in the
+record; two otherwise), all compiled side by side before the first batch
+(`compile_ahead`).
 
 Devices (run.num_devices, this process's): a batch's rows are split over
 them, each device holding its rows' inputs, LoRA factors and optimizer
 state; the model's weights are replicated. Rows are independent (each its own
 adapter and loss), so XLA's partitioner runs a chunk step with no collective
 at all, and the scores are the one-device scores (the same
-batches in the same order). The global phases run replicated: every device
-takes the same SGD steps (a few seconds at the record's size; the chunk
-steps are the time). The reference's ranks instead claim whole batches
-through a file counter and pause for a phase when any rank's count crosses
-its boundary, so which documents a phase trains on depends on the ranks'
-timing; here it is the order of one GPU's run.
+batches in the same order). A global phase's batches are split over the devices
+as the reference's ranks split them (ttt.global_data_parallel), so from the first
+phase on the scores are the reference's on that many GPUs; off, every device takes
+the whole batch (one device's result). The reference's ranks also claim whole
+batches through a file counter and pause for a phase when any rank crosses its
+boundary, so a phase's documents depend on their timing; here on one GPU's order.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -58,7 +61,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from golf_jax import data, model, packing
+from golf_jax import data, model, packing, runlog
 from golf_jax.config import Config, ModelConfig, TTTConfig
 from golf_jax.param_tree import Params
 from golf_jax.train_step import AXIS, make_mesh
@@ -76,6 +79,11 @@ class LoRATTTResult:
     seconds: float
     documents: int
     phases: int  # global SGD phases run
+    phase_seconds: float  # of `seconds`: the global phases (their program's compilation not included)
+    compile_seconds: float  # of `seconds`: tracing and compiling the programs (runlog.CompileCounter)
+    compilations: int
+    steps: int  # chunk steps
+    positions: int  # token positions the chunk steps ran, padding included (rows x window width, summed)
     chunk_row_sums: list[np.ndarray]  # per chunk step (in order): each row's scored loss sum, float64
     chunk_tokens: list[int]
     chunk_bytes: list[int]
@@ -160,6 +168,7 @@ class RowPlacement:
 
     def __init__(self, mesh: jax.sharding.Mesh, rows: int):
         self.mesh = mesh if mesh.size > 1 else None
+        self.size = mesh.size
         if self.mesh is not None and rows % mesh.size:
             raise ValueError(f"ttt.lora_batch_docs={rows} rows cannot be split over {mesh.size} devices "
                              "(run.num_devices): use a multiple")
@@ -170,8 +179,19 @@ class RowPlacement:
     def replicated(self, tree):
         return jax.tree.map(lambda x: self._put(x, P()), tree)
 
-    def rows(self, x):
-        return self._put(x, P(AXIS))
+    def rows(self, tree):
+        return jax.tree.map(lambda x: self._put(x, P(AXIS)), tree)
+
+    def global_batch(self, stream: np.ndarray, lo: int, n_seqs: int, cfg: Config):
+        """A global phase's batch (`global_batch_rows`), split over the devices with
+        ttt.global_data_parallel, else whole (and unplaced: every device takes it)."""
+        if not cfg.ttt.global_data_parallel or self.mesh is None:
+            return global_batch_rows(stream, lo, n_seqs, cfg.eval.eval_seq_len, 1, cfg)
+        return self.rows(global_batch_rows(stream, lo, n_seqs, cfg.eval.eval_seq_len, self.size, cfg))
+
+    def global_mesh(self, cfg: Config) -> jax.sharding.Mesh | None:
+        """The mesh the global SGD step splits its batch over (None: whole)."""
+        return self.mesh if cfg.ttt.global_data_parallel else None
 
     def factors(self, tree):
         """A LoRA, or its optimizer state: factors by rows, the step count replicated."""
@@ -192,16 +212,18 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
     looping = cfg.looping_after_training
 
     def lora_chunk_step(params, lora, opt_state, x_BxW, y_BxW, score_lo_B, score_hi_B, train_lo, train_rows_B, do_step):
-        pos_W = jnp.arange(x_BxW.shape[1])
+        # Every row's scored targets lie in the chunk [train_lo, train_lo + C) (`_chunk_inputs`):
+        # the head and the loss run on those C positions only.
+        C = t.lora_chunk_tokens
+        pos_C = train_lo + jnp.arange(C)
 
         def loss_fn(lora):
-            nll = model.lora_token_nll(params, cfg, x_BxW, y_BxW, lora, looping=looping)
-            in_chunk = (pos_W >= train_lo) & (pos_W < train_lo + t.lora_chunk_tokens)
-            per_doc = jnp.sum(jnp.where(in_chunk[None, :], nll, 0.0), axis=1) / t.lora_chunk_tokens
+            nll = model.lora_token_nll(params, cfg, x_BxW, y_BxW, lora, looping=looping, first=train_lo, count=C)
+            per_doc = jnp.sum(nll, axis=1) / C
             return jnp.sum(per_doc * train_rows_B), nll
 
         (_, nll), grads = jax.value_and_grad(loss_fn, has_aux=True)(lora)
-        scored = (pos_W[None, :] >= score_lo_B[:, None]) & (pos_W[None, :] < score_hi_B[:, None])
+        scored = (pos_C[None, :] >= score_lo_B[:, None]) & (pos_C[None, :] < score_hi_B[:, None])
         row_sums = jnp.sum(jnp.where(scored, nll, 0.0), axis=1)
         updates, stepped_state = tx.update(grads, opt_state, lora)
         stepped = optax.apply_updates(lora, updates)
@@ -213,13 +235,33 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def global_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
-    """One SGD step of every weight: torch's clip_grad_norm_ (coefficient
-    clip / (norm + 1e-6), at most 1) and momentum (buf = m buf + g, p -= lr buf)."""
+def global_step_for(cfg: ModelConfig, t: TTTConfig, mesh: jax.sharding.Mesh | None = None) -> Callable:
+    """One SGD step of every weight on one batch given as D packed rows (`global_batch_rows`;
+    on a mesh of D devices, one a device) with token weights (0 on padding): the gradient
+    of the mean over the rows of each row's mean loss, as the reference's D ranks average
+    theirs. torch's clip_grad_norm_ (coefficient clip / (norm + 1e-6), at most 1) and
+    momentum (buf = m buf + g, p -= lr buf)."""
     looping = cfg.looping_after_training
 
-    def global_sgd_step(params, momentum, x_1xT, y_1xT, segments, lr):
-        grads = jax.grad(model.loss)(params, cfg, x_1xT, y_1xT, looping=looping, segments=segments)
+    def rows_grads(params, x_RxT, y_RxT, segments, w_RxT, n_rows):  # n_rows: the rows holding tokens
+        def loss(p):
+            nll = model.token_nll(p, cfg, x_RxT, y_RxT, looping=looping, segments=segments)
+            row_means = jnp.sum(nll * w_RxT, axis=1) / jnp.maximum(jnp.sum(w_RxT, axis=1), 1.0)
+            return jnp.sum(row_means) / n_rows
+        return jax.grad(loss)(params)
+
+    def global_sgd_step(params, momentum, x_DxT, y_DxT, segments, w_DxT, lr):
+        n_rows = jnp.sum(jnp.any(w_DxT > 0, axis=1))
+        if mesh is None:
+            grads = rows_grads(params, x_DxT, y_DxT, segments, w_DxT, n_rows)
+        else:  # each device its row (the reference's ranks), the gradients summed
+            def device_grads(params, x, y, segments, w, n_rows):
+                return jax.lax.psum(rows_grads(params, x, y, segments, w, n_rows), AXIS)
+            # as training's step (train_step.py): the psum is explicit, so JAX's replication
+            # typing is off (with it on, the replicated weights' gradient would come out summed
+            # already, and the psum would count it n times)
+            grads = jax.shard_map(device_grads, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS), P(AXIS), P(AXIS), P()),
+                                  out_specs=P(), check_vma=False)(params, x_DxT, y_DxT, segments, w_DxT, n_rows)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
         if t.global_grad_clip > 0:
             norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
@@ -230,6 +272,28 @@ def global_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
         return params, momentum
 
     return jax.jit(global_sgd_step, donate_argnums=(0, 1))
+
+
+def global_batch_rows(stream: np.ndarray, lo: int, n_seqs: int, seq: int, rows: int, cfg: Config):
+    """Sequences [lo, lo + n_seqs seq) of the stream (targets one token on) split as the
+    reference's `rows` ranks split a batch: row r the sequences [n_seqs r // rows,
+    n_seqs (r + 1) // rows), a packed row of its own (documents split at every seq tokens
+    from their BOS, its first token a segment start), padded to ceil(n_seqs / rows)
+    sequences with weight 0 (a row with none, when n_seqs < rows, counts in no mean).
+    Returns (x, y, segments, token weights), each [rows, ...]."""
+    width = -(-n_seqs // rows) * seq
+    x, y = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
+    w = np.zeros((rows, width), np.float32)
+    parts = []
+    for r in range(rows):
+        a, b = n_seqs * r // rows * seq, n_seqs * (r + 1) // rows * seq
+        x[r, :b - a], y[r, :b - a], w[r, :b - a] = stream[lo + a:lo + b], stream[lo + a + 1:lo + b + 1], 1.0
+        starts = np.flatnonzero(x[r, :b - a] == cfg.model.bos_id)
+        if b - a < width:  # the padding starts a segment (split at seq like any other)
+            starts = np.append(starts, b - a)
+        cu_seqlens, _ = packing.document_segments(starts, width, seq)
+        parts.append(packing.make_segments(cu_seqlens, width, seq, cfg.data.segments_per_fold))
+    return x, y, packing.Segments(*(np.concatenate(leaf) for leaf in zip(*parts))), w
 
 
 # ----------------------------------------------------------------------------- one batch, one phase
@@ -273,6 +337,7 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
         x, y, lo, hi, train = map(place.rows, (x, y, lo, hi, train))
         lora, opt_state, row_sums = step(params, lora, opt_state, x, y, lo, hi, train_lo, train, do_step)
         outs.append(row_sums)
+        log["positions"] += x.size
         log["chunk_tokens"].append(int(scored.sum()))
         log["chunk_bytes"].append(int(np.sum(cum_bytes[first + scored] - cum_bytes[first])))
     log["chunk_row_sums"] += [np.asarray(o, np.float64) for o in outs]
@@ -290,30 +355,55 @@ def _global_phase(params, cfg: Config, segments: list[np.ndarray], place: RowPla
     stream = np.concatenate(segments).astype(np.int32)
     total = len(stream) - 1
     n_chunks = -(-total // t.global_chunk_tokens)
-    step = global_step_for(cfg.model, t)
+    step = global_step_for(cfg.model, t, place.global_mesh(cfg))
     momentum = place.replicated(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     for ci in range(n_chunks - 1):
         start = ci * t.global_chunk_tokens
         n_seqs = (min(start + t.global_chunk_tokens, total) - start) // seq
         lr = t.global_lr * 0.5 * (1.0 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
         for b in range(0, n_seqs, t.global_batch_seqs):
-            lo, hi = start + b * seq, start + min(b + t.global_batch_seqs, n_seqs) * seq
-            x = stream[lo:hi]
-            bos = np.flatnonzero(x == cfg.model.bos_id)
-            cu_seqlens, _ = packing.document_segments(bos, len(x), seq)
-            segments = packing.make_segments(cu_seqlens, len(x), seq, cfg.data.segments_per_fold)
-            params, momentum = step(params, momentum, x[None], stream[lo + 1:hi + 1][None], segments,
-                                    jnp.float32(lr))
+            batch = place.global_batch(stream, start + b * seq, min(t.global_batch_seqs, n_seqs - b), cfg)
+            params, momentum = step(params, momentum, *batch, jnp.float32(lr))
     return params
+
+
+def chunk_widths(pred_lens: np.ndarray, t: TTTConfig) -> list[int]:
+    """The window widths (programs) the chunk steps of documents with these target counts use."""
+    n_chunks = int(-(-int(pred_lens.max()) // t.lora_chunk_tokens)) if len(pred_lens) else 0
+    return sorted({window_width(min((ci + 1) * t.lora_chunk_tokens, t.lora_context_len), t) for ci in range(n_chunks)})
+
+
+def compile_ahead(params, cfg: Config, lora: model.LoRA, widths: list[int], place: RowPlacement,
+                  global_phases: bool) -> None:
+    """Compiles the chunk step of every width in `widths` and, with global_phases, the global
+    SGD step, side by side before the first batch: XLA's compilations overlap in threads (four
+    chunk programs in 49 s on an H200 host, 22-25 s each alone: docs/performance.md); the
+    run's calls (arguments of the same types and placement) find them compiled."""
+    t, mcfg, seq = cfg.ttt, cfg.model, cfg.eval.eval_seq_len
+    rows, step, opt_state = t.lora_batch_docs, chunk_step_for(mcfg, t), place.factors(lora_optimizer(t).init(lora))
+    lowered = []
+    for width in widths:  # the argument types of `_score_batch`'s calls
+        x = place.rows(np.zeros((rows, width), np.int32))
+        ends, train = place.rows(np.zeros(rows, np.int32)), place.rows(np.zeros(rows, np.float32))
+        lowered.append(step.lower(params, lora, opt_state, x, x, ends, ends, np.int32(0), train, np.bool_(True)))
+    n_seqs = min(t.global_batch_seqs, t.global_chunk_tokens // seq)
+    if global_phases and n_seqs:  # those of `_global_phase`'s (a chunk's whole sequences, one batch)
+        batch = place.global_batch(np.zeros(n_seqs * seq + 1, np.int32), 0, n_seqs, cfg)
+        momentum = place.replicated(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        global_step = global_step_for(mcfg, t, place.global_mesh(cfg))
+        lowered.append(global_step.lower(params, momentum, *batch, jnp.float32(0)))
+    with concurrent.futures.ThreadPoolExecutor(max(len(lowered), 1)) as pool:
+        list(pool.map(lambda program: program.compile(), lowered))
 
 
 # ----------------------------------------------------------------------------- the evaluation
 
 def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes, init_a: InitA | None = None,
-        progress: bool = True) -> LoRATTTResult:
+        progress: bool = True, ahead: bool = True) -> LoRATTTResult:
     """The phased score-first LoRA TTT over `tokens` (the validation stream);
     `params` are not modified. init_a: the A factors of each LoRA built, in
-    order (default: `random_init_a` with run.seed)."""
+    order (default: `random_init_a` with run.seed). ahead: every program
+    compiled before the first batch (`compile_ahead`)."""
     t0 = time.perf_counter()
     t, mcfg = cfg.ttt, cfg.model
     tokens = np.asarray(tokens, np.int32)
@@ -333,30 +423,37 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
         constructions += 1
         return place.factors(fresh_lora(init_a(constructions - 1, rows), mcfg, t))
 
-    warm = build(t.lora_batch_docs)
-    log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": []}
-    scored, phase = [], 0  # scored: (ascending batch index, row, document) of the prefix's batches
-    for b_index, docs in tqdm(batches, desc="ttt lora", unit="batch", disable=not progress):
-        full = len(docs) == t.lora_batch_docs
-        if full:  # the warm A, B zeroed
-            zeroed = {k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()}
-            lora = place.factors(warm.replace(factors=zeroed))
-        else:  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
-            lora = build(len(docs))
-        lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log, place)
-        if full:
-            warm = lora
-        if phase < t.phased_num_phases and prefix > 0:
-            scored += [(b_index, row, doc) for row, doc in enumerate(docs)]
-            if len(scored) >= boundaries[phase]:
-                # reference quirk: in ascending batch order, so the longest (first scored)
-                # documents are the ones cut when the batches overshoot the boundary
-                chosen = [doc for _, _, doc in sorted(scored)[:boundaries[phase]]]
-                params = _global_phase(params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in chosen], place)
-                warm = build(t.lora_batch_docs)
-                phase += 1
+    with runlog.CompileCounter() as compiles:
+        warm = build(t.lora_batch_docs)
+        if ahead:
+            compile_ahead(params, cfg, warm, chunk_widths(lengths - 1, t), place, prefix > 0)
+        log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
+        scored, phase, phase_s = [], 0, 0.0  # scored: (ascending batch index, row, document) of the prefix's batches
+        for b_index, docs in tqdm(batches, desc="ttt lora", unit="batch", disable=not progress):
+            full = len(docs) == t.lora_batch_docs
+            if full:  # the warm A, B zeroed
+                zeroed = {k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()}
+                lora = place.factors(warm.replace(factors=zeroed))
+            else:  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
+                lora = build(len(docs))
+            lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log, place)
+            if full:
+                warm = lora
+            if phase < t.phased_num_phases and prefix > 0:
+                scored += [(b_index, row, doc) for row, doc in enumerate(docs)]
+                if len(scored) >= boundaries[phase]:
+                    # reference quirk: in ascending batch order, so the longest (first scored)
+                    # documents are the ones cut when the batches overshoot the boundary
+                    chosen = [doc for _, _, doc in sorted(scored)[:boundaries[phase]]]
+                    phase_t0, compile_t0 = time.perf_counter(), compiles.seconds
+                    params = jax.block_until_ready(
+                        _global_phase(params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in chosen], place))
+                    phase_s += time.perf_counter() - phase_t0 - (compiles.seconds - compile_t0)
+                    warm = build(t.lora_batch_docs)
+                    phase += 1
     n_tokens, n_bytes = sum(log["chunk_tokens"]), sum(log["chunk_bytes"])
     loss_sum = float(sum(np.sum(r) for r in log["chunk_row_sums"]))
     mean_loss, bpb = data.bits_per_byte(loss_sum, n_tokens, n_bytes)
-    return LoRATTTResult(mean_loss, bpb, n_tokens, n_bytes, time.perf_counter() - t0, len(starts), phase,
+    return LoRATTTResult(mean_loss, bpb, n_tokens, n_bytes, time.perf_counter() - t0, len(starts), phase, phase_s,
+                         compiles.seconds, compiles.count, len(log["chunk_tokens"]), log["positions"],
                          log["chunk_row_sums"], log["chunk_tokens"], log["chunk_bytes"])

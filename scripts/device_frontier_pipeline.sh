@@ -6,16 +6,19 @@
 #               (scripts/frontier_throughput_data.py, FineWeb-like documents in train and val:
 #               timing, not learning), then every stage after training up to the int6 round
 #               trip (train-shard calibration, Hessians, GPTQ with SDClip + LQER, the per-group
-#               artifact, its reload), each timed; the artifact is left in $OUT/pipeline.
-#   PART=ttt    the phased LoRA TTT on that artifact (carried back as ARTIFACT, e.g. under the
-#               git-excluded .artifacts/), on DEVICES GPUs (0: all), its time and throughput,
-#               projected to the record's 47,851,520 validation tokens on 8 GPUs.
+#               artifact, its reload), each timed; the artifact comes back in $OUT.
+#   PART=ttt    the phased LoRA TTT's steps timed on one GPU and projected to the record's
+#               validation set on GPUS GPUs (scripts/ttt_step_bench.py, scripts/ttt_projection.py;
+#               RELOAD_S: the artifact's reload time, added), then the whole TTT on the artifact
+#               (carried back as ARTIFACT, e.g. under the git-excluded .artifacts/), on one GPU.
 # Usage (device): OUT=/some/dir PART=train [CAP=60] [VAL_TOKENS=1000000] bash scripts/device_frontier_pipeline.sh [overrides]
-#                 OUT=/some/dir PART=ttt ARTIFACT=.artifacts/final_model.int6.golf [DEVICES=0] bash scripts/device_frontier_pipeline.sh
+#                 OUT=/some/dir PART=ttt ARTIFACT=.artifacts/final_model.int6.golf VAL_TOKENS=300000 MEAN_DOC_TOKENS=957 \
+#                   [GPUS=8] [RELOAD_S=33.1] bash scripts/device_frontier_pipeline.sh
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 export GOLF_JAX_REFERENCE=.shared/reference
-python3 scripts/frontier_throughput_data.py --out /tmp/fdata --tokens 12000000 --val-tokens ${VAL_TOKENS:-1000000}
+python3 scripts/frontier_throughput_data.py --out /tmp/fdata --tokens 12000000 --val-tokens ${VAL_TOKENS:-1000000} \
+  --mean-doc-tokens ${MEAN_DOC_TOKENS:-700}
 DATA_ARGS="--config.data.data_dir=/tmp/fdata --config.data.tokenizer_path=/tmp/fdata/tokenizer.model"
 case "${PART:-train}" in
 train)
@@ -29,25 +32,21 @@ print("stage times (s):", {k: round(v, 1) for k, v in q["times_s"].items()})
 print("compilations per stage:", q.get("compilations"))
 print("artifact:", {k: q["artifact"][k] for k in q["artifact"] if k != "path"})
 PY
+  # the device tool returns 8 files at most: the artifact, and the run's logs as one archive
   rm -rf "$OUT/pipeline/checkpoints" "$OUT/pipeline/final_model"
+  mv "$OUT"/pipeline/*.golf "$OUT"/; tar -czf "$OUT/pipeline.tgz" -C "$OUT" pipeline && rm -rf "$OUT/pipeline"
   ;;
 ttt)
-  start=$(date +%s.%N)
-  timeout 580 python3 -m golf_jax.ttt --artifact "$ARTIFACT" $DATA_ARGS --config.ttt.mode=lora_phased \
-    --config.run.num_devices=${DEVICES:-0} --out "$OUT/ttt.json" --no-progress "$@" 2>&1 | tail -20
-  python3 - "$OUT/ttt.json" "$start" "${DEVICES:-0}" <<'PY'
-import json, sys, time
-import jax
-t = json.load(open(sys.argv[1]))
-wall, n = time.time() - float(sys.argv[2]), int(sys.argv[3]) or jax.device_count()
-tok_s = t["tokens"] / t["seconds"]
-print("ttt:", t)
-# A batch's rows split over the GPUs with no collective (golf_jax/ttt_lora.py): 8 GPUs take
-# 8 / n of this time for the chunk steps; the global phases (replicated) do not shrink.
-print(f"ttt: {t['tokens']:,} tokens, {t['documents']:,} documents in {t['seconds']:.1f} s on {n} GPU(s) "
-      f"(compilation included; {wall:.1f} s from launch, the artifact's reload included): {tok_s:,.0f} tokens/s; "
-      f"47,851,520 val tokens on 8 GPUs, rows split: {47851520 / tok_s * n / 8:.0f} s")
-PY
+  # The chunk and global steps timed one program at a time (one GPU's share of GPUS: 64 / GPUS
+  # rows a step), their sum over the record's schedule (scripts/ttt_projection.py), then the
+  # whole phased TTT from the artifact on a short validation text (VAL_TOKENS), each stage timed.
+  # (2026-12-02: two whole runs on 2 M validation tokens did not finish in 270 s each.)
+  timeout 240 python3 scripts/ttt_step_bench.py --out "$OUT/ttt_steps.json" --rows $((64 / ${GPUS:-8})) 64 \
+    --parallel-widths 2>&1 | grep -v "^ *$" | tail -8
+  python3 scripts/ttt_projection.py "$OUT/ttt_steps.json" --gpus ${GPUS:-8} --reload-s ${RELOAD_S:-0} \
+    | tee "$OUT/ttt_projection.txt"
+  timeout ${RUN_TIMEOUT:-240} python3 -m golf_jax.ttt --artifact "$ARTIFACT" $DATA_ARGS --config.ttt.mode=lora_phased \
+    --config.run.num_devices=1 --out "$OUT/ttt.json" --no-progress "$@" 2>&1 | tail -3
   ;;
 *) echo "PART must be train or ttt" >&2; exit 2 ;;
 esac

@@ -105,12 +105,13 @@ def mean_of_runs(curves: list[Curve], label: str) -> Curve:
                  {s: tuple(float(np.mean([c.val[s][i] for c in curves])) for i in (0, 1)) for s in points}, post)
 
 
-def compare(a: Curve, b: Curve) -> dict:
-    """Relative differences of a's train loss to b's, per step."""
+def compare(a: Curve, b: Curve, split: int = WARMDOWN_FROM) -> dict:
+    """Relative differences of a's train loss to b's, per step; "early" and
+    "late" are the steps before `split` and from it on (default: the warmdown's)."""
     steps = sorted(set(a.train) & set(b.train))
     rel = {s: (a.train[s] - b.train[s]) / b.train[s] for s in steps}
-    early = [rel[s] for s in steps if s <= WARMDOWN_FROM - 1]
-    late = [rel[s] for s in steps if s >= WARMDOWN_FROM]
+    early = [rel[s] for s in steps if s <= split - 1]
+    late = [rel[s] for s in steps if s >= split]
     worst = max(steps, key=lambda s: abs(rel[s]))
     return {"steps": len(steps), "early_min": min(early), "early_max": max(early), "worst": rel[worst],
             "worst_step": worst, "mean_abs": float(np.mean(np.abs(list(rel.values())))),
@@ -121,8 +122,9 @@ def pct(x: float) -> str:
     return f"{100 * x:+.2f}%"
 
 
-def table(rows: list[tuple[str, dict]]) -> str:
-    out = ["| pair | range over steps 1-40 | worst step | mean abs | mean over steps 41-60 |",
+def table(rows: list[tuple[str, dict]], early: str = "steps 1-40", late: str = "steps 41-60") -> str:
+    """compare()'s figures, a row per pair; `early` and `late` name its two phases."""
+    out = [f"| pair | range over {early} | worst step | mean abs | mean over {late} |",
            "|---|---|---|---|---|"]
     for name, c in rows:
         out.append(f"| {name} | {pct(c['early_min'])} .. {pct(c['early_max'])} | {pct(c['worst'])} "
@@ -147,7 +149,10 @@ def val_checks(golf: Curve, refs: list[Curve]) -> tuple[list[str], bool]:
     return lines, ok
 
 
-def plot(golfs: list[Curve], refs: list[Curve], mean: Curve, path: Path) -> None:
+def plot(golfs: list[Curve], refs: list[Curve], mean: Curve, path: Path,
+         shade_from: int = WARMDOWN_FROM, shade_label: str = "warmdown") -> None:
+    """Train losses (top) and each run's relative difference to `mean` (bottom),
+    the steps from `shade_from` on shaded."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,9 +176,10 @@ def plot(golfs: list[Curve], refs: list[Curve], mean: Curve, path: Path) -> None
     dx.axhline(0, color="k", lw=0.6)
     for y in (-2.5, 2.5):
         dx.axhline(y, color="k", lw=0.4, ls=":")
-    dx.axvspan(WARMDOWN_FROM, max(mean.train), color="0.9", zorder=0)
-    dx.set_xlabel("step (shaded: warmdown)")
-    dx.set_ylabel(f"vs {'reference mean' if mean.label == 'reference mean' else 'mean of refs'} (%)")
+    dx.axvspan(shade_from, max(mean.train), color="0.9", zorder=0)
+    dx.set_xlabel(f"step (shaded: {shade_label})")
+    against = mean.label if len(refs) == 1 else "reference mean" if mean.label == "reference mean" else "mean of refs"
+    dx.set_ylabel(f"vs {against} (%)")
     dx.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ model's LoRA path (no adapter: the plain model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import jax
@@ -15,6 +16,8 @@ import pytest
 
 from golf_jax import compat, data, model, ttt_lora
 from golf_jax.config import Config, EvalConfig, TTTConfig
+from golf_jax.runlog import CompileCounter
+from golf_jax.train_step import make_mesh
 from tests.conftest import FRONTIER_FIXTURES, missing, run_on_two_cpu_devices
 from tests.frontier_reference import generate_ttt
 
@@ -97,7 +100,9 @@ TWO_DEVICES = textwrap.dedent(r"""
     from tests.conftest import load_frontier_ref
     from tests.ttt_lora_test import load_fixture
     cfg, params, tokens, tables, _, init_a = load_fixture(load_frontier_ref())
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_devices=2))
+    # the phases' batches whole on each device: one device's scores (the split is checked below)
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_devices=2),
+                              ttt=dataclasses.replace(cfg.ttt, global_data_parallel=False))
     first_call = []
     step_for = ttt_lora.chunk_step_for
 
@@ -109,6 +114,7 @@ TWO_DEVICES = textwrap.dedent(r"""
                     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
                     if isinstance(a, jax.Array) else a, args)))
             return step(*args)
+        record.lower = step.lower  # compile_ahead's: then every call must find its program compiled
         return record
 
     ttt_lora.chunk_step_for = recording_step_for
@@ -118,9 +124,40 @@ TWO_DEVICES = textwrap.dedent(r"""
     lora_spec, x_spec = args[1].factors["q"][0].sharding.spec, args[3].sharding.spec
     hlo = step.lower(*args).compile().as_text()
     collectives = re.findall(r"(?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+
+    # One global step on 3 sequences split over the 2 devices (1 and 2 sequences, padded),
+    # compiled by compile_ahead (so the phase's placement is the one it compiled: no compilation
+    # after it), against the reference's 2 ranks written out: each rank's own packed row and mean
+    # loss, their gradients averaged, clipped (the first step's momentum is that gradient).
+    import jax.numpy as jnp
+    from golf_jax import model, packing
+    from golf_jax.train_step import make_mesh
+    seq, stream, bos = cfg.eval.eval_seq_len, np.asarray(tokens[:3 * 16 + 1], np.int32), cfg.model.bos_id
+    split_cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, global_data_parallel=True,
+                                                                 global_chunk_tokens=3 * seq))
+    place = ttt_lora.RowPlacement(make_mesh(2, local=True), cfg.ttt.lora_batch_docs)
+    p = place.replicated(jax.tree.map(lambda v: jnp.array(v, copy=True), params))
+    m = place.replicated(jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), params))
+    lora = place.factors(ttt_lora.fresh_lora(init_a(0, cfg.ttt.lora_batch_docs), cfg.model, cfg.ttt))
+    ttt_lora.compile_ahead(p, split_cfg, lora, [], place, True)
+    with CompileCounter() as late:
+        _, split = ttt_lora.global_step_for(cfg.model, split_cfg.ttt, place.mesh)(
+            p, m, *place.global_batch(stream, 0, 3, split_cfg), jnp.float32(1e-3))
+    ranks = []
+    for a, b in ((0, seq), (seq, 3 * seq)):
+        x, y = stream[a:b][None], stream[a + 1:b + 1][None]
+        cu, _ = packing.document_segments(np.flatnonzero(x[0] == bos), b - a, seq)
+        seg = packing.make_segments(cu, b - a, seq, cfg.data.segments_per_fold)
+        ranks.append(jax.grad(model.loss)(params, cfg.model, x, y, looping=cfg.model.looping_after_training,
+                                          segments=seg))
+    g = jax.tree.map(lambda u, v: (u + v) / 2, *ranks)
+    norm = np.sqrt(sum(float(jnp.sum(v * v)) for v in jax.tree.leaves(g)))
+    g = jax.tree.map(lambda v: v * min(cfg.ttt.global_grad_clip / (norm + 1e-6), 1.0), g)
+    rel = max(float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v))) for u, v in zip(jax.tree.leaves(split), jax.tree.leaves(g)))
     json.dump({"rows": np.stack(r.chunk_row_sums).tolist(), "tokens": r.chunk_tokens, "bytes": r.chunk_bytes,
                "phases": r.phases, "lora_spec": str(lora_spec), "x_spec": str(x_spec),
-               "collectives": collectives, "compiles": compiles.names}, sys.stdout)
+               "collectives": collectives, "compiles": compiles.names, "split_step_rel": rel,
+               "split_step_late_compiles": late.names["jit(global_sgd_step)"]}, sys.stdout)
 """)
 
 
@@ -142,6 +179,9 @@ def test_batch_rows_split_over_two_devices(fixture, result):
     one = np.stack(result.chunk_row_sums)
     assert (np.abs(got - one) / np.maximum(np.abs(one), 1e-30)).max() <= 1e-5
     assert out["tokens"] == result.chunk_tokens and out["bytes"] == result.chunk_bytes and out["phases"] == 2
+    # global_data_parallel: the split step is the reference's two ranks' (float32, sums in other orders)
+    assert out["split_step_rel"] <= 1e-5, out["split_step_rel"]
+    assert out["split_step_late_compiles"] == 0
 
 
 def batch_chunk_ranges(cfg, tokens) -> list[tuple[np.ndarray, range]]:
@@ -210,6 +250,24 @@ def test_batches_longest_first_partial_batch_leading():
     # of two batches with the same longest document the earlier one goes first.
     ties = ttt_lora.batch_order(np.array([4, 4, 4, 4]), 2)
     assert [b for b, _ in ties] == [0, 1] and ties[0][1].tolist() == [0, 1]
+
+
+def test_programs_compiled_ahead_are_the_ones_the_run_calls(fixture):
+    """After `compile_ahead`, the batches and the phases compile neither step again (a
+    learning rate of its own: programs not compiled by the module's other runs)."""
+    cfg, params, tokens, tables, _, init_a = fixture
+    cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lora_lr=2 * cfg.ttt.lora_lr))
+    _, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
+    place = ttt_lora.RowPlacement(make_mesh(1, local=True), cfg.ttt.lora_batch_docs)
+    lora = place.factors(ttt_lora.fresh_lora(init_a(0, cfg.ttt.lora_batch_docs), cfg.model, cfg.ttt))
+    placed = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))  # as run() places them
+    with CompileCounter() as ahead:
+        ttt_lora.compile_ahead(placed, cfg, lora, ttt_lora.chunk_widths(lengths - 1, cfg.ttt), place, True)
+    with CompileCounter() as during:
+        r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False, ahead=False)
+    assert ahead.names["jit(lora_chunk_step)"] == ahead.names["jit(global_sgd_step)"] == 1
+    assert during.names["jit(lora_chunk_step)"] == during.names["jit(global_sgd_step)"] == 0
+    assert r.phases == 2 and r.compilations == during.count
 
 
 def test_record_windows_compile_six_programs():

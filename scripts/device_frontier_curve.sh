@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The 1.0611 record's short training curve, golf_jax against its PyTorch reference on one GPU
+# (issue 19), in one device call: the tiled CaseOps data (scripts/frontier_throughput_data.py),
+# the reference's initial state and the curve's settings (scripts/frontier_curve.py init: its
+# docstring lists every setting that differs from the record's run, and why), then side by side
+# on the GPU: the reference's own main() from that state (eager: TORCHDYNAMO_DISABLE=1, its
+# compilation would not fit beside golf_jax's), golf_jax's train.py with configs/frontier.py set
+# to uncompiled PyTorch's rounding (the matched run, "golf"), and with AS_CONFIG=1 (default) a
+# second golf_jax run with the config's own rounding, that of the record's torch.compile'd code
+# ("golf_as_config"); meanwhile, on the CPU, the check that golf_jax's packed rows are the
+# reference loader's. Then the per-step table and the plot. Side by side, the runs' step times
+# mean nothing; each process is stopped at DEADLINE less the comparison's time.
+# Results: $OUT/compare.txt, $OUT/curve.png, and everything in $OUT/frontier_curve.tgz.
+# Needs .shared (data, reference) and .whl carried.
+# Usage (device): OUT=... [STEPS=60] [ROW=16384] [WARMUP=20] [VAL_EVERY=20] [AS_CONFIG=1] [DEADLINE=520] \
+#   bash scripts/device_frontier_curve.sh
+# The same script on a CPU, tiny (a dry run of the call): REF_DEVICE=cpu TOKENS=600000 VAL_TOKENS=20000 \
+#   INIT_FLAGS="--tiny --float32 --train-seq-len 128 --eval-seq-len 128" STEPS=12 ROW=512 WARMUP=2 VAL_EVERY=6
+set -uo pipefail
+start=$SECONDS
+source "$(dirname "$0")/device_env.sh"
+export GOLF_JAX_REFERENCE=.shared/reference
+work="$OUT/curve"; data=/tmp/fdata; mkdir -p "$work"
+python3 scripts/frontier_throughput_data.py --out "$data" --tokens "${TOKENS:-12000000}" \
+  --val-tokens "${VAL_TOKENS:-524289}" | tee "$work/data.txt"
+# shellcheck disable=SC2086  # INIT_FLAGS: several flags
+python3 scripts/frontier_curve.py init --out "$work/init" --steps "${STEPS:-60}" --row-tokens "${ROW:-16384}" \
+  --warmup "${WARMUP:-20}" --val-every "${VAL_EVERY:-20}" ${INIT_FLAGS:-} 2>&1 | tail -1 | tee "$work/init.txt"
+[ -f "$work/init/init.npz" ] || { echo "init failed"; exit 1; }
+echo "prepared in $((SECONDS - start)) s"
+limit=$(( ${DEADLINE:-520} - (SECONDS - start) - 30 ))
+# JAX takes 75% of the GPU by default: a share each, the rest for the reference (16k-token rows: a few GB each).
+golf_mem=0.3
+run() {  # name, command...: one process, stopped at the limit
+  local name=$1 t0=$SECONDS; shift
+  timeout "$limit" "$@" > "$work/$name.out" 2>&1
+  echo "$name: exit $? after $((SECONDS - t0)) s"
+}
+CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu run check_data python3 scripts/frontier_curve.py check-data \
+  --init "$work/init" --data "$data" &
+run reference python3 scripts/frontier_curve.py reference --init "$work/init" --data "$data" --out "$work/reference" \
+  --device "${REF_DEVICE:-cuda}" &
+XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run golf python3 scripts/frontier_curve.py golf --init "$work/init" \
+  --data "$data" --out "$work/golf" &
+if [ "${AS_CONFIG:-1}" = 1 ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run golf_as_config python3 scripts/frontier_curve.py golf \
+    --init "$work/init" --data "$data" --out "$work/golf_as_config" \
+    -- --config.model.scales_in_float32=true --config.optimizer.muon_ns_rounding=compiled &
+fi
+wait
+tail -1 "$work/check_data.out"
+grep -h "fused_kernels\|layer_loop_on_at_step\|log_mismatches" "$work/reference/reference.json" 2>/dev/null \
+  | tr -d '\n '; echo
+tail -3 "$work/reference.out"; tail -2 "$work/golf.out"
+runs=(); for r in golf golf_as_config; do [ -f "$work/$r/train.jsonl" ] && runs+=("$work/$r"); done
+python3 scripts/frontier_curve.py compare "${runs[@]}" --reference "$work/reference" --plot "$OUT/curve.png" \
+  --json "$work/compare.json" > "$OUT/compare.txt" 2>&1
+cat "$OUT/compare.txt"
+rm -rf "$work"/golf*/final_model "$work"/golf*/checkpoints "$work/init/init.npz"  # 144 MB of known weights
+tar czf "$OUT/frontier_curve.tgz" -C "$OUT" curve && rm -rf "$work"
+echo "device_frontier_curve.sh: $((SECONDS - start)) s"
