@@ -29,7 +29,9 @@ def get_config() -> Config:
                                   group_compressor="brotli", code_size_count="raw"),
         eval=EvalConfig(eval_seq_len=256, val_batch_tokens=4096, val_loss_every=20, sliding_stride=128,
                         sliding_batch_windows=16, max_val_tokens=8192, sliding_enabled=False,
-                        document_masked=True),
+                        # 2 ranks of the record's document-masked evaluation: its 8 would each get
+                        # under one batch of these 8,191 targets (31 sequences)
+                        document_masked=True, document_eval_ranks=2),
         # The phased LoRA TTT at this size: rank 8, batches of 16 speeches (~58 tokens each), windows
         # of 64 or 128 tokens (two chunk programs), one global phase after the first 64 documents.
         ttt=dataclasses.replace(cfg.ttt, lora_rank=8, lora_alpha=14.4, lora_batch_docs=16, lora_context_len=128,

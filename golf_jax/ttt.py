@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if t.mode == "lora_phased":  # the 1.0611 record's (golf_jax/ttt_lora.py)
         result = ttt_lora.run(params, cfg, tokens, tables, progress=not args.no_progress)
         print(f"phased LoRA TTT: val_loss {result.loss:.8f} val_bpb {result.bpb:.8f} over {result.documents:,} "
-              f"documents, {result.phases} phases; {result.seconds:.1f} s ({result.compile_seconds:.1f} s compiling, "
+              f"documents, {result.phases} phases; {result.seconds:.1f} s ({result.compile_ahead_seconds:.1f} s compiling, "
               f"{result.phase_seconds:.1f} s in the phases; {result.steps:,} chunk steps)")
         if args.out:
             checkpoint.write_json(args.out, ttt_lora.summary(result))

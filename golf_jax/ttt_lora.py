@@ -80,7 +80,8 @@ class LoRATTTResult:
     documents: int
     phases: int  # global SGD phases run
     phase_seconds: float  # of `seconds`: the global phases (their program's compilation not included)
-    compile_seconds: float  # of `seconds`: tracing and compiling the programs (runlog.CompileCounter)
+    compile_ahead_seconds: float  # of `seconds`: `compile_ahead`'s wall time
+    compile_seconds: float  # every compilation's time summed (runlog.CompileCounter; overlapping ones each)
     compilations: int
     steps: int  # chunk steps
     positions: int  # token positions the chunk steps ran, padding included (rows x window width, summed)
@@ -151,9 +152,7 @@ def fresh_lora(a_factors: dict, cfg: ModelConfig, t: TTTConfig) -> model.LoRA:
     factors = {}
     for name, (a_shape, b_shape) in shapes.items():
         a = jnp.asarray(a_factors[name], jnp.float32)
-        row_axis = a.ndim - 3
-        pad = [(0, 0)] * a.ndim
-        pad[row_axis] = (0, a_shape[row_axis] - a.shape[row_axis])
+        pad = [(0, 0)] * (a.ndim - 3) + [(0, a_shape[-3] - a.shape[-3]), (0, 0), (0, 0)]  # rows: third from last
         factors[name] = (jnp.pad(a, pad), jnp.zeros(b_shape, jnp.float32))
     return model.LoRA(factors, t.lora_alpha / t.lora_rank)
 
@@ -185,9 +184,9 @@ class RowPlacement:
     def global_batch(self, stream: np.ndarray, lo: int, n_seqs: int, cfg: Config):
         """A global phase's batch (`global_batch_rows`), split over the devices with
         ttt.global_data_parallel, else whole (and unplaced: every device takes it)."""
-        if not cfg.ttt.global_data_parallel or self.mesh is None:
-            return global_batch_rows(stream, lo, n_seqs, cfg.eval.eval_seq_len, 1, cfg)
-        return self.rows(global_batch_rows(stream, lo, n_seqs, cfg.eval.eval_seq_len, self.size, cfg))
+        split = self.global_mesh(cfg) is not None
+        batch = global_batch_rows(stream, lo, n_seqs, cfg.eval.eval_seq_len, self.size if split else 1, cfg)
+        return self.rows(batch) if split else batch
 
     def global_mesh(self, cfg: Config) -> jax.sharding.Mesh | None:
         """The mesh the global SGD step splits its batch over (None: whole)."""
@@ -425,8 +424,10 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
 
     with runlog.CompileCounter() as compiles:
         warm = build(t.lora_batch_docs)
+        ahead_t0 = time.perf_counter()
         if ahead:
             compile_ahead(params, cfg, warm, chunk_widths(lengths - 1, t), place, prefix > 0)
+        ahead_s = time.perf_counter() - ahead_t0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
         scored, phase, phase_s = [], 0, 0.0  # scored: (ascending batch index, row, document) of the prefix's batches
         for b_index, docs in tqdm(batches, desc="ttt lora", unit="batch", disable=not progress):
@@ -455,5 +456,5 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     loss_sum = float(sum(np.sum(r) for r in log["chunk_row_sums"]))
     mean_loss, bpb = data.bits_per_byte(loss_sum, n_tokens, n_bytes)
     return LoRATTTResult(mean_loss, bpb, n_tokens, n_bytes, time.perf_counter() - t0, len(starts), phase, phase_s,
-                         compiles.seconds, compiles.count, len(log["chunk_tokens"]), log["positions"],
+                         ahead_s, compiles.seconds, compiles.count, len(log["chunk_tokens"]), log["positions"],
                          log["chunk_row_sums"], log["chunk_tokens"], log["chunk_bytes"])

@@ -88,6 +88,12 @@ def test_frontier_config_is_the_records_run():
     smoke = cli.load_config_file(str(REPO / "configs/frontier_smoke.py")).validate()
     assert smoke.data.data_dir == "embedded" and smoke.data.packed_documents and smoke.model.num_loops == 2
     assert smoke.optimizer == cfg.optimizer
+    # its validation text gives each rank of the document-masked evaluation a whole batch
+    # (with the record's 8 ranks it did not: train.py stopped before training)
+    from golf_jax import evaluate
+    tokens, _, _ = evaluate.load_eval_data(smoke)
+    starts, _ = evaluate.configured_document_rows(smoke, len(tokens))
+    assert len(starts) >= smoke.eval.document_eval_ranks
 
 
 @pytest.mark.parametrize("changes, message", [
