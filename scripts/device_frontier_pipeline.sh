@@ -42,6 +42,7 @@ ttt)
   # whole phased TTT from the artifact on a short validation text (VAL_TOKENS), each stage timed.
   # (2026-12-02: two whole runs on 2 M validation tokens did not finish in 270 s each.)
   timeout 240 python3 scripts/ttt_step_bench.py --out "$OUT/ttt_steps.json" --rows $((64 / ${GPUS:-8})) 64 \
+    --profile /tmp/ttt_profile \
     --parallel-widths 2>&1 | grep -v "^ *$" | tail -8
   python3 scripts/ttt_projection.py "$OUT/ttt_steps.json" --gpus ${GPUS:-8} --reload-s ${RELOAD_S:-0} \
     | tee "$OUT/ttt_projection.txt"

@@ -4,7 +4,8 @@ model from random weights (the time does not depend on their values). Each resul
 to --out as soon as it is measured, so a call stopped at its limit keeps what it finished.
 The widths are timed longest first: at the record's schedule the 2,048-token windows are ~72% of
 the token positions, 1,024 ~18%, 512 ~7%. The last group (--parallel-widths) is compiled in
-threads, side by side, to see whether the programs' compilations overlap.
+threads, side by side, to see whether the programs' compilations overlap. With --profile, the
+first (rows, width) timed is traced too, its kernels summed by category (golf_jax.tools.profiling).
 
     python scripts/ttt_step_bench.py --out ttt_steps.json [--rows 8 64] [--steps 10]
 
@@ -51,6 +52,19 @@ def time_steps(compiled, args, steps):
     return (time.perf_counter() - t0) / steps
 
 
+def profile_step(compiled, args, out_dir: Path) -> dict:
+    """The chunk step's kernels by category and its top kernels, with their HLO source lines."""
+    from golf_jax.tools import profiling
+
+    def call():
+        lora, opt, sums = compiled(*args)
+        args[1], args[2] = lora, opt
+        return sums
+
+    summary = profiling.profile_call(call, out_dir, repeats=3, hlo_text=compiled.as_text())
+    return {k: summary[k] for k in summary if k != "trace"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/frontier.py")
@@ -61,6 +75,8 @@ def main() -> None:
     ap.add_argument("--parallel-widths", type=int, nargs="*", default=[256, 128, 64])
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-global", action="store_true", help="skip the global SGD step")
+    ap.add_argument("--profile", help="trace the first (rows, width) timed into this folder (jax.profiler) and "
+                                      "record its kernels by category (golf_jax.tools.profiling)")
     args = ap.parse_args()
     cfg = cli.load_config_file(args.config)
     params = model.init_params(cfg.model, jax.random.key(0))
@@ -88,6 +104,8 @@ def main() -> None:
             s = time_steps(compiled, a, args.steps)
             record("chunk", {"rows": rows, "width": width, "lower_s": t1 - t0, "compile_s": t2 - t1, "step_ms": 1e3 * s,
                              "positions_per_s": rows * width / s})
+            if args.profile and results.get("profile") is None:
+                record("profile", {"rows": rows, "width": width, **profile_step(compiled, a, Path(args.profile))})
         if n == 0 and not args.no_global:  # the global SGD step: one chunk of 16 sequences of 2,048, documents ~957 tokens
             seq, T = cfg.eval.eval_seq_len, cfg.ttt.global_chunk_tokens
             stream = rng.integers(2, cfg.model.vocab_size, T + 1).astype(np.int32)
