@@ -273,6 +273,11 @@ class DataConfig:
     # lengths (mean 700 tokens, sigma 1.0-1.6) needed 5-7 (median), at most 18
     # over 300 rows; a row that needs more raises an error naming this field.
     segments_per_fold: int = 32
+    # 0: off. Else a step whose rows all fit this many slots per fold takes them (a second
+    # program, compiled in the warm-up): one attention call over a 98,304-token row took
+    # 2.76 ms forward+backward with 16 slots against 3.88 ms with 32 on an H200
+    # (docs/performance.md, 2026-12-01); rows of FineWeb-like documents need 4-9.
+    segments_per_fold_fast: int = 0
 
 
 @dataclass(frozen=True)
@@ -611,6 +616,9 @@ class Config:
             raise ConfigError("data.micro_batches_per_step: must be positive")
         if d.packed_documents and d.segments_per_fold < 2:
             raise ConfigError(f"data.segments_per_fold: {d.segments_per_fold}; cuDNN's packed layout needs at least 2")
+        if d.segments_per_fold_fast and not 2 <= d.segments_per_fold_fast < d.segments_per_fold:
+            raise ConfigError(f"data.segments_per_fold_fast: {d.segments_per_fold_fast}; 0 (off) or at least 2 and "
+                              f"below data.segments_per_fold ({d.segments_per_fold})")
         if d.text_transform not in ("", "caseops"):
             raise ConfigError(f"data.text_transform: '' (none) or 'caseops', got {d.text_transform!r}")
         if d.train_batch_tokens % (d.micro_batches_per_step * d.train_seq_len):

@@ -48,15 +48,29 @@ class PackedSteps:
                                             vocab_size=cfg.model.vocab_size)
         self.n_devices, self.accum, self.ranks = n_devices, accum, tuple(sorted(ranks))
         self.fold_len, self.segments_per_fold = cfg.data.train_seq_len, cfg.data.segments_per_fold
+        self.fast_slots = cfg.data.segments_per_fold_fast
+        self.fast_steps = 0  # steps assembled in the fast layout (prefetched ones included)
 
-    def next_step(self) -> tuple[np.ndarray, np.ndarray, packing.Segments]:
-        """Host arrays [accum, len(ranks), ...]: inputs, targets and their segments."""
+    def next_step(self, capacity: bool = False) -> tuple[np.ndarray, np.ndarray, packing.Segments]:
+        """Host arrays [accum, len(ranks), ...]: inputs, targets and their segments, with
+        data.segments_per_fold_fast slots per fold when every row of the step fits them
+        (decided on all the step's rows, so every process takes the same program), else
+        data.segments_per_fold; with `capacity`, data.segments_per_fold."""
         wanted = [a * self.n_devices + d for a in range(self.accum) for d in self.ranks]
-        rows = self.loader.next_rows(self.row_len, wanted)
+        every = range(self.n_devices * self.accum)
+        rows = self.loader.next_rows(self.row_len, every if self.fast_slots else wanted)
+        slots = self.segments_per_fold
+        if self.fast_slots and not capacity and all(
+                packing.segments_per_fold_needed(cu, self.row_len, self.fold_len) <= self.fast_slots
+                for _, _, cu, _ in rows):
+            slots = self.fast_slots
+            self.fast_steps += 1
+        if self.fast_slots:
+            rows = [rows[i] for i in wanted]
         shape = (self.accum, len(self.ranks))
         xs = np.stack([x[0] for x, _, _, _ in rows]).reshape(*shape, -1)
         ys = np.stack([y[0] for _, y, _, _ in rows]).reshape(*shape, -1)
-        segs = [packing.make_segments(cu, self.row_len, self.fold_len, self.segments_per_fold) for _, _, cu, _ in rows]
+        segs = [packing.make_segments(cu, self.row_len, self.fold_len, slots) for _, _, cu, _ in rows]
         return xs, ys, packing.Segments(*(np.concatenate(a).reshape(*shape, *a[0].shape[1:]) for a in zip(*segs)))
 
     def state(self) -> dict:
@@ -102,17 +116,29 @@ class Prefetcher:
         self.thread.join(timeout=5)
 
 
-def next_step_batch(batches: data.TrainBatches | PackedSteps, accum: int, sharding) -> StepBatch:
+def next_step_batch(batches: data.TrainBatches | PackedSteps, accum: int, sharding,
+                    capacity: bool = False) -> StepBatch:
     """One optimizer step's micro-batches as global arrays [accum, rows, seq]
-    sharded by rows over the mesh, built from this process's ranks only."""
+    sharded by rows over the mesh, built from this process's ranks only
+    (`capacity`: packed rows in data.segments_per_fold slots, `PackedSteps.next_step`)."""
     if isinstance(batches, PackedSteps):
-        xs, ys, segs = batches.next_step()
+        xs, ys, segs = batches.next_step(capacity)
         put = lambda a: _global_packed(a, batches, sharding)  # noqa: E731
         return StepBatch(put(xs), put(ys), packing.Segments(*map(put, segs)), batches.state())
     micro = [batches.next_micro_batch() for _ in range(accum)]
     xs = np.stack([x for x, _ in micro])
     ys = np.stack([y for _, y in micro])
     return StepBatch(_global_rows(xs, batches, sharding), _global_rows(ys, batches, sharding), None, batches.state())
+
+
+def with_slots(segments: packing.Segments, slots: int) -> packing.Segments:
+    """The shapes (jax.ShapeDtypeStruct, same placement) of packed rows' segments with
+    `slots` slots per fold: a program to compile ahead for the other layout."""
+    def resized(a, extra):
+        return jax.ShapeDtypeStruct((*a.shape[:-1], slots + extra), a.dtype, sharding=a.sharding)
+    return packing.Segments(jax.ShapeDtypeStruct(segments.ids_BxT.shape, segments.ids_BxT.dtype,
+                                                 sharding=segments.ids_BxT.sharding),
+                            resized(segments.offsets_BxRxM1, 1), resized(segments.lengths_BxRxM, 0))
 
 
 def _global_packed(local: np.ndarray, batches: PackedSteps, sharding) -> jax.Array:

@@ -216,10 +216,16 @@ class TrainingRun:
             initial, cursor0 = jax.tree.map(lambda x: x.copy(), self.state), self.batches.state()
             state = self.state
             # As the 1.0611 record: warmup_steps plain steps, then as many looped
-            # ones, so both programs are compiled before the clock starts.
+            # ones, so both programs are compiled before the clock starts; with
+            # data.segments_per_fold_fast, each mode's first step takes the full
+            # slots and the fast layout's program is compiled beside it.
+            fast = self.cfg.data.segments_per_fold_fast if self.cfg.data.packed_documents else 0
             for looping in layer_loop.warm_up_programs(self.cfg.model):
                 for i in range(sched.warmup_steps):
-                    batch = data_feed.next_step_batch(self.batches, self.accum, self.batch_sharding)
+                    batch = data_feed.next_step_batch(self.batches, self.accum, self.batch_sharding, capacity=i == 0)
+                    if i == 0 and fast:
+                        self.step_fn.lower(state, batch.xs, batch.ys, 1.0, False, False,
+                                           data_feed.with_slots(batch.segments, fast), looping).compile()
                     state, loss = self.step_fn(state, batch.xs, batch.ys, 1.0, False, False, batch.segments, looping)
                     if i == 0 and not looping:
                         loss.block_until_ready()
@@ -483,6 +489,8 @@ class TrainingRun:
             "steps_this_run": step - self.steps0,
             "wall_s": time.perf_counter() - self.t_launch, "stopped_by_wallclock": self.stop_after_step is not None,
             "budget": self.budget,
+            # data.segments_per_fold_fast: steps in its layout (the warm-up's and the prefetched included)
+            "packed_fast_steps": getattr(self.batches, "fast_steps", None),
         }
 
 

@@ -5,7 +5,11 @@
 # the tiled CaseOps data (scripts/frontier_throughput_data.py: throughput, not learning), its
 # step time before and after the layer loop, peak memory and recompilations; then, with
 # PROBE=1, the residual kernel's gradient probe (issue 17).
-# Usage (device): OUT=/some/dir [CAP=150] [ATTENTION=0] [PROBE=1] bash scripts/device_frontier_check.sh
+# Usage (device): OUT=/some/dir [CAP=150] [ATTENTION=0] [PROBE=1] [NAME=frontier] [EXTRA="--config.x=y ..."] \
+#   bash scripts/device_frontier_check.sh
+# e.g. the fast slot layout against the default, back to back (data.segments_per_fold_fast):
+#   OUT=$OUT CAP=120 ATTENTION=0 bash scripts/device_frontier_check.sh; \
+#   OUT=$OUT CAP=120 ATTENTION=0 NAME=fast16 EXTRA="--config.data.segments_per_fold_fast=16" bash scripts/device_frontier_check.sh
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 export GOLF_JAX_REFERENCE=.shared/reference
@@ -14,14 +18,15 @@ export GOLF_JAX_REFERENCE=.shared/reference
 python3 scripts/frontier_throughput_data.py --out /tmp/fdata --tokens 12000000
 timeout $(( ${CAP:-150} + 150 )) python3 train.py --config configs/frontier.py --config.data.data_dir=/tmp/fdata \
   --config.data.tokenizer_path=/tmp/fdata/tokenizer.model --config.max_wallclock_seconds=${CAP:-150} \
-  --config.train_log_every=10 --config.output_dir="$OUT/frontier" --no-quantize --no-progress 2>&1 \
+  --config.train_log_every=10 --config.output_dir="$OUT/${NAME:-frontier}" --no-quantize --no-progress ${EXTRA:-} 2>&1 \
   | grep -v "^step [0-9]*/" | tail -25
-python3 - "$OUT/frontier" <<'PY'
+python3 - "$OUT/${NAME:-frontier}" <<'PY'
 import json, sys
 d = sys.argv[1]
 s = json.load(open(f"{d}/summary.json"))
 print({k: s[k] for k in s if k in ("launch_to_first_step_s", "peak_memory_bytes", "recompilations_after_first_step",
-                                   "step_avg_ms", "tokens_per_s", "layer_loop_on_at_step", "wall_s")})
+                                   "step_avg_ms", "tokens_per_s", "layer_loop_on_at_step", "wall_s",
+                                   "packed_fast_steps")})
 rows = [json.loads(l) for l in open(f"{d}/train.jsonl")]
 pts = [(r["step"], r["training_s"]) for r in rows if r.get("kind") == "train" and r["step"] >= 10]
 on = s.get("layer_loop_on_at_step") or 10 ** 9
@@ -31,6 +36,6 @@ for name, sel in (("before the loop", [p for p in pts if p[0] < on]), ("after th
         print(f"{name}: steps {sel[0][0]}-{sel[-1][0]}: {ms:.1f} ms/step, {786432 / ms / 1e3:.3f} M tokens/s, "
               f"{ms / 8:.1f} ms per 98,304-token micro-batch")
 PY
-rm -rf "$OUT/frontier/checkpoints" "$OUT/frontier/final_model"
+rm -rf "$OUT/${NAME:-frontier}/checkpoints" "$OUT/${NAME:-frontier}/final_model"
 [ "${PROBE:-0}" = 1 ] && timeout 150 python3 scripts/residual_grad_probe.py --config configs/record.py $D \
   --init .shared/fixtures/reference/record_init_seed314_bf16bits.npz 2>&1 | tee "$OUT/grad_probe.txt" | tail -40

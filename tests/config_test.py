@@ -283,3 +283,11 @@ def test_an_lrzip_that_cannot_start_is_named_before_training(monkeypatch, tmp_pa
     q = config.QuantConfig(scheme="sdclip", artifact_format="pergroup", group_compressor="lrzip", code_size_count="raw")
     problem = q.missing_tools()
     assert "exits 127" in problem and "liblzo2.so.2" in problem and "apt-get install lrzip" in problem
+
+
+@pytest.mark.parametrize("fast", [1, 32, 40])
+def test_fast_slots_must_be_fewer_than_the_capacity(fast):
+    import dataclasses
+    cfg = Config()
+    with pytest.raises(ConfigError, match="data.segments_per_fold_fast"):
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, segments_per_fold_fast=fast)).validate()

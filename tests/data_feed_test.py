@@ -70,3 +70,42 @@ def test_bos_and_vocabulary_come_from_the_model(tmp_path):
     cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, vocab_size=512))
     feed = data_feed.PackedSteps(pattern, cfg, 1, 4, [0])
     assert feed.loader.bos_id == cfg.model.bos_id and feed.loader.vocab_size == 512 and feed.row_len == 32
+
+
+def test_fast_slots_when_every_row_of_the_step_fits(tmp_path):
+    """data.segments_per_fold_fast: a step takes the fewer slots when all its rows (every
+    process's, so all take one program) fit them, else the full ones; `capacity` forces the full
+    ones (the warm-up's first step). The rows and their segments are the same either way."""
+    pattern = write_shards(tmp_path, np.random.default_rng(4))
+    fast = 3
+    cfg = dataclasses.replace(CFG, data=dataclasses.replace(CFG.data, segments_per_fold_fast=fast))
+    plain = data_feed.PackedSteps(pattern, CFG, 2, 2, [0, 1])
+    feeds = [data_feed.PackedSteps(pattern, cfg, 2, 2, ranks) for ranks in ([0, 1], [1])]
+    seen = set()
+    for step in range(8):
+        capacity = step == 0
+        want = plain.next_step()
+        every = packing.PackedBatches(pattern, 0, 4, 16)  # the step's 4 rows, as the loader reads them
+        for _ in range(step):
+            every.next_rows(32, range(4))
+        needed = max(packing.segments_per_fold_needed(cu, 32, 16) for _, _, cu, _ in every.next_rows(32, range(4)))
+        slots = CFG.data.segments_per_fold if capacity or needed > fast else fast
+        seen.add(slots)
+        for feed, cols in zip(feeds, ([0, 1], [1])):
+            xs, ys, segs = feed.next_step(capacity)
+            assert segs.lengths_BxRxM.shape[-1] == slots  # every process the same program
+            np.testing.assert_array_equal(xs, want[0][:, cols])
+            np.testing.assert_array_equal(segs.ids_BxT, want[2].ids_BxT[:, cols])
+            # the same segments (row start, length), filling the fold rows `slots` at a time
+            for a in range(2):
+                for i, c in enumerate(cols):
+                    assert segment_list(segs, a, i) == segment_list(want[2], a, c)
+    assert seen == {fast, CFG.data.segments_per_fold}, seen  # both layouts met in these 8 steps
+
+
+def segment_list(segs: packing.Segments, a: int, i: int) -> list[tuple[int, int]]:
+    """(start in the row, length) of every segment of micro-step a, row i, in order."""
+    offsets, lengths = segs.offsets_BxRxM1[a, i, :, :-1], segs.lengths_BxRxM[a, i]
+    fold_len = segs.ids_BxT.shape[-1] // offsets.shape[0]
+    return [(int(r * fold_len + o), int(n)) for r in range(offsets.shape[0])
+            for o, n in zip(offsets[r], lengths[r]) if n >= 0]
