@@ -49,7 +49,6 @@ class PackedSteps:
         self.n_devices, self.accum, self.ranks = n_devices, accum, tuple(sorted(ranks))
         self.fold_len, self.segments_per_fold = cfg.data.train_seq_len, cfg.data.segments_per_fold
         self.fast_slots = cfg.data.segments_per_fold_fast
-        self.fast_steps = 0  # steps assembled in the fast layout (prefetched ones included)
 
     def next_step(self, capacity: bool = False) -> tuple[np.ndarray, np.ndarray, packing.Segments]:
         """Host arrays [accum, len(ranks), ...]: inputs, targets and their segments, with
@@ -64,7 +63,6 @@ class PackedSteps:
                 packing.segments_per_fold_needed(cu, self.row_len, self.fold_len) <= self.fast_slots
                 for _, _, cu, _ in rows):
             slots = self.fast_slots
-            self.fast_steps += 1
         if self.fast_slots:
             rows = [rows[i] for i in wanted]
         shape = (self.accum, len(self.ranks))

@@ -263,6 +263,7 @@ class TrainingRun:
         self.prefetch = data_feed.Prefetcher(self.batches, self.accum, self.batch_sharding)
         self.cursor = self.batches.state()
         self.steps0, self.start_s = self.step, self.training_s
+        self.fast_layout_steps = 0  # this run's steps in data.segments_per_fold_fast's layout
         self.agreement = distributed.StepAgreement()  # process 0's clock decides, with several processes
         self.t0 = time.perf_counter()
         self.compiles = CompileCounter().__enter__()
@@ -340,6 +341,9 @@ class TrainingRun:
             self.state, loss = self.step_fn(self.state, batch.xs, batch.ys, mult, self.qat_on, swa_collect,
                                             batch.segments, looping)
         self.step += 1
+        segments = batch.segments
+        if segments is not None and segments.lengths_BxRxM.shape[-1] == self.cfg.data.segments_per_fold_fast:
+            self.fast_layout_steps += 1
         if self.compiles.at_first_step is None:
             loss.block_until_ready()
             self.compiles.first_step_done()
@@ -489,8 +493,7 @@ class TrainingRun:
             "steps_this_run": step - self.steps0,
             "wall_s": time.perf_counter() - self.t_launch, "stopped_by_wallclock": self.stop_after_step is not None,
             "budget": self.budget,
-            # data.segments_per_fold_fast: steps in its layout (the warm-up's and the prefetched included)
-            "packed_fast_steps": getattr(self.batches, "fast_steps", None),
+            "packed_fast_steps": self.fast_layout_steps,  # of steps_this_run (data.segments_per_fold_fast)
         }
 
 

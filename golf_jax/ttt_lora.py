@@ -42,6 +42,10 @@ phase on the scores are the reference's on that many GPUs; off, every device tak
 the whole batch (one device's result). The reference's ranks also claim whole
 batches through a file counter and pause for a phase when any rank crosses its
 boundary, so a phase's documents depend on their timing; here on one GPU's order.
+
+About 480 lines, over the ~450 the project aims for: the schedule (documents,
+batches, chunk windows, phases) is public here so that tooling
+(scripts/ttt_projection.py) computes the same one instead of a copy.
 """
 
 from __future__ import annotations
@@ -115,6 +119,29 @@ def batch_order(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, np.ndar
     batches = [order[i:i + batch_docs] for i in range(0, len(order), batch_docs)]
     ranked = sorted(range(len(batches)), key=lambda b: -int(lengths[batches[b]].max()))
     return [(b, batches[b]) for b in ranked]
+
+
+def phase_boundaries(n_docs: int, t: TTTConfig) -> list[int]:
+    """The scored-document counts after which the global phases run (all 0: none)."""
+    prefix = min(n_docs, t.phased_prefix_docs)
+    return [prefix * (k + 1) // t.phased_num_phases for k in range(t.phased_num_phases)]
+
+
+def phase_documents(scored: list[tuple[int, int, int]], boundary: int) -> list[int]:
+    """A phase's documents from the (batch index, row, document) scored so far.
+    reference quirk: in ascending batch order, so the longest (first scored)
+    documents are the ones cut when the batches overshoot the boundary."""
+    return [doc for _, _, doc in sorted(scored)[:boundary]]
+
+
+def chunk_count(pred_lens: np.ndarray, t: TTTConfig) -> int:
+    """The chunk steps of a batch whose documents have these target counts."""
+    return int(-(-int(np.max(pred_lens)) // t.lora_chunk_tokens))
+
+
+def chunk_window(ci: int, t: TTTConfig) -> int:
+    """Chunk ci's padded window width, the same for every row of its batch (its program)."""
+    return window_width(min((ci + 1) * t.lora_chunk_tokens, t.lora_context_len), t)
 
 
 def window_width(context: int, t: TTTConfig) -> int:
@@ -307,8 +334,7 @@ def _chunk_inputs(tokens: np.ndarray, starts: np.ndarray, pred_lens: np.ndarray,
     chunk_end = np.where(ci == n_chunks - 1, pred_lens, (ci + 1) * C)
     win_start = np.maximum(chunk_end - ctx, 0)
     win_len = np.where(active, chunk_end - win_start, 0)
-    context = min((ci + 1) * C, ctx)
-    width = window_width(context, t)
+    width = chunk_window(ci, t)
     col = np.arange(width)
     idx = np.minimum((starts + win_start)[:, None] + col[None, :], len(tokens) - 2)
     valid = col[None, :] < win_len[:, None]
@@ -331,7 +357,7 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
     pred_lens = lengths - 1
     opt_state = place.factors(lora_optimizer(t).init(lora))
     outs = []
-    for ci in range(int(-(-pred_lens.max() // t.lora_chunk_tokens))):
+    for ci in range(chunk_count(pred_lens, t)):
         (x, y, lo, hi, train_lo, train, do_step), scored, first = _chunk_inputs(tokens, starts, pred_lens, ci, t)
         x, y, lo, hi, train = map(place.rows, (x, y, lo, hi, train))
         lora, opt_state, row_sums = step(params, lora, opt_state, x, y, lo, hi, train_lo, train, do_step)
@@ -368,8 +394,7 @@ def _global_phase(params, cfg: Config, segments: list[np.ndarray], place: RowPla
 
 def chunk_widths(pred_lens: np.ndarray, t: TTTConfig) -> list[int]:
     """The window widths (programs) the chunk steps of documents with these target counts use."""
-    n_chunks = int(-(-int(pred_lens.max()) // t.lora_chunk_tokens)) if len(pred_lens) else 0
-    return sorted({window_width(min((ci + 1) * t.lora_chunk_tokens, t.lora_context_len), t) for ci in range(n_chunks)})
+    return sorted({chunk_window(ci, t) for ci in range(chunk_count(pred_lens, t) if len(pred_lens) else 0)})
 
 
 def compile_ahead(params, cfg: Config, lora: model.LoRA, widths: list[int], place: RowPlacement,
@@ -410,8 +435,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     starts, lengths = find_documents(tokens, mcfg.bos_id)
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
     batches = batch_order(lengths, t.lora_batch_docs)
-    prefix = min(len(starts), t.phased_prefix_docs)
-    boundaries = [prefix * (k + 1) // t.phased_num_phases for k in range(t.phased_num_phases)]
+    boundaries = phase_boundaries(len(starts), t)
     place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
     params = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
     step = chunk_step_for(mcfg, t)
@@ -426,7 +450,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
         warm = build(t.lora_batch_docs)
         ahead_t0 = time.perf_counter()
         if ahead:
-            compile_ahead(params, cfg, warm, chunk_widths(lengths - 1, t), place, prefix > 0)
+            compile_ahead(params, cfg, warm, chunk_widths(lengths - 1, t), place, boundaries[-1] > 0)
         ahead_s = time.perf_counter() - ahead_t0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
         scored, phase, phase_s = [], 0, 0.0  # scored: (ascending batch index, row, document) of the prefix's batches
@@ -440,12 +464,10 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
             lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log, place)
             if full:
                 warm = lora
-            if phase < t.phased_num_phases and prefix > 0:
+            if phase < t.phased_num_phases and boundaries[-1] > 0:
                 scored += [(b_index, row, doc) for row, doc in enumerate(docs)]
                 if len(scored) >= boundaries[phase]:
-                    # reference quirk: in ascending batch order, so the longest (first scored)
-                    # documents are the ones cut when the batches overshoot the boundary
-                    chosen = [doc for _, _, doc in sorted(scored)[:boundaries[phase]]]
+                    chosen = phase_documents(scored, boundaries[phase])
                     phase_t0, compile_t0 = time.perf_counter(), compiles.seconds
                     params = jax.block_until_ready(
                         _global_phase(params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in chosen], place))

@@ -252,10 +252,13 @@ def cmd_train(args, overrides: list[str]) -> int:
     return subprocess.call(cmd, cwd=tree)
 
 
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this script's arguments, those after "--": passed on to the run)."""
+    return (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+
+
 def main() -> int:
-    argv = sys.argv[1:]
-    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, overrides = split_overrides(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="one 60-step golf_jax run from the reference's init (GPU)")

@@ -79,7 +79,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(ROOT / "tests" / "frontier_reference"))
-from fidelity_curve import compare, golf_run, pct, plot, table  # noqa: E402  (a sibling script)
+from fidelity_curve import compare, golf_run, pct, plot, split_overrides, table  # noqa: E402  (a sibling script)
 from generate import DEFAULT_REFERENCE, import_reference  # noqa: E402  (the fixtures' import of the reference)
 
 MICRO_BATCHES = 8  # the reference's grad_accum_steps = 8 // WORLD_SIZE, at world size 1
@@ -511,9 +511,7 @@ def cmd_compare(args) -> int:
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_overrides(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     defaults = Settings()

@@ -46,28 +46,21 @@ def record_lengths(seed: int = 0) -> np.ndarray:
 
 def steps_by_width(lengths: np.ndarray, t: TTTConfig) -> collections.Counter:
     """How many chunk steps of each window width the schedule runs (each GPU runs them all)."""
-    steps: collections.Counter = collections.Counter()
-    for _, docs in ttt_lora.batch_order(lengths, t.lora_batch_docs):
-        n_chunks = -(-(int(lengths[docs].max()) - 1) // t.lora_chunk_tokens)
-        for ci in range(n_chunks):
-            steps[ttt_lora.window_width(min((ci + 1) * t.lora_chunk_tokens, t.lora_context_len), t)] += 1
-    return steps
+    batches = ttt_lora.batch_order(lengths, t.lora_batch_docs)
+    return collections.Counter(ttt_lora.chunk_window(ci, t) for _, docs in batches
+                               for ci in range(ttt_lora.chunk_count(lengths[docs] - 1, t)))
 
 
 def phase_tokens(lengths: np.ndarray, t: TTTConfig) -> int:
-    """Tokens the global phases train on, all phases together, chosen as `ttt_lora.run` chooses
-    them: the longest batches are scored first, and at each boundary the first documents of
-    the scored ones in ascending batch order."""
-    prefix = min(len(lengths), t.phased_prefix_docs)
-    boundaries = [prefix * (k + 1) // t.phased_num_phases for k in range(t.phased_num_phases)]
-    scored, total, phase = [], 0, 0
+    """Tokens the global phases train on, all phases together, chosen as `ttt_lora.run`
+    chooses them (`phase_boundaries`, `phase_documents`)."""
+    boundaries, scored, total = ttt_lora.phase_boundaries(len(lengths), t), [], 0
     for b_index, docs in ttt_lora.batch_order(lengths, t.lora_batch_docs):
-        if phase == len(boundaries) or prefix == 0:
+        if not boundaries or boundaries[-1] == 0:
             break
         scored += [(b_index, row, doc) for row, doc in enumerate(docs)]
-        if len(scored) >= boundaries[phase]:
-            total += int(sum(lengths[doc] for _, _, doc in sorted(scored)[:boundaries[phase]]))
-            phase += 1
+        if len(scored) >= boundaries[0]:
+            total += int(lengths[ttt_lora.phase_documents(scored, boundaries.pop(0))].sum())
     return total
 
 
