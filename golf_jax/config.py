@@ -543,6 +543,11 @@ class TTTConfig:
     lora_context_len: int = 2048
     lora_batch_docs: int = 64
     lora_min_window: int = 0  # chunk windows are padded to a power of two, at least this (fewer programs)
+    # Ranks (golf_jax/ttt_lora.py): each takes whole batches of the queue in turn, with a LoRA
+    # chain of its own, all in step, their rows split over the devices. 1: one device's scores
+    # on any number of devices, each batch split over them (the fastest here); 8: the
+    # reference's 8 GPUs' ranks, emulated (slower: a group waits for its longest batch).
+    lora_ranks: int = 1
     phased_prefix_docs: int = 2500
     phased_num_phases: int = 3
     global_lr: float = 1e-3  # cosine over the phase's chunks
@@ -578,6 +583,7 @@ class TTTConfig:
              "lora_rank, lora_batch_docs and lora_chunk_tokens must be positive")
         need(self.lora_context_len >= self.lora_chunk_tokens, "lora_context_len", "must be >= lora_chunk_tokens")
         need(0 <= self.lora_min_window <= self.lora_context_len, "lora_min_window", "in [0, lora_context_len]")
+        need(self.lora_ranks >= 1, "lora_ranks", "must be positive")
         need(0 <= self.lora_beta1 < 1 and 0 <= self.lora_beta2 < 1, "lora_beta1", "lora_beta1 and lora_beta2 in [0, 1)")
         need(self.phased_prefix_docs >= 0 and self.phased_num_phases >= 1, "phased_num_phases",
              "phased_prefix_docs >= 0 and phased_num_phases >= 1")

@@ -31,19 +31,28 @@ length (one when global_batch_seqs covers a chunk's sequences, as in the
 record; two otherwise), all compiled side by side before the first batch
 (`compile_ahead`).
 
-Devices (run.num_devices, this process's): a batch's rows are split over
+Ranks (ttt.lora_ranks, R): the reference's ranks each take whole batches and keep
+a LoRA chain of their own (warm A, its own constructions). Here they run in step:
+group k of the queue (`rank_groups`) gives rank r batch k R + r; a chunk step
+holds every rank's rows (R x lora_batch_docs), a rank whose batch has ended
+idles until the group's longest one ends; a rank with no document to train
+takes no step. The phases come after the group at which the scored documents
+reach a boundary, as the reference's ranks pause after their batch. One rank
+(the default) is one device's order: the fastest here; 8 emulates the record's
+8 GPUs, whose ranks claim their next batch when they finish one, not in step
+(docs/frontier.md measures what waiting for a group costs).
+
+Devices (run.num_devices, this process's): a step's rows are split over
 them, each device holding its rows' inputs, LoRA factors and optimizer
 state; the model's weights are replicated. Rows are independent (each its own
 adapter and loss), so XLA's partitioner runs a chunk step with no collective
-at all, and the scores are the one-device scores (the same
+at all, and the scores do not depend on the device count (the same
 batches in the same order). A global phase's batches are split over the devices
 as the reference's ranks split them (ttt.global_data_parallel), so from the first
 phase on the scores are the reference's on that many GPUs; off, every device takes
-the whole batch (one device's result). The reference's ranks also claim whole
-batches through a file counter and pause for a phase when any rank crosses its
-boundary, so a phase's documents depend on their timing; here on one GPU's order.
+the whole batch (one device's result).
 
-About 480 lines, over the ~450 the project aims for: the schedule (documents,
+About 530 lines, over the ~450 the project aims for: the schedule (documents,
 batches, chunk windows, phases) is public here so that tooling
 (scripts/ttt_projection.py) computes the same one instead of a copy.
 """
@@ -135,8 +144,21 @@ def phase_documents(scored: list[tuple[int, int, int]], boundary: int) -> list[i
 
 
 def chunk_count(pred_lens: np.ndarray, t: TTTConfig) -> int:
-    """The chunk steps of a batch whose documents have these target counts."""
-    return int(-(-int(np.max(pred_lens)) // t.lora_chunk_tokens))
+    """The chunk steps of a batch whose documents have these target counts (none: 0)."""
+    return int(-(-int(np.max(pred_lens, initial=0)) // t.lora_chunk_tokens))
+
+
+def rank_groups(batches: list, ranks: int) -> list[list]:
+    """The queue's batches as the ranks take them, in step: group k gives rank r batch
+    k ranks + r. reference quirk: its ranks claim the next batch when they finish one
+    (a file counter); the queue's neighbours are of about one length, so in turn is
+    about its order, made repeatable."""
+    return [batches[i:i + ranks] for i in range(0, len(batches), ranks)]
+
+
+def group_chunk_count(lengths: np.ndarray, group: list, t: TTTConfig) -> int:
+    """The chunk steps of a group: its longest batch's."""
+    return max(chunk_count(lengths[docs] - 1, t) for _, docs in group)
 
 
 def chunk_window(ci: int, t: TTTConfig) -> int:
@@ -192,12 +214,14 @@ class RowPlacement:
     before its first call too: a placement that changed after one call would
     compile the program again."""
 
-    def __init__(self, mesh: jax.sharding.Mesh, rows: int):
+    def __init__(self, mesh: jax.sharding.Mesh, t: TTTConfig):
         self.mesh = mesh if mesh.size > 1 else None
         self.size = mesh.size
-        if self.mesh is not None and rows % mesh.size:
-            raise ValueError(f"ttt.lora_batch_docs={rows} rows cannot be split over {mesh.size} devices "
-                             "(run.num_devices): use a multiple")
+        self.ranks = t.lora_ranks
+        self.rows_total = self.ranks * t.lora_batch_docs  # a chunk step's rows: every rank's batch
+        if self.mesh is not None and self.rows_total % mesh.size:
+            raise ValueError(f"ttt.lora_batch_docs={t.lora_batch_docs} rows x {self.ranks} ranks (ttt.lora_ranks) "
+                             f"cannot be split over {mesh.size} devices (run.num_devices): use a multiple")
 
     def _put(self, x, spec: P):
         return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, spec))
@@ -237,7 +261,8 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
     tx = lora_optimizer(t)
     looping = cfg.looping_after_training
 
-    def lora_chunk_step(params, lora, opt_state, x_BxW, y_BxW, score_lo_B, score_hi_B, train_lo, train_rows_B, do_step):
+    def lora_chunk_step(params, lora, opt_state, x_BxW, y_BxW, score_lo_B, score_hi_B, train_lo, train_rows_B,
+                        step_rows_B, any_step):
         # Every row's scored targets lie in the chunk [train_lo, train_lo + C) (`_chunk_inputs`):
         # the head and the loss run on those C positions only.
         C = t.lora_chunk_tokens
@@ -253,8 +278,15 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
         row_sums = jnp.sum(jnp.where(scored, nll, 0.0), axis=1)
         updates, stepped_state = tx.update(grads, opt_state, lora)
         stepped = optax.apply_updates(lora, updates)
-        # reference quirk: no step (and so no weight decay) when no document of the batch trains
-        keep = lambda new, old: jnp.where(do_step, new, old)  # noqa: E731
+        # reference quirk: a rank takes no step (and so no weight decay) when no document of its
+        # batch trains. Its rows keep their factors and moments; the step count is shared, as
+        # every rank that steps at chunk ci has stepped at each chunk before it (no rank
+        # trains again once none of its documents does) and none before its batch's first.
+        # One rank: any_step alone (the per-row select cost 3.5 ms of a 26 ms step on an H200).
+        def keep(new, old):
+            if new.ndim < 3 or t.lora_ranks == 1:  # the step count; any_step: step_rows_B.any(), no collective
+                return jnp.where(any_step, new, old)
+            return jnp.where(step_rows_B.reshape((1,) * (new.ndim - 3) + (-1, 1, 1)), new, old)  # rows: third from last
         return jax.tree.map(keep, stepped, lora), jax.tree.map(keep, stepped_state, opt_state), row_sums
 
     return jax.jit(lora_chunk_step, donate_argnums=(1, 2))
@@ -310,15 +342,19 @@ def global_batch_rows(stream: np.ndarray, lo: int, n_seqs: int, seq: int, rows: 
     width = -(-n_seqs // rows) * seq
     x, y = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
     w = np.zeros((rows, width), np.float32)
-    parts = []
+    cus = []
     for r in range(rows):
         a, b = n_seqs * r // rows * seq, n_seqs * (r + 1) // rows * seq
         x[r, :b - a], y[r, :b - a], w[r, :b - a] = stream[lo + a:lo + b], stream[lo + a + 1:lo + b + 1], 1.0
         starts = np.flatnonzero(x[r, :b - a] == cfg.model.bos_id)
         if b - a < width:  # the padding starts a segment (split at seq like any other)
             starts = np.append(starts, b - a)
-        cu_seqlens, _ = packing.document_segments(starts, width, seq)
-        parts.append(packing.make_segments(cu_seqlens, width, seq, cfg.data.segments_per_fold))
+        cus.append(packing.document_segments(starts, width, seq)[0])
+    # Rows of many short documents may need more segment slots than data.segments_per_fold:
+    # then a power of two that holds them (a program of its own, compiled when first needed)
+    slots = max(packing.segments_per_fold_needed(cu, width, seq) for cu in cus)
+    slots = cfg.data.segments_per_fold if slots <= cfg.data.segments_per_fold else 1 << (slots - 1).bit_length()
+    parts = [packing.make_segments(cu, width, seq, slots) for cu in cus]
     return x, y, packing.Segments(*(np.concatenate(leaf) for leaf in zip(*parts))), w
 
 
@@ -351,20 +387,23 @@ def _chunk_inputs(tokens: np.ndarray, starts: np.ndarray, pred_lens: np.ndarray,
     return (x, y, lo, hi, np.int32(train_lo), train, np.bool_(train.any())), hi[:n] - lo[:n], first_target
 
 
-def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log: dict, place: RowPlacement):
-    """Every chunk of one batch: score, then step. Returns the trained LoRA."""
-    starts, lengths = docs
-    pred_lens = lengths - 1
+def _score_group(params, lora, tokens, cum_bytes, group: list, t: TTTConfig, step, log: dict, place: RowPlacement):
+    """Every chunk of a group's batches, in step: score, then step. group: each rank's
+    (starts, lengths) of its batch's documents (none: empty), its rows lora_batch_docs
+    of the LoRA's, in rank order. Returns the trained LoRA."""
     opt_state = place.factors(lora_optimizer(t).init(lora))
     outs = []
-    for ci in range(chunk_count(pred_lens, t)):
-        (x, y, lo, hi, train_lo, train, do_step), scored, first = _chunk_inputs(tokens, starts, pred_lens, ci, t)
-        x, y, lo, hi, train = map(place.rows, (x, y, lo, hi, train))
-        lora, opt_state, row_sums = step(params, lora, opt_state, x, y, lo, hi, train_lo, train, do_step)
+    for ci in range(max(chunk_count(lengths - 1, t) for _, lengths in group)):
+        parts = [_chunk_inputs(tokens, starts, lengths - 1, ci, t) for starts, lengths in group]
+        x, y, lo, hi, train = (np.concatenate([p[0][i] for p in parts]) for i in (0, 1, 2, 3, 5))
+        step_rows = np.repeat([p[0][6] for p in parts], t.lora_batch_docs)
+        lora, opt_state, row_sums = step(params, lora, opt_state, *map(place.rows, (x, y, lo, hi)), parts[0][0][4],
+                                         *map(place.rows, (train, step_rows)), np.bool_(step_rows.any()))
         outs.append(row_sums)
         log["positions"] += x.size
-        log["chunk_tokens"].append(int(scored.sum()))
-        log["chunk_bytes"].append(int(np.sum(cum_bytes[first + scored] - cum_bytes[first])))
+        log["chunk_tokens"].append(sum(int(scored.sum()) for _, scored, _ in parts))
+        log["chunk_bytes"].append(sum(int(np.sum(cum_bytes[first + scored] - cum_bytes[first]))
+                                      for _, scored, first in parts))
     log["chunk_row_sums"] += [np.asarray(o, np.float64) for o in outs]
     return lora
 
@@ -404,12 +443,14 @@ def compile_ahead(params, cfg: Config, lora: model.LoRA, widths: list[int], plac
     chunk programs in 49 s on an H200 host, 22-25 s each alone: docs/performance.md); the
     run's calls (arguments of the same types and placement) find them compiled."""
     t, mcfg, seq = cfg.ttt, cfg.model, cfg.eval.eval_seq_len
-    rows, step, opt_state = t.lora_batch_docs, chunk_step_for(mcfg, t), place.factors(lora_optimizer(t).init(lora))
+    rows, step, opt_state = place.rows_total, chunk_step_for(mcfg, t), place.factors(lora_optimizer(t).init(lora))
     lowered = []
-    for width in widths:  # the argument types of `_score_batch`'s calls
+    for width in widths:  # the argument types of `_score_group`'s calls
         x = place.rows(np.zeros((rows, width), np.int32))
         ends, train = place.rows(np.zeros(rows, np.int32)), place.rows(np.zeros(rows, np.float32))
-        lowered.append(step.lower(params, lora, opt_state, x, x, ends, ends, np.int32(0), train, np.bool_(True)))
+        step_rows = place.rows(np.zeros(rows, np.bool_))
+        lowered.append(step.lower(params, lora, opt_state, x, x, ends, ends, np.int32(0), train, step_rows,
+                                  np.bool_(True)))
     n_seqs = min(t.global_batch_seqs, t.global_chunk_tokens // seq)
     if global_phases and n_seqs:  # those of `_global_phase`'s (a chunk's whole sequences, one batch)
         batch = place.global_batch(np.zeros(n_seqs * seq + 1, np.int32), 0, n_seqs, cfg)
@@ -436,43 +477,56 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
     batches = batch_order(lengths, t.lora_batch_docs)
     boundaries = phase_boundaries(len(starts), t)
-    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
+    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t)
     params = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
-    step = chunk_step_for(mcfg, t)
-    constructions = 0
+    step, docs_per_rank = chunk_step_for(mcfg, t), t.lora_batch_docs
+    constructions = [0] * place.ranks  # each rank builds its own (the reference's ranks seed alike)
 
-    def build(rows):
-        nonlocal constructions
-        constructions += 1
-        return place.factors(fresh_lora(init_a(constructions - 1, rows), mcfg, t))
+    def build(rank: int, rows: int) -> model.LoRA:
+        constructions[rank] += 1
+        return fresh_lora(init_a(constructions[rank] - 1, rows), mcfg, t)
+
+    def every_rank(parts: list[model.LoRA]) -> model.LoRA:
+        """The ranks' LoRAs (lora_batch_docs rows each) as one, rows in rank order."""
+        factors = {k: tuple(jnp.concatenate(f, axis=f[0].ndim - 3) for f in zip(*(p.factors[k] for p in parts)))
+                   for k in parts[0].factors}
+        return place.factors(parts[0].replace(factors=factors))
+
+    def by_rank(chosen: np.ndarray, new: model.LoRA, old: model.LoRA) -> model.LoRA:
+        """new's rows for the chosen ranks, old's for the others."""
+        rows = np.repeat(chosen, docs_per_rank)
+        pick = lambda a, b: jnp.where(rows.reshape((1,) * (a.ndim - 3) + (-1, 1, 1)), a, b)  # noqa: E731
+        return place.factors(jax.tree.map(pick, new, old))
 
     with runlog.CompileCounter() as compiles:
-        warm = build(t.lora_batch_docs)
+        warm = every_rank([build(r, docs_per_rank) for r in range(place.ranks)])
         ahead_t0 = time.perf_counter()
         if ahead:
             compile_ahead(params, cfg, warm, chunk_widths(lengths - 1, t), place, boundaries[-1] > 0)
         ahead_s = time.perf_counter() - ahead_t0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
         scored, phase, phase_s = [], 0, 0.0  # scored: (ascending batch index, row, document) of the prefix's batches
-        for b_index, docs in tqdm(batches, desc="ttt lora", unit="batch", disable=not progress):
-            full = len(docs) == t.lora_batch_docs
-            if full:  # the warm A, B zeroed
-                zeroed = {k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()}
-                lora = place.factors(warm.replace(factors=zeroed))
-            else:  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
-                lora = build(len(docs))
-            lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log, place)
-            if full:
-                warm = lora
+        for group in tqdm(rank_groups(batches, place.ranks), desc="ttt lora", unit="group", disable=not progress):
+            full = np.array([r < len(group) and len(group[r][1]) == docs_per_rank for r in range(place.ranks)])
+            zeroed_b = {k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()}
+            lora = place.factors(warm.replace(factors=zeroed_b))
+            if not full.all():  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
+                zeros = fresh_lora({k: a[..., :0, :, :] for k, (a, _) in warm.factors.items()}, mcfg, t)
+                lora = by_rank(full, lora, every_rank([build(r, len(group[r][1])) if r < len(group) else zeros
+                                                       for r in range(place.ranks)]))
+            rank_docs = [(starts[docs], lengths[docs]) for _, docs in group]
+            rank_docs += [(starts[:0], lengths[:0])] * (place.ranks - len(group))  # ranks the queue left idle
+            lora = _score_group(params, lora, tokens, cum_bytes, rank_docs, t, step, log, place)
+            warm = lora if full.all() else by_rank(full, lora, warm)
             if phase < t.phased_num_phases and boundaries[-1] > 0:
-                scored += [(b_index, row, doc) for row, doc in enumerate(docs)]
+                scored += [(b_index, row, doc) for b_index, docs in group for row, doc in enumerate(docs)]
                 if len(scored) >= boundaries[phase]:
                     chosen = phase_documents(scored, boundaries[phase])
                     phase_t0, compile_t0 = time.perf_counter(), compiles.seconds
                     params = jax.block_until_ready(
                         _global_phase(params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in chosen], place))
                     phase_s += time.perf_counter() - phase_t0 - (compiles.seconds - compile_t0)
-                    warm = build(t.lora_batch_docs)
+                    warm = every_rank([build(r, docs_per_rank) for r in range(place.ranks)])
                     phase += 1
     n_tokens, n_bytes = sum(log["chunk_tokens"]), sum(log["chunk_bytes"])
     loss_sum = float(sum(np.sum(r) for r in log["chunk_row_sums"]))

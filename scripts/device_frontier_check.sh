@@ -15,7 +15,8 @@ source "$(dirname "$0")/device_env.sh"
 export GOLF_JAX_REFERENCE=.shared/reference
 [ "${ATTENTION:-1}" = 1 ] && timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/attention_test.py 2>&1 | grep "passed\|failed\|Error\|assert" | tail -12
 [ "${ATTENTION:-1}" = 1 ] && timeout 150 python3 scripts/packed_attention_bench.py --out "$OUT/packed" 2>&1 | tail -30
-python3 scripts/frontier_throughput_data.py --out /tmp/fdata --tokens 12000000
+# 600,000 validation tokens: each of the 8 document-eval ranks needs a whole batch (32 x 2,048)
+python3 scripts/frontier_throughput_data.py --out /tmp/fdata --tokens 12000000 --val-tokens 600000
 timeout $(( ${CAP:-150} + 150 )) python3 train.py --config configs/frontier.py --config.data.data_dir=/tmp/fdata \
   --config.data.tokenizer_path=/tmp/fdata/tokenizer.model --config.max_wallclock_seconds=${CAP:-150} \
   --config.train_log_every=10 --config.output_dir="$OUT/${NAME:-frontier}" --no-quantize --no-progress ${EXTRA:-} 2>&1 \

@@ -40,14 +40,17 @@ ttt)
   # The chunk and global steps timed one program at a time (one GPU's share of GPUS: 64 / GPUS
   # rows a step), their sum over the record's schedule (scripts/ttt_projection.py), then the
   # whole phased TTT from the artifact on a short validation text (VAL_TOKENS), each stage timed.
-  # (2026-12-02: two whole runs on 2 M validation tokens did not finish in 270 s each.)
-  timeout 240 python3 scripts/ttt_step_bench.py --out "$OUT/ttt_steps.json" --rows $((64 / ${GPUS:-8})) 64 \
-    --profile /tmp/ttt_profile \
-    --parallel-widths 2>&1 | grep -v "^ *$" | tail -8
-  python3 scripts/ttt_projection.py "$OUT/ttt_steps.json" --gpus ${GPUS:-8} --reload-s ${RELOAD_S:-0} \
-    | tee "$OUT/ttt_projection.txt"
+  # (2026-12-02: two whole runs on 2 M validation tokens did not finish in 270 s each. One rank of
+  # the document-masked evaluation before it: VAL_TOKENS holds fewer than 8 ranks' batches.)
+  # BENCH: the bench's arguments (e.g. "--rows 8 64 --widths 2048 --widths-other-rows 2048 1024 512 --no-global")
+  timeout 300 python3 scripts/ttt_step_bench.py --out "$OUT/ttt_steps.json" \
+    ${BENCH:---rows $((64 / ${GPUS:-8})) 64 --profile /tmp/ttt_profile} --parallel-widths 2>&1 | grep -v "^ *$" \
+    | cut -c1-400 | tail -8
+  for ranks in 1 ${GPUS:-8}; do  # one rank (each batch split over the GPUs); one rank a GPU, in step
+    python3 scripts/ttt_projection.py "$OUT/ttt_steps.json" --gpus ${GPUS:-8} --ranks $ranks --reload-s ${RELOAD_S:-0}
+  done 2>&1 | tee "$OUT/ttt_projection.txt"
   timeout ${RUN_TIMEOUT:-240} python3 -m golf_jax.ttt --artifact "$ARTIFACT" $DATA_ARGS --config.ttt.mode=lora_phased \
-    --config.run.num_devices=1 --out "$OUT/ttt.json" --no-progress "$@" 2>&1 | tail -3
+    --config.run.num_devices=1 --config.eval.document_eval_ranks=1 --out "$OUT/ttt.json" --no-progress "$@" 2>&1 | tail -3
   ;;
 *) echo "PART must be train or ttt" >&2; exit 2 ;;
 esac
