@@ -543,10 +543,10 @@ class TTTConfig:
     lora_context_len: int = 2048
     lora_batch_docs: int = 64
     lora_min_window: int = 0  # chunk windows are padded to a power of two, at least this (fewer programs)
-    # Ranks (golf_jax/ttt_lora.py): each takes whole batches of the queue in turn, with a LoRA
-    # chain of its own, all in step, their rows split over the devices. 1: one device's scores
-    # on any number of devices, each batch split over them (the fastest here); 8: the
-    # reference's 8 GPUs' ranks, emulated (slower: a group waits for its longest batch).
+    # The reference's ranks (golf_jax/ttt_lora.py's rank_schedule): each claims the queue's
+    # next batch when it has scored one, with a LoRA chain of its own; a phase pauses them
+    # all. 1: the queue in order (the default); 8: the record's 8 GPUs' schedule (run here
+    # one rank after another: its scores at one rank's speed).
     lora_ranks: int = 1
     phased_prefix_docs: int = 2500
     phased_num_phases: int = 3

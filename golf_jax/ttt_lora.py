@@ -31,28 +31,28 @@ length (one when global_batch_seqs covers a chunk's sequences, as in the
 record; two otherwise), all compiled side by side before the first batch
 (`compile_ahead`).
 
-Ranks (ttt.lora_ranks, R): the reference's ranks each take whole batches and keep
-a LoRA chain of their own (warm A, its own constructions). Here they run in step:
-group k of the queue (`rank_groups`) gives rank r batch k R + r; a chunk step
-holds every rank's rows (R x lora_batch_docs), a rank whose batch has ended
-idles until the group's longest one ends; a rank with no document to train
-takes no step. The phases come after the group at which the scored documents
-reach a boundary, as the reference's ranks pause after their batch. One rank
-(the default) is one device's order: the fastest here; 8 emulates the record's
-8 GPUs, whose ranks claim their next batch when they finish one, not in step
-(docs/frontier.md measures what waiting for a group costs).
+Ranks (ttt.lora_ranks): the reference's GPUs each run a rank that claims the
+queue's next batch when it has scored one and keeps its own LoRA chain (warm A,
+its own constructions); when the scored documents reach a phase's boundary,
+each rank pauses after the batch it holds. `rank_schedule` computes who scores
+what from the batches' costs instead of the clock (the same in every run); the
+ranks then run here one after another between the phases, so 8 ranks give the
+record's 8-GPU schedule at one rank's speed. One rank (the default) is the queue
+in order.
 
-Devices (run.num_devices, this process's): a step's rows are split over
+Devices (run.num_devices, this process's): a batch's rows are split over
 them, each device holding its rows' inputs, LoRA factors and optimizer
 state; the model's weights are replicated. Rows are independent (each its own
 adapter and loss), so XLA's partitioner runs a chunk step with no collective
-at all, and the scores do not depend on the device count (the same
+at all, and the scores are the one-device scores (the same
 batches in the same order). A global phase's batches are split over the devices
 as the reference's ranks split them (ttt.global_data_parallel), so from the first
 phase on the scores are the reference's on that many GPUs; off, every device takes
-the whole batch (one device's result).
+the whole batch (one device's result). The reference's ranks also claim whole
+batches through a file counter and pause for a phase when any rank crosses its
+boundary, so a phase's documents depend on their timing; here on one GPU's order.
 
-About 530 lines, over the ~450 the project aims for: the schedule (documents,
+About 550 lines, over the ~450 the project aims for: the schedule (documents,
 batches, chunk windows, phases) is public here so that tooling
 (scripts/ttt_projection.py) computes the same one instead of a copy.
 """
@@ -62,6 +62,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import heapq
 import math
 import time
 from dataclasses import dataclass
@@ -144,26 +145,70 @@ def phase_documents(scored: list[tuple[int, int, int]], boundary: int) -> list[i
 
 
 def chunk_count(pred_lens: np.ndarray, t: TTTConfig) -> int:
-    """The chunk steps of a batch whose documents have these target counts (none: 0)."""
-    return int(-(-int(np.max(pred_lens, initial=0)) // t.lora_chunk_tokens))
-
-
-def rank_groups(batches: list, ranks: int) -> list[list]:
-    """The queue's batches as the ranks take them, in step: group k gives rank r batch
-    k ranks + r. reference quirk: its ranks claim the next batch when they finish one
-    (a file counter); the queue's neighbours are of about one length, so in turn is
-    about its order, made repeatable."""
-    return [batches[i:i + ranks] for i in range(0, len(batches), ranks)]
-
-
-def group_chunk_count(lengths: np.ndarray, group: list, t: TTTConfig) -> int:
-    """The chunk steps of a group: its longest batch's."""
-    return max(chunk_count(lengths[docs] - 1, t) for _, docs in group)
+    """The chunk steps of a batch whose documents have these target counts."""
+    return int(-(-int(np.max(pred_lens)) // t.lora_chunk_tokens))
 
 
 def chunk_window(ci: int, t: TTTConfig) -> int:
     """Chunk ci's padded window width, the same for every row of its batch (its program)."""
     return window_width(min((ci + 1) * t.lora_chunk_tokens, t.lora_context_len), t)
+
+
+# A chunk step's cost in the ranks' schedule: its window width plus this many positions
+# (64-row steps on an H200 took 48.5 / 85.8 / 173.2 ms at 512 / 1,024 / 2,048: docs/performance.md)
+STEP_COST_OFFSET = 128
+
+
+@dataclass(frozen=True)
+class RankSchedule:
+    """What each rank scores: eras[e][r] the (batch index, documents) rank r scores, in
+    order, before phase e (the last era after the last phase); phases[e] the documents
+    phase e trains on."""
+    eras: list[list[list[tuple[int, np.ndarray]]]]
+    phases: list[list[int]]
+
+
+def batch_cost(pred_lens: np.ndarray, t: TTTConfig) -> int:
+    """A batch's chunk steps' cost (`STEP_COST_OFFSET`)."""
+    return sum(chunk_window(ci, t) + STEP_COST_OFFSET for ci in range(chunk_count(pred_lens, t)))
+
+
+def rank_schedule(lengths: np.ndarray, t: TTTConfig, ranks: int) -> RankSchedule:
+    """reference quirk: its ranks claim the queue's next batch when they finish one (a file
+    counter) and add its documents to a shared count; once the count reaches a phase's
+    boundary, each pauses after the batch it holds, the phase trains on the first
+    `boundary` scored documents (`phase_documents`), then all claim on. Here a claim
+    follows the batches' costs (`batch_cost`), not the clock, so that every process and
+    every run computes the same schedule. One rank: the queue in order, each phase after
+    the batch that reaches its boundary."""
+    queue, boundaries = batch_order(lengths, t.lora_batch_docs), phase_boundaries(len(lengths), t)
+    eras, phases, scored = [[[] for _ in range(ranks)]], [], []
+    clock, running, claimed, pausing = [0] * ranks, [], 0, False  # running: a heap of (finish, rank, queue index)
+
+    def claim(rank: int) -> None:
+        nonlocal claimed
+        if claimed < len(queue):
+            eras[-1][rank].append(queue[claimed])
+            heapq.heappush(running, (clock[rank] + batch_cost(lengths[queue[claimed][1]] - 1, t), rank, claimed))
+            claimed += 1
+
+    for rank in range(ranks):
+        claim(rank)
+    while running:
+        finish, rank, i = heapq.heappop(running)
+        clock[rank] = finish
+        if boundaries[-1] > 0 and len(phases) < t.phased_num_phases:
+            scored += [(queue[i][0], row, doc) for row, doc in enumerate(queue[i][1])]
+            pausing = pausing or len(scored) >= boundaries[len(phases)]
+        if not pausing:
+            claim(rank)
+        elif not running:  # every rank has paused after its batch: the phase, then all claim on
+            phases.append(phase_documents(scored, boundaries[len(phases)]))
+            clock, pausing = [max(clock)] * ranks, False
+            eras.append([[] for _ in range(ranks)])
+            for each in range(ranks):
+                claim(each)
+    return RankSchedule(eras, phases)
 
 
 def window_width(context: int, t: TTTConfig) -> int:
@@ -214,14 +259,12 @@ class RowPlacement:
     before its first call too: a placement that changed after one call would
     compile the program again."""
 
-    def __init__(self, mesh: jax.sharding.Mesh, t: TTTConfig):
+    def __init__(self, mesh: jax.sharding.Mesh, rows: int):
         self.mesh = mesh if mesh.size > 1 else None
         self.size = mesh.size
-        self.ranks = t.lora_ranks
-        self.rows_total = self.ranks * t.lora_batch_docs  # a chunk step's rows: every rank's batch
-        if self.mesh is not None and self.rows_total % mesh.size:
-            raise ValueError(f"ttt.lora_batch_docs={t.lora_batch_docs} rows x {self.ranks} ranks (ttt.lora_ranks) "
-                             f"cannot be split over {mesh.size} devices (run.num_devices): use a multiple")
+        if self.mesh is not None and rows % mesh.size:
+            raise ValueError(f"ttt.lora_batch_docs={rows} rows cannot be split over {mesh.size} devices "
+                             "(run.num_devices): use a multiple")
 
     def _put(self, x, spec: P):
         return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, spec))
@@ -261,8 +304,7 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
     tx = lora_optimizer(t)
     looping = cfg.looping_after_training
 
-    def lora_chunk_step(params, lora, opt_state, x_BxW, y_BxW, score_lo_B, score_hi_B, train_lo, train_rows_B,
-                        step_rows_B, any_step):
+    def lora_chunk_step(params, lora, opt_state, x_BxW, y_BxW, score_lo_B, score_hi_B, train_lo, train_rows_B, do_step):
         # Every row's scored targets lie in the chunk [train_lo, train_lo + C) (`_chunk_inputs`):
         # the head and the loss run on those C positions only.
         C = t.lora_chunk_tokens
@@ -278,15 +320,8 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
         row_sums = jnp.sum(jnp.where(scored, nll, 0.0), axis=1)
         updates, stepped_state = tx.update(grads, opt_state, lora)
         stepped = optax.apply_updates(lora, updates)
-        # reference quirk: a rank takes no step (and so no weight decay) when no document of its
-        # batch trains. Its rows keep their factors and moments; the step count is shared, as
-        # every rank that steps at chunk ci has stepped at each chunk before it (no rank
-        # trains again once none of its documents does) and none before its batch's first.
-        # One rank: any_step alone (the per-row select cost 3.5 ms of a 26 ms step on an H200).
-        def keep(new, old):
-            if new.ndim < 3 or t.lora_ranks == 1:  # the step count; any_step: step_rows_B.any(), no collective
-                return jnp.where(any_step, new, old)
-            return jnp.where(step_rows_B.reshape((1,) * (new.ndim - 3) + (-1, 1, 1)), new, old)  # rows: third from last
+        # reference quirk: no step (and so no weight decay) when no document of the batch trains
+        keep = lambda new, old: jnp.where(do_step, new, old)  # noqa: E731
         return jax.tree.map(keep, stepped, lora), jax.tree.map(keep, stepped_state, opt_state), row_sums
 
     return jax.jit(lora_chunk_step, donate_argnums=(1, 2))
@@ -387,23 +422,20 @@ def _chunk_inputs(tokens: np.ndarray, starts: np.ndarray, pred_lens: np.ndarray,
     return (x, y, lo, hi, np.int32(train_lo), train, np.bool_(train.any())), hi[:n] - lo[:n], first_target
 
 
-def _score_group(params, lora, tokens, cum_bytes, group: list, t: TTTConfig, step, log: dict, place: RowPlacement):
-    """Every chunk of a group's batches, in step: score, then step. group: each rank's
-    (starts, lengths) of its batch's documents (none: empty), its rows lora_batch_docs
-    of the LoRA's, in rank order. Returns the trained LoRA."""
+def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log: dict, place: RowPlacement):
+    """Every chunk of one batch: score, then step. Returns the trained LoRA."""
+    starts, lengths = docs
+    pred_lens = lengths - 1
     opt_state = place.factors(lora_optimizer(t).init(lora))
     outs = []
-    for ci in range(max(chunk_count(lengths - 1, t) for _, lengths in group)):
-        parts = [_chunk_inputs(tokens, starts, lengths - 1, ci, t) for starts, lengths in group]
-        x, y, lo, hi, train = (np.concatenate([p[0][i] for p in parts]) for i in (0, 1, 2, 3, 5))
-        step_rows = np.repeat([p[0][6] for p in parts], t.lora_batch_docs)
-        lora, opt_state, row_sums = step(params, lora, opt_state, *map(place.rows, (x, y, lo, hi)), parts[0][0][4],
-                                         *map(place.rows, (train, step_rows)), np.bool_(step_rows.any()))
+    for ci in range(chunk_count(pred_lens, t)):
+        (x, y, lo, hi, train_lo, train, do_step), scored, first = _chunk_inputs(tokens, starts, pred_lens, ci, t)
+        x, y, lo, hi, train = map(place.rows, (x, y, lo, hi, train))
+        lora, opt_state, row_sums = step(params, lora, opt_state, x, y, lo, hi, train_lo, train, do_step)
         outs.append(row_sums)
         log["positions"] += x.size
-        log["chunk_tokens"].append(sum(int(scored.sum()) for _, scored, _ in parts))
-        log["chunk_bytes"].append(sum(int(np.sum(cum_bytes[first + scored] - cum_bytes[first]))
-                                      for _, scored, first in parts))
+        log["chunk_tokens"].append(int(scored.sum()))
+        log["chunk_bytes"].append(int(np.sum(cum_bytes[first + scored] - cum_bytes[first])))
     log["chunk_row_sums"] += [np.asarray(o, np.float64) for o in outs]
     return lora
 
@@ -443,14 +475,12 @@ def compile_ahead(params, cfg: Config, lora: model.LoRA, widths: list[int], plac
     chunk programs in 49 s on an H200 host, 22-25 s each alone: docs/performance.md); the
     run's calls (arguments of the same types and placement) find them compiled."""
     t, mcfg, seq = cfg.ttt, cfg.model, cfg.eval.eval_seq_len
-    rows, step, opt_state = place.rows_total, chunk_step_for(mcfg, t), place.factors(lora_optimizer(t).init(lora))
+    rows, step, opt_state = t.lora_batch_docs, chunk_step_for(mcfg, t), place.factors(lora_optimizer(t).init(lora))
     lowered = []
-    for width in widths:  # the argument types of `_score_group`'s calls
+    for width in widths:  # the argument types of `_score_batch`'s calls
         x = place.rows(np.zeros((rows, width), np.int32))
         ends, train = place.rows(np.zeros(rows, np.int32)), place.rows(np.zeros(rows, np.float32))
-        step_rows = place.rows(np.zeros(rows, np.bool_))
-        lowered.append(step.lower(params, lora, opt_state, x, x, ends, ends, np.int32(0), train, step_rows,
-                                  np.bool_(True)))
+        lowered.append(step.lower(params, lora, opt_state, x, x, ends, ends, np.int32(0), train, np.bool_(True)))
     n_seqs = min(t.global_batch_seqs, t.global_chunk_tokens // seq)
     if global_phases and n_seqs:  # those of `_global_phase`'s (a chunk's whole sequences, one batch)
         batch = place.global_batch(np.zeros(n_seqs * seq + 1, np.int32), 0, n_seqs, cfg)
@@ -475,59 +505,45 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     init_a = init_a or random_init_a(mcfg, t.lora_rank, cfg.run.seed)
     starts, lengths = find_documents(tokens, mcfg.bos_id)
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
-    batches = batch_order(lengths, t.lora_batch_docs)
-    boundaries = phase_boundaries(len(starts), t)
-    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t)
+    schedule = rank_schedule(lengths, t, t.lora_ranks)
+    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
     params = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
-    step, docs_per_rank = chunk_step_for(mcfg, t), t.lora_batch_docs
-    constructions = [0] * place.ranks  # each rank builds its own (the reference's ranks seed alike)
+    step = chunk_step_for(mcfg, t)
+    constructions = [0] * t.lora_ranks  # each rank builds its own LoRAs (the reference's ranks seed alike)
 
     def build(rank: int, rows: int) -> model.LoRA:
         constructions[rank] += 1
-        return fresh_lora(init_a(constructions[rank] - 1, rows), mcfg, t)
-
-    def every_rank(parts: list[model.LoRA]) -> model.LoRA:
-        """The ranks' LoRAs (lora_batch_docs rows each) as one, rows in rank order."""
-        factors = {k: tuple(jnp.concatenate(f, axis=f[0].ndim - 3) for f in zip(*(p.factors[k] for p in parts)))
-                   for k in parts[0].factors}
-        return place.factors(parts[0].replace(factors=factors))
-
-    def by_rank(chosen: np.ndarray, new: model.LoRA, old: model.LoRA) -> model.LoRA:
-        """new's rows for the chosen ranks, old's for the others."""
-        rows = np.repeat(chosen, docs_per_rank)
-        pick = lambda a, b: jnp.where(rows.reshape((1,) * (a.ndim - 3) + (-1, 1, 1)), a, b)  # noqa: E731
-        return place.factors(jax.tree.map(pick, new, old))
+        return place.factors(fresh_lora(init_a(constructions[rank] - 1, rows), mcfg, t))
 
     with runlog.CompileCounter() as compiles:
-        warm = every_rank([build(r, docs_per_rank) for r in range(place.ranks)])
+        warm = [build(rank, t.lora_batch_docs) for rank in range(t.lora_ranks)]
         ahead_t0 = time.perf_counter()
         if ahead:
-            compile_ahead(params, cfg, warm, chunk_widths(lengths - 1, t), place, boundaries[-1] > 0)
+            compile_ahead(params, cfg, warm[0], chunk_widths(lengths - 1, t), place, bool(schedule.phases))
         ahead_s = time.perf_counter() - ahead_t0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
-        scored, phase, phase_s = [], 0, 0.0  # scored: (ascending batch index, row, document) of the prefix's batches
-        for group in tqdm(rank_groups(batches, place.ranks), desc="ttt lora", unit="group", disable=not progress):
-            full = np.array([r < len(group) and len(group[r][1]) == docs_per_rank for r in range(place.ranks)])
-            zeroed_b = {k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()}
-            lora = place.factors(warm.replace(factors=zeroed_b))
-            if not full.all():  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
-                zeros = fresh_lora({k: a[..., :0, :, :] for k, (a, _) in warm.factors.items()}, mcfg, t)
-                lora = by_rank(full, lora, every_rank([build(r, len(group[r][1])) if r < len(group) else zeros
-                                                       for r in range(place.ranks)]))
-            rank_docs = [(starts[docs], lengths[docs]) for _, docs in group]
-            rank_docs += [(starts[:0], lengths[:0])] * (place.ranks - len(group))  # ranks the queue left idle
-            lora = _score_group(params, lora, tokens, cum_bytes, rank_docs, t, step, log, place)
-            warm = lora if full.all() else by_rank(full, lora, warm)
-            if phase < t.phased_num_phases and boundaries[-1] > 0:
-                scored += [(b_index, row, doc) for b_index, docs in group for row, doc in enumerate(docs)]
-                if len(scored) >= boundaries[phase]:
-                    chosen = phase_documents(scored, boundaries[phase])
-                    phase_t0, compile_t0 = time.perf_counter(), compiles.seconds
-                    params = jax.block_until_ready(
-                        _global_phase(params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in chosen], place))
-                    phase_s += time.perf_counter() - phase_t0 - (compiles.seconds - compile_t0)
-                    warm = every_rank([build(r, docs_per_rank) for r in range(place.ranks)])
-                    phase += 1
+        phase_s, bar = 0.0, tqdm(total=len(starts), desc="ttt lora", unit="doc", disable=not progress)
+        for era, rank_batches in enumerate(schedule.eras):
+            for rank, batches in enumerate(rank_batches):  # the ranks one after another
+                for _, docs in batches:
+                    full = len(docs) == t.lora_batch_docs
+                    if full:  # the rank's warm A, B zeroed
+                        zeroed = {k: (a, jnp.zeros_like(b)) for k, (a, b) in warm[rank].factors.items()}
+                        lora = place.factors(warm[rank].replace(factors=zeroed))
+                    else:  # reference quirk: a partial batch gets a LoRA of its own, the warm one waits
+                        lora = build(rank, len(docs))
+                    lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log,
+                                        place)
+                    warm[rank] = lora if full else warm[rank]
+                    bar.update(len(docs))
+            if era < len(schedule.phases):
+                phase_t0, compile_t0 = time.perf_counter(), compiles.seconds
+                params = jax.block_until_ready(_global_phase(
+                    params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in schedule.phases[era]], place))
+                phase_s += time.perf_counter() - phase_t0 - (compiles.seconds - compile_t0)
+                warm = [build(rank, t.lora_batch_docs) for rank in range(t.lora_ranks)]
+        bar.close()
+        phase = len(schedule.phases)
     n_tokens, n_bytes = sum(log["chunk_tokens"]), sum(log["chunk_bytes"])
     loss_sum = float(sum(np.sum(r) for r in log["chunk_row_sums"]))
     mean_loss, bpb = data.bits_per_byte(loss_sum, n_tokens, n_bytes)

@@ -46,7 +46,7 @@ ttt)
   timeout 300 python3 scripts/ttt_step_bench.py --out "$OUT/ttt_steps.json" \
     ${BENCH:---rows $((64 / ${GPUS:-8})) 64 --profile /tmp/ttt_profile} --parallel-widths 2>&1 | grep -v "^ *$" \
     | cut -c1-400 | tail -8
-  for ranks in 1 ${GPUS:-8}; do  # one rank (each batch split over the GPUs); one rank a GPU, in step
+  for ranks in 1 ${GPUS:-8}; do  # one rank (each batch split over the GPUs); one rank a GPU (its 64-row steps)
     python3 scripts/ttt_projection.py "$OUT/ttt_steps.json" --gpus ${GPUS:-8} --ranks $ranks --reload-s ${RELOAD_S:-0}
   done 2>&1 | tee "$OUT/ttt_projection.txt"
   timeout ${RUN_TIMEOUT:-240} python3 -m golf_jax.ttt --artifact "$ARTIFACT" $DATA_ARGS --config.ttt.mode=lora_phased \

@@ -2,16 +2,16 @@
 the one-GPU step times of scripts/ttt_step_bench.py (issue 20). Tooling, outside the code
 counted in the artifact.
 
-On N GPUs with R ranks (ttt.lora_ranks; the record's: one a GPU) golf_jax runs the ranks'
-batches in step, a group of R batches at a time (`ttt_lora.rank_groups`), their R x 64 rows
-split over the GPUs: every GPU runs every chunk step of the groups with 64 R / N rows (64 with
-one rank a GPU; 64 / N with one rank, which splits each batch). A step of 8 rows is not 1/8 of
-a step of 64 (launches, small matmuls), so the bench times steps of 64 R / N rows on one GPU,
-one per window width, and this script sums them over the schedule of one GPU's share: 50,000
-documents of the record's 47,851,520 tokens, lengths lognormal (sigma 1, as
-scripts/frontier_throughput_data.py draws them), batches of 64 sorted by length, a group's
-steps its longest batch's, windows as `ttt_lora.window_width` pads them with the config's
-lora_min_window. A width the bench did not
+On N GPUs golf_jax splits each batch's 64 rows over the GPUs (golf_jax/ttt_lora.py): every GPU
+runs every chunk step of the schedule with 64 / N rows. A step of 8 rows is not 1/8 of a step
+of 64 (launches, small matmuls), so the bench times steps of 64 / N rows on one GPU, one per
+window width, and this script sums them over the schedule of one GPU's share: 50,000 documents
+of the record's 47,851,520 tokens, lengths lognormal (sigma 1, as
+scripts/frontier_throughput_data.py draws them), batches of 64 sorted by length, windows as
+`ttt_lora.window_width` pads them with the config's lora_min_window. With --ranks R (one GPU a
+rank, as the reference's: `ttt_lora.rank_schedule`), each GPU runs its own rank's batches, 64
+rows a step, and waits at each phase for the slowest: the chunk steps take the sum over the
+phases' eras of the slowest rank's steps. A width the bench did not
 time takes the time of the next wider one it did (an upper bound). The global phases: their
 tokens (the documents `ttt_lora.run` chooses) in steps of one 32,768-token chunk, at the bench's
 one-GPU step time, split over the GPUs with ttt.global_data_parallel (each GPU 1/N of the
@@ -47,24 +47,16 @@ def record_lengths(seed: int = 0) -> np.ndarray:
     return np.maximum(2, rng.lognormal(np.log(mean) - 0.5, 1.0, RECORD_DOCS).astype(np.int64))
 
 
-def steps_by_width(lengths: np.ndarray, t: TTTConfig, ranks: int) -> collections.Counter:
+def steps_by_width(lengths: np.ndarray, t: TTTConfig) -> collections.Counter:
     """How many chunk steps of each window width the schedule runs (each GPU runs them all)."""
-    groups = ttt_lora.rank_groups(ttt_lora.batch_order(lengths, t.lora_batch_docs), ranks)
-    return collections.Counter(ttt_lora.chunk_window(ci, t) for group in groups
-                               for ci in range(ttt_lora.group_chunk_count(lengths, group, t)))
+    batches = ttt_lora.batch_order(lengths, t.lora_batch_docs)
+    return collections.Counter(ttt_lora.chunk_window(ci, t) for _, docs in batches
+                               for ci in range(ttt_lora.chunk_count(lengths[docs] - 1, t)))
 
 
-def phase_tokens(lengths: np.ndarray, t: TTTConfig) -> int:
-    """Tokens the global phases train on, all phases together, chosen as `ttt_lora.run`
-    chooses them (`phase_boundaries`, `phase_documents`)."""
-    boundaries, scored, total = ttt_lora.phase_boundaries(len(lengths), t), [], 0
-    for b_index, docs in ttt_lora.batch_order(lengths, t.lora_batch_docs):
-        if not boundaries or boundaries[-1] == 0:
-            break
-        scored += [(b_index, row, doc) for row, doc in enumerate(docs)]
-        if len(scored) >= boundaries[0]:
-            total += int(lengths[ttt_lora.phase_documents(scored, boundaries.pop(0))].sum())
-    return total
+def phase_tokens(lengths: np.ndarray, t: TTTConfig, ranks: int) -> int:
+    """Tokens the global phases train on, all phases together (`ttt_lora.rank_schedule`'s)."""
+    return int(sum(lengths[docs].sum() for docs in ttt_lora.rank_schedule(lengths, t, ranks).phases))
 
 
 def main() -> None:
@@ -72,12 +64,13 @@ def main() -> None:
     ap.add_argument("bench", nargs="+", help="scripts/ttt_step_bench.py outputs (JSON)")
     ap.add_argument("--config", default="configs/frontier.py")
     ap.add_argument("--gpus", type=int, default=8)
-    ap.add_argument("--ranks", type=int, default=0, help="ttt.lora_ranks (0: the config's)")
+    ap.add_argument("--ranks", type=int, default=1, help="1: each batch split over the GPUs; the GPU count: a rank each")
     ap.add_argument("--reload-s", type=float, default=0.0, help="the artifact's reload, added to the total")
     args = ap.parse_args()
     t = cli.load_config_file(args.config).ttt
-    ranks = args.ranks or t.lora_ranks
-    rows = ranks * t.lora_batch_docs // args.gpus
+    if args.ranks not in (1, args.gpus):
+        raise SystemExit("--ranks: 1 or the GPU count")
+    rows = t.lora_batch_docs // args.gpus if args.ranks == 1 else t.lora_batch_docs
     chunks, global_step = [], None
     for path in args.bench:
         b = json.loads(Path(path).read_text())
@@ -89,7 +82,7 @@ def main() -> None:
                   for w, c in timed.items()}
 
     lengths = record_lengths()
-    steps = steps_by_width(lengths, t, ranks)
+    steps = steps_by_width(lengths, t)
     lines, chunk_s, compile_s = [], 0.0, 0.0
     for width in sorted(steps):
         wider = [w for w in sorted(timed) if w >= width]
@@ -101,14 +94,25 @@ def main() -> None:
         compile_s += compile_of[wider[0]]
         lines.append(f"| {width} | {steps[width]:,} | {source['step_ms']:.2f}"
                      f"{'' if wider[0] == width else f' (at {wider[0]})'} | {seconds:.1f} |")
-    tokens = phase_tokens(lengths, t)
+    if args.ranks > 1:  # each GPU its rank's batches; every phase waits for the slowest
+        schedule = ttt_lora.rank_schedule(lengths, t, args.ranks)
+        step_s = {w: timed[min(x for x in timed if x >= w)]["step_ms"] / 1e3 for w in steps}
+        slowest = [max(sum(step_s[ttt_lora.chunk_window(ci, t)] for _, docs in batches
+                           for ci in range(ttt_lora.chunk_count(lengths[docs] - 1, t))) for batches in era)
+                   for era in schedule.eras]
+        idle = sum(len(schedule.eras[0]) * m for m in slowest) - chunk_s  # chunk_s: every step once, on some GPU
+        lines.append(f"\n{args.ranks} ranks, one a GPU: the slowest rank's steps in each of the {len(slowest)} eras "
+                     f"between the phases: {', '.join(f'{m:.1f}' for m in slowest)} s; the GPUs wait {idle / args.ranks:.1f} s "
+                     f"on average")
+        chunk_s = sum(slowest)
+    tokens = phase_tokens(lengths, t, args.ranks)
     phases_s = 0.0
     if global_step:
         split = args.gpus if t.global_data_parallel else 1
         phases_s = tokens / global_step["tokens"] * global_step["step_ms"] / 1e3 / split
         compile_s += global_step["compile_s"]
     total = compile_s + chunk_s + phases_s + args.reload_s
-    print(f"one GPU's share of {args.gpus}, {ranks} ranks: {rows} rows a step; {RECORD_DOCS:,} documents, mean "
+    print(f"one GPU's share of {args.gpus} ({args.ranks} ranks): {rows} rows a step; {RECORD_DOCS:,} documents, mean "
           f"{lengths.mean():.0f} tokens; lora_min_window {t.lora_min_window}\n")
     print("| window | steps | ms a step | s |\n|---|---|---|---|")
     print("\n".join(lines))

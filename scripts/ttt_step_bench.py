@@ -37,8 +37,7 @@ def chunk_args(params, cfg, t, width, rng):
     x = jnp.asarray(rng.integers(2, cfg.vocab_size, (rows, width)), jnp.int32)
     y = jnp.asarray(rng.integers(2, cfg.vocab_size, (rows, width)), jnp.int32)
     lo, hi = jnp.full(rows, width - C, jnp.int32), jnp.full(rows, width, jnp.int32)
-    return [params, lora, opt, x, y, lo, hi, np.int32(width - C), jnp.ones(rows, jnp.float32), jnp.ones(rows, jnp.bool_),
-            np.bool_(True)]
+    return [params, lora, opt, x, y, lo, hi, np.int32(width - C), jnp.ones(rows, jnp.float32), np.bool_(True)]
 
 
 def time_steps(compiled, args, steps):

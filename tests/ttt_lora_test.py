@@ -100,7 +100,7 @@ TWO_DEVICES = textwrap.dedent(r"""
     from tests.conftest import load_frontier_ref
     from tests.ttt_lora_test import load_fixture
     cfg, params, tokens, tables, _, init_a = load_fixture(load_frontier_ref())
-    # one rank, the phases' batches whole on each device: one device's scores (the split is checked below)
+    # the phases' batches whole on each device: one device's scores (the split is checked below)
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_devices=2),
                               ttt=dataclasses.replace(cfg.ttt, global_data_parallel=False))
     first_call = []
@@ -120,9 +120,6 @@ TWO_DEVICES = textwrap.dedent(r"""
     ttt_lora.chunk_step_for = recording_step_for
     with CompileCounter() as compiles:
         r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False)
-    # one rank a device: the reference's two ranks, each device a batch of its own
-    ranked = ttt_lora.run(params, dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lora_ranks=2)), tokens,
-                          tables, init_a=init_a, progress=False)
     step, args = first_call[0]
     lora_spec, x_spec = args[1].factors["q"][0].sharding.spec, args[3].sharding.spec
     hlo = step.lower(*args).compile().as_text()
@@ -138,7 +135,7 @@ TWO_DEVICES = textwrap.dedent(r"""
     seq, stream, bos = cfg.eval.eval_seq_len, np.asarray(tokens[:3 * 16 + 1], np.int32), cfg.model.bos_id
     split_cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, global_data_parallel=True,
                                                                  global_chunk_tokens=3 * seq))
-    place = ttt_lora.RowPlacement(make_mesh(2, local=True), cfg.ttt)
+    place = ttt_lora.RowPlacement(make_mesh(2, local=True), cfg.ttt.lora_batch_docs)
     p = place.replicated(jax.tree.map(lambda v: jnp.array(v, copy=True), params))
     m = place.replicated(jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), params))
     lora = place.factors(ttt_lora.fresh_lora(init_a(0, cfg.ttt.lora_batch_docs), cfg.model, cfg.ttt))
@@ -157,20 +154,19 @@ TWO_DEVICES = textwrap.dedent(r"""
     norm = np.sqrt(sum(float(jnp.sum(v * v)) for v in jax.tree.leaves(g)))
     g = jax.tree.map(lambda v: v * min(cfg.ttt.global_grad_clip / (norm + 1e-6), 1.0), g)
     rel = max(float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v))) for u, v in zip(jax.tree.leaves(split), jax.tree.leaves(g)))
-    json.dump({"rows": np.stack(r.chunk_row_sums).tolist(), "ranks_rows": np.stack(ranked.chunk_row_sums).tolist(),
-               "ranks_phases": ranked.phases, "tokens": r.chunk_tokens, "bytes": r.chunk_bytes,
+    json.dump({"rows": np.stack(r.chunk_row_sums).tolist(), "tokens": r.chunk_tokens, "bytes": r.chunk_bytes,
                "phases": r.phases, "lora_spec": str(lora_spec), "x_spec": str(x_spec),
                "collectives": collectives, "compiles": compiles.names, "split_step_rel": rel,
                "split_step_late_compiles": late.names["jit(global_sgd_step)"]}, sys.stdout)
 """)
 
 
-def test_batch_rows_split_over_two_devices(fixture, result):  # and ranks, one a device
+def test_batch_rows_split_over_two_devices(fixture, result):
     """run.num_devices=2: each device scores and trains half of a batch's rows
     (their inputs, LoRA factors and moments split, weights replicated), with no
     collective at all (rows are independent), each program compiled once; every chunk's score as the reference's, as on one
     device (float32, sums in other orders: the same 1e-5 as one device's)."""
-    cfg, params, tokens, tables, ref, init_a = fixture
+    _, _, _, _, ref, _ = fixture
     out = run_on_two_cpu_devices(TWO_DEVICES)
     assert out["lora_spec"].endswith(("None, 'data')", "None, 'data', None, None)")) and "'data'" in out["x_spec"]
     assert out["collectives"] == []
@@ -183,60 +179,9 @@ def test_batch_rows_split_over_two_devices(fixture, result):  # and ranks, one a
     one = np.stack(result.chunk_row_sums)
     assert (np.abs(got - one) / np.maximum(np.abs(one), 1e-30)).max() <= 1e-5
     assert out["tokens"] == result.chunk_tokens and out["bytes"] == result.chunk_bytes and out["phases"] == 2
-    # two ranks, one a device: as two ranks on one device (phases whole on each device as there)
-    one_device = ttt_lora.run(params, dataclasses.replace(cfg, ttt=dataclasses.replace(
-        cfg.ttt, lora_ranks=2, global_data_parallel=False)), tokens, tables, init_a=init_a, progress=False)
-    two, one = np.asarray(out["ranks_rows"]), np.stack(one_device.chunk_row_sums)
-    assert two.shape == one.shape and two.shape[1] == 2 * cfg.ttt.lora_batch_docs and one.any()
-    assert (np.abs(two - one) / np.maximum(np.abs(one), 1e-30)).max() <= 1e-5  # float32, sums in other orders
-    assert out["ranks_phases"] == one_device.phases == 2
     # global_data_parallel: the split step is the reference's two ranks' (float32, sums in other orders)
     assert out["split_step_rel"] <= 1e-5, out["split_step_rel"]
     assert out["split_step_late_compiles"] == 0
-
-
-def test_ranks_take_whole_batches_in_turn(fixture):
-    """ttt.lora_ranks=3 on one device: the reference's ranks, each with whole batches
-    (the queue's in turn: rank 0 the partial one, then one full batch; ranks 1 and 2 one
-    full batch, then idle) and a LoRA chain of its own, all in step. Each rank's rows
-    are its batches scored one after another by one rank alone (phases off)."""
-    cfg, params, tokens, tables, _, init_a = fixture
-    docs_per_rank = cfg.ttt.lora_batch_docs
-    t3 = dataclasses.replace(cfg.ttt, lora_ranks=3, phased_prefix_docs=0)
-    r = ttt_lora.run(params, dataclasses.replace(cfg, ttt=t3), tokens, tables, init_a=init_a, progress=False)
-    starts, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
-    groups = ttt_lora.rank_groups(ttt_lora.batch_order(lengths, docs_per_rank), 3)
-    assert [[len(docs) for _, docs in g] for g in groups] == [[2, 4, 4], [4]]
-    got = np.stack(r.chunk_row_sums)
-    assert got.shape[1] == 3 * docs_per_rank
-    firsts = np.cumsum([0] + [ttt_lora.group_chunk_count(lengths, g, t3) for g in groups])
-
-    t1 = dataclasses.replace(t3, lora_ranks=1)
-    place, step = ttt_lora.RowPlacement(make_mesh(1, local=True), t1), ttt_lora.chunk_step_for(cfg.model, t1)
-    cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
-    for rank in range(3):
-        warm, built = ttt_lora.fresh_lora(init_a(0, docs_per_rank), cfg.model, t1), 1
-        for gi, group in enumerate(groups):
-            rows = got[firsts[gi]:firsts[gi + 1], rank * docs_per_rank:(rank + 1) * docs_per_rank]
-            if rank >= len(group):
-                assert not rows.any()  # idle: the queue is empty
-                continue
-            docs = group[rank][1]
-            if len(docs) == docs_per_rank:
-                lora = warm.replace(factors={k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()})
-            else:  # the partial batch: a LoRA of its own (the rank's next), the warm one waits
-                lora, built = ttt_lora.fresh_lora(init_a(built, len(docs)), cfg.model, t1), built + 1
-            log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
-            lora = ttt_lora._score_group(params, lora, tokens, cum_bytes, [(starts[docs], lengths[docs])], t1, step,
-                                         log, place)
-            warm = lora if len(docs) == docs_per_rank else warm
-            alone = np.stack(log["chunk_row_sums"])
-            assert alone.any()
-            assert np.array_equal(rows[len(alone):], np.zeros_like(rows[len(alone):]))  # its batch done: idle rows
-            # float32, the same rows in a wider batch (other sums' orders): the 1e-5 of the reference test
-            rel = np.abs(rows[:len(alone)] - alone) / np.maximum(np.abs(alone), 1e-30)
-            assert rel.max() <= 1e-5, (rank, gi, rel.max())
-    assert sum(r.chunk_tokens) == int(np.sum(lengths - 1))  # every target scored once
 
 
 def batch_chunk_ranges(cfg, tokens) -> list[tuple[np.ndarray, range]]:
@@ -313,7 +258,7 @@ def test_programs_compiled_ahead_are_the_ones_the_run_calls(fixture):
     cfg, params, tokens, tables, _, init_a = fixture
     cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lora_lr=2 * cfg.ttt.lora_lr))
     _, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
-    place = ttt_lora.RowPlacement(make_mesh(1, local=True), cfg.ttt)
+    place = ttt_lora.RowPlacement(make_mesh(1, local=True), cfg.ttt.lora_batch_docs)
     lora = place.factors(ttt_lora.fresh_lora(init_a(0, cfg.ttt.lora_batch_docs), cfg.model, cfg.ttt))
     placed = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))  # as run() places them
     with CompileCounter() as ahead:
@@ -371,11 +316,9 @@ def test_defaults_are_the_records_settings():
 
 def test_rows_that_cannot_be_split_evenly_are_refused():
     two_devices = type("Mesh", (), {"size": 2})()
-    with pytest.raises(ValueError, match=r"lora_batch_docs=3 rows x 1 ranks \(ttt.lora_ranks\) cannot be split over 2"):
-        ttt_lora.RowPlacement(two_devices, TTTConfig(lora_batch_docs=3, lora_ranks=1))
-    assert ttt_lora.RowPlacement(two_devices, TTTConfig(lora_batch_docs=4, lora_ranks=1)).mesh is two_devices
-    # one rank a device: every device its own batch of 3
-    assert ttt_lora.RowPlacement(two_devices, TTTConfig(lora_batch_docs=3, lora_ranks=2)).rows_total == 6
+    with pytest.raises(ValueError, match=r"lora_batch_docs=3 rows cannot be split over 2 devices"):
+        ttt_lora.RowPlacement(two_devices, 3)
+    assert ttt_lora.RowPlacement(two_devices, 4).mesh is two_devices
 
 
 def test_global_batches_of_short_documents_get_the_slots_they_need():
@@ -393,3 +336,54 @@ def test_global_batches_of_short_documents_get_the_slots_they_need():
     assert seg.lengths_BxRxM[seg.lengths_BxRxM > 0].sum() == 32  # every token in one segment
     long = np.concatenate([[bos], np.full(32, 5)]).astype(np.int32)
     assert ttt_lora.global_batch_rows(long, 0, 2, 16, 1, cfg)[2].lengths_BxRxM.shape == (1, 2, 2)
+
+
+def test_ranks_claim_batches_by_cost_and_pause_for_a_phase():
+    """rank_schedule, the reference's ranks: a rank claims the queue's next batch when it
+    has scored one; the count reaching the boundary pauses each rank after its batch;
+    the phase takes the first scored documents in ascending batch order."""
+    t = TTTConfig(mode="lora_phased", lora_batch_docs=2, lora_chunk_tokens=8, lora_context_len=32,
+                  phased_prefix_docs=4, phased_num_phases=1)
+    lengths = np.array([100, 90, 10, 9, 8, 7, 6, 5])  # batches (ascending): b0 [7, 6], b1 [5, 4], b2 [3, 2], b3 [1, 0]
+    # costs: b3 13 chunks (windows 8, 16, 32 x 11) = 2,040; b2 2 chunks 280; b1 and b0 one chunk 136
+    costs = [ttt_lora.batch_cost(lengths[d] - 1, t) for _, d in ttt_lora.batch_order(lengths, 2)]
+    assert costs == [2040, 280, 136, 136]
+    ids = lambda era: [[b for b, _ in rank] for rank in era]  # noqa: E731
+    # no phases: rank 1 scores the three short batches while rank 0 scores the long one
+    free = ttt_lora.rank_schedule(lengths, dataclasses.replace(t, phased_prefix_docs=0), 2)
+    assert [ids(e) for e in free.eras] == [[[3], [2, 1, 0]]] and free.phases == []
+    # rank 1 reaches 4 scored documents after b1 and waits; rank 0 ends b3; the phase; b0 after it
+    s = ttt_lora.rank_schedule(lengths, t, 2)
+    assert [ids(e) for e in s.eras] == [[[3], [2, 1]], [[0], []]]
+    assert [list(p) for p in s.phases] == [[5, 4, 3, 2]]  # b1's and b2's: b3's documents, the longest, are cut
+    # one rank: the queue in order, the phase after the batch that reaches the boundary
+    one = ttt_lora.rank_schedule(lengths, t, 1)
+    assert [ids(e) for e in one.eras] == [[[3, 2]], [[1, 0]]] and [list(p) for p in one.phases] == [[3, 2, 1, 0]]
+
+
+def test_ranks_keep_lora_chains_of_their_own(fixture):
+    """ttt.lora_ranks=3, phases off: each rank's batches (rank 0 the partial one, rank 2
+    the cheapest first, then the last) scored with its own warm A and its own
+    constructions, as one rank alone."""
+    cfg, params, tokens, tables, _, init_a = fixture
+    t3 = dataclasses.replace(cfg.ttt, lora_ranks=3, phased_prefix_docs=0)
+    r = ttt_lora.run(params, dataclasses.replace(cfg, ttt=t3), tokens, tables, init_a=init_a, progress=False)
+    starts, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
+    (era,) = ttt_lora.rank_schedule(lengths, t3, 3).eras
+    assert [[len(docs) for _, docs in batches] for batches in era] == [[2], [4], [4, 4]]
+    place = ttt_lora.RowPlacement(make_mesh(1, local=True), t3.lora_batch_docs)
+    step = ttt_lora.chunk_step_for(cfg.model, t3)
+    cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
+    log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
+    for batches in era:
+        warm, built = ttt_lora.fresh_lora(init_a(0, t3.lora_batch_docs), cfg.model, t3), 1
+        for _, docs in batches:
+            if len(docs) == t3.lora_batch_docs:
+                lora = warm.replace(factors={k: (a, jnp.zeros_like(b)) for k, (a, b) in warm.factors.items()})
+            else:  # the partial batch: the rank's next construction; its warm A waits
+                lora, built = ttt_lora.fresh_lora(init_a(built, len(docs)), cfg.model, t3), built + 1
+            lora = ttt_lora._score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t3, step,
+                                         log, place)
+            warm = lora if len(docs) == t3.lora_batch_docs else warm
+    np.testing.assert_array_equal(np.stack(r.chunk_row_sums), np.stack(log["chunk_row_sums"]))  # the same programs
+    assert r.chunk_tokens == log["chunk_tokens"] and sum(r.chunk_tokens) == int(np.sum(lengths - 1))
