@@ -1,44 +1,26 @@
 """The 1.0611 record's phased score-first LoRA TTT (SPEC.md section 5; the
-reference's eval_val_ttt_phased), with ttt.mode = "lora_phased".
+reference's eval_val_ttt_phased), with ttt.mode = "lora_phased". Its schedule
+(documents, batches, chunk windows, phases, ranks) is golf_jax/ttt_schedule.py's.
 
-- Documents: each BOS up to and including the next BOS (the last one to the
-  end), so a document's last target is the next one's BOS. Tokens before the
-  first BOS belong to none and are never scored.
-- Batches of ttt.lora_batch_docs documents: sorted by length (ascending, stable),
-  cut into batches, processed longest batch first (so a partial batch, the
-  longest documents, comes first).
 - Each row (document) of a batch has its own LoRA (`model.LoRA`) on every layer
   application of the looped model and on the head. A full batch reuses the
-  last full batch's A factors ("warm") with B zeroed and a fresh optimizer; a
-  partial batch gets new random A. AdamW, decoupled decay on every factor.
-- Score first: chunk ci of a document is its targets [ci C, (ci + 1) C) (C =
-  ttt.lora_chunk_tokens; the last chunk to the end), scored in a window of the
-  lora_context_len tokens before the chunk's end, by the LoRA as trained on
-  chunks 0..ci-1 only. Then, unless it is the document's last chunk, one AdamW
-  step on the chunk's mean loss. A chunk's score and the gradient come from
-  one forward.
-- Phases: after the batch at which the count of scored documents reaches
-  prefix_docs (k + 1) / num_phases, all weights take SGD steps
-  (`_global_phase`) on the first that many scored documents (in ascending
-  batch order), then the LoRA is rebuilt with new random A.
+  rank's last full batch's A factors ("warm") with B zeroed and a fresh
+  optimizer; a partial batch gets new random A. AdamW, decoupled decay on every
+  factor.
+- Score first: each chunk is scored by the LoRA as trained on the document's
+  earlier chunks only; then, unless it is the document's last chunk, one AdamW
+  step on the chunk's mean loss. A chunk's score and the gradient come from one
+  forward (`chunk_step_for`).
+- Phases: all weights take SGD steps (`_global_phase`) on the phase's documents,
+  then every rank's LoRA is rebuilt with new random A.
+- Ranks: each keeps its own LoRA chain (its warm A, its own constructions); they
+  run here one after another between the phases, so 8 ranks give the record's
+  8-GPU schedule at one rank's speed.
 
-Shapes: a batch is always lora_batch_docs rows (padding rows score and train
-nothing); a chunk's window is padded to the next power of two, at least
-lora_min_window and at most lora_context_len. Programs: one chunk step per
-window width (6 for the record's 48-token chunks in 2048: 64 to 2048; 3 with
-configs/frontier.py's lora_min_window 512) and one global SGD step per batch
+Programs: one chunk step per window width and one global SGD step per batch
 length (one when global_batch_seqs covers a chunk's sequences, as in the
 record; two otherwise), all compiled side by side before the first batch
 (`compile_ahead`).
-
-Ranks (ttt.lora_ranks): the reference's GPUs each run a rank that claims the
-queue's next batch when it has scored one and keeps its own LoRA chain (warm A,
-its own constructions); when the scored documents reach a phase's boundary,
-each rank pauses after the batch it holds. `rank_schedule` computes who scores
-what from the batches' costs instead of the clock (the same in every run); the
-ranks then run here one after another between the phases, so 8 ranks give the
-record's 8-GPU schedule at one rank's speed. One rank (the default) is the queue
-in order.
 
 Devices (run.num_devices, this process's): a batch's rows are split over
 them, each device holding its rows' inputs, LoRA factors and optimizer
@@ -48,13 +30,7 @@ at all, and the scores are the one-device scores (the same
 batches in the same order). A global phase's batches are split over the devices
 as the reference's ranks split them (ttt.global_data_parallel), so from the first
 phase on the scores are the reference's on that many GPUs; off, every device takes
-the whole batch (one device's result). The reference's ranks also claim whole
-batches through a file counter and pause for a phase when any rank crosses its
-boundary, so a phase's documents depend on their timing; here on one GPU's order.
-
-About 550 lines, over the ~450 the project aims for: the schedule (documents,
-batches, chunk windows, phases) is public here so that tooling
-(scripts/ttt_projection.py) computes the same one instead of a copy.
+the whole batch (one device's result).
 """
 
 from __future__ import annotations
@@ -62,7 +38,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import heapq
 import math
 import time
 from dataclasses import dataclass
@@ -75,7 +50,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from golf_jax import data, model, packing, runlog
+from golf_jax import data, model, runlog, ttt_schedule
 from golf_jax.config import Config, ModelConfig, TTTConfig
 from golf_jax.param_tree import Params
 from golf_jax.train_step import AXIS, make_mesh
@@ -107,114 +82,6 @@ class LoRATTTResult:
 def summary(result: LoRATTTResult) -> dict:
     """The report, without the per-chunk lists."""
     return {k: v for k, v in dataclasses.asdict(result).items() if not k.startswith("chunk_")}
-
-
-# ----------------------------------------------------------------------------- documents and batches
-
-def find_documents(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, lengths): each BOS up to and including the next BOS, the last to the end."""
-    starts = np.flatnonzero(np.asarray(tokens) == bos_id).astype(np.int64)
-    # reference quirk: a document holds the next one's BOS, its last target
-    ends = np.append(starts[1:] + 1, len(tokens))
-    if np.any(ends - starts < 2):
-        raise ValueError("a document needs a target: the stream ends with a BOS")
-    return starts, ends - starts
-
-
-def batch_order(lengths: np.ndarray, batch_docs: int) -> list[tuple[int, np.ndarray]]:
-    """(batch index in ascending order, document indices) in processing order:
-    documents sorted by length (stable), cut into batches, the batch with the
-    longest document first (ties: the earlier batch)."""
-    order = np.argsort(lengths, kind="stable")
-    batches = [order[i:i + batch_docs] for i in range(0, len(order), batch_docs)]
-    ranked = sorted(range(len(batches)), key=lambda b: -int(lengths[batches[b]].max()))
-    return [(b, batches[b]) for b in ranked]
-
-
-def phase_boundaries(n_docs: int, t: TTTConfig) -> list[int]:
-    """The scored-document counts after which the global phases run (all 0: none)."""
-    prefix = min(n_docs, t.phased_prefix_docs)
-    return [prefix * (k + 1) // t.phased_num_phases for k in range(t.phased_num_phases)]
-
-
-def phase_documents(scored: list[tuple[int, int, int]], boundary: int) -> list[int]:
-    """A phase's documents from the (batch index, row, document) scored so far.
-    reference quirk: in ascending batch order, so the longest (first scored)
-    documents are the ones cut when the batches overshoot the boundary."""
-    return [doc for _, _, doc in sorted(scored)[:boundary]]
-
-
-def chunk_count(pred_lens: np.ndarray, t: TTTConfig) -> int:
-    """The chunk steps of a batch whose documents have these target counts."""
-    return int(-(-int(np.max(pred_lens)) // t.lora_chunk_tokens))
-
-
-def chunk_window(ci: int, t: TTTConfig) -> int:
-    """Chunk ci's padded window width, the same for every row of its batch (its program)."""
-    return window_width(min((ci + 1) * t.lora_chunk_tokens, t.lora_context_len), t)
-
-
-# A chunk step's cost in the ranks' schedule: its window width plus this many positions
-# (64-row steps on an H200 took 48.5 / 85.8 / 173.2 ms at 512 / 1,024 / 2,048: docs/performance.md)
-STEP_COST_OFFSET = 128
-
-
-@dataclass(frozen=True)
-class RankSchedule:
-    """What each rank scores: eras[e][r] the (batch index, documents) rank r scores, in
-    order, before phase e (the last era after the last phase); phases[e] the documents
-    phase e trains on."""
-    eras: list[list[list[tuple[int, np.ndarray]]]]
-    phases: list[list[int]]
-
-
-def batch_cost(pred_lens: np.ndarray, t: TTTConfig) -> int:
-    """A batch's chunk steps' cost (`STEP_COST_OFFSET`)."""
-    return sum(chunk_window(ci, t) + STEP_COST_OFFSET for ci in range(chunk_count(pred_lens, t)))
-
-
-def rank_schedule(lengths: np.ndarray, t: TTTConfig, ranks: int) -> RankSchedule:
-    """reference quirk: its ranks claim the queue's next batch when they finish one (a file
-    counter) and add its documents to a shared count; once the count reaches a phase's
-    boundary, each pauses after the batch it holds, the phase trains on the first
-    `boundary` scored documents (`phase_documents`), then all claim on. Here a claim
-    follows the batches' costs (`batch_cost`), not the clock, so that every process and
-    every run computes the same schedule. One rank: the queue in order, each phase after
-    the batch that reaches its boundary."""
-    queue, boundaries = batch_order(lengths, t.lora_batch_docs), phase_boundaries(len(lengths), t)
-    eras, phases, scored = [[[] for _ in range(ranks)]], [], []
-    clock, running, claimed, pausing = [0] * ranks, [], 0, False  # running: a heap of (finish, rank, queue index)
-
-    def claim(rank: int) -> None:
-        nonlocal claimed
-        if claimed < len(queue):
-            eras[-1][rank].append(queue[claimed])
-            heapq.heappush(running, (clock[rank] + batch_cost(lengths[queue[claimed][1]] - 1, t), rank, claimed))
-            claimed += 1
-
-    for rank in range(ranks):
-        claim(rank)
-    while running:
-        finish, rank, i = heapq.heappop(running)
-        clock[rank] = finish
-        if boundaries[-1] > 0 and len(phases) < t.phased_num_phases:
-            scored += [(queue[i][0], row, doc) for row, doc in enumerate(queue[i][1])]
-            pausing = pausing or len(scored) >= boundaries[len(phases)]
-        if not pausing:
-            claim(rank)
-        elif not running:  # every rank has paused after its batch: the phase, then all claim on
-            phases.append(phase_documents(scored, boundaries[len(phases)]))
-            clock, pausing = [max(clock)] * ranks, False
-            eras.append([[] for _ in range(ranks)])
-            for each in range(ranks):
-                claim(each)
-    return RankSchedule(eras, phases)
-
-
-def window_width(context: int, t: TTTConfig) -> int:
-    """A chunk's padded window: the next power of two (at least lora_min_window),
-    at most lora_context_len. Causal attention: the padding changes no score."""
-    return min(max(1 << max(context - 1, 0).bit_length(), t.lora_min_window), t.lora_context_len)
 
 
 # ----------------------------------------------------------------------------- the LoRA
@@ -279,7 +146,8 @@ class RowPlacement:
         """A global phase's batch (`global_batch_rows`), split over the devices with
         ttt.global_data_parallel, else whole (and unplaced: every device takes it)."""
         split = self.global_mesh(cfg) is not None
-        batch = global_batch_rows(stream, lo, n_seqs, cfg.eval.eval_seq_len, self.size if split else 1, cfg)
+        rows = self.size if split else 1
+        batch = ttt_schedule.global_batch_rows(stream, lo, n_seqs, cfg.eval.eval_seq_len, rows, cfg)
         return self.rows(batch) if split else batch
 
     def global_mesh(self, cfg: Config) -> jax.sharding.Mesh | None:
@@ -305,7 +173,7 @@ def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
     looping = cfg.looping_after_training
 
     def lora_chunk_step(params, lora, opt_state, x_BxW, y_BxW, score_lo_B, score_hi_B, train_lo, train_rows_B, do_step):
-        # Every row's scored targets lie in the chunk [train_lo, train_lo + C) (`_chunk_inputs`):
+        # Every row's scored targets lie in the chunk [train_lo, train_lo + C) (`ttt_schedule.chunk_inputs`):
         # the head and the loss run on those C positions only.
         C = t.lora_chunk_tokens
         pos_C = train_lo + jnp.arange(C)
@@ -367,60 +235,7 @@ def global_step_for(cfg: ModelConfig, t: TTTConfig, mesh: jax.sharding.Mesh | No
     return jax.jit(global_sgd_step, donate_argnums=(0, 1))
 
 
-def global_batch_rows(stream: np.ndarray, lo: int, n_seqs: int, seq: int, rows: int, cfg: Config):
-    """Sequences [lo, lo + n_seqs seq) of the stream (targets one token on) split as the
-    reference's `rows` ranks split a batch: row r the sequences [n_seqs r // rows,
-    n_seqs (r + 1) // rows), a packed row of its own (documents split at every seq tokens
-    from their BOS, its first token a segment start), padded to ceil(n_seqs / rows)
-    sequences with weight 0 (a row with none, when n_seqs < rows, counts in no mean).
-    Returns (x, y, segments, token weights), each [rows, ...]."""
-    width = -(-n_seqs // rows) * seq
-    x, y = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
-    w = np.zeros((rows, width), np.float32)
-    cus = []
-    for r in range(rows):
-        a, b = n_seqs * r // rows * seq, n_seqs * (r + 1) // rows * seq
-        x[r, :b - a], y[r, :b - a], w[r, :b - a] = stream[lo + a:lo + b], stream[lo + a + 1:lo + b + 1], 1.0
-        starts = np.flatnonzero(x[r, :b - a] == cfg.model.bos_id)
-        if b - a < width:  # the padding starts a segment (split at seq like any other)
-            starts = np.append(starts, b - a)
-        cus.append(packing.document_segments(starts, width, seq)[0])
-    # Rows of many short documents may need more segment slots than data.segments_per_fold:
-    # then a power of two that holds them (a program of its own, compiled when first needed)
-    slots = max(packing.segments_per_fold_needed(cu, width, seq) for cu in cus)
-    slots = cfg.data.segments_per_fold if slots <= cfg.data.segments_per_fold else 1 << (slots - 1).bit_length()
-    parts = [packing.make_segments(cu, width, seq, slots) for cu in cus]
-    return x, y, packing.Segments(*(np.concatenate(leaf) for leaf in zip(*parts))), w
-
-
 # ----------------------------------------------------------------------------- one batch, one phase
-
-def _chunk_inputs(tokens: np.ndarray, starts: np.ndarray, pred_lens: np.ndarray, ci: int, t: TTTConfig):
-    """The padded inputs of chunk ci for a batch's documents (rows past them
-    inactive), and each row's scored (tokens, first target index)."""
-    C, ctx, rows = t.lora_chunk_tokens, t.lora_context_len, t.lora_batch_docs
-    n = len(starts)
-    n_chunks = -(-pred_lens // C)
-    active = ci < n_chunks
-    chunk_end = np.where(ci == n_chunks - 1, pred_lens, (ci + 1) * C)
-    win_start = np.maximum(chunk_end - ctx, 0)
-    win_len = np.where(active, chunk_end - win_start, 0)
-    width = chunk_window(ci, t)
-    col = np.arange(width)
-    idx = np.minimum((starts + win_start)[:, None] + col[None, :], len(tokens) - 2)
-    valid = col[None, :] < win_len[:, None]
-    x, y = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
-    x[:n] = np.where(valid, tokens[idx], 0)
-    y[:n] = np.where(valid, tokens[idx + 1], 0)
-    lo, hi = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
-    lo[:n] = np.where(active, ci * C - win_start, 0)
-    hi[:n] = np.where(active, chunk_end - win_start, 0)
-    train = np.zeros(rows, np.float32)
-    train[:n] = n_chunks - 1 > ci
-    train_lo = ci * C - max(0, (ci + 1) * C - ctx)  # the rows that train have whole windows
-    first_target = np.where(active, starts + ci * C, 0)
-    return (x, y, lo, hi, np.int32(train_lo), train, np.bool_(train.any())), hi[:n] - lo[:n], first_target
-
 
 def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log: dict, place: RowPlacement):
     """Every chunk of one batch: score, then step. Returns the trained LoRA."""
@@ -428,8 +243,9 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
     pred_lens = lengths - 1
     opt_state = place.factors(lora_optimizer(t).init(lora))
     outs = []
-    for ci in range(chunk_count(pred_lens, t)):
-        (x, y, lo, hi, train_lo, train, do_step), scored, first = _chunk_inputs(tokens, starts, pred_lens, ci, t)
+    for ci in range(ttt_schedule.chunk_count(pred_lens, t)):
+        inputs, scored, first = ttt_schedule.chunk_inputs(tokens, starts, pred_lens, ci, t)
+        x, y, lo, hi, train_lo, train, do_step = inputs
         x, y, lo, hi, train = map(place.rows, (x, y, lo, hi, train))
         lora, opt_state, row_sums = step(params, lora, opt_state, x, y, lo, hi, train_lo, train, do_step)
         outs.append(row_sums)
@@ -461,11 +277,6 @@ def _global_phase(params, cfg: Config, segments: list[np.ndarray], place: RowPla
             batch = place.global_batch(stream, start + b * seq, min(t.global_batch_seqs, n_seqs - b), cfg)
             params, momentum = step(params, momentum, *batch, jnp.float32(lr))
     return params
-
-
-def chunk_widths(pred_lens: np.ndarray, t: TTTConfig) -> list[int]:
-    """The window widths (programs) the chunk steps of documents with these target counts use."""
-    return sorted({chunk_window(ci, t) for ci in range(chunk_count(pred_lens, t) if len(pred_lens) else 0)})
 
 
 def compile_ahead(params, cfg: Config, lora: model.LoRA, widths: list[int], place: RowPlacement,
@@ -503,9 +314,9 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     t, mcfg = cfg.ttt, cfg.model
     tokens = np.asarray(tokens, np.int32)
     init_a = init_a or random_init_a(mcfg, t.lora_rank, cfg.run.seed)
-    starts, lengths = find_documents(tokens, mcfg.bos_id)
+    starts, lengths = ttt_schedule.find_documents(tokens, mcfg.bos_id)
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
-    schedule = rank_schedule(lengths, t, t.lora_ranks)
+    schedule = ttt_schedule.rank_schedule(lengths, t, t.lora_ranks)
     place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
     params = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
     step = chunk_step_for(mcfg, t)
@@ -519,7 +330,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
         warm = [build(rank, t.lora_batch_docs) for rank in range(t.lora_ranks)]
         ahead_t0 = time.perf_counter()
         if ahead:
-            compile_ahead(params, cfg, warm[0], chunk_widths(lengths - 1, t), place, bool(schedule.phases))
+            compile_ahead(params, cfg, warm[0], ttt_schedule.chunk_widths(lengths - 1, t), place, bool(schedule.phases))
         ahead_s = time.perf_counter() - ahead_t0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
         phase_s, bar = 0.0, tqdm(total=len(starts), desc="ttt lora", unit="doc", disable=not progress)

@@ -8,12 +8,12 @@ of 64 (launches, small matmuls), so the bench times steps of 64 / N rows on one 
 window width, and this script sums them over the schedule of one GPU's share: 50,000 documents
 of the record's 47,851,520 tokens, lengths lognormal (sigma 1, as
 scripts/frontier_throughput_data.py draws them), batches of 64 sorted by length, windows as
-`ttt_lora.window_width` pads them with the config's lora_min_window. With --ranks R (one GPU a
-rank, as the reference's: `ttt_lora.rank_schedule`), each GPU runs its own rank's batches, 64
+`ttt_schedule.window_width` pads them with the config's lora_min_window. With --ranks R (one GPU a
+rank, as the reference's: `ttt_schedule.rank_schedule`), each GPU runs its own rank's batches, 64
 rows a step, and waits at each phase for the slowest: the chunk steps take the sum over the
 phases' eras of the slowest rank's steps. A width the bench did not
 time takes the time of the next wider one it did (an upper bound). The global phases: their
-tokens (the documents `ttt_lora.run` chooses) in steps of one 32,768-token chunk, at the bench's
+tokens (the documents `ttt_schedule.rank_schedule` gives them) in steps of one 32,768-token chunk, at the bench's
 one-GPU step time, split over the GPUs with ttt.global_data_parallel (each GPU 1/N of the
 tokens; the gradients' all-reduce not counted). Compilation: the programs one at a time, as the
 bench measured them (for those it compiled only in threads, side by side, their contended times:
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from golf_jax import cli, ttt_lora  # noqa: E402
+from golf_jax import cli, ttt_schedule  # noqa: E402
 from golf_jax.config import TTTConfig  # noqa: E402
 
 RECORD_DOCS, RECORD_TOKENS = 50_000, 47_851_520  # the validation set (SPEC.md section 5)
@@ -49,14 +49,14 @@ def record_lengths(seed: int = 0) -> np.ndarray:
 
 def steps_by_width(lengths: np.ndarray, t: TTTConfig) -> collections.Counter:
     """How many chunk steps of each window width the schedule runs (each GPU runs them all)."""
-    batches = ttt_lora.batch_order(lengths, t.lora_batch_docs)
-    return collections.Counter(ttt_lora.chunk_window(ci, t) for _, docs in batches
-                               for ci in range(ttt_lora.chunk_count(lengths[docs] - 1, t)))
+    batches = ttt_schedule.batch_order(lengths, t.lora_batch_docs)
+    return collections.Counter(ttt_schedule.chunk_window(ci, t) for _, docs in batches
+                               for ci in range(ttt_schedule.chunk_count(lengths[docs] - 1, t)))
 
 
 def phase_tokens(lengths: np.ndarray, t: TTTConfig, ranks: int) -> int:
-    """Tokens the global phases train on, all phases together (`ttt_lora.rank_schedule`'s)."""
-    return int(sum(lengths[docs].sum() for docs in ttt_lora.rank_schedule(lengths, t, ranks).phases))
+    """Tokens the global phases train on, all phases together (`ttt_schedule.rank_schedule`'s)."""
+    return int(sum(lengths[docs].sum() for docs in ttt_schedule.rank_schedule(lengths, t, ranks).phases))
 
 
 def main() -> None:
@@ -95,10 +95,10 @@ def main() -> None:
         lines.append(f"| {width} | {steps[width]:,} | {source['step_ms']:.2f}"
                      f"{'' if wider[0] == width else f' (at {wider[0]})'} | {seconds:.1f} |")
     if args.ranks > 1:  # each GPU its rank's batches; every phase waits for the slowest
-        schedule = ttt_lora.rank_schedule(lengths, t, args.ranks)
+        schedule = ttt_schedule.rank_schedule(lengths, t, args.ranks)
         step_s = {w: timed[min(x for x in timed if x >= w)]["step_ms"] / 1e3 for w in steps}
-        slowest = [max(sum(step_s[ttt_lora.chunk_window(ci, t)] for _, docs in batches
-                           for ci in range(ttt_lora.chunk_count(lengths[docs] - 1, t))) for batches in era)
+        slowest = [max(sum(step_s[ttt_schedule.chunk_window(ci, t)] for _, docs in batches
+                           for ci in range(ttt_schedule.chunk_count(lengths[docs] - 1, t))) for batches in era)
                    for era in schedule.eras]
         idle = sum(len(schedule.eras[0]) * m for m in slowest) - chunk_s  # chunk_s: every step once, on some GPU
         lines.append(f"\n{args.ranks} ranks, one a GPU: the slowest rank's steps in each of the {len(slowest)} eras "

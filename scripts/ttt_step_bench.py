@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from golf_jax import cli, model, ttt_lora  # noqa: E402
+from golf_jax import cli, model, ttt_lora, ttt_schedule  # noqa: E402
 
 
 def chunk_args(params, cfg, t, width, rng):
@@ -113,7 +113,7 @@ def main() -> None:
             g = ttt_lora.global_step_for(cfg.model, cfg.ttt)
             p = jax.tree.map(lambda v: jnp.array(v, copy=True), params)
             m = jax.tree.map(lambda v: jnp.zeros(v.shape, jnp.float32), params)
-            ga = (*ttt_lora.global_batch_rows(stream, 0, T // seq, seq, 1, cfg), jnp.float32(1e-3))
+            ga = (*ttt_schedule.global_batch_rows(stream, 0, T // seq, seq, 1, cfg), jnp.float32(1e-3))
             t0 = time.perf_counter()
             compiled = g.lower(p, m, *ga).compile()
             t1 = time.perf_counter()

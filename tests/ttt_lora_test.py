@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import compat, data, model, packing, ttt_lora
+from golf_jax import compat, data, model, ttt_lora, ttt_schedule
 from golf_jax.config import Config, EvalConfig, TTTConfig
 from golf_jax.runlog import CompileCounter
 from golf_jax.train_step import make_mesh
@@ -186,9 +186,9 @@ def test_batch_rows_split_over_two_devices(fixture, result):
 
 def batch_chunk_ranges(cfg, tokens) -> list[tuple[np.ndarray, range]]:
     """Each batch's documents (processing order) and its steps' indices in chunk_row_sums."""
-    starts, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
+    starts, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
     out, at = [], 0
-    for _, docs in ttt_lora.batch_order(lengths, cfg.ttt.lora_batch_docs):
+    for _, docs in ttt_schedule.batch_order(lengths, cfg.ttt.lora_batch_docs):
         n = -(-(int(lengths[docs].max()) - 1) // cfg.ttt.lora_chunk_tokens)
         out.append((docs, range(at, at + n)))
         at += n
@@ -201,7 +201,7 @@ def test_score_first_protocol(fixture, result):
     lies outside chunk N's window (through the LoRA's training only). Changing a
     document of the last batch changes nothing scored before that batch."""
     cfg, params, tokens, tables, _, init_a = fixture
-    starts, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
+    starts, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
     ranges = batch_chunk_ranges(cfg, tokens)
     (docs, steps), (last_docs, last_steps) = ranges[0], ranges[-1]
     row = int(np.argmax(lengths[docs]))
@@ -229,63 +229,23 @@ def test_score_first_protocol(fixture, result):
 
 # ----------------------------------------------------------------------------- the plan
 
-def test_documents_run_from_a_bos_through_the_next():
-    tokens = np.array([5, 6, 1, 7, 8, 1, 9, 1, 4, 4, 4])
-    starts, lengths = ttt_lora.find_documents(tokens, 1)
-    np.testing.assert_array_equal(starts, [2, 5, 7])
-    np.testing.assert_array_equal(lengths, [4, 3, 4])  # the last to the end, without a BOS
-    with pytest.raises(ValueError, match="ends with a BOS"):
-        ttt_lora.find_documents(np.array([1, 3, 1]), 1)
-
-
-def test_batches_longest_first_partial_batch_leading():
-    lengths = np.array([5, 9, 3, 8, 7, 2, 10])
-    order = ttt_lora.batch_order(lengths, 3)
-    # ascending: documents 5, 2, 0 | 4, 3, 1 | 6 (lengths 2, 3, 5 | 7, 8, 9 | 10)
-    assert [b for b, _ in order] == [2, 1, 0]
-    np.testing.assert_array_equal(order[0][1], [6])  # the partial batch: the longest document
-    np.testing.assert_array_equal(order[1][1], [4, 3, 1])
-    np.testing.assert_array_equal(order[2][1], [5, 2, 0])
-    # Ties, as Python's stable sorts in the reference: equal lengths keep their order, and
-    # of two batches with the same longest document the earlier one goes first.
-    ties = ttt_lora.batch_order(np.array([4, 4, 4, 4]), 2)
-    assert [b for b, _ in ties] == [0, 1] and ties[0][1].tolist() == [0, 1]
-
 
 def test_programs_compiled_ahead_are_the_ones_the_run_calls(fixture):
     """After `compile_ahead`, the batches and the phases compile neither step again (a
     learning rate of its own: programs not compiled by the module's other runs)."""
     cfg, params, tokens, tables, _, init_a = fixture
     cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lora_lr=2 * cfg.ttt.lora_lr))
-    _, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
+    _, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
     place = ttt_lora.RowPlacement(make_mesh(1, local=True), cfg.ttt.lora_batch_docs)
     lora = place.factors(ttt_lora.fresh_lora(init_a(0, cfg.ttt.lora_batch_docs), cfg.model, cfg.ttt))
     placed = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))  # as run() places them
     with CompileCounter() as ahead:
-        ttt_lora.compile_ahead(placed, cfg, lora, ttt_lora.chunk_widths(lengths - 1, cfg.ttt), place, True)
+        ttt_lora.compile_ahead(placed, cfg, lora, ttt_schedule.chunk_widths(lengths - 1, cfg.ttt), place, True)
     with CompileCounter() as during:
         r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False, ahead=False)
     assert ahead.names["jit(lora_chunk_step)"] == ahead.names["jit(global_sgd_step)"] == 1
     assert during.names["jit(lora_chunk_step)"] == during.names["jit(global_sgd_step)"] == 0
     assert r.phases == 2 and r.compilations == during.count
-
-
-def test_record_windows_compile_six_programs():
-    t = TTTConfig(mode="lora_phased")
-    widths = {ttt_lora.window_width(min((ci + 1) * 48, 2048), t) for ci in range(200)}
-    assert widths == {64, 128, 256, 512, 1024, 2048}
-
-
-def test_a_long_documents_last_chunk_slides_its_window():
-    """A document of 100 targets, chunks of 8, context 32: the last chunk (targets 96..99)
-    is scored in the window of the 32 tokens before its end, not the template's."""
-    t = TTTConfig(mode="lora_phased", lora_chunk_tokens=8, lora_context_len=32, lora_batch_docs=2)
-    tokens = np.concatenate([[1], np.arange(2, 102), [1]]).astype(np.int32)  # one document, 101 targets
-    (x, y, lo, hi, train_lo, train, do_step), scored, _ = ttt_lora._chunk_inputs(
-        tokens, np.array([0]), np.array([101]), 12, t)
-    assert x.shape == (2, 32) and int(train_lo) == 24 and not do_step and scored.tolist() == [5]
-    np.testing.assert_array_equal(x[0], tokens[101 - 32:101])  # the window ends at the last target
-    assert (lo[0], hi[0]) == (27, 32) and not np.any(x[1])
 
 
 def test_adapters_must_cover_every_layer_application(fixture):
@@ -321,46 +281,6 @@ def test_rows_that_cannot_be_split_evenly_are_refused():
     assert ttt_lora.RowPlacement(two_devices, 4).mesh is two_devices
 
 
-def test_global_batches_of_short_documents_get_the_slots_they_need():
-    """A phase's row of many short documents takes more segment slots than
-    data.segments_per_fold (the next power of two), instead of failing; rows that fit
-    keep the configured count (the program compile_ahead built)."""
-    from golf_jax.config import DataConfig
-    cfg = Config(data=DataConfig(segments_per_fold=2), eval=EvalConfig(eval_seq_len=16))
-    bos = cfg.model.bos_id
-    short = np.tile([bos, 5, 6], 11)[:33].astype(np.int32)  # a document every 3 tokens: 6 in a 16-token fold
-    x, _, seg, _ = ttt_lora.global_batch_rows(short, 0, 2, 16, 1, cfg)
-    needed = packing.segments_per_fold_needed(
-        np.append(np.flatnonzero(np.diff(seg.ids_BxT[0], prepend=-1)), 32), 32, 16)
-    assert needed > 2 and seg.lengths_BxRxM.shape == (1, 2, 1 << (needed - 1).bit_length())
-    assert seg.lengths_BxRxM[seg.lengths_BxRxM > 0].sum() == 32  # every token in one segment
-    long = np.concatenate([[bos], np.full(32, 5)]).astype(np.int32)
-    assert ttt_lora.global_batch_rows(long, 0, 2, 16, 1, cfg)[2].lengths_BxRxM.shape == (1, 2, 2)
-
-
-def test_ranks_claim_batches_by_cost_and_pause_for_a_phase():
-    """rank_schedule, the reference's ranks: a rank claims the queue's next batch when it
-    has scored one; the count reaching the boundary pauses each rank after its batch;
-    the phase takes the first scored documents in ascending batch order."""
-    t = TTTConfig(mode="lora_phased", lora_batch_docs=2, lora_chunk_tokens=8, lora_context_len=32,
-                  phased_prefix_docs=4, phased_num_phases=1)
-    lengths = np.array([100, 90, 10, 9, 8, 7, 6, 5])  # batches (ascending): b0 [7, 6], b1 [5, 4], b2 [3, 2], b3 [1, 0]
-    # costs: b3 13 chunks (windows 8, 16, 32 x 11) = 2,040; b2 2 chunks 280; b1 and b0 one chunk 136
-    costs = [ttt_lora.batch_cost(lengths[d] - 1, t) for _, d in ttt_lora.batch_order(lengths, 2)]
-    assert costs == [2040, 280, 136, 136]
-    ids = lambda era: [[b for b, _ in rank] for rank in era]  # noqa: E731
-    # no phases: rank 1 scores the three short batches while rank 0 scores the long one
-    free = ttt_lora.rank_schedule(lengths, dataclasses.replace(t, phased_prefix_docs=0), 2)
-    assert [ids(e) for e in free.eras] == [[[3], [2, 1, 0]]] and free.phases == []
-    # rank 1 reaches 4 scored documents after b1 and waits; rank 0 ends b3; the phase; b0 after it
-    s = ttt_lora.rank_schedule(lengths, t, 2)
-    assert [ids(e) for e in s.eras] == [[[3], [2, 1]], [[0], []]]
-    assert [list(p) for p in s.phases] == [[5, 4, 3, 2]]  # b1's and b2's: b3's documents, the longest, are cut
-    # one rank: the queue in order, the phase after the batch that reaches the boundary
-    one = ttt_lora.rank_schedule(lengths, t, 1)
-    assert [ids(e) for e in one.eras] == [[[3, 2]], [[1, 0]]] and [list(p) for p in one.phases] == [[3, 2, 1, 0]]
-
-
 def test_ranks_keep_lora_chains_of_their_own(fixture):
     """ttt.lora_ranks=3, phases off: each rank's batches (rank 0 the partial one, rank 2
     the cheapest first, then the last) scored with its own warm A and its own
@@ -368,8 +288,8 @@ def test_ranks_keep_lora_chains_of_their_own(fixture):
     cfg, params, tokens, tables, _, init_a = fixture
     t3 = dataclasses.replace(cfg.ttt, lora_ranks=3, phased_prefix_docs=0)
     r = ttt_lora.run(params, dataclasses.replace(cfg, ttt=t3), tokens, tables, init_a=init_a, progress=False)
-    starts, lengths = ttt_lora.find_documents(tokens, cfg.model.bos_id)
-    (era,) = ttt_lora.rank_schedule(lengths, t3, 3).eras
+    starts, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
+    (era,) = ttt_schedule.rank_schedule(lengths, t3, 3).eras
     assert [[len(docs) for _, docs in batches] for batches in era] == [[2], [4], [4, 4]]
     place = ttt_lora.RowPlacement(make_mesh(1, local=True), t3.lora_batch_docs)
     step = ttt_lora.chunk_step_for(cfg.model, t3)
