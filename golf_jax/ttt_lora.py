@@ -69,7 +69,7 @@ class LoRATTTResult:
     documents: int
     phases: int  # global SGD phases run
     phase_seconds: float  # of `seconds`: the global phases (their program's compilation not included)
-    compile_ahead_seconds: float  # of `seconds`: `compile_ahead`'s wall time
+    compile_ahead_seconds: float  # of `seconds`: `precompile`'s wall time (0: run with ahead=False)
     compile_seconds: float  # every compilation's time summed (runlog.CompileCounter; overlapping ones each)
     compilations: int
     steps: int  # chunk steps
@@ -302,6 +302,21 @@ def compile_ahead(params, cfg: Config, lora: model.LoRA, widths: list[int], plac
         list(pool.map(lambda program: program.compile(), lowered))
 
 
+def precompile(params_like: Params, cfg: Config, tokens: np.ndarray) -> float:
+    """Compiles the programs `run` calls on these tokens for weights of params_like's
+    shapes and dtypes (their values unused: zeros stand in), placed as `run` places
+    them, so that `run` finds them compiled; the quantize pipeline calls it beside the
+    artifact's reload, the evaluation's first stage. Returns its seconds."""
+    t0, t = time.perf_counter(), cfg.ttt
+    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
+    shaped = place.replicated(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params_like))
+    _, lengths = ttt_schedule.find_documents(np.asarray(tokens), cfg.model.bos_id)
+    lora = place.factors(fresh_lora(random_init_a(cfg.model, t.lora_rank, 0)(0, t.lora_batch_docs), cfg.model, t))
+    compile_ahead(shaped, cfg, lora, ttt_schedule.chunk_widths(lengths - 1, t), place,
+                  bool(ttt_schedule.rank_schedule(lengths, t, t.lora_ranks).phases))
+    return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- the evaluation
 
 def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetBytes, init_a: InitA | None = None,
@@ -309,7 +324,8 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     """The phased score-first LoRA TTT over `tokens` (the validation stream);
     `params` are not modified. init_a: the A factors of each LoRA built, in
     order (default: `random_init_a` with run.seed). ahead: every program
-    compiled before the first batch (`compile_ahead`)."""
+    compiled before the first batch (`precompile`; False: compiled already, or
+    as they come)."""
     t0 = time.perf_counter()
     t, mcfg = cfg.ttt, cfg.model
     tokens = np.asarray(tokens, np.int32)
@@ -328,10 +344,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
 
     with runlog.CompileCounter() as compiles:
         warm = [build(rank, t.lora_batch_docs) for rank in range(t.lora_ranks)]
-        ahead_t0 = time.perf_counter()
-        if ahead:
-            compile_ahead(params, cfg, warm[0], ttt_schedule.chunk_widths(lengths - 1, t), place, bool(schedule.phases))
-        ahead_s = time.perf_counter() - ahead_t0
+        ahead_s = precompile(params, cfg, tokens) if ahead else 0.0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
         phase_s, bar = 0.0, tqdm(total=len(starts), desc="ttt lora", unit="doc", disable=not progress)
         for era, rank_batches in enumerate(schedule.eras):

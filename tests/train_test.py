@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import caseops, checkpoint, cli, datasets, optim, run_dir, train, train_step
+from golf_jax import caseops, checkpoint, cli, datasets, evaluate, optim, run_dir, train, train_step, ttt_schedule
 from golf_jax.config import Config, ConfigError
 from golf_jax.runlog import CompileCounter
 from tests.conftest import REPO
@@ -346,6 +346,11 @@ def test_frontier_smoke_trains_end_to_end(frontier_run):
     # its score: the phased LoRA TTT on the artifact's weights, timed as a stage
     assert "phased score-first LoRA TTT" in out and np.isfinite(report["ttt"]["bpb"]) and report["times_s"]["ttt"] > 0
     assert report["ttt"]["documents"] > 0 and report["ttt"]["phases"] == 0
+    # its programs compile beside the artifact's reload (shapes alone), and the TTT's calls find them
+    assert report["ttt"]["precompile_s"] > 0 and "compiled beside the reload" in out
+    cfg = frontier_config(out_dir)
+    _, lengths = ttt_schedule.find_documents(evaluate.load_eval_data(cfg, None, None)[0], cfg.model.bos_id)
+    assert compiles.names["jit(lora_chunk_step)"] == len(ttt_schedule.chunk_widths(lengths - 1, cfg.ttt)) >= 1
     # the record's quantisation: at this width only the embedding has more than 65,536 values
     assert list(report["quantization"]["matrices"]) == report["quantization"]["lqer"] == ["tok_emb.weight"]
 

@@ -231,21 +231,18 @@ def test_score_first_protocol(fixture, result):
 
 
 def test_programs_compiled_ahead_are_the_ones_the_run_calls(fixture):
-    """After `compile_ahead`, the batches and the phases compile neither step again (a
+    """After `precompile` (the weights' shapes alone: the quantize pipeline runs it beside
+    the artifact's reload), the batches and the phases compile neither step again (a
     learning rate of its own: programs not compiled by the module's other runs)."""
     cfg, params, tokens, tables, _, init_a = fixture
     cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lora_lr=2 * cfg.ttt.lora_lr))
-    _, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
-    place = ttt_lora.RowPlacement(make_mesh(1, local=True), cfg.ttt.lora_batch_docs)
-    lora = place.factors(ttt_lora.fresh_lora(init_a(0, cfg.ttt.lora_batch_docs), cfg.model, cfg.ttt))
-    placed = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))  # as run() places them
     with CompileCounter() as ahead:
-        ttt_lora.compile_ahead(placed, cfg, lora, ttt_schedule.chunk_widths(lengths - 1, cfg.ttt), place, True)
+        assert ttt_lora.precompile(jax.tree.map(np.zeros_like, params), cfg, tokens) > 0
     with CompileCounter() as during:
         r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False, ahead=False)
     assert ahead.names["jit(lora_chunk_step)"] == ahead.names["jit(global_sgd_step)"] == 1
     assert during.names["jit(lora_chunk_step)"] == during.names["jit(global_sgd_step)"] == 0
-    assert r.phases == 2 and r.compilations == during.count
+    assert r.phases == 2 and r.compilations == during.count and r.compile_ahead_seconds == 0
 
 
 def test_adapters_must_cover_every_layer_application(fixture):
@@ -307,3 +304,16 @@ def test_ranks_keep_lora_chains_of_their_own(fixture):
             warm = lora if len(docs) == t3.lora_batch_docs else warm
     np.testing.assert_array_equal(np.stack(r.chunk_row_sums), np.stack(log["chunk_row_sums"]))  # the same programs
     assert r.chunk_tokens == log["chunk_tokens"] and sum(r.chunk_tokens) == int(np.sum(lengths - 1))
+
+
+def test_attention_adapters_share_one_matmul():
+    """blocks.SlotLoRA.attention_deltas (q, k, v and o's x A^T as one matmul) gives each
+    target's own delta (float32; the same sums, tiled otherwise: 1e-6)."""
+    from golf_jax.blocks import SlotLoRA
+    rng = np.random.default_rng(0)
+    pair = lambda out: (rng.standard_normal((2, 4, 16)), rng.standard_normal((2, out, 4)))  # noqa: E731
+    slot = SlotLoRA(*(tuple(jnp.asarray(m, jnp.float32) for m in pair(o)) for o in (16, 8, 8, 16, 16)), 1.8)
+    h = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+    joint = slot.attention_deltas(h)
+    for target in ("q", "k", "v", "o"):
+        np.testing.assert_allclose(joint[target], slot.delta(target, h), rtol=1e-6, atol=1e-6)
