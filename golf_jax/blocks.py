@@ -70,6 +70,14 @@ def lora_delta(x_BxTxI: jax.Array, a_BxRxI: jax.Array, b_BxOxR: jax.Array, scale
     return jnp.einsum("btr,bor->bto", low_BxTxR, b_BxOxR.astype(x_BxTxI.dtype)) * scale
 
 
+def query_slice(queries: tuple | None):
+    """x -> x's positions [first, first + count) along axis 1 (queries = (first, count);
+    None: x whole)."""
+    if queries is None:
+        return lambda x: x
+    return lambda x: jax.lax.dynamic_slice_in_dim(x, queries[0], queries[1], axis=1)
+
+
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")  # per layer application (SlotLoRA), then "head"
 
 
@@ -114,26 +122,34 @@ class CausalSelfAttention(nn.Module):
     and the optional sparse head-output gate; V optionally plus the value
     embedding. With decode=True it reads and writes its KV cache, Flax's way
     (see golf_jax/model.py's docstring). segments (packing.Segments): per-document attention
-    in a packed row (`attention.causal_attention`)."""
+    in a packed row (`attention.causal_attention`). queries (first, count): the outputs of
+    those positions only, their keys and values from every position (a TTT chunk's last
+    layer application: only its positions are scored)."""
     cfg: ModelConfig
     layer: int
 
     @nn.compact
     def __call__(self, h_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
                  rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0,
-                 segments: Segments | None = None) -> jax.Array:
+                 segments: Segments | None = None, queries: tuple | None = None) -> jax.Array:
         cfg = self.cfg
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         B, T, d = h_BxTxd.shape
+        if queries is not None and (decode or segments is not None):
+            raise ValueError("queries: a TTT window's positions, not decoding nor packed rows")
         sow_gram(self, "qkv", h_BxTxd)
 
         deltas = None if w.lora is None else w.lora.attention_deltas(h_BxTxd)
+        take = query_slice(queries)
+        hq_BxQxd = take(h_BxTxd)
 
-        def project(target: str, w_OxI: jax.Array) -> jax.Array:
-            out = linear(h_BxTxd, w_OxI)
-            return out if deltas is None else out + deltas[target]
+        def project(target: str, w_OxI: jax.Array, x: jax.Array = h_BxTxd) -> jax.Array:
+            out = linear(x, w_OxI)
+            return out if deltas is None else out + (take(deltas[target]) if x is hq_BxQxd else deltas[target])
 
-        q_BxTxHxD = project("q", w.q).reshape(B, T, H, D)
+        q_BxTxHxD = project("q", w.q, hq_BxQxd).reshape(B, hq_BxQxd.shape[1], H, D)
+        rope_q = rope if queries is None else tuple(jax.lax.dynamic_slice_in_dim(r, queries[0], queries[1])
+                                                     for r in rope)
         k_BxTxKxD = project("k", w.k).reshape(B, T, K, D)
         v_BxTxKV = project("v", w.v)
         if ve_BxTxKV is not None:
@@ -141,10 +157,10 @@ class CausalSelfAttention(nn.Module):
         v_BxTxKxD = v_BxTxKV.reshape(B, T, K, D)
         if not decode and fusion_impl(cfg, "norm_rope") == "pallas":
             # RMSNorm, partial RoPE and q_gain: one kernel each way, the same arithmetic
-            q_BxTxHxD = norm_rope(q_BxTxHxD, *rope, w.q_gain, cfg.rotary_dims, "pallas")
+            q_BxTxHxD = norm_rope(q_BxTxHxD, *rope_q, w.q_gain, cfg.rotary_dims, "pallas")
             k_BxTxKxD = norm_rope(k_BxTxKxD, *rope, None, cfg.rotary_dims, "pallas")
         else:
-            q_BxTxHxD = apply_rotary(rms_norm(q_BxTxHxD), *rope, cfg.rotary_dims)
+            q_BxTxHxD = apply_rotary(rms_norm(q_BxTxHxD), *rope_q, cfg.rotary_dims)
             q_BxTxHxD = scaled_sum([(w.q_gain[None, None, :, None], q_BxTxHxD)], cfg.scales_in_float32)
             k_BxTxKxD = apply_rotary(rms_norm(k_BxTxKxD), *rope, cfg.rotary_dims)
         if decode:
@@ -157,16 +173,19 @@ class CausalSelfAttention(nn.Module):
                 y_BxTxHxD = causal_attention(q_BxTxHxD, k_cache.value, v_cache.value, "jnp", q_offset=pos)
             else:  # the call that creates the cache
                 y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp")
+        elif queries is not None:  # a few queries over every key: the dense path, [count, T] scores
+            y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp", q_offset=queries[0])
         else:
             y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg), segments=segments)
         if cfg.xsa_on(self.layer):
-            y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, v_BxTxKxD, "jnp" if decode else fusion_impl(cfg, "xsa"))
+            xsa_impl = "jnp" if decode else fusion_impl(cfg, "xsa")
+            y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, take(v_BxTxKxD), xsa_impl)
         if w.attn_gate is not None:
-            y_BxTxHxD = head_gate(y_BxTxHxD, h_BxTxd, w.attn_gate, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
-        y_BxTxd = y_BxTxHxD.reshape(B, T, d)
+            y_BxTxHxD = head_gate(y_BxTxHxD, hq_BxQxd, w.attn_gate, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
+        y_BxTxd = y_BxTxHxD.reshape(B, y_BxTxHxD.shape[1], d)
         sow_gram(self, "proj", y_BxTxd)
         if deltas is not None:  # the out-projection's adapter reads the attention's input
-            return linear(y_BxTxd, w.proj) + deltas["o"]
+            return linear(y_BxTxd, w.proj) + take(deltas["o"])
         return linear(y_BxTxd, w.proj)
 
 
@@ -215,25 +234,30 @@ class Block(nn.Module):
 
     def __call__(self, x_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights, ve_BxTxKV: jax.Array | None,
                  rope: tuple[jax.Array, jax.Array], decode: bool = False, pos: jax.Array | int = 0,
-                 segments: Segments | None = None) -> jax.Array:
-        """x_in = mix(x, x0); x = x_in + attn(norm(x_in)); x + mlp(norm(x))."""
+                 segments: Segments | None = None, queries: tuple | None = None) -> jax.Array:
+        """x_in = mix(x, x0); x = x_in + attn(norm(x_in)); x + mlp(norm(x)). queries: the
+        output at those positions only (`CausalSelfAttention`)."""
         x_in, h = self.mix_norm(x_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
-        attn_out = self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments)
-        x, h = self.mix_norm(x_in, attn_out, None, w.attn_scale, decode)
+        attn_out = self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments, queries)
+        x, h = self.mix_norm(query_slice(queries)(x_in), attn_out, None, w.attn_scale, decode)
         mlp_out = self.mlp_with_lora(h, w)
         return scaled_sum([(None, x), (w.mlp_scale, mlp_out)], self.cfg.scales_in_float32)
 
     def parallel(self, lane0_BxTxd: jax.Array, lane1_BxTxd: jax.Array, x0_BxTxd: jax.Array, w: LayerWeights,
                  ve_BxTxKV: jax.Array | None, rope: tuple[jax.Array, jax.Array], decode: bool = False,
-                 pos: jax.Array | int = 0, segments: Segments | None = None) -> tuple[jax.Array, jax.Array]:
+                 pos: jax.Array | int = 0, segments: Segments | None = None,
+                 queries: tuple | None = None) -> tuple[jax.Array, jax.Array]:
         """The 1.0611 record's parallel block: attention reads mix(lane 0, x0), the
         MLP reads lane 1, and with a = attn_scale attn, m = mlp_scale mlp,
 
             lane_j = r_j lane_j + P[0, j] a + P[1, j] m   (r = w.lane_resid, P = w.lane_post).
+
+        queries: the lanes at those positions only (`CausalSelfAttention`).
         """
         f32 = self.cfg.scales_in_float32
         _, h = self.mix_norm(lane0_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
-        attn_out = scaled_sum([(w.attn_scale, self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments))], f32)
+        attn_out = scaled_sum([(w.attn_scale, self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments, queries))], f32)
+        lane0_BxTxd, lane1_BxTxd = (query_slice(queries)(x) for x in (lane0_BxTxd, lane1_BxTxd))
         mlp_out = scaled_sum([(w.mlp_scale, self.mlp_with_lora(rms_norm(lane1_BxTxd, self.norm_scale), w))], f32)
         r, P = w.lane_resid, w.lane_post
         lane0 = scaled_sum([(r[0], lane0_BxTxd), (P[0, 0], attn_out), (P[1, 0], mlp_out)], f32)

@@ -74,7 +74,7 @@ import jax.numpy as jnp
 
 # INPUT_GRAMS, MLP and CausalSelfAttention re-exported: model.INPUT_GRAMS etc. as before the split.
 from golf_jax.blocks import (INPUT_GRAMS, MLP, Block, CausalSelfAttention, LayerWeights, LoRA,  # noqa: F401
-                             sow_gram)
+                             query_slice, sow_gram)
 from golf_jax.config import ModelConfig
 from golf_jax.packing import Segments
 from golf_jax.layers import (bigram_buckets, compute_dtype, final_lane, fusion_impl, gated_skip, head_nll, linear,
@@ -305,7 +305,8 @@ class GPT(nn.Module):
 
     @nn.compact
     def hidden(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
-               looping: bool = False, segments: Segments | None = None, lora: LoRA | None = None) -> jax.Array:
+               looping: bool = False, segments: Segments | None = None, lora: LoRA | None = None,
+               queries: tuple | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, d] in the compute dtype.
 
         rope_len: the sequence length whose rotary base to use (default T; see
@@ -315,6 +316,7 @@ class GPT(nn.Module):
         stays within a document, RoPE positions stay those of the row (the
         reference's).
         lora: test-time adapters, the i-th layer application's `lora.slot(i)`.
+        queries (first, count): those positions' states only, all the last application computes.
         """
         cfg = self.cfg
         dtype = compute_dtype(cfg)
@@ -338,7 +340,7 @@ class GPT(nn.Module):
         rope = rotary_tables(cfg, pos + jnp.arange(T), rotary_base(cfg, rope_len or T))
         ve_BxTxKV = self.ve(tokens_BxT, dtype) if self.ve is not None else None
 
-        applications = []  # the slots so far: the i-th application gets lora.slot(i)
+        applications, last = [], len(sum(cfg.layer_order(looping), ())) - 1  # the i-th gets lora.slot(i)
 
         def apply_layer(layer, x_BxTxd, lane1_BxTxd):
             ve = None
@@ -348,8 +350,8 @@ class GPT(nn.Module):
             w = self.layer_weights(layer, dtype)
             if lora is not None:
                 w = w._replace(lora=lora.slot(len(applications)))
+            args = (w, ve, rope, decode, pos, segments, queries if len(applications) == last else None)
             applications.append(layer)
-            args = (w, ve, rope, decode, pos, segments)
             if lane1_BxTxd is None:
                 return self.layers[layer](x_BxTxd, x0_BxTxd, *args)
             return self.layers[layer].parallel(x_BxTxd, lane1_BxTxd, x0_BxTxd, *args)
@@ -385,17 +387,15 @@ class GPT(nn.Module):
     def lora_nll(self, tokens_BxT: jax.Array, targets_BxT: jax.Array, lora: LoRA, looping: bool,
                  first: jax.Array | int = 0, count: int | None = None) -> jax.Array:
         """Per-token cross-entropy [B, count] of positions [first, first + count) (default all T)
-        with test-time adapters in every layer application and on the head's logits (forward_ttt),
-        the head on those positions only (a TTT chunk scores 48 of up to 2,048 positions)."""
+        with test-time adapters in every layer application and on the head's logits (forward_ttt);
+        the last application and the head on those only (a TTT chunk scores 48 of 2,048 positions)."""
         slots = len(sum(self.cfg.layer_order(looping), ()))
         if lora.factors["q"][0].shape[0] != slots:
             raise ValueError(f"lora has {lora.factors['q'][0].shape[0]} layer applications; looping={looping}: {slots}")
-        h = self.hidden(tokens_BxT, looping=looping, lora=lora)
-        if count is not None:
-            h = jax.lax.dynamic_slice_in_dim(h, first, count, axis=1)
-            targets_BxT = jax.lax.dynamic_slice_in_dim(targets_BxT, first, count, axis=1)
+        queries = None if count is None else (first, count)
+        h = self.hidden(tokens_BxT, looping=looping, lora=lora, queries=queries)
         z = head_projection(self.head_weight(), self.cfg, h) + lora.head_delta(h).astype(jnp.float32)
-        return nll_from_logits(softcap(z, self.cfg.logit_softcap), targets_BxT)
+        return nll_from_logits(softcap(z, self.cfg.logit_softcap), query_slice(queries)(targets_BxT))
 
     def __call__(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
                  looping: bool = False, segments: Segments | None = None) -> jax.Array:

@@ -317,3 +317,28 @@ def test_attention_adapters_share_one_matmul():
     joint = slot.attention_deltas(h)
     for target in ("q", "k", "v", "o"):
         np.testing.assert_allclose(joint[target], slot.delta(target, h), rtol=1e-6, atol=1e-6)
+
+
+def test_the_last_application_runs_on_the_scored_positions_only(fixture):
+    """model.lora_token_nll with (first, count): the last layer application and the head on
+    those positions only, the same losses and LoRA gradients as the whole window's, sliced
+    (float32; the last attention on the dense path, its sums in another order: 1e-5 for the
+    losses, the parity tests' 1e-4 for gradients)."""
+    cfg, params, tokens, _, _, init_a = fixture
+    rows, width, first, count = cfg.ttt.lora_batch_docs, 32, 13, 8
+    lora = ttt_lora.fresh_lora(init_a(0, rows), cfg.model, cfg.ttt)
+    rng = np.random.default_rng(1)  # B nonzero, so that every adapter acts
+    lora = lora.replace(factors={k: (a, jnp.asarray(0.01 * rng.standard_normal(b.shape), jnp.float32))
+                                 for k, (a, b) in lora.factors.items()})
+    x = jnp.asarray(rng.integers(2, cfg.model.vocab_size, (rows, width)), jnp.int32)
+    y = jnp.asarray(rng.integers(2, cfg.model.vocab_size, (rows, width)), jnp.int32)
+
+    def nll(lora, first=0, count=None):
+        return model.lora_token_nll(params, cfg.model, x, y, lora, looping=True, first=first, count=count)
+
+    whole, part = nll(lora)[:, first:first + count], nll(lora, first, count)
+    np.testing.assert_allclose(part, whole, rtol=1e-5, atol=1e-6)
+    g_whole = jax.grad(lambda f: jnp.sum(nll(f)[:, first:first + count]))(lora)
+    g_part = jax.grad(lambda f: jnp.sum(nll(f, first, count)))(lora)
+    for u, v in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
