@@ -53,15 +53,17 @@ class SlotLoRA(NamedTuple):
     def delta(self, target: str, x_BxTxI: jax.Array) -> jax.Array:
         return lora_delta(x_BxTxI, *getattr(self, target), self.scale)
 
-    def attention_deltas(self, h_BxTxd: jax.Array) -> dict[str, jax.Array]:
+    def attention_deltas(self, h_BxTxd: jax.Array, queries: tuple | None = None) -> dict[str, jax.Array]:
         """q, k, v and o's deltas: they read the same input, so their four x A^T are one
         matmul (each output column the same sum as alone; 0.55 ms less of a 29 ms chunk
-        step on an H200, docs/performance.md); then each B."""
+        step on an H200, docs/performance.md); then each B, q's and o's at the query
+        positions only (`query_slice`)."""
         targets = ("q", "k", "v", "o")
         a_BxRxd = jnp.concatenate([getattr(self, t)[0] for t in targets], axis=1).astype(h_BxTxd.dtype)
-        lows = jnp.split(jnp.einsum("bti,bri->btr", h_BxTxd, a_BxRxd), len(targets), axis=-1)
+        lows = dict(zip(targets, jnp.split(jnp.einsum("bti,bri->btr", h_BxTxd, a_BxRxd), len(targets), axis=-1)))
+        lows["q"], lows["o"] = query_slice(queries)(lows["q"]), query_slice(queries)(lows["o"])
         return {t: jnp.einsum("btr,bor->bto", low, getattr(self, t)[1].astype(h_BxTxd.dtype)) * self.scale
-                for t, low in zip(targets, lows)}
+                for t, low in lows.items()}
 
 
 def lora_delta(x_BxTxI: jax.Array, a_BxRxI: jax.Array, b_BxOxR: jax.Array, scale: float) -> jax.Array:
@@ -70,12 +72,12 @@ def lora_delta(x_BxTxI: jax.Array, a_BxRxI: jax.Array, b_BxOxR: jax.Array, scale
     return jnp.einsum("btr,bor->bto", low_BxTxR, b_BxOxR.astype(x_BxTxI.dtype)) * scale
 
 
-def query_slice(queries: tuple | None):
-    """x -> x's positions [first, first + count) along axis 1 (queries = (first, count);
+def query_slice(queries: tuple | None, axis: int = 1):
+    """x -> x's positions [first, first + count) along `axis` (queries = (first, count);
     None: x whole)."""
     if queries is None:
         return lambda x: x
-    return lambda x: jax.lax.dynamic_slice_in_dim(x, queries[0], queries[1], axis=1)
+    return lambda x: jax.lax.dynamic_slice_in_dim(x, queries[0], queries[1], axis=axis)
 
 
 LORA_TARGETS = ("q", "k", "v", "o", "mlp")  # per layer application (SlotLoRA), then "head"
@@ -139,17 +141,16 @@ class CausalSelfAttention(nn.Module):
             raise ValueError("queries: a TTT window's positions, not decoding nor packed rows")
         sow_gram(self, "qkv", h_BxTxd)
 
-        deltas = None if w.lora is None else w.lora.attention_deltas(h_BxTxd)
+        # with queries: q, o and the gate at those positions (h_BxQxd), k and v at all
+        deltas = None if w.lora is None else w.lora.attention_deltas(h_BxTxd, queries)
         take = query_slice(queries)
-        hq_BxQxd = take(h_BxTxd)
+        h_BxQxd, rope_q = take(h_BxTxd), tuple(map(query_slice(queries, axis=0), rope))
 
-        def project(target: str, w_OxI: jax.Array, x: jax.Array = h_BxTxd) -> jax.Array:
-            out = linear(x, w_OxI)
-            return out if deltas is None else out + (take(deltas[target]) if x is hq_BxQxd else deltas[target])
+        def project(target: str, w_OxI: jax.Array) -> jax.Array:
+            out = linear(h_BxQxd if target == "q" else h_BxTxd, w_OxI)
+            return out if deltas is None else out + deltas[target]
 
-        q_BxTxHxD = project("q", w.q, hq_BxQxd).reshape(B, hq_BxQxd.shape[1], H, D)
-        rope_q = rope if queries is None else tuple(jax.lax.dynamic_slice_in_dim(r, queries[0], queries[1])
-                                                     for r in rope)
+        q_BxTxHxD = project("q", w.q).reshape(B, h_BxQxd.shape[1], H, D)
         k_BxTxKxD = project("k", w.k).reshape(B, T, K, D)
         v_BxTxKV = project("v", w.v)
         if ve_BxTxKV is not None:
@@ -181,11 +182,11 @@ class CausalSelfAttention(nn.Module):
             xsa_impl = "jnp" if decode else fusion_impl(cfg, "xsa")
             y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, take(v_BxTxKxD), xsa_impl)
         if w.attn_gate is not None:
-            y_BxTxHxD = head_gate(y_BxTxHxD, hq_BxQxd, w.attn_gate, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
+            y_BxTxHxD = head_gate(y_BxTxHxD, h_BxQxd, w.attn_gate, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
         y_BxTxd = y_BxTxHxD.reshape(B, y_BxTxHxD.shape[1], d)
         sow_gram(self, "proj", y_BxTxd)
         if deltas is not None:  # the out-projection's adapter reads the attention's input
-            return linear(y_BxTxd, w.proj) + take(deltas["o"])
+            return linear(y_BxTxd, w.proj) + deltas["o"]
         return linear(y_BxTxd, w.proj)
 
 

@@ -161,6 +161,10 @@ class ModelConfig:
         n = len(order) // 2
         return tuple(order[:n]), tuple(order[n:])
 
+    def layer_applications(self, looping: bool) -> int:
+        """How many layer applications a forward makes (`layer_order`'s, both halves)."""
+        return len(sum(self.layer_order(looping), ()))
+
     @property
     def looping_after_training(self) -> bool:
         """Whether every stage after training (the final EMA evaluation, the

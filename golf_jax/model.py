@@ -340,7 +340,7 @@ class GPT(nn.Module):
         rope = rotary_tables(cfg, pos + jnp.arange(T), rotary_base(cfg, rope_len or T))
         ve_BxTxKV = self.ve(tokens_BxT, dtype) if self.ve is not None else None
 
-        applications, last = [], len(sum(cfg.layer_order(looping), ())) - 1  # the i-th gets lora.slot(i)
+        applications, last = [], cfg.layer_applications(looping) - 1  # the i-th gets lora.slot(i)
 
         def apply_layer(layer, x_BxTxd, lane1_BxTxd):
             ve = None
@@ -389,7 +389,7 @@ class GPT(nn.Module):
         """Per-token cross-entropy [B, count] of positions [first, first + count) (default all T)
         with test-time adapters in every layer application and on the head's logits (forward_ttt);
         the last application and the head on those only (a TTT chunk scores 48 of 2,048 positions)."""
-        slots = len(sum(self.cfg.layer_order(looping), ()))
+        slots = self.cfg.layer_applications(looping)
         if lora.factors["q"][0].shape[0] != slots:
             raise ValueError(f"lora has {lora.factors['q'][0].shape[0]} layer applications; looping={looping}: {slots}")
         queries = None if count is None else (first, count)

@@ -283,8 +283,8 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
     lora_ttt = cfg.ttt.enabled and cfg.ttt.mode == "lora_phased"
     ahead: list[concurrent.futures.Future] = []  # the phased TTT's programs, compiling beside the reload
     if isinstance(qmodel, quant_frontier.FrontierQuantized):
-        qparams = _frontier_artifact(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report,
-                                     lambda: lora_ttt and ahead.append(_compile_ttt(params, cfg, val_tokens)))
+        start = (lambda: ahead.append(_compile_ttt(params, cfg, val_tokens))) if lora_ttt else (lambda: None)
+        qparams = _frontier_artifact(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report, start)
     else:
         qparams = _artifact(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report)
     with stage("eval_int6_roundtrip"):

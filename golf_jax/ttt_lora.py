@@ -69,7 +69,7 @@ class LoRATTTResult:
     documents: int
     phases: int  # global SGD phases run
     phase_seconds: float  # of `seconds`: the global phases (their program's compilation not included)
-    compile_ahead_seconds: float  # of `seconds`: `precompile`'s wall time (0: run with ahead=False)
+    compile_ahead_seconds: float  # of `seconds`: `compile_ahead`'s wall time (0: run with ahead=False)
     compile_seconds: float  # every compilation's time summed (runlog.CompileCounter; overlapping ones each)
     compilations: int
     steps: int  # chunk steps
@@ -88,7 +88,7 @@ def summary(result: LoRATTTResult) -> dict:
 
 def lora_shapes(cfg: ModelConfig, rows: int, rank: int) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
     """(A shape, B shape) of each target (model.LoRA)."""
-    slots = len(sum(cfg.layer_order(cfg.looping_after_training), ()))
+    slots = cfg.layer_applications(cfg.looping_after_training)
     d = cfg.model_dim
     out = {"q": d, "k": cfg.kv_dim, "v": cfg.kv_dim, "o": d, "mlp": d}
     shapes = {t: ((slots, rows, rank, d), (slots, rows, o, rank)) for t, o in out.items()}
@@ -313,7 +313,7 @@ def precompile(params_like: Params, cfg: Config, tokens: np.ndarray) -> float:
     _, lengths = ttt_schedule.find_documents(np.asarray(tokens), cfg.model.bos_id)
     lora = place.factors(fresh_lora(random_init_a(cfg.model, t.lora_rank, 0)(0, t.lora_batch_docs), cfg.model, t))
     compile_ahead(shaped, cfg, lora, ttt_schedule.chunk_widths(lengths - 1, t), place,
-                  bool(ttt_schedule.rank_schedule(lengths, t, t.lora_ranks).phases))
+                  ttt_schedule.phase_boundaries(len(lengths), t)[-1] > 0)
     return time.perf_counter() - t0
 
 
@@ -324,8 +324,8 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     """The phased score-first LoRA TTT over `tokens` (the validation stream);
     `params` are not modified. init_a: the A factors of each LoRA built, in
     order (default: `random_init_a` with run.seed). ahead: every program
-    compiled before the first batch (`precompile`; False: compiled already, or
-    as they come)."""
+    compiled before the first batch (`compile_ahead`; False: compiled already by
+    `precompile`, or as they come)."""
     t0 = time.perf_counter()
     t, mcfg = cfg.ttt, cfg.model
     tokens = np.asarray(tokens, np.int32)
@@ -333,18 +333,21 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     starts, lengths = ttt_schedule.find_documents(tokens, mcfg.bos_id)
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
     schedule = ttt_schedule.rank_schedule(lengths, t, t.lora_ranks)
-    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
-    params = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
-    step = chunk_step_for(mcfg, t)
-    constructions = [0] * t.lora_ranks  # each rank builds its own LoRAs (the reference's ranks seed alike)
+    with runlog.CompileCounter() as compiles:  # every compilation of the run, its placement's too
+        place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
+        params = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
+        step = chunk_step_for(mcfg, t)
+        constructions = [0] * t.lora_ranks  # each rank builds its own LoRAs (the reference's ranks seed alike)
 
-    def build(rank: int, rows: int) -> model.LoRA:
-        constructions[rank] += 1
-        return place.factors(fresh_lora(init_a(constructions[rank] - 1, rows), mcfg, t))
+        def build(rank: int, rows: int) -> model.LoRA:
+            constructions[rank] += 1
+            return place.factors(fresh_lora(init_a(constructions[rank] - 1, rows), mcfg, t))
 
-    with runlog.CompileCounter() as compiles:
         warm = [build(rank, t.lora_batch_docs) for rank in range(t.lora_ranks)]
-        ahead_s = precompile(params, cfg, tokens) if ahead else 0.0
+        ahead_t0 = time.perf_counter()
+        if ahead:  # the run's own placed weights and LoRA (`precompile` makes stand-ins of them)
+            compile_ahead(params, cfg, warm[0], ttt_schedule.chunk_widths(lengths - 1, t), place, bool(schedule.phases))
+        ahead_s = time.perf_counter() - ahead_t0 if ahead else 0.0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
         phase_s, bar = 0.0, tqdm(total=len(starts), desc="ttt lora", unit="doc", disable=not progress)
         for era, rank_batches in enumerate(schedule.eras):
