@@ -19,7 +19,10 @@ A reference source is the curves JSON (several runs) or a reference log
 folder, and may also be given as a run, to check the reference like golf_jax).
 The mean and the validation ranges of the checks are those of --mean-of
 (default: every --reference). `train` trains GOLF_TREE (default: this
-repository), e.g. `git archive HEAD` unpacked while the working tree is edited.
+repository), e.g. `git archive HEAD` unpacked while the working tree is edited;
+RESIDUAL_NORM_SEMANTICS="round_dnorm=0,round_ds=0" trains with those rounding
+choices of kernels/residual_norm.py (`SEMANTICS`), as the gradient probe
+(scripts/residual_grad_probe.py) tries them.
 The device call that ran the figures of docs/fidelity.md is
 scripts/device_fidelity.sh.
 """
@@ -248,6 +251,13 @@ def cmd_train(args, overrides: list[str]) -> int:
            f"--config.tokenizer_path={data / 'tokenizers/fineweb_1024_bpe.model'}",
            f"--config.init_from={init}", f"--config.output_dir={args.out.resolve()}", *SETTINGS, *overrides,
            "--no-quantize", "--no-progress"]
+    semantics = os.environ.get("RESIDUAL_NORM_SEMANTICS", "")
+    if semantics:  # e.g. "round_dnorm=0,round_ds=0": train.py with kernels/residual_norm.SEMANTICS changed first
+        changes = {k: bool(int(v)) for k, v in (item.split("=") for item in semantics.split(","))}
+        wrap = ("import runpy, sys; from kernels import residual_norm as r; "
+                f"assert set({changes!r}) <= set(r.SEMANTICS); r.SEMANTICS.update({changes!r}); "
+                "sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')")
+        cmd = [sys.executable, "-c", wrap, *cmd[2:]]
     print(f"(in {tree}) " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, cwd=tree)
 

@@ -33,6 +33,7 @@ RESIDUAL = dict(fusion_impl="auto", fusion_kernels="residual_norm")
 # label -> (model fields, kernels/residual_norm.SEMANTICS changes while tracing it)
 VARIANTS = {"bf16 jnp": (dict(fusion_impl="jnp"), {}),
             "bf16 norm_rope,xsa": (dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa"), {}),
+            "bf16 norm_rope,xsa,softcap_ce": (dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa,softcap_ce"), {}),
             "bf16 residual_norm": (RESIDUAL, {}),
             "residual, float32 inside": (RESIDUAL, dict(round_dnorm=False, round_ds=False)),
             "residual, ds float32": (RESIDUAL, dict(round_ds=False)),
@@ -57,7 +58,10 @@ def main() -> None:
         saved = dict(residual_norm.SEMANTICS)
         residual_norm.SEMANTICS.update(semantics)  # part of the kernels' cache key
         try:
-            loss, g = grad(params, bench.with_model(cfg, **fields).model, x, y)
+            # A fresh trace: jit's cache would otherwise return the program of an earlier
+            # variant with the same model fields, whatever SEMANTICS says now.
+            jax.clear_caches()
+            loss, g = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)(params, bench.with_model(cfg, **fields).model, x, y)
         finally:
             residual_norm.SEMANTICS.clear()
             residual_norm.SEMANTICS.update(saved)
