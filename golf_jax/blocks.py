@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from golf_jax.config import ModelConfig
 from golf_jax.packing import Segments
 from golf_jax.attention import causal_attention
-from golf_jax.layers import (attention_impl, compute_dtype, exclusive_self_attention, fusion_impl, gram, head_gate, linear,
+from golf_jax.layers import (attention_impl, exclusive_self_attention, fusion_impl, gram, head_gate, linear,
                              mlp_impl, rms_norm, scaled_sum)
 from kernels import mlp as mlp_kernels
 from kernels.qk_norm_rope import apply_rotary, norm_rope
@@ -221,17 +221,12 @@ class Block(nn.Module):
         self.mlp = MLP(self.cfg)
         self.norm_scale = (self.layer + 1) ** -0.5 if self.cfg.ln_scale else 1.0
 
-    def norm(self, x_BxTxd: jax.Array) -> jax.Array:
-        """The block's norm of a residual (layers.residual_dtype), in the compute dtype."""
-        return rms_norm(x_BxTxd, self.norm_scale).astype(compute_dtype(self.cfg))
-
     def mix_norm(self, a, b, scale_a, scale_b, decode: bool):
-        """scale_a a + scale_b b in a's dtype, and its norm in the compute dtype:
-        one kernel each way when fused."""
+        """scale_a a + scale_b b, and its norm: one kernel each way when fused."""
         if not decode and fusion_impl(self.cfg, "residual_norm") == "pallas":
-            return add_norm(a, b, scale_a, scale_b, self.norm_scale, "pallas", compute_dtype(self.cfg))
+            return add_norm(a, b, scale_a, scale_b, self.norm_scale, "pallas")
         mixed = scaled_sum([(scale_a, a), (scale_b, b)], self.cfg.scales_in_float32)
-        return mixed, self.norm(mixed)
+        return mixed, rms_norm(mixed, self.norm_scale)
 
     def mlp_with_lora(self, h_BxTxd: jax.Array, w: LayerWeights) -> jax.Array:
         """The MLP of its normed input, plus its TTT adapter's delta when w has one."""
@@ -264,7 +259,7 @@ class Block(nn.Module):
         _, h = self.mix_norm(lane0_BxTxd, x0_BxTxd, w.resid_mix[0], w.resid_mix[1], decode)
         attn_out = scaled_sum([(w.attn_scale, self.attn(h, w, ve_BxTxKV, rope, decode, pos, segments, queries))], f32)
         lane0_BxTxd, lane1_BxTxd = (query_slice(queries)(x) for x in (lane0_BxTxd, lane1_BxTxd))
-        mlp_out = scaled_sum([(w.mlp_scale, self.mlp_with_lora(self.norm(lane1_BxTxd), w))], f32)
+        mlp_out = scaled_sum([(w.mlp_scale, self.mlp_with_lora(rms_norm(lane1_BxTxd, self.norm_scale), w))], f32)
         r, P = w.lane_resid, w.lane_post
         lane0 = scaled_sum([(r[0], lane0_BxTxd), (P[0, 0], attn_out), (P[1, 0], mlp_out)], f32)
         lane1 = scaled_sum([(r[1], lane1_BxTxd), (P[0, 1], attn_out), (P[1, 1], mlp_out)], f32)

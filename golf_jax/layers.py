@@ -84,23 +84,6 @@ def fusion_impl(cfg: ModelConfig, kernel: str) -> str:
     return "pallas" if jax.default_backend() == "gpu" and compute_dtype(cfg) == jnp.bfloat16 and fits else "jnp"
 
 
-def residual_dtype(cfg: ModelConfig) -> jnp.dtype:
-    """The residual stream's dtype (x, x0, each block's mix, the skips, the lanes).
-
-    The compute dtype, except with the residual-norm kernels: float32 then. On
-    the GPU XLA keeps the model's bf16 residual float32 anyway: with its excess
-    precision it drops each bf16 round trip between two fusions, so the stream
-    goes float32 from block to block and only the norms' outputs, the matmuls'
-    inputs, are rounded (the optimised HLO; docs/performance.md, thirteenth
-    session). A kernel reads and writes what its operands' types say, so the
-    stream must be float32 in the program for the kernels to compute what XLA
-    computes without them (bf16 streams drifted in 60-step runs; docs/fidelity.md).
-    """
-    if fusion_impl(cfg, "residual_norm") == "pallas":
-        return jnp.dtype(jnp.float32)
-    return jnp.dtype(compute_dtype(cfg))
-
-
 # ----------------------------------------------------------------------------- pieces
 
 def rms_norm(x: jax.Array, scale: float = 1.0) -> jax.Array:

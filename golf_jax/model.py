@@ -79,7 +79,7 @@ from golf_jax.config import ModelConfig
 from golf_jax.packing import Segments
 from golf_jax.layers import (bigram_buckets, compute_dtype, final_lane, fusion_impl, gated_skip, head_nll, linear,
                              head_projection, lm_head, lookup, rms_norm, rotary_base, rotary_tables, scaled_sum,
-                             residual_dtype, smear, softcap, windowed_smear)
+                             smear, softcap, windowed_smear)
 from golf_jax.param_tree import Params, embedding_dtype
 
 
@@ -296,13 +296,12 @@ class GPT(nn.Module):
         x_BxTxd = lookup(self.tok_emb, tokens_BxT, dtype)
         if self.bigram is not None:
             x_BxTxd = x_BxTxd + self.bigram(tokens_BxT, dtype, prev_token_B)
-        residual = residual_dtype(cfg)  # x0 is the stream's start
         if self.smear is not None:  # on the raw embedding, before the norm
-            return rms_norm(self.smear(x_BxTxd, tokens_BxT, prev_x_Bxd).astype(residual)), x_BxTxd
-        x_BxTxd = rms_norm(x_BxTxd.astype(residual))
+            return rms_norm(self.smear(x_BxTxd, tokens_BxT, prev_x_Bxd)), x_BxTxd
+        x_BxTxd = rms_norm(x_BxTxd)
         if self.smear_gate is None:
-            return x_BxTxd, x_BxTxd.astype(dtype)
-        return smear(self.smear_gate, x_BxTxd, prev_x_Bxd, cfg.scales_in_float32), x_BxTxd.astype(dtype)
+            return x_BxTxd, x_BxTxd
+        return smear(self.smear_gate, x_BxTxd, prev_x_Bxd, cfg.scales_in_float32), x_BxTxd
 
     @nn.compact
     def hidden(self, tokens_BxT: jax.Array, rope_len: int | None = None, decode: bool = False,
@@ -362,7 +361,7 @@ class GPT(nn.Module):
             pos_var.value = pos + T
             prev_token_var.value = tokens_BxT[:, -1].astype(jnp.int32)
             prev_x_var.value = smear_input_BxTxd[:, -1]
-        h_BxTxd = rms_norm(h_BxTxd).astype(dtype)
+        h_BxTxd = rms_norm(h_BxTxd)
         sow_gram(self, "final_norm", h_BxTxd)  # the tied head's input: the 1.0611 record's tok_emb Hessian
         return h_BxTxd
 

@@ -18,15 +18,7 @@ Rounding is where XLA rounds the model's jnp path on the GPU
 forward was measured there (scripts/fusion_kernel_sweep.py, GPU tests): XLA
 fuses the sum into the norm and, under its excess precision, drops the bf16
 round trip between them; so s is written rounded once and n is computed
-from the unrounded s, rounded once. In the whole model XLA keeps s itself
-float32 too: its excess precision drops the bf16 round trip between the
-fusions of one block and the next, so the residual stream (x, x_in, x0, the
-skips) is float32 on the GPU (the optimised HLO of the record's loss+grad,
-docs/performance.md, thirteenth session). With a bf16 stream the kernels
-rounded s where XLA does not, and 60-step runs drifted (docs/fidelity.md);
-so the model gives them a float32 stream (`layers.residual_dtype`): a and s
-float32, n in the compute dtype (`add_norm`'s out_dtype), the cotangents and
-the backward's roundings in the compute dtype. The backward follows XLA's optimised HLO
+from the unrounded s, rounded once. The backward follows XLA's optimised HLO
 for the GPU (docs/performance.md, 2026-12-01), not yet measured against it:
 the norm's gradient in float32 from the unrounded s (XLA keeps the float32 s
 of the forward for it), rounded to bf16; added to s's other cotangent in
@@ -70,13 +62,12 @@ SEMANTICS = dict(norm_of_rounded_sum=False, dnorm_of_rounded_sum=False, round_dn
 # ----------------------------------------------------------------------------- jnp reference
 
 def reference(a: jax.Array, b: jax.Array, scale_a: jax.Array | None, scale_b: jax.Array,
-              norm_scale: float, out_dtype=None) -> tuple[jax.Array, jax.Array]:
+              norm_scale: float) -> tuple[jax.Array, jax.Array]:
     """(s, n) and their gradient as the kernels compute them, in jnp (any
-    backend): s = scale_a a + scale_b b in a's dtype and n = RMSNorm(s) *
-    norm_scale in out_dtype (default a's), with the rounding points of the
-    module docstring."""
+    backend): s = scale_a a + scale_b b and n = RMSNorm(s) * norm_scale, with
+    the rounding points of the module docstring."""
     scale_a_D = jnp.ones_like(scale_b) if scale_a is None else scale_a
-    return _reference(a, b, scale_a_D, scale_b, float(norm_scale), jnp.dtype(out_dtype or a.dtype).name)
+    return _reference(a, b, scale_a_D, scale_b, float(norm_scale))
 
 
 def _inv_rms(s):
@@ -89,36 +80,30 @@ def _reference_sums(a, b, scale_a, scale_b):
     return s, s.astype(a.dtype).astype(f32)
 
 
-def _rounded(x, dtype):
-    """float32 x rounded to dtype, kept float32."""
-    return x.astype(dtype).astype(jnp.float32)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _reference(a, b, scale_a, scale_b, norm_scale, out_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _reference(a, b, scale_a, scale_b, norm_scale):
     s_exact, s = _reference_sums(a, b, scale_a, scale_b)
     normed = s if SEMANTICS["norm_of_rounded_sum"] else s_exact
-    return s.astype(a.dtype), (normed * _inv_rms(normed) * norm_scale).astype(out_dtype)
+    return s.astype(a.dtype), (normed * _inv_rms(normed) * norm_scale).astype(a.dtype)
 
 
-def _reference_fwd(a, b, scale_a, scale_b, norm_scale, out_dtype):
-    return _reference(a, b, scale_a, scale_b, norm_scale, out_dtype), (a, b, scale_a, scale_b)
+def _reference_fwd(a, b, scale_a, scale_b, norm_scale):
+    return _reference(a, b, scale_a, scale_b, norm_scale), (a, b, scale_a, scale_b)
 
 
-def _reference_bwd(norm_scale, out_dtype, residuals, cotangents):
+def _reference_bwd(norm_scale, residuals, cotangents):
     a, b, scale_a, scale_b = residuals
-    f32 = jnp.float32
+    f32, dtype = jnp.float32, a.dtype
     s_exact, s = _reference_sums(a, b, scale_a, scale_b)
     s = s if SEMANTICS["dnorm_of_rounded_sum"] else s_exact
     inv = _inv_rms(s)
-    u = _rounded(cotangents[1].astype(f32), out_dtype) * norm_scale
+    u = cotangents[1].astype(dtype).astype(f32) * norm_scale
     dnorm = inv * u - inv * inv * inv * s * (jnp.sum(u * s, axis=-1, keepdims=True) / s.shape[-1])
-    dnorm = _rounded(dnorm, out_dtype) if SEMANTICS["round_dnorm"] else dnorm
-    ds = _rounded(cotangents[0].astype(f32), out_dtype) + dnorm
-    ds = _rounded(ds, out_dtype) if SEMANTICS["round_ds"] else ds
+    dnorm = dnorm.astype(dtype).astype(f32) if SEMANTICS["round_dnorm"] else dnorm
+    ds = cotangents[0].astype(dtype).astype(f32) + dnorm
+    ds = ds.astype(dtype).astype(f32) if SEMANTICS["round_ds"] else ds
     rows = tuple(range(a.ndim - 1))
-    return (_rounded(ds * scale_a.astype(f32), out_dtype).astype(a.dtype),
-            _rounded(ds * scale_b.astype(f32), out_dtype).astype(b.dtype),
+    return ((ds * scale_a.astype(f32)).astype(dtype), (ds * scale_b.astype(f32)).astype(dtype),
             jnp.sum(ds * a.astype(f32), axis=rows).astype(scale_a.dtype),
             jnp.sum(ds * b.astype(f32), axis=rows).astype(scale_b.dtype))
 
@@ -143,7 +128,7 @@ def _forward_kernel(a_ref, b_ref, sa_ref, sb_ref, s_ref, n_ref, *, steps, step_r
         _, _, s_exact, s = _mixed(a_ref, b_ref, sa, sb, rows, dtype)
         s_ref[rows, :] = s.astype(dtype)
         s = s if semantics["norm_of_rounded_sum"] else s_exact
-        n_ref[rows, :] = (s * _inv_rms(s) * norm_scale).astype(n_ref.dtype)
+        n_ref[rows, :] = (s * _inv_rms(s) * norm_scale).astype(dtype)
         return carry
 
     jax.lax.fori_loop(0, steps, step, 0)
@@ -151,13 +136,12 @@ def _forward_kernel(a_ref, b_ref, sa_ref, sb_ref, s_ref, n_ref, *, steps, step_r
 
 def _backward_kernel(a_ref, b_ref, sa_ref, sb_ref, ds_ref, dn_ref, da_ref, db_ref, dsa_ref, dsb_ref, *,
                      steps, step_rows, norm_scale, semantics):
-    # The residual s in a's dtype; the cotangents, and the rounding of the backward, in n's (dn's).
-    dtype, sa, sb = dn_ref.dtype, sa_ref[...].astype(jnp.float32), sb_ref[...].astype(jnp.float32)
+    dtype, sa, sb = da_ref.dtype, sa_ref[...].astype(jnp.float32), sb_ref[...].astype(jnp.float32)
     width = a_ref.shape[1]
 
     def step(i, sums):
         rows = pl.ds(i * step_rows, step_rows)
-        a, b, s_exact, s = _mixed(a_ref, b_ref, sa, sb, rows, da_ref.dtype)
+        a, b, s_exact, s = _mixed(a_ref, b_ref, sa, sb, rows, dtype)
         s = s if semantics["dnorm_of_rounded_sum"] else s_exact
         inv = _inv_rms(s)
         u = dn_ref[rows, :].astype(jnp.float32) * norm_scale
@@ -166,8 +150,8 @@ def _backward_kernel(a_ref, b_ref, sa_ref, sb_ref, ds_ref, dn_ref, da_ref, db_re
         dnorm = dnorm.astype(dtype).astype(jnp.float32) if semantics["round_dnorm"] else dnorm
         ds = ds_ref[rows, :].astype(jnp.float32) + dnorm
         ds = ds.astype(dtype).astype(jnp.float32) if semantics["round_ds"] else ds
-        da_ref[rows, :] = (ds * sa).astype(dtype).astype(da_ref.dtype)
-        db_ref[rows, :] = (ds * sb).astype(dtype).astype(db_ref.dtype)
+        da_ref[rows, :] = (ds * sa).astype(dtype)
+        db_ref[rows, :] = (ds * sb).astype(dtype)
         return sums[0] + jnp.sum(ds * a, axis=0, keepdims=True), sums[1] + jnp.sum(ds * b, axis=0, keepdims=True)
 
     zeros = jnp.zeros((1, width), jnp.float32)
@@ -186,12 +170,11 @@ def program_rows(seq_len: int, max_rows: int = 128, step_rows: int = 16) -> tupl
     return rows, min(rows, step_rows)
 
 
-def _call(kernel, n_rows: int, seq_len: int, width: int, out_dtypes: tuple, norm_scale: float, n_row_in: int,
+def _call(kernel, n_rows: int, seq_len: int, width: int, dtype, norm_scale: float, n_row_in: int, n_row_out: int,
           n_partial_out: int, tuned: dict, semantics: dict):
     """pallas_call of `kernel` over blocks of rows of [n_rows, width] operands
     (the first two and the last n_row_in - 2 inputs), with the two scales
-    [1, width] whole; an output of rows for each of out_dtypes, then
-    n_partial_out float32 outputs of one row per block."""
+    [1, width] whole; n_partial_out float32 outputs of one row per block."""
     rows, step_rows = program_rows(seq_len, tuned["program_rows"], tuned["step_rows"])
     row_block = pl.BlockSpec((rows, width), lambda i: (i, 0))
     scale = pl.BlockSpec((1, width), lambda i: (0, 0))
@@ -202,8 +185,8 @@ def _call(kernel, n_rows: int, seq_len: int, width: int, out_dtypes: tuple, norm
                           semantics=semantics),
         grid=(n_rows // rows,),
         in_specs=[row_block, row_block, scale, scale] + [row_block] * (n_row_in - 2),
-        out_specs=[row_block] * len(out_dtypes) + [partial] * n_partial_out,
-        out_shape=([jax.ShapeDtypeStruct((n_rows, width), dtype) for dtype in out_dtypes]
+        out_specs=[row_block] * n_row_out + [partial] * n_partial_out,
+        out_shape=([jax.ShapeDtypeStruct((n_rows, width), dtype)] * n_row_out
                    + [jax.ShapeDtypeStruct((n_rows // rows, width), jnp.float32)] * n_partial_out),
         interpret=not on_gpu,
         compiler_params=pltriton.CompilerParams(num_warps=tuned["num_warps"], num_stages=tuned["num_stages"])
@@ -217,19 +200,18 @@ def _settings() -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(seq_len: int, width: int, dtype_names: tuple[str, str, str], norm_scale: float, settings: tuple):
-    """The forward and backward for one width, dtypes (a's, b's, n's), norm
-    scale and settings, each row-partitioned (GSPMD runs them on each device's
-    rows, scales replicated)."""
-    a_dtype, b_dtype, n_dtype = (jnp.dtype(name) for name in dtype_names)
+def _kernels(seq_len: int, width: int, dtype_name: str, norm_scale: float, settings: tuple):
+    """The forward and backward for one width, dtype, norm scale and settings,
+    each row-partitioned (GSPMD runs them on each device's rows, scales replicated)."""
+    dtype = jnp.dtype(dtype_name)
     forward_launch, backward_launch, semantics = (dict(items) for items in settings)
 
     def forward(a, b, scale_a, scale_b):
-        return tuple(_call(_forward_kernel, a.shape[0], seq_len, width, (a_dtype, n_dtype), norm_scale, 2, 0,
+        return tuple(_call(_forward_kernel, a.shape[0], seq_len, width, dtype, norm_scale, 2, 2, 0,
                            forward_launch, semantics)(a, b, scale_a, scale_b))
 
     def backward(a, b, scale_a, scale_b, ds, dn):
-        return tuple(_call(_backward_kernel, a.shape[0], seq_len, width, (a_dtype, b_dtype), norm_scale, 4, 2,
+        return tuple(_call(_backward_kernel, a.shape[0], seq_len, width, dtype, norm_scale, 4, 2, 2,
                            backward_launch, semantics)(a, b, scale_a, scale_b, ds, dn))
 
     return (row_partitioned(forward, (0, 1), 2, "m d, m d, o d, o d -> m d, m d", ("d", "o")),
@@ -237,28 +219,20 @@ def _kernels(seq_len: int, width: int, dtype_names: tuple[str, str, str], norm_s
                             ("d", "o")))
 
 
-def _dtypes(a_NxD, b_NxD, n_dtype: str) -> tuple[str, str, str]:
-    return a_NxD.dtype.name, b_NxD.dtype.name, n_dtype
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(a_NxD, b_NxD, scale_a_D, scale_b_D, norm_scale: float, seq_len: int, n_dtype: str):
-    forward, _ = _kernels(seq_len, a_NxD.shape[1], _dtypes(a_NxD, b_NxD, n_dtype), norm_scale, _settings())
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused(a_NxD, b_NxD, scale_a_D, scale_b_D, norm_scale: float, seq_len: int):
+    forward, _ = _kernels(seq_len, a_NxD.shape[1], a_NxD.dtype.name, norm_scale, _settings())
     return forward(a_NxD, b_NxD, scale_a_D[None, :], scale_b_D[None, :])
 
 
-def _fused_fwd(a_NxD, b_NxD, scale_a_D, scale_b_D, norm_scale, seq_len, n_dtype):
-    return (_fused(a_NxD, b_NxD, scale_a_D, scale_b_D, norm_scale, seq_len, n_dtype),
-            (a_NxD, b_NxD, scale_a_D, scale_b_D))
+def _fused_fwd(a_NxD, b_NxD, scale_a_D, scale_b_D, norm_scale, seq_len):
+    return _fused(a_NxD, b_NxD, scale_a_D, scale_b_D, norm_scale, seq_len), (a_NxD, b_NxD, scale_a_D, scale_b_D)
 
 
-def _fused_bwd(norm_scale, seq_len, n_dtype, residuals, cotangents):
+def _fused_bwd(norm_scale, seq_len, residuals, cotangents):
     a_NxD, b_NxD, scale_a_D, scale_b_D = residuals
-    # Both cotangents in n's dtype: a float32 residual's cotangent is rounded to
-    # it, as its gradient is where XLA keeps the residual float32 only as excess
-    # precision of a bf16 one (see add_norm).
-    ds, dn = (c.astype(n_dtype) for c in cotangents)
-    _, backward = _kernels(seq_len, a_NxD.shape[1], _dtypes(a_NxD, b_NxD, n_dtype), norm_scale, _settings())
+    ds, dn = (c.astype(a_NxD.dtype) for c in cotangents)
+    _, backward = _kernels(seq_len, a_NxD.shape[1], a_NxD.dtype.name, norm_scale, _settings())
     da, db, dsa_partials, dsb_partials = backward(a_NxD, b_NxD, scale_a_D[None, :], scale_b_D[None, :], ds, dn)
     return (da, db, jnp.sum(dsa_partials, axis=0).astype(scale_a_D.dtype),
             jnp.sum(dsb_partials, axis=0).astype(scale_b_D.dtype))
@@ -268,24 +242,17 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
 def add_norm(a: jax.Array, b: jax.Array, scale_a: jax.Array | None, scale_b: jax.Array, norm_scale: float,
-             impl: str = "jnp", out_dtype=None) -> tuple[jax.Array, jax.Array]:
-    """`reference`'s (s, n) and their gradient. a, b: [B, T, d]; s in a's
-    dtype, n in out_dtype (default a's); scale_a (None: 1) and scale_b: [d].
-
-    A float32 a (and b) with a bf16 out_dtype is the residual stream as XLA
-    computes the model's jnp path on the GPU: its excess precision drops the
-    bf16 round trips between the fusions, so the residual x, x_in and x0 stay
-    float32 from one block to the next (the optimised HLO, docs/performance.md,
-    2026-12-02 thirteenth session); only n, the matmuls' input, is rounded. The
-    gradients stay those of the bf16 path: every cotangent rounded to bf16.
-    """
-    out_dtype = jnp.dtype(out_dtype or a.dtype).name
+             impl: str = "jnp") -> tuple[jax.Array, jax.Array]:
+    """`reference`'s (s, n) and their gradient. a, b: [B, T, d] in one dtype;
+    scale_a (None: 1) and scale_b: [d] in that dtype."""
     if impl == "jnp":
-        return reference(a, b, scale_a, scale_b, norm_scale, out_dtype)
+        return reference(a, b, scale_a, scale_b, norm_scale)
     if impl != "pallas":
         raise ValueError(f"no residual-norm kernels named {impl!r}; expected one of {IMPLS}")
     B, T, width = a.shape
     # Without scale_a the kernel multiplies by ones: exact, and its gradient is dropped.
-    scale_a_D = jnp.ones((width,), scale_b.dtype) if scale_a is None else scale_a
-    s, n = _fused(a.reshape(-1, width), b.reshape(-1, width), scale_a_D, scale_b, float(norm_scale), T, out_dtype)
+    scale_a_D = jnp.ones((width,), a.dtype) if scale_a is None else scale_a
+    s, n = _fused(a.reshape(-1, width), b.reshape(-1, width), scale_a_D, scale_b, float(norm_scale), T)
     return s.reshape(B, T, width), n.reshape(B, T, width)
+
+

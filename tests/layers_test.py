@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,13 +151,3 @@ def test_scaled_sum_op_by_op_rounds_every_op():
     # float32 activations (the parity path): the plain sum whatever the switch.
     xf = x.astype(jnp.float32)
     np.testing.assert_array_equal(layers.scaled_sum([(s0, xf), (None, xf)], True), s0.astype(jnp.float32) * xf + xf)
-
-
-def test_residual_dtype_is_float32_with_the_residual_norm_kernels():
-    """The stream is float32 where the mix kernels run (what XLA keeps of the bf16
-    stream; layers.residual_dtype), the compute dtype otherwise."""
-    bf16 = ModelConfig(compute_dtype="bfloat16", fusion_impl="pallas")
-    assert layers.residual_dtype(bf16) == jnp.bfloat16  # residual_norm not in the default list
-    assert layers.residual_dtype(dataclasses.replace(bf16, fusion_kernels="norm_rope,residual_norm")) == jnp.float32
-    assert layers.residual_dtype(dataclasses.replace(bf16, fusion_kernels="residual_norm",
-                                                     scales_in_float32=False)) == jnp.bfloat16
