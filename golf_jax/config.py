@@ -96,7 +96,8 @@ class ModelConfig:
     # Which of those kernels "auto"/"pallas" applies to, comma-separated. Not
     # residual_norm by default: with it the 60-step fidelity curve drifts
     # (warmdown +0.84% and +1.38%, against -0.27% and -0.41% with the other two;
-    # docs/fidelity.md), though it rounds as XLA does in isolation.
+    # docs/fidelity.md), though it rounds as XLA does in isolation; so it did with a
+    # float32 backward and with a float32 residual stream (thirteenth session).
     fusion_kernels: str = "norm_rope,xsa"
 
     # The 1.0611 record's architecture (docs/frontier.md); the defaults are the 1.1147 record's.
