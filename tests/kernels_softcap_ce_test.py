@@ -254,3 +254,29 @@ def test_record_head_through_the_kernel_bfloat16():
     assert abs(float(loss) / float(loss_ref) - 1) <= 1e-6
     for g, g_ref in zip(grads, grads_ref):
         assert g.dtype == jnp.bfloat16 and rel(g, g_ref) < 2 ** -8
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_frontier_packed_rows_through_the_kernel(frontier_ref, looping):
+    """The 1.0611 record's tiny model (packed row of several documents, unlooped and
+    looped; float32) with the kernel computing its training loss: the reference's loss
+    and every gradient, as the jnp path matches them (tests/model_frontier_test.py).
+    Its config is the one `--config.fusion_kernels=norm_rope,xsa,softcap_ce` gives
+    configs/frontier.py (the record trains with a fused softcapped CE kernel of its own)."""
+    from golf_jax import compat
+    from tests.model_frontier_test import fixture_segments, rel_err
+
+    cfg, _, ref = frontier_ref
+    cfg = dataclasses.replace(cfg, fusion_impl="pallas", fusion_kernels="softcap_ce")
+    params = compat.params_from_reference({k[6:]: v for k, v in ref.items() if k.startswith("param/")}, cfg)
+    x, y, segments = jnp.asarray(ref["x"]), jnp.asarray(ref["y"]), fixture_segments(ref)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: model.loss(p, cfg, x, y, looping=looping, segments=segments)))(
+        params)
+    mode = "looped" if looping else "unlooped"
+    # float32 against float32, the sums in other orders (the jnp path: 1.2e-7 and 7e-7)
+    assert abs(float(loss) / float(ref[f"{mode}/loss"]) - 1) <= 1e-5
+    ours = compat.params_to_reference(grads, cfg)
+    prefix = f"{mode}/grad/"
+    theirs = {k.removeprefix(prefix): v for k, v in ref.items() if k.startswith(prefix)}
+    errors = {k: rel_err(ours[k], theirs[k]) for k in theirs if np.any(theirs[k])}
+    assert max(errors.values()) <= 1e-4, {k: e for k, e in errors.items() if e > 1e-4}  # as the jnp path's
