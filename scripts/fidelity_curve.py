@@ -22,7 +22,8 @@ The mean and the validation ranges of the checks are those of --mean-of
 repository), e.g. `git archive HEAD` unpacked while the working tree is edited;
 RESIDUAL_NORM_SEMANTICS="round_dnorm=0,round_ds=0" trains with those rounding
 choices of kernels/residual_norm.py (`SEMANTICS`), as the gradient probe
-(scripts/residual_grad_probe.py) tries them.
+(scripts/residual_grad_probe.py) tries them; RESIDUAL_NORM_HALF=forward (or backward) with one
+half of that kernel only (scripts/residual_norm_halves.py).
 The device call that ran the figures of docs/fidelity.md is
 scripts/device_fidelity.sh.
 """
@@ -251,12 +252,18 @@ def cmd_train(args, overrides: list[str]) -> int:
            f"--config.tokenizer_path={data / 'tokenizers/fineweb_1024_bpe.model'}",
            f"--config.init_from={init}", f"--config.output_dir={args.out.resolve()}", *SETTINGS, *overrides,
            "--no-quantize", "--no-progress"]
+    prelude = []  # train.py with the residual-mix kernel changed first (the kernel's experiments)
     semantics = os.environ.get("RESIDUAL_NORM_SEMANTICS", "")
-    if semantics:  # e.g. "round_dnorm=0,round_ds=0": train.py with kernels/residual_norm.SEMANTICS changed first
+    if semantics:  # e.g. "round_dnorm=0,round_ds=0": kernels/residual_norm.SEMANTICS changed
         changes = {k: bool(int(v)) for k, v in (item.split("=") for item in semantics.split(","))}
-        wrap = ("import runpy, sys; from kernels import residual_norm as r; "
-                f"assert set({changes!r}) <= set(r.SEMANTICS); r.SEMANTICS.update({changes!r}); "
-                "sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')")
+        prelude.append(f"from kernels import residual_norm as r; assert set({changes!r}) <= set(r.SEMANTICS); "
+                       f"r.SEMANTICS.update({changes!r})")
+    half = os.environ.get("RESIDUAL_NORM_HALF", "")
+    if half:  # "forward" or "backward": that half of the kernel alone (scripts/residual_norm_halves.py)
+        prelude.append(f"sys.path.insert(0, 'scripts'); import residual_norm_halves; residual_norm_halves.patch({half!r})")
+    if prelude:
+        wrap = "; ".join(["import runpy, sys", *prelude,
+                          "sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"])
         cmd = [sys.executable, "-c", wrap, *cmd[2:]]
     print(f"(in {tree}) " + " ".join(cmd), flush=True)
     return subprocess.call(cmd, cwd=tree)

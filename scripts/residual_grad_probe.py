@@ -5,7 +5,8 @@ In isolation kernels/residual_norm.py rounds as XLA's compiled jnp path does
 fidelity curve from step 2. This takes the first step's gradient of the record
 model at its initial weights (the reference's seed-314 weights with --init, real text, 8 x 2048 tokens) for:
 float32 ("truth"), bf16 jnp, bf16 with kernel sets and with other rounding choices
-(`SEMANTICS`) of the mix kernel; and prints
+(`SEMANTICS`) of the mix kernel, each half of that kernel alone
+(scripts/residual_norm_halves.py); and prints
 per parameter each bf16 variant's relative error against float32 and, for the
 scalar parameters (AdamW: the first step moves each by lr times its sign), the
 count of elements whose sign differs from float32's.
@@ -25,19 +26,25 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from golf_jax import cli, compat, model  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import residual_norm_halves  # noqa: E402
+from golf_jax import blocks, cli, compat, model  # noqa: E402
 from golf_jax.tools import bench  # noqa: E402
 from kernels import residual_norm  # noqa: E402
 
 RESIDUAL = dict(fusion_impl="auto", fusion_kernels="residual_norm")
-# label -> (model fields, kernels/residual_norm.SEMANTICS changes while tracing it)
+# label -> (model fields, kernels/residual_norm.SEMANTICS changes while tracing it, or the half
+# of the kernel Block.mix_norm runs)
 VARIANTS = {"bf16 jnp": (dict(fusion_impl="jnp"), {}),
             "bf16 norm_rope,xsa": (dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa"), {}),
             "bf16 norm_rope,xsa,softcap_ce": (dict(fusion_impl="auto", fusion_kernels="norm_rope,xsa,softcap_ce"), {}),
             "bf16 residual_norm": (RESIDUAL, {}),
             "residual, float32 inside": (RESIDUAL, dict(round_dnorm=False, round_ds=False)),
             "residual, ds float32": (RESIDUAL, dict(round_ds=False)),
-            "residual, dnorm float32": (RESIDUAL, dict(round_dnorm=False))}
+            "residual, dnorm float32": (RESIDUAL, dict(round_dnorm=False)),
+            # one half of the kernel only (scripts/residual_norm_halves.py)
+            "residual, forward half": (RESIDUAL, "forward"),
+            "residual, backward half": (RESIDUAL, "backward")}
 
 
 def main() -> None:
@@ -55,8 +62,11 @@ def main() -> None:
     print(f"float32 loss {float(f32_loss):.6f}")
     rows = {}
     for label, (fields, semantics) in VARIANTS.items():
-        saved = dict(residual_norm.SEMANTICS)
-        residual_norm.SEMANTICS.update(semantics)  # part of the kernels' cache key
+        saved, add_norm = dict(residual_norm.SEMANTICS), blocks.add_norm
+        if isinstance(semantics, str):
+            residual_norm_halves.patch(semantics)
+        else:
+            residual_norm.SEMANTICS.update(semantics)  # part of the kernels' cache key
         try:
             # A fresh trace: jit's cache would otherwise return the program of an earlier
             # variant with the same model fields, whatever SEMANTICS says now.
@@ -65,6 +75,7 @@ def main() -> None:
         finally:
             residual_norm.SEMANTICS.clear()
             residual_norm.SEMANTICS.update(saved)
+            blocks.add_norm = add_norm
         g = [np.asarray(a, np.float64) for a in jax.tree.leaves(g)]
         rows[label] = g
         print(f"{label}: loss {float(loss):.6f}")
