@@ -59,17 +59,23 @@ class SlotLoRA(NamedTuple):
         step on an H200, docs/performance.md); then each B, q's and o's at the query
         positions only (`query_slice`)."""
         targets = ("q", "k", "v", "o")
-        a_BxRxd = jnp.concatenate([getattr(self, t)[0] for t in targets], axis=1).astype(h_BxTxd.dtype)
-        lows = dict(zip(targets, jnp.split(jnp.einsum("bti,bri->btr", h_BxTxd, a_BxRxd), len(targets), axis=-1)))
+        joined = _lora_down(h_BxTxd, jnp.concatenate([getattr(self, t)[0] for t in targets], axis=1))
+        lows = dict(zip(targets, jnp.split(joined, len(targets), axis=-1)))
         lows["q"], lows["o"] = query_slice(queries)(lows["q"]), query_slice(queries)(lows["o"])
-        return {t: jnp.einsum("btr,bor->bto", low, getattr(self, t)[1].astype(h_BxTxd.dtype)) * self.scale
-                for t, low in lows.items()}
+        return {t: _lora_up(low, getattr(self, t)[1], self.scale) for t, low in lows.items()}
 
 
 def lora_delta(x_BxTxI: jax.Array, a_BxRxI: jax.Array, b_BxOxR: jax.Array, scale: float) -> jax.Array:
     """scale (x A^T) B^T, each row of the batch with its own adapter, in x's dtype."""
-    low_BxTxR = jnp.einsum("bti,bri->btr", x_BxTxI, a_BxRxI.astype(x_BxTxI.dtype))
-    return jnp.einsum("btr,bor->bto", low_BxTxR, b_BxOxR.astype(x_BxTxI.dtype)) * scale
+    return _lora_up(_lora_down(x_BxTxI, a_BxRxI), b_BxOxR, scale)
+
+
+def _lora_down(x_BxTxI: jax.Array, a_BxRxI: jax.Array) -> jax.Array:
+    return jnp.einsum("bti,bri->btr", x_BxTxI, a_BxRxI.astype(x_BxTxI.dtype))
+
+
+def _lora_up(low_BxTxR: jax.Array, b_BxOxR: jax.Array, scale: float) -> jax.Array:
+    return jnp.einsum("btr,bor->bto", low_BxTxR, b_BxOxR.astype(low_BxTxR.dtype)) * scale
 
 
 def query_slice(queries: tuple | None, axis: int = 1):

@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 
@@ -167,8 +167,8 @@ def budget_line(b: dict) -> str:
                if b["reserved_s"] is not None else ""))
 
 
-def _artifact(qmodel: quant.QuantizedModel, cfg: Config, meta: dict, path: Path, stage, log, report: dict) -> Params:
-    """The 1.1147 record's artifact: pruned to the budget, written, read back; its weights."""
+def _artifact(qmodel: quant.QuantizedModel, cfg: Config, meta: dict, path: Path, stage, log, report: dict) -> None:
+    """The 1.1147 record's artifact: pruned to the budget, written."""
     q = cfg.quant
     code = code_size.counted_code_bytes(cfg.quant.code_size_count)
     with stage("compress_and_prune"):
@@ -186,15 +186,11 @@ def _artifact(qmodel: quant.QuantizedModel, cfg: Config, meta: dict, path: Path,
         f"(budget {q.artifact_budget_bytes:,}); pruned {pruned.get('pruned', 0):,} of "
         f"{pruned.get('candidates', 0):,} +-1 values")
 
-    with stage("reload"):
-        return checkpoint.load_model(artifact_path=path).params
-
 
 def _frontier_artifact(fq: quant_frontier.FrontierQuantized, cfg: Config, meta: dict, path: Path, stage, log,
-                       report: dict, before_reload: Callable[[], None] = lambda: None) -> Params:
+                       report: dict) -> None:
     """The "sdclip" scheme's quantised model in the 1.0611 record's per-group artifact
-    (golf_jax.artifact_pergroup), written, read back and dequantised; nothing pruned, as
-    the record. before_reload: called as the reload, the evaluation's first stage, begins."""
+    (golf_jax.artifact_pergroup), written; nothing pruned, as the record."""
     q = cfg.quant
     code = code_size.counted_code_bytes(q.code_size_count)
     with stage("compress"):
@@ -207,9 +203,6 @@ def _frontier_artifact(fq: quant_frontier.FrontierQuantized, cfg: Config, meta: 
                               group_compressor=q.group_compressor, code_size_count=q.code_size_count)
     log(f"artifact {path} (per-group, {q.group_compressor}): {weights_bytes:,} bytes + {code:,} bytes of code "
         f"({q.code_size_count}) = {weights_bytes + code:,} (budget {q.artifact_budget_bytes:,})")
-    before_reload()
-    with stage("reload"):
-        return checkpoint.load_model(artifact_path=path).params
 
 
 def _compile_ttt(params: Params, cfg: Config, val_tokens) -> concurrent.futures.Future:
@@ -280,13 +273,14 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
         log(f"GPTQ fell back to the per-row quantiser for {len(fallbacks)} matrices: {', '.join(fallbacks)}")
 
     meta = _artifact_meta(cfg, quant_report, dataset or ds.record())
+    write = _frontier_artifact if isinstance(qmodel, quant_frontier.FrontierQuantized) else _artifact
+    write(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report)
+    # The reload is the evaluation's first stage: the phased TTT's programs compile beside it
+    # (they need the weights' shapes alone), and beside the round trip after it.
     lora_ttt = cfg.ttt.enabled and cfg.ttt.mode == "lora_phased"
-    ahead: list[concurrent.futures.Future] = []  # the phased TTT's programs, compiling beside the reload
-    if isinstance(qmodel, quant_frontier.FrontierQuantized):
-        start = (lambda: ahead.append(_compile_ttt(params, cfg, val_tokens))) if lora_ttt else (lambda: None)
-        qparams = _frontier_artifact(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report, start)
-    else:
-        qparams = _artifact(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report)
+    ahead = _compile_ttt(params, cfg, val_tokens) if lora_ttt else None
+    with stage("reload"):
+        qparams = checkpoint.load_model(artifact_path=out_dir / ARTIFACT_NAME).params
     with stage("eval_int6_roundtrip"):
         rt = evaluate.run_standard(qparams, cfg, val_tokens, tables, progress)
     report["int6_roundtrip"] = dataclasses.asdict(rt)
@@ -298,8 +292,7 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
         report["sliding"] = dataclasses.asdict(sl)
         log(f"int6 sliding window (stride {cfg.eval.sliding_stride}): val_loss {sl.loss:.4f} val_bpb {sl.bpb:.4f}")
     if lora_ttt:
-        report["ttt"] = _lora_ttt(qparams, cfg, val_tokens, tables, ahead[0] if ahead else None, rt, stage, log,
-                                  progress)
+        report["ttt"] = _lora_ttt(qparams, cfg, val_tokens, tables, ahead, rt, stage, log, progress)
     elif cfg.ttt.enabled:
         with stage("ttt"):
             result = ttt.run(qparams, cfg, val_tokens, tables, progress)

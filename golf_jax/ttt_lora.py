@@ -118,6 +118,13 @@ def fresh_lora(a_factors: dict, cfg: ModelConfig, t: TTTConfig) -> model.LoRA:
     return model.LoRA(factors, t.lora_alpha / t.lora_rank)
 
 
+@functools.lru_cache(maxsize=None)
+def _copy_program(sharding: NamedSharding | None) -> Callable:
+    def copy_tree(tree):
+        return jax.tree.map(jnp.copy, tree)
+    return jax.jit(copy_tree) if sharding is None else jax.jit(copy_tree, out_shardings=sharding)
+
+
 class RowPlacement:
     """Where a batch's arrays live: on several devices, rows split over the mesh
     (inputs along their leading axis, LoRA factors and their moments along
@@ -138,6 +145,11 @@ class RowPlacement:
 
     def replicated(self, tree):
         return jax.tree.map(lambda x: self._put(x, P()), tree)
+
+    def replicated_copy(self, tree):
+        """A replicated copy of tree in buffers of its own (the global phases donate theirs),
+        as one program: a copy per array compiled one program per shape."""
+        return _copy_program(None if self.mesh is None else NamedSharding(self.mesh, P()))(tree)
 
     def rows(self, tree):
         return jax.tree.map(lambda x: self._put(x, P(AXIS)), tree)
@@ -335,7 +347,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     schedule = ttt_schedule.rank_schedule(lengths, t, t.lora_ranks)
     with runlog.CompileCounter() as compiles:  # every compilation of the run, its placement's too
         place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
-        params = place.replicated(jax.tree.map(lambda x: jnp.array(x, copy=True), params))
+        params = place.replicated_copy(params)
         step = chunk_step_for(mcfg, t)
         constructions = [0] * t.lora_ranks  # each rank builds its own LoRAs (the reference's ranks seed alike)
 
@@ -361,7 +373,8 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
                         lora = build(rank, len(docs))
                     lora = _score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t, step, log,
                                         place)
-                    warm[rank] = lora if full else warm[rank]
+                    if full:
+                        warm[rank] = lora
                     bar.update(len(docs))
             if era < len(schedule.phases):
                 phase_t0, compile_t0 = time.perf_counter(), compiles.seconds
