@@ -10,7 +10,8 @@
 # A spec is "name:words". VAR=value words set the run's environment; the other
 # words (--config...) are golf_jax overrides. A name starting with "ref_" makes it
 # a reference run (VAR=value words only), e.g. "ref_eager_1:TORCHDYNAMO_DISABLE=1";
-# REFERENCE=N puts N plain ones first, ref_h200_<REF_FROM>, ... (distinct names
+# REFERENCE=N puts N plain ones first, ref_<gpu>_<REF_FROM>, ... (gpu: h100, h200 from
+# nvidia-smi; distinct names
 # across calls). An XLA_FLAGS=... word is added to the XLA_FLAGS already set.
 # Each spec goes to the least loaded queue (a compiled reference run counts as two
 # golf_jax runs, an eager one as one), and each queue runs its specs in that order.
@@ -29,7 +30,8 @@ if [ "$slots" -gt 1 ]; then  # JAX takes 75% of the GPU by default: leave room f
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(awk "BEGIN{print 0.7/$slots}")}
 fi
 nref=${REFERENCE:-0} first=${REF_FROM:-1}
-specs=(); for i in $(seq "$first" $((first + nref - 1))); do specs+=("ref_h200_$i:"); done
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o "H[0-9]*" | head -1 | tr A-Z a-z)
+specs=(); for i in $(seq "$first" $((first + nref - 1))); do specs+=("ref_${gpu:-gpu}_$i:"); done
 specs+=("$@")
 declare -a queue load
 for q in $(seq 0 $((nq - 1))); do queue[$q]=""; load[$q]=0; done
@@ -98,14 +100,14 @@ for spec in "${specs[@]}"; do
     if [ ${#envs[@]} -gt 0 ]; then variants+=("$runs/$name/reference.log"); else plain+=("$runs/$name/reference.log"); fi
   fi
 done
-h100=.shared/fixtures/reference/curves/record_60steps_tinyshakespeare.json
+fixture_curves=.shared/fixtures/reference/curves/record_60steps_tinyshakespeare.json
 # Against the H100 runs (this machine's reference runs are checked the same way), then against this machine's plain ones.
-python3 scripts/fidelity_curve.py compare "${names[@]}" "${variants[@]}" "${plain[@]}" --reference "$h100" \
+python3 scripts/fidelity_curve.py compare "${names[@]}" "${variants[@]}" "${plain[@]}" --reference "$fixture_curves" \
   --plot "$runs/fidelity.png" --json "$runs/fidelity.json" | tee "$runs/compare.txt"
 if [ "${#plain[@]}" -gt 0 ]; then
-  python3 scripts/fidelity_curve.py compare "${names[@]}" "${variants[@]}" --reference "$h100" "${plain[@]}" --mean-of "${plain[@]}" \
-    --plot "$runs/fidelity_h200.png" --json "$runs/fidelity_h200.json" > "$runs/compare_h200.txt"
-  sed -n '/vs mean of/,$p' "$runs/compare_h200.txt" | grep -v "^  val_bpb\|^wrote"
+  python3 scripts/fidelity_curve.py compare "${names[@]}" "${variants[@]}" --reference "$fixture_curves" "${plain[@]}" --mean-of "${plain[@]}" \
+    --plot "$runs/fidelity_here.png" --json "$runs/fidelity_here.json" > "$runs/compare_here.txt"
+  sed -n '/vs mean of/,$p' "$runs/compare_here.txt" | grep -v "^  val_bpb\|^wrote"
 fi
 grep -E "param dtypes|grad dtypes|torch" "$runs/reference_dtype_probe.txt" 2>/dev/null | cut -c1-400
 tar czf "$OUT/fidelity.tgz" -C "$OUT" runs && rm -rf "$runs"

@@ -12,8 +12,10 @@
 # mean nothing; each process is stopped at DEADLINE less the comparison's time.
 # Results: $OUT/compare.txt, $OUT/curve.png, and everything in $OUT/frontier_curve.tgz.
 # Needs .shared (data, reference) and .whl carried.
+# GOLF_EXTRA: golf_jax overrides given to both golf_jax runs (e.g. a kernel's curve:
+# GOLF_EXTRA="--config.fusion_kernels=norm_rope,xsa,softcap_ce").
 # Usage (device): OUT=... [STEPS=60] [ROW=16384] [WARMUP=20] [VAL_EVERY=20] [AS_CONFIG=1] [DEADLINE=520] \
-#   bash scripts/device_frontier_curve.sh
+#   [GOLF_EXTRA=...] bash scripts/device_frontier_curve.sh
 # The same script on a CPU, tiny (a dry run of the call): REF_DEVICE=cpu TOKENS=600000 VAL_TOKENS=20000 \
 #   INIT_FLAGS="--tiny --float32 --train-seq-len 128 --eval-seq-len 128" STEPS=12 ROW=512 WARMUP=2 VAL_EVERY=6
 set -uo pipefail
@@ -40,12 +42,13 @@ CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu run check_data python3 scripts/frontier_
   --init "$work/init" --data "$data" &
 run reference python3 scripts/frontier_curve.py reference --init "$work/init" --data "$data" --out "$work/reference" \
   --device "${REF_DEVICE:-cuda}" &
+# shellcheck disable=SC2086  # GOLF_EXTRA: several overrides
 XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run golf python3 scripts/frontier_curve.py golf --init "$work/init" \
-  --data "$data" --out "$work/golf" &
+  --data "$data" --out "$work/golf" -- ${GOLF_EXTRA:-} &
 if [ "${AS_CONFIG:-1}" = 1 ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run golf_as_config python3 scripts/frontier_curve.py golf \
     --init "$work/init" --data "$data" --out "$work/golf_as_config" \
-    -- --config.model.scales_in_float32=true --config.optimizer.muon_ns_rounding=compiled &
+    -- --config.model.scales_in_float32=true --config.optimizer.muon_ns_rounding=compiled ${GOLF_EXTRA:-} &
 fi
 wait
 tail -1 "$work/check_data.out"

@@ -414,9 +414,10 @@ def cmd_check_data(args) -> int:
     steps = args.steps or s.steps
     for step in range(1, steps + 1):
         xs, ys, segs = golf.next_step()
+        slots = segs.lengths_BxRxM.shape[-1]  # the step's layout: data.segments_per_fold_fast where every row fits it
         for m in range(h.grad_accum_steps):
             x, y, cu, _ = ref.next_batch(h.train_batch_tokens, h.grad_accum_steps)
-            want = packing.make_segments(cu.numpy(), x.shape[1], cfg.data.train_seq_len, cfg.data.segments_per_fold)
+            want = packing.make_segments(cu.numpy(), x.shape[1], cfg.data.train_seq_len, slots)
             got = packing.Segments(*(a[m] for a in segs))  # [1, ...]: this device's row
             where = f"step {step}, micro-batch {m + 1}"
             if not (np.array_equal(xs[m, 0], x[0].numpy()) and np.array_equal(ys[m, 0], y[0].numpy())):
