@@ -10,9 +10,9 @@
 # A spec is "name:words". VAR=value words set the run's environment; the other
 # words (--config...) are golf_jax overrides. A name starting with "ref_" makes it
 # a reference run (VAR=value words only), e.g. "ref_eager_1:TORCHDYNAMO_DISABLE=1";
-# REFERENCE=N puts N plain ones first, ref_<gpu>_<REF_FROM>, ... (gpu: h100, h200 from
-# nvidia-smi; distinct names
-# across calls). An XLA_FLAGS=... word is added to the XLA_FLAGS already set.
+# REFERENCE=N puts N plain ones first, ref_<gpu>_<REF_FROM>, ... (gpu: h100 or h200, as
+# nvidia-smi names it; distinct names across calls). An XLA_FLAGS=... word is added to
+# the XLA_FLAGS already set.
 # Each spec goes to the least loaded queue (a compiled reference run counts as two
 # golf_jax runs, an eager one as one), and each queue runs its specs in that order.
 # DEADLINE (s, default 450): each run is given what is left of it, less 25 s for
