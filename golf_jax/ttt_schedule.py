@@ -81,6 +81,12 @@ def chunk_window(ci: int, t: TTTConfig) -> int:
     return window_width(min((ci + 1) * t.lora_chunk_tokens, t.lora_context_len), t)
 
 
+def window_width(context: int, t: TTTConfig) -> int:
+    """A chunk's padded window: the next power of two (at least lora_min_window),
+    at most lora_context_len. Causal attention: the padding changes no score."""
+    return min(max(1 << max(context - 1, 0).bit_length(), t.lora_min_window), t.lora_context_len)
+
+
 # A chunk step's cost in the ranks' schedule: its window width plus this many positions
 # (64-row steps on an H200 took 48.5 / 85.8 / 173.2 ms at 512 / 1,024 / 2,048: docs/performance.md)
 STEP_COST_OFFSET = 128
@@ -136,12 +142,6 @@ def rank_schedule(lengths: np.ndarray, t: TTTConfig, ranks: int) -> RankSchedule
             for each in range(ranks):
                 claim(each)
     return RankSchedule(eras, phases)
-
-
-def window_width(context: int, t: TTTConfig) -> int:
-    """A chunk's padded window: the next power of two (at least lora_min_window),
-    at most lora_context_len. Causal attention: the padding changes no score."""
-    return min(max(1 << max(context - 1, 0).bit_length(), t.lora_min_window), t.lora_context_len)
 
 
 def global_batch_rows(stream: np.ndarray, lo: int, n_seqs: int, seq: int, rows: int, cfg: Config):

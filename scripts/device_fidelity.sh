@@ -10,7 +10,7 @@
 # A spec is "name:words". VAR=value words set the run's environment; the other
 # words (--config...) are golf_jax overrides. A name starting with "ref_" makes it
 # a reference run (VAR=value words only), e.g. "ref_eager_1:TORCHDYNAMO_DISABLE=1";
-# REFERENCE=N puts N plain ones first, ref_<gpu>_<REF_FROM>, ... (gpu: h100 or h200, as
+# REFERENCE=N puts N plain ones first, ref_<gpu>_<REF_FROM>, ... (gpu: h100, h200, a100, as
 # nvidia-smi names it; distinct names across calls). An XLA_FLAGS=... word is added to
 # the XLA_FLAGS already set.
 # Each spec goes to the least loaded queue (a compiled reference run counts as two
@@ -30,7 +30,7 @@ if [ "$slots" -gt 1 ]; then  # JAX takes 75% of the GPU by default: leave room f
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-$(awk "BEGIN{print 0.7/$slots}")}
 fi
 nref=${REFERENCE:-0} first=${REF_FROM:-1}
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o "H[0-9]*" | head -1 | tr A-Z a-z)
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oE "\b[A-Z]+[0-9]+\b" | head -1 | tr A-Z a-z)
 specs=(); for i in $(seq "$first" $((first + nref - 1))); do specs+=("ref_${gpu:-gpu}_$i:"); done
 specs+=("$@")
 declare -a queue load
