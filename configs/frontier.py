@@ -48,11 +48,12 @@ def get_config() -> Config:
             train_seq_len=2048, train_batch_tokens=786_432, micro_batches_per_step=8,
             text_transform="caseops", val_bytes_pattern="fineweb_val_bytes_*.bin",  # CASEOPS_ENABLED=1
             packed_documents=True,  # DocumentPackingLoader: 8 rows of 98,304 tokens a step
-            # A step whose rows all fit 16 segment slots per fold takes them (every step of
-            # FineWeb-like documents did): 100.0 / 149.5 ms per micro-batch before / after the
-            # layer loop against 109.5 / 163.6 ms with 32, back to back on an H200, for 12 s
-            # more of warm-up (docs/performance.md, 2026-12-02, twelfth session).
-            segments_per_fold_fast=16,
+            # A step takes 8 segment slots per fold when its rows all fit them (86% of steps of
+            # FineWeb-like documents), else 16 (all the rest seen), else 32: cuDNN's backward
+            # works through every slot. 16 against 32: 100.0 / 149.5 ms per micro-batch before /
+            # after the layer loop against 109.5 / 163.6 ms (twelfth session); 8 against 16: the
+            # 2026-12-03 section (docs/performance.md).
+            segments_per_fold_fast="8,16",
         ),
         optimizer=OptimizerConfig(
             matrix_lr=0.026, muon_momentum=0.97, muon_momentum_warmup_start=0.92,

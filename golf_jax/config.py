@@ -278,11 +278,18 @@ class DataConfig:
     # lengths (mean 700 tokens, sigma 1.0-1.6) needed 5-7 (median), at most 18
     # over 300 rows; a row that needs more raises an error naming this field.
     segments_per_fold: int = 32
-    # 0: off. Else a step whose rows all fit this many slots per fold takes them (a second
-    # program, compiled in the warm-up): one attention call over a 98,304-token row took
-    # 2.76 ms forward+backward with 16 slots against 3.88 ms with 32 on an H200
-    # (docs/performance.md, 2026-12-01); rows of FineWeb-like documents need 4-9.
-    segments_per_fold_fast: int = 0
+    # Fewer-slot layouts, comma-separated ("" off; e.g. "8,16"): a step whose rows all fit
+    # one of them takes the fewest that fits, else segments_per_fold (each layout is a
+    # program of its own, compiled in the warm-up). cuDNN's backward works through every
+    # slot, empty or not: one attention call over a 98,304-token row took 2.66 / 3.27 ms
+    # forward+backward with 8 / 16 slots on an H200 (docs/performance.md, 2026-12-03);
+    # rows of FineWeb-like documents need 3-9, and 86% of steps' eight rows fit 8.
+    segments_per_fold_fast: str = ""
+
+    @property
+    def fast_segment_slots(self) -> tuple[int, ...]:
+        """segments_per_fold_fast's slot counts, fewest first."""
+        return tuple(sorted(int(s) for s in str(self.segments_per_fold_fast).split(",") if s.strip()))
 
 
 @dataclass(frozen=True)
@@ -627,9 +634,14 @@ class Config:
             raise ConfigError("data.micro_batches_per_step: must be positive")
         if d.packed_documents and d.segments_per_fold < 2:
             raise ConfigError(f"data.segments_per_fold: {d.segments_per_fold}; cuDNN's packed layout needs at least 2")
-        if d.segments_per_fold_fast and not 2 <= d.segments_per_fold_fast < d.segments_per_fold:
-            raise ConfigError(f"data.segments_per_fold_fast: {d.segments_per_fold_fast}; 0 (off) or at least 2 and "
-                              f"below data.segments_per_fold ({d.segments_per_fold})")
+        try:
+            fast = d.fast_segment_slots
+        except ValueError:
+            fast = (0,)
+        if any(not 2 <= m < d.segments_per_fold for m in fast) or len(set(fast)) < len(fast):
+            raise ConfigError(f"data.segments_per_fold_fast: {d.segments_per_fold_fast!r}; '' (off) or distinct "
+                              f"comma-separated slot counts, each at least 2 and below data.segments_per_fold "
+                              f"({d.segments_per_fold})")
         if d.text_transform not in ("", "caseops"):
             raise ConfigError(f"data.text_transform: '' (none) or 'caseops', got {d.text_transform!r}")
         if d.train_batch_tokens % (d.micro_batches_per_step * d.train_seq_len):

@@ -48,21 +48,20 @@ class PackedSteps:
                                             vocab_size=cfg.model.vocab_size)
         self.n_devices, self.accum, self.ranks = n_devices, accum, tuple(sorted(ranks))
         self.fold_len, self.segments_per_fold = cfg.data.train_seq_len, cfg.data.segments_per_fold
-        self.fast_slots = cfg.data.segments_per_fold_fast
+        self.fast_slots = cfg.data.fast_segment_slots
 
     def next_step(self, capacity: bool = False) -> tuple[np.ndarray, np.ndarray, packing.Segments]:
-        """Host arrays [accum, len(ranks), ...]: inputs, targets and their segments, with
-        data.segments_per_fold_fast slots per fold when every row of the step fits them
+        """Host arrays [accum, len(ranks), ...]: inputs, targets and their segments, in the
+        fewest slots per fold of data.segments_per_fold_fast that every row of the step fits
         (decided on all the step's rows, so every process takes the same program), else
         data.segments_per_fold; with `capacity`, data.segments_per_fold."""
         wanted = [a * self.n_devices + d for a in range(self.accum) for d in self.ranks]
         every = range(self.n_devices * self.accum)
         rows = self.loader.next_rows(self.row_len, every if self.fast_slots else wanted)
         slots = self.segments_per_fold
-        if self.fast_slots and not capacity and all(
-                packing.segments_per_fold_needed(cu, self.row_len, self.fold_len) <= self.fast_slots
-                for _, _, cu, _ in rows):
-            slots = self.fast_slots
+        if self.fast_slots and not capacity:
+            needed = max(packing.segments_per_fold_needed(cu, self.row_len, self.fold_len) for _, _, cu, _ in rows)
+            slots = next((m for m in self.fast_slots if needed <= m), slots)
         if self.fast_slots:
             rows = [rows[i] for i in wanted]
         shape = (self.accum, len(self.ranks))
@@ -131,7 +130,7 @@ def next_step_batch(batches: data.TrainBatches | PackedSteps, accum: int, shardi
 
 def with_slots(segments: packing.Segments, slots: int) -> packing.Segments:
     """The shapes (jax.ShapeDtypeStruct, same placement) of packed rows' segments with
-    `slots` slots per fold: a program to compile ahead for the other layout."""
+    `slots` slots per fold: a program to compile ahead for another layout."""
     def resized(a, extra):
         return jax.ShapeDtypeStruct((*a.shape[:-1], slots + extra), a.dtype, sharding=a.sharding)
     return packing.Segments(jax.ShapeDtypeStruct(segments.ids_BxT.shape, segments.ids_BxT.dtype,

@@ -21,6 +21,8 @@ layer loop's switch and the compilation count are already elsewhere.
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 import dataclasses
 import math
 import time
@@ -218,18 +220,26 @@ class TrainingRun:
             # As the 1.0611 record: warmup_steps plain steps, then as many looped
             # ones, so both programs are compiled before the clock starts; with
             # data.segments_per_fold_fast, each mode's first step takes the full
-            # slots and the fast layout's program is compiled beside it.
-            fast = self.cfg.data.segments_per_fold_fast if self.cfg.data.packed_documents else 0
-            for looping in layer_loop.warm_up_programs(self.cfg.model):
-                for i in range(sched.warmup_steps):
-                    batch = data_feed.next_step_batch(self.batches, self.accum, self.batch_sharding, capacity=i == 0)
-                    if i == 0 and fast:
-                        self.step_fn.lower(state, batch.xs, batch.ys, 1.0, False, False,
-                                           data_feed.with_slots(batch.segments, fast), looping).compile()
-                    state, loss = self.step_fn(state, batch.xs, batch.ys, 1.0, False, False, batch.segments, looping)
-                    if i == 0 and not looping:
-                        loss.block_until_ready()
-                        self.t_first_step = time.perf_counter() - self.t_launch
+            # slots and each fewer-slot layout's program is compiled in a thread
+            # beside it (XLA's compilations overlap).
+            fast = self.cfg.data.fast_segment_slots if self.cfg.data.packed_documents else ()
+            modes = layer_loop.warm_up_programs(self.cfg.model)
+            with concurrent.futures.ThreadPoolExecutor(max(1, len(fast) * len(modes))) as pool:
+                compiling = []
+                for looping in modes:
+                    for i in range(sched.warmup_steps):
+                        batch = data_feed.next_step_batch(self.batches, self.accum, self.batch_sharding,
+                                                          capacity=i == 0)
+                        compiling += [pool.submit(self.step_fn.lower(
+                            state, batch.xs, batch.ys, 1.0, False, False, data_feed.with_slots(batch.segments, m),
+                            looping).compile) for m in (fast if i == 0 else ())]
+                        state, loss = self.step_fn(state, batch.xs, batch.ys, 1.0, False, False, batch.segments,
+                                                   looping)
+                        if i == 0 and not looping:
+                            loss.block_until_ready()
+                            self.t_first_step = time.perf_counter() - self.t_launch
+                for program in compiling:
+                    program.result()
             jax.block_until_ready(state)
             looped = f", then {sched.warmup_steps} looped" if self.cfg.model.num_loops > 0 else ""
             self.log.line(f"warmup: {sched.warmup_steps} steps{looped}; launch to first step "
@@ -263,7 +273,7 @@ class TrainingRun:
         self.prefetch = data_feed.Prefetcher(self.batches, self.accum, self.batch_sharding)
         self.cursor = self.batches.state()
         self.steps0, self.start_s = self.step, self.training_s
-        self.fast_layout_steps = 0  # this run's steps in data.segments_per_fold_fast's layout
+        self.steps_by_slots: collections.Counter = collections.Counter()  # packed rows' layouts this run
         self.agreement = distributed.StepAgreement()  # process 0's clock decides, with several processes
         self.t0 = time.perf_counter()
         self.compiles = CompileCounter().__enter__()
@@ -341,9 +351,8 @@ class TrainingRun:
             self.state, loss = self.step_fn(self.state, batch.xs, batch.ys, mult, self.qat_on, swa_collect,
                                             batch.segments, looping)
         self.step += 1
-        segments = batch.segments
-        if segments is not None and segments.lengths_BxRxM.shape[-1] == self.cfg.data.segments_per_fold_fast:
-            self.fast_layout_steps += 1
+        if batch.segments is not None:
+            self.steps_by_slots[batch.segments.lengths_BxRxM.shape[-1]] += 1
         if self.compiles.at_first_step is None:
             loss.block_until_ready()
             self.compiles.first_step_done()
@@ -493,7 +502,8 @@ class TrainingRun:
             "steps_this_run": step - self.steps0,
             "wall_s": time.perf_counter() - self.t_launch, "stopped_by_wallclock": self.stop_after_step is not None,
             "budget": self.budget,
-            "packed_fast_steps": self.fast_layout_steps,  # of steps_this_run (data.segments_per_fold_fast)
+            # of steps_this_run, by segment slots per fold (data.segments_per_fold[_fast])
+            "packed_steps_by_slots": {str(m): n for m, n in sorted(self.steps_by_slots.items())},
         }
 
 

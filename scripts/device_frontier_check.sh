@@ -7,7 +7,7 @@
 # PROBE=1, the residual kernel's gradient probe (issue 17).
 # Usage (device): OUT=/some/dir [CAP=150] [ATTENTION=0] [PROBE=1] [NAME=frontier] [EXTRA="--config.x=y ..."] \
 #   bash scripts/device_frontier_check.sh
-# e.g. the fast slot layout against the default, back to back (data.segments_per_fold_fast):
+# e.g. the slot layouts against each other, back to back (data.segments_per_fold_fast; "8,16" in configs/frontier.py):
 #   OUT=$OUT CAP=120 ATTENTION=0 bash scripts/device_frontier_check.sh; \
 #   OUT=$OUT CAP=120 ATTENTION=0 NAME=fast16 EXTRA="--config.data.segments_per_fold_fast=16" bash scripts/device_frontier_check.sh
 set -uo pipefail
@@ -27,7 +27,7 @@ d = sys.argv[1]
 s = json.load(open(f"{d}/summary.json"))
 print({k: s[k] for k in s if k in ("launch_to_first_step_s", "peak_memory_bytes", "recompilations_after_first_step",
                                    "step_avg_ms", "tokens_per_s", "layer_loop_on_at_step", "wall_s",
-                                   "packed_fast_steps")})
+                                   "packed_steps_by_slots")})
 rows = [json.loads(l) for l in open(f"{d}/train.jsonl")]
 pts = [(r["step"], r["training_s"]) for r in rows if r.get("kind") == "train" and r["step"] >= 10]
 on = s.get("layer_loop_on_at_step") or 10 ** 9

@@ -285,7 +285,7 @@ def test_an_lrzip_that_cannot_start_is_named_before_training(monkeypatch, tmp_pa
     assert "exits 127" in problem and "liblzo2.so.2" in problem and "apt-get install lrzip" in problem
 
 
-@pytest.mark.parametrize("fast", [1, 32, 40])
+@pytest.mark.parametrize("fast", ["1", "32", "40", "8,40", "8,8", "eight"])
 def test_fast_slots_must_be_fewer_than_the_capacity(fast):
     import dataclasses
     cfg = Config()

@@ -73,12 +73,13 @@ def test_bos_and_vocabulary_come_from_the_model(tmp_path):
 
 
 def test_fast_slots_when_every_row_of_the_step_fits(tmp_path):
-    """data.segments_per_fold_fast: a step takes the fewer slots when all its rows (every
-    process's, so all take one program) fit them, else the full ones; `capacity` forces the full
+    """data.segments_per_fold_fast: a step takes the fewest of its slot counts that all its rows
+    (every process's, so all take one program) fit, else the full ones; `capacity` forces the full
     ones (the warm-up's first step). The rows and their segments are the same either way."""
     pattern = write_shards(tmp_path, np.random.default_rng(4))
-    fast = 3
-    cfg = dataclasses.replace(CFG, data=dataclasses.replace(CFG.data, segments_per_fold_fast=fast))
+    fast = (2, 4)  # these rows' steps need 2, 4 or 5 slots
+    cfg = dataclasses.replace(CFG, data=dataclasses.replace(CFG.data, segments_per_fold_fast="4,2"))
+    assert cfg.data.fast_segment_slots == fast
     plain = data_feed.PackedSteps(pattern, CFG, 2, 2, [0, 1])
     feeds = [data_feed.PackedSteps(pattern, cfg, 2, 2, ranks) for ranks in ([0, 1], [1])]
     seen = set()
@@ -89,7 +90,7 @@ def test_fast_slots_when_every_row_of_the_step_fits(tmp_path):
         for _ in range(step):
             every.next_rows(32, range(4))
         needed = max(packing.segments_per_fold_needed(cu, 32, 16) for _, _, cu, _ in every.next_rows(32, range(4)))
-        slots = CFG.data.segments_per_fold if capacity or needed > fast else fast
+        slots = CFG.data.segments_per_fold if capacity or needed > max(fast) else min(m for m in fast if needed <= m)
         seen.add(slots)
         for feed, cols in zip(feeds, ([0, 1], [1])):
             xs, ys, segs = feed.next_step(capacity)
@@ -100,7 +101,7 @@ def test_fast_slots_when_every_row_of_the_step_fits(tmp_path):
             for a in range(2):
                 for i, c in enumerate(cols):
                     assert segment_list(segs, a, i) == segment_list(want[2], a, c)
-    assert seen == {fast, CFG.data.segments_per_fold}, seen  # both layouts met in these 8 steps
+    assert seen == {*fast, CFG.data.segments_per_fold}, seen  # every layout met in these 8 steps
 
 
 def segment_list(segs: packing.Segments, a: int, i: int) -> list[tuple[int, int]]:

@@ -340,7 +340,7 @@ def test_frontier_smoke_trains_end_to_end(frontier_run):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["layer_loop_on_at_step"] == 3
     # the fast layout's programs, compiled ahead in the warm-up, are the ones its steps call
-    assert summary["recompilations_after_first_step"] == 0 and 0 < summary["packed_fast_steps"]
+    assert summary["recompilations_after_first_step"] == 0 and 0 < summary["packed_steps_by_slots"]["2"]
     report = json.loads((out_dir / "quantize.json").read_text())
     assert "sliding" not in report and (out_dir / run_dir.ARTIFACT_NAME).exists()
     # its score: the phased LoRA TTT on the artifact's weights, timed as a stage
