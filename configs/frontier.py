@@ -41,6 +41,11 @@ def get_config() -> Config:
             parallel_start_layer=8, parallel_final_lane="mean",
             sparse_attn_gate=True, sparse_attn_gate_scale=0.5, gate_window=12,  # SPARSE_ATTN_GATE_*, GATE_WINDOW
             smear_gate="windowed", bos_id=1,  # SMEAR_GATE_ENABLED=1 with the BOS fix
+            # The record's fused softcapped cross-entropy (FUSED_CE_ENABLED=1), as golf_jax's
+            # kernel: 106.8 / 157.7 ms per micro-batch before / after the loop against 111.3 /
+            # 165.0 ms on an H100, and its 60-step curve against the reference's as close as
+            # without it (mean abs 0.05%; docs/frontier.md, 2026-12-03).
+            fusion_kernels="norm_rope,xsa,softcap_ce",
         ),
         data=DataConfig(
             data_dir="data/datasets/fineweb10B_sp8192_caseops",
