@@ -31,16 +31,6 @@ from golf_jax import cli, model, packing  # noqa: E402
 from golf_jax.tools import bench, profiling  # noqa: E402
 
 
-def perturbed_params(cfg):
-    """bench's parameters: freshly initialised, every weight perturbed (zero out-projections
-    would make the timed arithmetic trivial)."""
-    params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    return jax.tree.unflatten(treedef, [x + (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype)
-                                        for x, k in zip(leaves, keys)])
-
-
 def grad_profile(params, cfg, segments, looping: bool, out_dir: Path, repeats: int) -> dict:
     row = segments.ids_BxT.shape[-1]
     x = jax.random.randint(jax.random.key(2), (1, row), 0, cfg.model.vocab_size, jnp.int32)
@@ -88,7 +78,7 @@ def main(argv=None) -> None:
         for m in slots:
             results["profile"][f"attention packed {m} slots"] = attention_profile(
                 packed, device_segments(cu, ROW, CHUNK, m), out / f"attn_{m}")
-    params = perturbed_params(cfg)
+    params = bench.perturbed_params(cfg)
     for m in slots:
         segments = packing.make_segments(cu, args.row, CHUNK, m)
         for looping in (False,) if args.no_looped or m != slots[0] else (False, True):

@@ -129,6 +129,16 @@ def bench_eval(params, cfg, tokens_fn, seq_len: int, stride: int, batch_windows:
     return r
 
 
+def perturbed_params(cfg):
+    """The config's initial weights, each perturbed: a freshly initialised model
+    has zero out-projections, and timed arithmetic should be on non-trivial values."""
+    params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype)
+                                        for x, k in zip(leaves, keys)])
+
+
 def with_model(cfg, **fields):
     """cfg with some model fields changed."""
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **fields))
@@ -539,13 +549,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results: dict = {"device": dev.device_kind, "tokens": "uniform random" if args.random_tokens else "text", "backend": jax.default_backend(), "jax": jax.__version__,
                      "compute_dtype": jnp.dtype(layers.compute_dtype(cfg.model)).name,
                      "attention_impl": layers.attention_impl(cfg.model), "mlp_impl": layers.mlp_impl(cfg.model)}
-    params = model.init_params(cfg.model, jax.random.key(cfg.run.seed))
-    # A freshly initialised model has zero out-projections; perturb every
-    # weight so the timed arithmetic is on non-trivial values.
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [x + (0.02 * jax.random.normal(k, x.shape)).astype(x.dtype)
-                                          for x, k in zip(leaves, keys)])
+    params = perturbed_params(cfg)
     results["parameters"] = param_tree.param_count(params)
     e = cfg.eval
     compare_jnp_mlp = layers.mlp_impl(cfg.model) != "jnp" and not args.no_jnp_mlp
