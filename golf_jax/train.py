@@ -25,6 +25,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Sequence
@@ -221,10 +222,13 @@ class TrainingRun:
             # ones, so both programs are compiled before the clock starts; with
             # data.segments_per_fold_fast, each mode's first step takes the full
             # slots and each fewer-slot layout's program is compiled in a thread
-            # beside it (XLA's compilations overlap).
+            # beside it: XLA's compilations overlap where there are cores to spare
+            # (two more programs cost 3.3 s of launch on a 16-core GPU host; on two
+            # cores the threads only contend, so one at a time there).
             fast = self.cfg.data.fast_segment_slots if self.cfg.data.packed_documents else ()
             modes = layer_loop.warm_up_programs(self.cfg.model)
-            with concurrent.futures.ThreadPoolExecutor(max(1, len(fast) * len(modes))) as pool:
+            threads = len(fast) * len(modes) if (os.cpu_count() or 1) >= 8 else 1
+            with concurrent.futures.ThreadPoolExecutor(threads) as pool:
                 compiling = []
                 for looping in modes:
                     for i in range(sched.warmup_steps):
@@ -233,6 +237,8 @@ class TrainingRun:
                         compiling += [pool.submit(self.step_fn.lower(
                             state, batch.xs, batch.ys, 1.0, False, False, data_feed.with_slots(batch.segments, m),
                             looping).compile) for m in (fast if i == 0 else ())]
+                        for program in compiling if threads == 1 else ():  # few cores: one at a time
+                            program.result()
                         state, loss = self.step_fn(state, batch.xs, batch.ys, 1.0, False, False, batch.segments,
                                                    looping)
                         if i == 0 and not looping:
