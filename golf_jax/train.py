@@ -234,11 +234,12 @@ class TrainingRun:
                     for i in range(sched.warmup_steps):
                         batch = data_feed.next_step_batch(self.batches, self.accum, self.batch_sharding,
                                                           capacity=i == 0)
-                        compiling += [pool.submit(self.step_fn.lower(
+                        programs = [pool.submit(self.step_fn.lower(
                             state, batch.xs, batch.ys, 1.0, False, False, data_feed.with_slots(batch.segments, m),
                             looping).compile) for m in (fast if i == 0 else ())]
-                        for program in compiling if threads == 1 else ():  # few cores: one at a time
-                            program.result()
+                        if threads == 1:  # few cores: done before this step compiles its own
+                            concurrent.futures.wait(programs)
+                        compiling += programs
                         state, loss = self.step_fn(state, batch.xs, batch.ys, 1.0, False, False, batch.segments,
                                                    looping)
                         if i == 0 and not looping:

@@ -49,8 +49,8 @@ def grad_profile(params, cfg, segments, looping: bool, out_dir: Path, repeats: i
     return prof
 
 
-def attention_profile(attend, extra, out_dir: Path) -> dict:
-    q, k, v, g = random_qkv(1, ROW, seed=0)
+def attention_profile(attend, extra, row: int, out_dir: Path) -> dict:
+    q, k, v, g = random_qkv(1, row, seed=0)
     fn = jax.jit(lambda q, k, v, g, extra: jax.vjp(lambda q, k, v: attend(q, k, v, extra), q, k, v)[1](g))
     prof = profiling.profile_call(lambda: fn(q, k, v, g, extra), out_dir, repeats=5)
     prof["median_ms"] = bench.time_call(lambda: fn(q, k, v, g, extra), repeats=20)["median_s"] * 1e3
@@ -69,15 +69,17 @@ def main(argv=None) -> None:
     out = Path(args.out)
     cu = document_row(np.random.default_rng(0), args.row)
     needed = packing.segments_per_fold_needed(cu, args.row, CHUNK)
+    n_segments = int(np.unique(cu).size - 1)
     slots = sorted({max(s, needed) for s in args.slots}, reverse=True)
-    print(f"the row: {np.unique(cu).size - 1} segments, {needed} slots per fold needed; profiling slots {slots}")
-    results: dict = {"device": jax.devices()[0].device_kind, "segments": int(np.unique(cu).size - 1),
-                     "slots_needed": needed, "profile": {}}
+    print(f"the row: {n_segments} segments, {needed} slots per fold needed; profiling slots {slots}")
+    results: dict = {"device": jax.devices()[0].device_kind, "segments": n_segments, "slots_needed": needed,
+                     "profile": {}}
     if not args.no_attention:
-        results["profile"]["attention dense 48x2048"] = attention_profile(dense_rows, jnp.zeros(()), out / "attn_dense")
+        results["profile"][f"attention dense {args.row // CHUNK}x{CHUNK}"] = attention_profile(
+            dense_rows, jnp.zeros(()), args.row, out / "attn_dense")
         for m in slots:
             results["profile"][f"attention packed {m} slots"] = attention_profile(
-                packed, device_segments(cu, ROW, CHUNK, m), out / f"attn_{m}")
+                packed, device_segments(cu, args.row, CHUNK, m), args.row, out / f"attn_{m}")
     params = bench.perturbed_params(cfg)
     for m in slots:
         segments = packing.make_segments(cu, args.row, CHUNK, m)
