@@ -46,6 +46,12 @@ def get_config() -> Config:
             # 165.0 ms on an H100, and its 60-step curve against the reference's as close as
             # without it (mean abs 0.05%; docs/frontier.md, 2026-12-03).
             fusion_kernels="norm_rope,xsa,softcap_ce",
+            # At MLP 4x (hidden 2,048) XLA's GEMMs beat the fused Triton MLP kernels (their
+            # backward is 0.70 ms against 0.66 at 98,304 rows): 92.55 / 137.77 ms per micro-batch
+            # before / after the loop against 93.47 / 140.70 on an H200, for 4.4 / 6.9 GB more
+            # peak memory (docs/performance.md, sixteenth session). The 1.1147 record's MLP 3x
+            # keeps the kernels (its 23.6 GB budget).
+            mlp_impl="jnp",
         ),
         data=DataConfig(
             data_dir="data/datasets/fineweb10B_sp8192_caseops",
@@ -109,6 +115,9 @@ def get_config() -> Config:
         # chunk programs instead of 6, ~70-90 s less compilation for ~10 s more of steps on one
         # GPU's share of 8 (their steps: 4.8-6.5 ms against 8.7 ms at 512 on an H200,
         # docs/performance.md, 2026-12-02).
-        ttt=TTTConfig(enabled=True, mode="lora_phased", lora_min_window=512),
+        # lora_compact_rows: once a batch's rows still scoring fit in 16 (2 a GPU on 8), its
+        # 2,048-token steps run on those alone (the same scores): chiefly the first batch, the
+        # partial one of the 16 longest documents, ~1,350 steps that ran 48 rows of padding.
+        ttt=TTTConfig(enabled=True, mode="lora_phased", lora_min_window=512, lora_compact_rows=16),
         run=RunConfig(seed=42, output_dir="runs/frontier", train_log_every=500),
     )

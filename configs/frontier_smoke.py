@@ -33,9 +33,10 @@ def get_config() -> Config:
                         # under one batch of these 8,191 targets (31 sequences)
                         document_masked=True, document_eval_ranks=2),
         # The phased LoRA TTT at this size: rank 8, batches of 16 speeches (~58 tokens each), windows
-        # of 64 or 128 tokens (two chunk programs), one global phase after the first 64 documents.
+        # of 64 or 128 tokens (two chunk programs, and one of 4 rows for the compacted batches'
+        # last steps), one global phase after the first 64 documents.
         ttt=dataclasses.replace(cfg.ttt, lora_rank=8, lora_alpha=14.4, lora_batch_docs=16, lora_context_len=128,
-                                lora_min_window=64, phased_prefix_docs=64, phased_num_phases=1,
+                                lora_min_window=64, lora_compact_rows=4, phased_prefix_docs=64, phased_num_phases=1,
                                 global_chunk_tokens=1024, global_batch_seqs=4),
         run=RunConfig(seed=42, output_dir="runs/frontier_smoke", train_log_every=5, checkpoint_every=20),
     )

@@ -555,6 +555,11 @@ class TTTConfig:
     lora_context_len: int = 2048
     lora_batch_docs: int = 64
     lora_min_window: int = 0  # chunk windows are padded to a power of two, at least this (fewer programs)
+    # Once a batch's windows are the whole context and its rows still scoring fit in this many
+    # consecutive rows, its steps run on those alone (ttt_schedule.compact_from; one more
+    # program), the others' adapters put through the AdamW steps they sat out (zero gradient)
+    # at the batch's end: the same scores, fewer rows. 0: off. A multiple of run.num_devices.
+    lora_compact_rows: int = 0
     # The reference's ranks (golf_jax/ttt_lora.py's rank_schedule): each claims the queue's
     # next batch when it has scored one, with a LoRA chain of its own; a phase pauses them
     # all. 1: the queue in order (the default); 8: the record's 8 GPUs' schedule (run here
@@ -596,6 +601,8 @@ class TTTConfig:
         need(self.lora_context_len >= self.lora_chunk_tokens, "lora_context_len", "must be >= lora_chunk_tokens")
         need(0 <= self.lora_min_window <= self.lora_context_len, "lora_min_window", "in [0, lora_context_len]")
         need(self.lora_ranks >= 1, "lora_ranks", "must be positive")
+        need(0 <= self.lora_compact_rows < self.lora_batch_docs, "lora_compact_rows",
+             f"in [0, lora_batch_docs={self.lora_batch_docs})")
         need(0 <= self.lora_beta1 < 1 and 0 <= self.lora_beta2 < 1, "lora_beta1", "lora_beta1 and lora_beta2 in [0, 1)")
         need(self.phased_prefix_docs >= 0 and self.phased_num_phases >= 1, "phased_num_phases",
              "phased_prefix_docs >= 0 and phased_num_phases >= 1")

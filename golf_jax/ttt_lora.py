@@ -17,7 +17,8 @@ reference's eval_val_ttt_phased), with ttt.mode = "lora_phased". Its schedule
   run here one after another between the phases, so 8 ranks give the record's
   8-GPU schedule at one rank's speed.
 
-Programs: one chunk step per window width and one global SGD step per batch
+Programs: one chunk step per window width (and one of ttt.lora_compact_rows rows,
+`ttt_schedule.compact_from`) and one global SGD step per batch
 length (one when global_batch_seqs covers a chunk's sequences, as in the
 record; two otherwise), all compiled side by side before the first batch
 (`compile_ahead`).
@@ -133,12 +134,13 @@ class RowPlacement:
     before its first call too: a placement that changed after one call would
     compile the program again."""
 
-    def __init__(self, mesh: jax.sharding.Mesh, rows: int):
+    def __init__(self, mesh: jax.sharding.Mesh, rows: int, compact_rows: int = 0):
         self.mesh = mesh if mesh.size > 1 else None
         self.size = mesh.size
-        if self.mesh is not None and rows % mesh.size:
-            raise ValueError(f"ttt.lora_batch_docs={rows} rows cannot be split over {mesh.size} devices "
-                             "(run.num_devices): use a multiple")
+        for name, n in (("lora_batch_docs", rows), ("lora_compact_rows", compact_rows)):
+            if self.mesh is not None and n % mesh.size:
+                raise ValueError(f"ttt.{name}={n} rows cannot be split over {mesh.size} devices "
+                                 "(run.num_devices): use a multiple")
 
     def _put(self, x, spec: P):
         return x if self.mesh is None else jax.device_put(x, NamedSharding(self.mesh, spec))
@@ -247,6 +249,39 @@ def global_step_for(cfg: ModelConfig, t: TTTConfig, mesh: jax.sharding.Mesh | No
     return jax.jit(global_sgd_step, donate_argnums=(0, 1))
 
 
+def _row_axis(x: jax.Array) -> int | None:
+    """A LoRA factor's (or its moment's) row axis, third from last; None for the step count."""
+    return x.ndim - 3 if x.ndim >= 3 else None
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _rows_window(tree, first_row, rows: int):
+    """Rows [first_row, first_row + rows) of a LoRA or its optimizer state (the step count whole)."""
+    return jax.tree.map(lambda x: x if _row_axis(x) is None else
+                        jax.lax.dynamic_slice_in_dim(x, first_row, rows, axis=_row_axis(x)), tree)
+
+
+@functools.lru_cache(maxsize=8)
+def _rejoin_for(t: TTTConfig) -> Callable:
+    """The whole batch's LoRA after a compacted batch (`ttt_schedule.compact_from`): the rows
+    left out take the AdamW steps they sat out, each with a zero gradient (what a chunk step
+    gives a row that no longer trains: the same update, so the same warm A), and the
+    window's rows come back from their own steps."""
+    tx = lora_optimizer(t)
+
+    def rejoin(whole_lora, whole_state, window_lora, first_row, idle_steps):
+        def idle(_, carry):
+            lora, state = carry
+            updates, state = tx.update(jax.tree.map(jnp.zeros_like, lora), state, lora)
+            return optax.apply_updates(lora, updates), state
+
+        lora, _ = jax.lax.fori_loop(0, idle_steps, idle, (whole_lora, whole_state))
+        return jax.tree.map(lambda x, w: jax.lax.dynamic_update_slice_in_dim(x, w, first_row, axis=_row_axis(x)),
+                            lora, window_lora)
+
+    return jax.jit(rejoin, donate_argnums=0)
+
+
 # ----------------------------------------------------------------------------- one batch, one phase
 
 def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log: dict, place: RowPlacement):
@@ -254,17 +289,30 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
     starts, lengths = docs
     pred_lens = lengths - 1
     opt_state = place.factors(lora_optimizer(t).init(lora))
-    outs = []
+    compact = ttt_schedule.compact_from(pred_lens, t)  # (chunk, first row) or None
+    outs, whole, first_row, idle_steps = [], None, 0, 0
     for ci in range(ttt_schedule.chunk_count(pred_lens, t)):
         inputs, scored, first = ttt_schedule.chunk_inputs(tokens, starts, pred_lens, ci, t)
         x, y, lo, hi, train_lo, train, do_step = inputs
+        if compact is not None and ci == compact[0]:  # from here on, the rows still scoring alone
+            whole, first_row = (lora, opt_state), compact[1]
+            lora, opt_state = (place.factors(_rows_window(tree, first_row, t.lora_compact_rows))
+                               for tree in (lora, opt_state))
+        if whole is not None:
+            x, y, lo, hi, train = (a[first_row:first_row + t.lora_compact_rows] for a in (x, y, lo, hi, train))
+            idle_steps += bool(do_step)
         x, y, lo, hi, train = map(place.rows, (x, y, lo, hi, train))
         lora, opt_state, row_sums = step(params, lora, opt_state, x, y, lo, hi, train_lo, train, do_step)
-        outs.append(row_sums)
+        outs.append((row_sums, first_row if whole is not None else 0))
         log["positions"] += x.size
         log["chunk_tokens"].append(int(scored.sum()))
         log["chunk_bytes"].append(int(np.sum(cum_bytes[first + scored] - cum_bytes[first])))
-    log["chunk_row_sums"] += [np.asarray(o, np.float64) for o in outs]
+    for row_sums, at in outs:  # the rows outside a compacted step's window scored nothing
+        sums = np.zeros(t.lora_batch_docs)
+        sums[at:at + row_sums.shape[0]] = np.asarray(row_sums, np.float64)
+        log["chunk_row_sums"].append(sums)
+    if whole is not None:
+        lora = place.factors(_rejoin_for(t)(*whole, lora, first_row, idle_steps))
     return lora
 
 
@@ -291,19 +339,21 @@ def _global_phase(params, cfg: Config, segments: list[np.ndarray], place: RowPla
     return params
 
 
-def compile_ahead(params, cfg: Config, lora: model.LoRA, widths: list[int], place: RowPlacement,
+def compile_ahead(params, cfg: Config, lora: model.LoRA, programs: list[tuple[int, int]], place: RowPlacement,
                   global_phases: bool) -> None:
-    """Compiles the chunk step of every width in `widths` and, with global_phases, the global
-    SGD step, side by side before the first batch: XLA's compilations overlap in threads (four
-    chunk programs in 49 s on an H200 host, 22-25 s each alone: docs/performance.md); the
-    run's calls (arguments of the same types and placement) find them compiled."""
+    """Compiles the chunk step of every (rows, window width) in `programs`
+    (`ttt_schedule.chunk_programs`) and, with global_phases, the global SGD step, side by
+    side before the first batch: XLA's compilations overlap in threads (four chunk programs
+    in 49 s on an H200 host, 22-25 s each alone: docs/performance.md); the run's calls
+    (arguments of the same types and placement) find them compiled."""
     t, mcfg, seq = cfg.ttt, cfg.model, cfg.eval.eval_seq_len
-    rows, step, opt_state = t.lora_batch_docs, chunk_step_for(mcfg, t), place.factors(lora_optimizer(t).init(lora))
-    lowered = []
-    for width in widths:  # the argument types of `_score_batch`'s calls
+    step, lowered = chunk_step_for(mcfg, t), []
+    for rows, width in programs:  # the argument types of `_score_batch`'s calls
+        adapters = lora if rows == t.lora_batch_docs else place.factors(_rows_window(lora, 0, rows))
+        opt_state = place.factors(lora_optimizer(t).init(adapters))
         x = place.rows(np.zeros((rows, width), np.int32))
         ends, train = place.rows(np.zeros(rows, np.int32)), place.rows(np.zeros(rows, np.float32))
-        lowered.append(step.lower(params, lora, opt_state, x, x, ends, ends, np.int32(0), train, np.bool_(True)))
+        lowered.append(step.lower(params, adapters, opt_state, x, x, ends, ends, np.int32(0), train, np.bool_(True)))
     n_seqs = min(t.global_batch_seqs, t.global_chunk_tokens // seq)
     if global_phases and n_seqs:  # those of `_global_phase`'s (a chunk's whole sequences, one batch)
         batch = place.global_batch(np.zeros(n_seqs * seq + 1, np.int32), 0, n_seqs, cfg)
@@ -320,11 +370,11 @@ def precompile(params_like: Params, cfg: Config, tokens: np.ndarray) -> float:
     them, so that `run` finds them compiled; the quantize pipeline calls it beside the
     artifact's reload, the evaluation's first stage. Returns its seconds."""
     t0, t = time.perf_counter(), cfg.ttt
-    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
+    place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs, t.lora_compact_rows)
     shaped = place.replicated(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params_like))
     _, lengths = ttt_schedule.find_documents(np.asarray(tokens), cfg.model.bos_id)
     lora = place.factors(fresh_lora(random_init_a(cfg.model, t.lora_rank, 0)(0, t.lora_batch_docs), cfg.model, t))
-    compile_ahead(shaped, cfg, lora, ttt_schedule.chunk_widths(lengths - 1, t), place,
+    compile_ahead(shaped, cfg, lora, ttt_schedule.chunk_programs(lengths, t), place,
                   ttt_schedule.phase_boundaries(len(lengths), t)[-1] > 0)
     return time.perf_counter() - t0
 
@@ -346,7 +396,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
     schedule = ttt_schedule.rank_schedule(lengths, t, t.lora_ranks)
     with runlog.CompileCounter() as compiles:  # every compilation of the run, its placement's too
-        place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs)
+        place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs, t.lora_compact_rows)
         params = place.replicated_copy(params)
         step = chunk_step_for(mcfg, t)
         constructions = [0] * t.lora_ranks  # each rank builds its own LoRAs (the reference's ranks seed alike)
@@ -358,7 +408,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
         warm = [build(rank, t.lora_batch_docs) for rank in range(t.lora_ranks)]
         ahead_t0 = time.perf_counter()
         if ahead:  # the run's own placed weights and LoRA (`precompile` makes stand-ins of them)
-            compile_ahead(params, cfg, warm[0], ttt_schedule.chunk_widths(lengths - 1, t), place, bool(schedule.phases))
+            compile_ahead(params, cfg, warm[0], ttt_schedule.chunk_programs(lengths, t), place, bool(schedule.phases))
         ahead_s = time.perf_counter() - ahead_t0 if ahead else 0.0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
         phase_s, bar = 0.0, tqdm(total=len(starts), desc="ttt lora", unit="doc", disable=not progress)

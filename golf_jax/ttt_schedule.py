@@ -20,6 +20,11 @@ run, in numpy; golf_jax/ttt_lora.py runs it, scripts/ttt_projection.py times it.
   prefix_docs (k + 1) / num_phases, all weights train on the first that many
   scored documents (in ascending batch order), in batches of whole sequences
   (`global_batch_rows`).
+- Compaction (ttt.lora_compact_rows): once a batch's chunk windows are the whole
+  context and its rows still scoring fit in that many consecutive rows (its shortest
+  documents done, or a partial batch's padding), its steps run on those rows only
+  (`compact_from`): the partial batch of the longest documents no longer runs
+  lora_batch_docs rows of padding to its end.
 - Ranks (ttt.lora_ranks): the reference's GPUs each run a rank that claims the
   queue's next batch when it has scored one; when the scored documents reach a
   phase's boundary, each rank pauses after the batch it holds. `rank_schedule`
@@ -197,6 +202,32 @@ def chunk_inputs(tokens: np.ndarray, starts: np.ndarray, pred_lens: np.ndarray, 
     return (x, y, lo, hi, np.int32(train_lo), train, np.bool_(train.any())), hi[:n] - lo[:n], first_target
 
 
-def chunk_widths(pred_lens: np.ndarray, t: TTTConfig) -> list[int]:
-    """The window widths (programs) the chunk steps of documents with these target counts use."""
-    return sorted({chunk_window(ci, t) for ci in range(chunk_count(pred_lens, t) if len(pred_lens) else 0)})
+def compact_from(pred_lens: np.ndarray, t: TTTConfig) -> tuple[int, int] | None:
+    """(chunk, first row) from which a batch whose documents have these target counts
+    runs on rows [first row, first row + ttt.lora_compact_rows) only: the first chunk
+    whose window is the whole context (a chunk program of its own at that width alone)
+    with every row still scoring in that many consecutive rows (the rows past the
+    documents are padding, never scoring). None: never (or lora_compact_rows 0)."""
+    rows, n_chunks = t.lora_compact_rows, -(-np.asarray(pred_lens) // t.lora_chunk_tokens)
+    if not rows or not len(n_chunks):
+        return None
+    for ci in range(chunk_count(pred_lens, t)):
+        scoring = np.flatnonzero(n_chunks > ci)
+        if chunk_window(ci, t) == t.lora_context_len and scoring[-1] - scoring[0] < rows:
+            return ci, int(min(scoring[0], t.lora_batch_docs - rows))
+    return None
+
+
+def chunk_programs(lengths: np.ndarray, t: TTTConfig) -> list[tuple[int, int]]:
+    """The (rows, window width) of every chunk program the batches of documents of these
+    lengths (BOS to BOS included) meet: lora_batch_docs rows at each window width, and
+    lora_compact_rows at the whole context's once a batch compacts (`compact_from`)."""
+    programs = set()
+    for _, docs in batch_order(np.asarray(lengths), t.lora_batch_docs):
+        pred_lens = lengths[docs] - 1
+        compact = compact_from(pred_lens, t)
+        full_chunks = chunk_count(pred_lens, t) if compact is None else compact[0]
+        programs |= {(t.lora_batch_docs, chunk_window(ci, t)) for ci in range(full_chunks)}
+        if compact is not None:
+            programs.add((t.lora_compact_rows, t.lora_context_len))
+    return sorted(programs, reverse=True)

@@ -46,6 +46,8 @@ def grad_profile(params, cfg, segments, looping: bool, out_dir: Path, repeats: i
     prof["compile_s"] = compile_s
     timing = bench.time_call(lambda: compiled(params, x, y, segs), warmup=1, repeats=repeats)
     prof["median_ms"] = timing["median_s"] * 1e3
+    stats = jax.devices()[0].memory_stats() or {}  # the process's peak so far (one program a process: its own)
+    prof["peak_bytes"] = stats.get("peak_bytes_in_use")
     return prof
 
 
@@ -88,7 +90,8 @@ def main(argv=None) -> None:
             results["profile"][name] = grad_profile(params, cfg, segments, looping,
                                                       out / name.replace(" ", "_").replace(",", ""), args.repeats)
             print(f"{name}: {results['profile'][name]['median_ms']:.2f} ms (compiled in "
-                  f"{results['profile'][name]['compile_s']:.1f} s)", flush=True)
+                  f"{results['profile'][name]['compile_s']:.1f} s; peak {results['profile'][name]['peak_bytes']} B "
+                  "in the process so far)", flush=True)
     for name, prof in results["profile"].items():
         print(f"{name}: median {prof['median_ms']:.3f} ms")
     bench.print_profiles(results)

@@ -5,13 +5,14 @@ counted in the artifact.
 On N GPUs golf_jax splits each batch's 64 rows over the GPUs (golf_jax/ttt_lora.py): every GPU
 runs every chunk step of the schedule with 64 / N rows. A step of 8 rows is not 1/8 of a step
 of 64 (launches, small matmuls), so the bench times steps of 64 / N rows on one GPU, one per
-window width, and this script sums them over the schedule of one GPU's share: 50,000 documents
-of the record's 47,851,520 tokens, lengths lognormal (sigma 1, as
+window width (and of lora_compact_rows / N rows at the whole context's width, for the steps
+of compacted batches: `ttt_schedule.compact_from`), and this script sums them over the schedule
+of one GPU's share: 50,000 documents of the record's 47,851,520 tokens, lengths lognormal (sigma 1, as
 scripts/frontier_throughput_data.py draws them), batches of 64 sorted by length, windows as
 `ttt_schedule.window_width` pads them with the config's lora_min_window. With --ranks R (one GPU a
 rank, as the reference's: `ttt_schedule.rank_schedule`), each GPU runs its own rank's batches, 64
-rows a step, and waits at each phase for the slowest: the chunk steps take the sum over the
-phases' eras of the slowest rank's steps. A width the bench did not
+rows a step (not compacted), and waits at each phase for the slowest: the chunk steps take the
+sum over the phases' eras of the slowest rank's steps. A width the bench did not
 time takes the time of the next wider one it did (an upper bound). The global phases: their
 tokens (the documents `ttt_schedule.rank_schedule` gives them) in steps of one 32,768-token chunk, at the bench's
 one-GPU step time, split over the GPUs with ttt.global_data_parallel (each GPU 1/N of the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,11 +49,18 @@ def record_lengths(seed: int = 0) -> np.ndarray:
     return np.maximum(2, rng.lognormal(np.log(mean) - 0.5, 1.0, RECORD_DOCS).astype(np.int64))
 
 
-def steps_by_width(lengths: np.ndarray, t: TTTConfig) -> collections.Counter:
-    """How many chunk steps of each window width the schedule runs (each GPU runs them all)."""
-    batches = ttt_schedule.batch_order(lengths, t.lora_batch_docs)
-    return collections.Counter(ttt_schedule.chunk_window(ci, t) for _, docs in batches
-                               for ci in range(ttt_schedule.chunk_count(lengths[docs] - 1, t)))
+def steps_by_program(lengths: np.ndarray, t: TTTConfig) -> collections.Counter:
+    """How many chunk steps of each (batch rows, window width) the schedule runs (each GPU
+    runs them all, with its share of the rows): lora_batch_docs rows, or lora_compact_rows
+    once a batch compacts (`ttt_schedule.compact_from`)."""
+    steps = collections.Counter()
+    for _, docs in ttt_schedule.batch_order(lengths, t.lora_batch_docs):
+        pred_lens = lengths[docs] - 1
+        compact = ttt_schedule.compact_from(pred_lens, t)
+        for ci in range(ttt_schedule.chunk_count(pred_lens, t)):
+            rows = t.lora_batch_docs if compact is None or ci < compact[0] else t.lora_compact_rows
+            steps[rows, ttt_schedule.chunk_window(ci, t)] += 1
+    return steps
 
 
 def phase_tokens(lengths: np.ndarray, t: TTTConfig, ranks: int) -> int:
@@ -70,33 +79,38 @@ def main() -> None:
     t = cli.load_config_file(args.config).ttt
     if args.ranks not in (1, args.gpus):
         raise SystemExit("--ranks: 1 or the GPU count")
-    rows = t.lora_batch_docs // args.gpus if args.ranks == 1 else t.lora_batch_docs
+    if args.ranks > 1 and t.lora_compact_rows:
+        t = dataclasses.replace(t, lora_compact_rows=0)  # a rank's steps: the whole batch on its GPU
+    share = args.gpus if args.ranks == 1 else 1  # a GPU's share of a step's rows
     chunks, global_step = [], None
     for path in args.bench:
         b = json.loads(Path(path).read_text())
-        chunks += [c for c in b["chunk"] if c["rows"] == rows]
+        chunks += b["chunk"]
         global_step = b.get("global") or global_step
-    # a width timed both alone and in threads: the alone figures (its compile time uncontended)
-    timed = {c["width"]: c for c in sorted(chunks, key=lambda c: "compile_s" in c)}
-    compile_of = {w: c.get("lower_s", 0.0) + c.get("compile_s", c.get("compile_s_in_threads", 0.0))
-                  for w, c in timed.items()}
+    # a (rows, width) timed both alone and in threads: the alone figures (its compile time uncontended)
+    timed = {(c["rows"], c["width"]): c for c in sorted(chunks, key=lambda c: "compile_s" in c)}
+    compile_of = {k: c.get("lower_s", 0.0) + c.get("compile_s", c.get("compile_s_in_threads", 0.0))
+                  for k, c in timed.items()}
+
+    def bench_for(rows: int, width: int) -> tuple[int, int]:
+        wider = [w for r, w in sorted(timed) if r == rows // share and w >= width]
+        if not wider:
+            raise SystemExit(f"no bench time for rows={rows // share} at width {width} or wider")
+        return rows // share, wider[0]
 
     lengths = record_lengths()
-    steps = steps_by_width(lengths, t)
+    steps = steps_by_program(lengths, t)
     lines, chunk_s, compile_s = [], 0.0, 0.0
-    for width in sorted(steps):
-        wider = [w for w in sorted(timed) if w >= width]
-        if not wider:
-            raise SystemExit(f"no bench time for rows={rows} at width {width} or wider")
-        source = timed[wider[0]]
-        seconds = steps[width] * source["step_ms"] / 1e3
+    for rows, width in sorted(steps, key=lambda k: (-k[0], k[1])):
+        source = bench_for(rows, width)
+        seconds = steps[rows, width] * timed[source]["step_ms"] / 1e3
         chunk_s += seconds
-        compile_s += compile_of[wider[0]]
-        lines.append(f"| {width} | {steps[width]:,} | {source['step_ms']:.2f}"
-                     f"{'' if wider[0] == width else f' (at {wider[0]})'} | {seconds:.1f} |")
+        compile_s += compile_of[source]
+        lines.append(f"| {source[0]} | {width} | {steps[rows, width]:,} | {timed[source]['step_ms']:.2f}"
+                     f"{'' if source[1] == width else f' (at {source[1]})'} | {seconds:.1f} |")
     if args.ranks > 1:  # each GPU its rank's batches; every phase waits for the slowest
         schedule = ttt_schedule.rank_schedule(lengths, t, args.ranks)
-        step_s = {w: timed[min(x for x in timed if x >= w)]["step_ms"] / 1e3 for w in steps}
+        step_s = {w: timed[bench_for(t.lora_batch_docs, w)]["step_ms"] / 1e3 for _, w in steps}
         slowest = [max(sum(step_s[ttt_schedule.chunk_window(ci, t)] for _, docs in batches
                            for ci in range(ttt_schedule.chunk_count(lengths[docs] - 1, t))) for batches in era)
                    for era in schedule.eras]
@@ -112,9 +126,10 @@ def main() -> None:
         phases_s = tokens / global_step["tokens"] * global_step["step_ms"] / 1e3 / split
         compile_s += global_step["compile_s"]
     total = compile_s + chunk_s + phases_s + args.reload_s
-    print(f"one GPU's share of {args.gpus} ({args.ranks} ranks): {rows} rows a step; {RECORD_DOCS:,} documents, mean "
+    print(f"one GPU's share of {args.gpus} ({args.ranks} ranks): {t.lora_batch_docs // share} rows a step "
+          f"({t.lora_compact_rows // share} once compacted); {RECORD_DOCS:,} documents, mean "
           f"{lengths.mean():.0f} tokens; lora_min_window {t.lora_min_window}\n")
-    print("| window | steps | ms a step | s |\n|---|---|---|---|")
+    print("| rows a GPU | window | steps | ms a step | s |\n|---|---|---|---|---|")
     print("\n".join(lines))
     print(f"\nchunk steps {chunk_s:.1f} s; global phases {phases_s:.1f} s ({tokens:,} tokens"
           f"{', split over the GPUs' if t.global_data_parallel else ', every GPU all'}); compilation, one program "

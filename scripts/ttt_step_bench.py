@@ -7,7 +7,7 @@ the token positions, 1,024 ~18%, 512 ~7%. The last group (--parallel-widths) is 
 threads, side by side, to see whether the programs' compilations overlap. With --profile, the
 first (rows, width) timed is traced too, its kernels summed by category (golf_jax.tools.profiling).
 
-    python scripts/ttt_step_bench.py --out ttt_steps.json [--rows 8 64] [--steps 10]
+    python scripts/ttt_step_bench.py --out ttt_steps.json [--rows 8 64] [--steps 10] [--config FILE] [--config.x=y]
 
 Tooling, outside the code counted in the artifact.
 """
@@ -67,7 +67,6 @@ def profile_step(compiled, args, out_dir: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="configs/frontier.py")
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 64])
     ap.add_argument("--widths", type=int, nargs="*", default=[2048, 1024, 512])
@@ -77,8 +76,7 @@ def main() -> None:
     ap.add_argument("--no-global", action="store_true", help="skip the global SGD step")
     ap.add_argument("--profile", help="trace the first (rows, width) timed into this folder (jax.profiler) and "
                                       "record its kernels by category (golf_jax.tools.profiling)")
-    args = ap.parse_args()
-    cfg = cli.load_config_file(args.config)
+    cfg, args = cli.parse(ap, default_config=str(Path(__file__).resolve().parents[1] / "configs" / "frontier.py"))
     params = model.init_params(cfg.model, jax.random.key(0))
     rng = np.random.default_rng(0)
     results: dict = {"device": jax.devices()[0].device_kind, "chunk": [], "global": None}

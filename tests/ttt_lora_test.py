@@ -100,9 +100,10 @@ TWO_DEVICES = textwrap.dedent(r"""
     from tests.conftest import load_frontier_ref
     from tests.ttt_lora_test import load_fixture
     cfg, params, tokens, tables, _, init_a = load_fixture(load_frontier_ref())
-    # the phases' batches whole on each device: one device's scores (the split is checked below)
+    # the phases' batches whole on each device: one device's scores (the split is checked below);
+    # compacted batches on one row a device
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_devices=2),
-                              ttt=dataclasses.replace(cfg.ttt, global_data_parallel=False))
+                              ttt=dataclasses.replace(cfg.ttt, global_data_parallel=False, lora_compact_rows=2))
     first_call = []
     step_for = ttt_lora.chunk_step_for
 
@@ -164,14 +165,16 @@ TWO_DEVICES = textwrap.dedent(r"""
 def test_batch_rows_split_over_two_devices(fixture, result):
     """run.num_devices=2: each device scores and trains half of a batch's rows
     (their inputs, LoRA factors and moments split, weights replicated), with no
-    collective at all (rows are independent), each program compiled once; every chunk's score as the reference's, as on one
-    device (float32, sums in other orders: the same 1e-5 as one device's)."""
+    collective at all (rows are independent), each program compiled once; every chunk's
+    score as the reference's, as on one device (float32, sums in other orders: the same
+    1e-5 as one device's). With lora_compact_rows=2: a compacted batch's two rows, one a
+    device (the first call is the partial batch's, compacted from its first chunk)."""
     _, _, _, _, ref, _ = fixture
     out = run_on_two_cpu_devices(TWO_DEVICES)
     assert out["lora_spec"].endswith(("None, 'data')", "None, 'data', None, None)")) and "'data'" in out["x_spec"]
     assert out["collectives"] == []
-    # every array placed before its first call: one program each (the record: one per window width)
-    assert out["compiles"]["jit(lora_chunk_step)"] == out["compiles"]["jit(global_sgd_step)"] == 1
+    # every array placed before its first call: one program each (the batches' 4 rows and the compacted 2)
+    assert out["compiles"]["jit(lora_chunk_step)"] == 2 and out["compiles"]["jit(global_sgd_step)"] == 1
     got, want = np.asarray(out["rows"]), ref["chunk_rows"]
     assert np.array_equal(got == 0, want == 0)
     rel = np.abs(got - want) / np.maximum(np.abs(want), 1e-30)
@@ -182,6 +185,37 @@ def test_batch_rows_split_over_two_devices(fixture, result):
     # global_data_parallel: the split step is the reference's two ranks' (float32, sums in other orders)
     assert out["split_step_rel"] <= 1e-5, out["split_step_rel"]
     assert out["split_step_late_compiles"] == 0
+
+
+def test_a_compacted_batch_hands_on_the_whole_batchs_lora(fixture):
+    """ttt.lora_compact_rows=3 of the batches' 4 rows, on the full batch of 23-40 targets
+    (chunks of 8: 3, 4, 5 and 5 chunks): its last two chunks run on its 3 longest rows,
+    the first row left out of one AdamW step (chunk 3's; chunk 4 trains no row). At the
+    batch's end that row takes the step it sat out (a zero gradient: weight decay alone),
+    so the LoRA handed on (the next batch's warm A) and every score are the whole batch's."""
+    cfg, params, tokens, tables, _, init_a = fixture
+    compact_t = dataclasses.replace(cfg.ttt, lora_compact_rows=3)
+    starts, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
+    _, docs = ttt_schedule.batch_order(lengths, 4)[1]
+    assert (lengths[docs] - 1).tolist() == [23, 28, 34, 40]
+    assert ttt_schedule.compact_from(lengths[docs] - 1, compact_t) == (3, 1)  # (chunk, first row)
+    place = ttt_lora.RowPlacement(make_mesh(1, local=True), 4, 3)
+    step = ttt_lora.chunk_step_for(cfg.model, cfg.ttt)  # the module's runs' program: compaction is _score_batch's
+    cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
+    loras, logs = [], []
+    for t in (cfg.ttt, compact_t):
+        logs.append({"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0})
+        loras.append(ttt_lora._score_batch(params, ttt_lora.fresh_lora(init_a(0, 4), cfg.model, t), tokens,
+                                           cum_bytes, (starts[docs], lengths[docs]), t, step, logs[-1], place))
+    assert logs[1]["positions"] == logs[0]["positions"] - 2 * 32 and logs[1]["chunk_tokens"] == logs[0]["chunk_tokens"]
+    got, want = np.stack(logs[1]["chunk_row_sums"]), np.stack(logs[0]["chunk_row_sums"])
+    # 3-row programs sum in other orders than 4-row ones (XLA's kernels follow the shapes):
+    # float32 rounding, ~1e-7 of the scores, and of the trained rows' factors through their
+    # AdamW steps up to 2e-6 of a factor's largest entry; the left-out row without its step
+    # would be off by its weight decay, 0.5 x the fixture's lr 0.01 = 5e-3 of each entry
+    assert np.array_equal(got == 0, want == 0) and np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-30)) <= 1e-6
+    for x, w in zip(jax.tree.leaves(loras[1].factors), jax.tree.leaves(loras[0].factors)):  # every A and B
+        assert np.max(np.abs(np.asarray(x) - np.asarray(w))) <= 1e-5 * np.max(np.abs(np.asarray(w)))
 
 
 def batch_chunk_ranges(cfg, tokens) -> list[tuple[np.ndarray, range]]:
@@ -276,6 +310,8 @@ def test_rows_that_cannot_be_split_evenly_are_refused():
     with pytest.raises(ValueError, match=r"lora_batch_docs=3 rows cannot be split over 2 devices"):
         ttt_lora.RowPlacement(two_devices, 3)
     assert ttt_lora.RowPlacement(two_devices, 4).mesh is two_devices
+    with pytest.raises(ValueError, match=r"lora_compact_rows=1 rows cannot be split over 2 devices"):
+        ttt_lora.RowPlacement(two_devices, 4, 1)
 
 
 def test_ranks_keep_lora_chains_of_their_own(fixture):

@@ -43,6 +43,27 @@ def test_record_windows_compile_six_programs():
     assert widths == {64, 128, 256, 512, 1024, 2048}
 
 
+def test_batches_compact_to_the_rows_still_scoring_once_the_window_is_whole():
+    """The record's windows with lora_compact_rows=16: a batch whose 48 shortest documents
+    end within 1,024 targets runs on its 16 longest from the first 2,048-token window
+    (chunk 21); the partial batch of the 16 longest documents (the queue's first), on its
+    own 16 rows from there; one whose longer documents spread over more rows never."""
+    t = TTTConfig(mode="lora_phased", lora_min_window=512, lora_compact_rows=16)
+    short, long = np.full(48, 900), np.linspace(3_000, 60_000, 16).astype(np.int64)
+    assert ttt_schedule.compact_from(np.concatenate([short, long]), t) == (21, 48)
+    assert ttt_schedule.compact_from(long, t) == (21, 0)
+    assert ttt_schedule.compact_from(np.concatenate([short[:40], np.full(24, 3_000)]), t) is None
+    assert ttt_schedule.compact_from(long, dataclasses.replace(t, lora_compact_rows=0)) is None
+    # the programs: 64 rows at each width the batches meet before compacting, 16 at 2,048
+    # (a full batch and the partial one of the 8 longest, both compacted at chunk 21)
+    lengths = np.concatenate([short, long, long[:8]]) + 1
+    assert ttt_schedule.chunk_programs(lengths, t) == [(64, 1024), (64, 512), (16, 2048)]
+    assert ttt_schedule.chunk_programs(lengths, dataclasses.replace(t, lora_compact_rows=0)) == \
+        [(64, 2048), (64, 1024), (64, 512)]
+    with pytest.raises(Exception, match="lora_compact_rows"):
+        dataclasses.replace(t, lora_compact_rows=64).validate(2048, 11)
+
+
 def test_a_long_documents_last_chunk_slides_its_window():
     """A document of 100 targets, chunks of 8, context 32: the last chunk (targets 96..99)
     is scored in the window of the 32 tokens before its end, not the template's."""
