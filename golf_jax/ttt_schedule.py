@@ -212,8 +212,10 @@ def compact_from(pred_lens: np.ndarray, t: TTTConfig) -> tuple[int, int] | None:
     if not rows or not len(n_chunks):
         return None
     for ci in range(chunk_count(pred_lens, t)):
-        scoring = np.flatnonzero(n_chunks > ci)
-        if chunk_window(ci, t) == t.lora_context_len and scoring[-1] - scoring[0] < rows:
+        if chunk_window(ci, t) < t.lora_context_len:
+            continue
+        scoring = np.flatnonzero(n_chunks > ci)  # never empty: ci < the most chunks
+        if scoring[-1] - scoring[0] < rows:
             return ci, int(min(scoring[0], t.lora_batch_docs - rows))
     return None
 
