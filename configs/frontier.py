@@ -49,8 +49,8 @@ def get_config() -> Config:
             # At MLP 4x (hidden 2,048) XLA's GEMMs beat the fused Triton MLP kernels (their
             # backward is 0.70 ms against 0.66 at 98,304 rows): 92.55 / 137.77 ms per micro-batch
             # before / after the loop against 93.47 / 140.70 on an H200, for 4.4 / 6.9 GB more
-            # peak memory (docs/performance.md, sixteenth session). The 1.1147 record's MLP 3x
-            # keeps the kernels (its 23.6 GB budget).
+            # peak memory; the TTT's 8 x 2,048 chunk step 24.02 against 24.36 ms (docs/performance.md,
+            # sixteenth session). The 1.1147 record's MLP 3x keeps the kernels (its 23.6 GB budget).
             mlp_impl="jnp",
         ),
         data=DataConfig(
