@@ -178,11 +178,24 @@ def lora_optimizer(t: TTTConfig) -> optax.GradientTransformation:
     return optax.adamw(t.lora_lr, b1=t.lora_beta1, b2=t.lora_beta2, eps=t.lora_eps, weight_decay=t.lora_weight_decay)
 
 
+def _step_settings(t: TTTConfig) -> TTTConfig:
+    """The fields of t a chunk step's programs read (the chunk length, the optimizer's), the
+    others at their defaults: runs that differ only in their phases, ranks, compaction or
+    batch size share one jitted step, and so its compiled programs."""
+    return TTTConfig(mode=t.mode, lora_chunk_tokens=t.lora_chunk_tokens, lora_lr=t.lora_lr, lora_beta1=t.lora_beta1,
+                     lora_beta2=t.lora_beta2, lora_eps=t.lora_eps, lora_weight_decay=t.lora_weight_decay)
+
+
 # ----------------------------------------------------------------------------- the programs
 
-@functools.lru_cache(maxsize=8)
 def chunk_step_for(cfg: ModelConfig, t: TTTConfig) -> Callable:
-    """The jitted chunk step (one program per window width), one per configuration."""
+    """The jitted chunk step (one program per window width and row count), one per model
+    configuration and step settings (`_step_settings`)."""
+    return _chunk_step(cfg, _step_settings(t))
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_step(cfg: ModelConfig, t: TTTConfig) -> Callable:
     tx = lora_optimizer(t)
     looping = cfg.looping_after_training
 
@@ -312,7 +325,7 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
         sums[at:at + row_sums.shape[0]] = np.asarray(row_sums, np.float64)
         log["chunk_row_sums"].append(sums)
     if whole is not None:
-        lora = place.factors(_rejoin_for(t)(*whole, lora, first_row, idle_steps))
+        lora = place.factors(_rejoin_for(_step_settings(t))(*whole, lora, first_row, idle_steps))
     return lora
 
 

@@ -220,16 +220,19 @@ def compact_from(pred_lens: np.ndarray, t: TTTConfig) -> tuple[int, int] | None:
     return None
 
 
-def chunk_programs(lengths: np.ndarray, t: TTTConfig) -> list[tuple[int, int]]:
-    """The (rows, window width) of every chunk program the batches of documents of these
-    lengths (BOS to BOS included) meet: lora_batch_docs rows at each window width, and
-    lora_compact_rows at the whole context's once a batch compacts (`compact_from`)."""
-    programs = set()
-    for _, docs in batch_order(np.asarray(lengths), t.lora_batch_docs):
+def chunk_steps(lengths: np.ndarray, t: TTTConfig):
+    """The (rows, window width) of every chunk step of the batches of documents of these
+    lengths (BOS to BOS included), in processing order: lora_batch_docs rows, or
+    lora_compact_rows once a batch compacts (`compact_from`)."""
+    lengths = np.asarray(lengths)
+    for _, docs in batch_order(lengths, t.lora_batch_docs):
         pred_lens = lengths[docs] - 1
         compact = compact_from(pred_lens, t)
-        full_chunks = chunk_count(pred_lens, t) if compact is None else compact[0]
-        programs |= {(t.lora_batch_docs, chunk_window(ci, t)) for ci in range(full_chunks)}
-        if compact is not None:
-            programs.add((t.lora_compact_rows, t.lora_context_len))
-    return sorted(programs, reverse=True)
+        for ci in range(chunk_count(pred_lens, t)):
+            yield (t.lora_batch_docs if compact is None or ci < compact[0] else t.lora_compact_rows,
+                   chunk_window(ci, t))
+
+
+def chunk_programs(lengths: np.ndarray, t: TTTConfig) -> list[tuple[int, int]]:
+    """The (rows, window width) of every chunk program those steps meet (`chunk_steps`)."""
+    return sorted(set(chunk_steps(lengths, t)), reverse=True)

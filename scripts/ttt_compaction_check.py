@@ -2,8 +2,9 @@
 whole TTT over a validation text, once with configs/frontier.py's compaction and once
 without, from the same weights (the config's initial weights, perturbed:
 `bench.perturbed_params`; timing and agreement, not learning). Reports each run's time,
-chunk steps, positions and compilations, and the two scores' relative difference (bf16:
-the compacted rows' programs sum in other orders; the CPU tests hold them to float32).
+chunk steps, positions and compilations (the second run's only its own), and the two scores'
+relative difference (bf16: the compacted rows' programs sum in other orders; the CPU tests
+hold them to float32).
 
     python scripts/ttt_compaction_check.py --out DIR [--config.data.data_dir=...]
 
@@ -34,8 +35,8 @@ def main(argv=None) -> None:
     _, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
     params = bench.perturbed_params(cfg)
     report = {"documents": len(lengths), "tokens": int(len(tokens)), "runs": {}}
-    # compacted first: what the second run finds compiled or autotuned already (small programs, XLA's
-    # autotuning results) favours the whole batches' run
+    # compacted first: the second run finds the programs they share compiled (`ttt_lora.chunk_step_for`),
+    # so compare their steps, not their compilation (two processes for that)
     for rows in (cfg.ttt.lora_compact_rows, 0):
         run_cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lora_compact_rows=rows))
         programs = ttt_schedule.chunk_programs(lengths, run_cfg.ttt)

@@ -49,20 +49,6 @@ def record_lengths(seed: int = 0) -> np.ndarray:
     return np.maximum(2, rng.lognormal(np.log(mean) - 0.5, 1.0, RECORD_DOCS).astype(np.int64))
 
 
-def steps_by_program(lengths: np.ndarray, t: TTTConfig) -> collections.Counter:
-    """How many chunk steps of each (batch rows, window width) the schedule runs (each GPU
-    runs them all, with its share of the rows): lora_batch_docs rows, or lora_compact_rows
-    once a batch compacts (`ttt_schedule.compact_from`)."""
-    steps = collections.Counter()
-    for _, docs in ttt_schedule.batch_order(lengths, t.lora_batch_docs):
-        pred_lens = lengths[docs] - 1
-        compact = ttt_schedule.compact_from(pred_lens, t)
-        for ci in range(ttt_schedule.chunk_count(pred_lens, t)):
-            rows = t.lora_batch_docs if compact is None or ci < compact[0] else t.lora_compact_rows
-            steps[rows, ttt_schedule.chunk_window(ci, t)] += 1
-    return steps
-
-
 def phase_tokens(lengths: np.ndarray, t: TTTConfig, ranks: int) -> int:
     """Tokens the global phases train on, all phases together (`ttt_schedule.rank_schedule`'s)."""
     return int(sum(lengths[docs].sum() for docs in ttt_schedule.rank_schedule(lengths, t, ranks).phases))
@@ -99,7 +85,7 @@ def main() -> None:
         return rows // share, wider[0]
 
     lengths = record_lengths()
-    steps = steps_by_program(lengths, t)
+    steps = collections.Counter(ttt_schedule.chunk_steps(lengths, t))  # by (batch rows, window width)
     lines, chunk_s, compile_s = [], 0.0, 0.0
     for rows, width in sorted(steps, key=lambda k: (-k[0], k[1])):
         source = bench_for(rows, width)

@@ -104,16 +104,16 @@ TWO_DEVICES = textwrap.dedent(r"""
     # compacted batches on one row a device
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_devices=2),
                               ttt=dataclasses.replace(cfg.ttt, global_data_parallel=False, lora_compact_rows=2))
-    first_call = []
+    first_calls = {}  # each program's (the batches' 4 rows, the compacted 2) first call
     step_for = ttt_lora.chunk_step_for
 
     def recording_step_for(mcfg, t):
         step = step_for(mcfg, t)
         def record(*args):
-            if not first_call:  # abstract: the step donates its LoRA and optimizer state
-                first_call.append((step, jax.tree.map(
+            if args[3].shape not in first_calls:  # abstract: the step donates its LoRA and optimizer state
+                first_calls[args[3].shape] = (step, jax.tree.map(
                     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-                    if isinstance(a, jax.Array) else a, args)))
+                    if isinstance(a, jax.Array) else a, args))
             return step(*args)
         record.lower = step.lower  # compile_ahead's: then every call must find its program compiled
         return record
@@ -121,10 +121,13 @@ TWO_DEVICES = textwrap.dedent(r"""
     ttt_lora.chunk_step_for = recording_step_for
     with CompileCounter() as compiles:
         r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False)
-    step, args = first_call[0]
-    lora_spec, x_spec = args[1].factors["q"][0].sharding.spec, args[3].sharding.spec
-    hlo = step.lower(*args).compile().as_text()
-    collectives = re.findall(r"(?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(", hlo)
+    collectives, specs = [], set()
+    for step, args in first_calls.values():
+        specs.add((str(args[1].factors["q"][0].sharding.spec), str(args[3].sharding.spec)))
+        hlo = step.lower(*args).compile().as_text()
+        collectives += re.findall(r"(?:all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter)(?:-start)?\(",
+                                  hlo)
+    (lora_spec, x_spec), = specs
 
     # One global step on 3 sequences split over the 2 devices (1 and 2 sequences, padded),
     # compiled by compile_ahead (so the phase's placement is the one it compiled: no compilation
@@ -156,7 +159,7 @@ TWO_DEVICES = textwrap.dedent(r"""
     g = jax.tree.map(lambda v: v * min(cfg.ttt.global_grad_clip / (norm + 1e-6), 1.0), g)
     rel = max(float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v))) for u, v in zip(jax.tree.leaves(split), jax.tree.leaves(g)))
     json.dump({"rows": np.stack(r.chunk_row_sums).tolist(), "tokens": r.chunk_tokens, "bytes": r.chunk_bytes,
-               "phases": r.phases, "lora_spec": str(lora_spec), "x_spec": str(x_spec),
+               "phases": r.phases, "lora_spec": lora_spec, "x_spec": x_spec, "programs": len(first_calls),
                "collectives": collectives, "compiles": compiles.names, "split_step_rel": rel,
                "split_step_late_compiles": late.names["jit(global_sgd_step)"]}, sys.stdout)
 """)
@@ -168,11 +171,11 @@ def test_batch_rows_split_over_two_devices(fixture, result):
     collective at all (rows are independent), each program compiled once; every chunk's
     score as the reference's, as on one device (float32, sums in other orders: the same
     1e-5 as one device's). With lora_compact_rows=2: a compacted batch's two rows, one a
-    device (the first call is the partial batch's, compacted from its first chunk)."""
+    device."""
     _, _, _, _, ref, _ = fixture
     out = run_on_two_cpu_devices(TWO_DEVICES)
     assert out["lora_spec"].endswith(("None, 'data')", "None, 'data', None, None)")) and "'data'" in out["x_spec"]
-    assert out["collectives"] == []
+    assert out["programs"] == 2 and out["collectives"] == []  # in either program
     # every array placed before its first call: one program each (the batches' 4 rows and the compacted 2)
     assert out["compiles"]["jit(lora_chunk_step)"] == 2 and out["compiles"]["jit(global_sgd_step)"] == 1
     got, want = np.asarray(out["rows"]), ref["chunk_rows"]
@@ -200,7 +203,8 @@ def test_a_compacted_batch_hands_on_the_whole_batchs_lora(fixture):
     assert (lengths[docs] - 1).tolist() == [23, 28, 34, 40]
     assert ttt_schedule.compact_from(lengths[docs] - 1, compact_t) == (3, 1)  # (chunk, first row)
     place = ttt_lora.RowPlacement(make_mesh(1, local=True), 4, 3)
-    step = ttt_lora.chunk_step_for(cfg.model, cfg.ttt)  # the module's runs' program: compaction is _score_batch's
+    step = ttt_lora.chunk_step_for(cfg.model, compact_t)
+    assert step is ttt_lora.chunk_step_for(cfg.model, cfg.ttt)  # the module's runs' programs: compaction is _score_batch's
     cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
     loras, logs = [], []
     for t in (cfg.ttt, compact_t):
