@@ -46,12 +46,12 @@ def get_config() -> Config:
             # 165.0 ms on an H100, and its 60-step curve against the reference's as close as
             # without it (mean abs 0.05%; docs/frontier.md, 2026-12-03).
             fusion_kernels="norm_rope,xsa,softcap_ce",
-            # At MLP 4x (hidden 2,048) XLA's GEMMs beat the fused Triton MLP kernels (their
-            # backward is 0.70 ms against 0.66 at 98,304 rows): 92.55 / 137.77 ms per micro-batch
-            # before / after the loop against 93.47 / 140.70 on an H200, for 4.4 / 6.9 GB more
-            # peak memory; the TTT's 8 x 2,048 chunk step 24.02 against 24.36 ms (docs/performance.md,
-            # sixteenth session). The 1.1147 record's MLP 3x keeps the kernels (its 23.6 GB budget).
-            mlp_impl="jnp",
+            # The MLP 4x runs the fused Triton kernels on GPUs ("auto"), as the 1.1147 record's.
+            # The jnp MLP (XLA's GEMMs) took 1.0 / 2.1% less per micro-batch before / after the
+            # loop on an H200 in a bench (sixteenth session), for 4.4 / 6.9 GB more peak memory;
+            # in train.py it gave 92.6 / 138.1 ms, no gain seen, and one of its two runs failed
+            # compiling its first validation (ptxas, seventeenth session; docs/performance.md).
+            mlp_impl="auto",
         ),
         data=DataConfig(
             data_dir="data/datasets/fineweb10B_sp8192_caseops",

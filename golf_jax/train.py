@@ -340,8 +340,9 @@ class TrainingRun:
         if val is not None:
             self.history["val"].append((self.step, val.loss))
             self.log.line(f"step {self.step}/{self.sched.iterations} val_loss {val.loss:.4f} val_bpb {val.bpb:.4f} "
-                          f"train_time {self.training_s:.1f}s")
-            self.log.record(kind="val", step=self.step, loss=val.loss, bpb=val.bpb, training_s=self.training_s)
+                          f"train_time {self.training_s:.1f}s eval_time {val.seconds:.1f}s")
+            self.log.record(kind="val", step=self.step, loss=val.loss, bpb=val.bpb, training_s=self.training_s,
+                            eval_s=val.seconds)
         self.t0 = time.perf_counter()
 
     def _one_step(self, mult: float) -> None:
@@ -479,7 +480,8 @@ class TrainingRun:
             final_f32, source = mine.ema, "EMA"
         final = jax.tree.map(lambda f, p: f.astype(p.dtype), final_f32, mine.params)
         final_val = self.validate(final)
-        self.log.line(f"final ({source}) val_loss {final_val.loss:.4f} val_bpb {final_val.bpb:.4f}")
+        self.log.line(f"final ({source}) val_loss {final_val.loss:.4f} val_bpb {final_val.bpb:.4f} "
+                      f"eval_time {final_val.seconds:.1f}s")
         checkpoint.save_params(self.out_dir / run_dir.FINAL_MODEL, jax.device_get(final), self.cfg, self.dataset_record)
         summary = self._summary(source, final_val)
         plot_curves(self.history["train"], self.history["val"], self.out_dir / "loss.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -45,6 +46,27 @@ jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+
+# On a machine without an accelerator plugin (CI's), XLA's CPU backend compiles the
+# suite's programs faster with its elemental emitters than with its fusion emitters: the
+# phased TTT's chunk step of tests/ttt_lora_test.py 5.6-6.1 -> 3.6-3.8 s, the whole suite
+# on the 2-core machine 627-703 -> 487 s (docs/performance.md); every test passes either
+# way. Set before the backend starts (below); the pytest-xdist workers and the
+# subprocesses the tests start inherit it (their scripts append their device counts).
+# Only where this jaxlib's XLA knows the flag: an unknown one aborts the process (JAX
+# 0.11.2's does not know it; 0.10.2's does).
+CPU_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_knows(flag: str) -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True,
+                           env=dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu"))
+    return probe.returncode == 0
+
+
+if (importlib.util.find_spec("jax_plugins") is None and "xla_cpu_use_fusion_emitters" not in
+        os.environ.get("XLA_FLAGS", "") and _xla_knows(CPU_COMPILE_FLAG)):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " " + CPU_COMPILE_FLAG
 
 # On the CPU the suite's programs are small and run for milliseconds: compiling them
 # is most of its time. They compile without LLVM's expensive passes (JAX's

@@ -112,7 +112,7 @@ TINY = {"num_layers": "2", "model_dim": "64", "num_heads": "2", "num_kv_heads": 
 
 
 def launch(out: Path, devices: int, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
                PYTHONPATH=str(REPO))
     argv = [sys.executable, "train.py", "--config", "configs/smoke.py", "--no-progress", "--no-quantize",
             f"--config.output_dir={out}", *(f"--config.{k}={v}" for k, v in TINY.items()), *extra]

@@ -157,7 +157,7 @@ def test_fusion_impl_resolution():
 
 TWO_DEVICES = textwrap.dedent(r"""
     import os, sys, json, math, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[1])

@@ -182,7 +182,7 @@ def test_model_loss_and_grads_same_through_the_kernel():
 
 TWO_DEVICES = textwrap.dedent(r"""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[1])

@@ -17,7 +17,7 @@ from tests.conftest import REPO, fixture_path
 
 MUON_SHARDED = textwrap.dedent("""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     sys.path.insert(0, sys.argv[1])

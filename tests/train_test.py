@@ -385,7 +385,7 @@ def test_frontier_warm_up_and_resume_across_the_loop_switch(frontier_run, tmp_pa
 
 MULTI_DEVICE = textwrap.dedent("""
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from tests.train_test import tiny_config

@@ -373,13 +373,17 @@ def test_the_last_application_runs_on_the_scored_positions_only(fixture):
     x = jnp.asarray(rng.integers(2, cfg.model.vocab_size, (rows, width)), jnp.int32)
     y = jnp.asarray(rng.integers(2, cfg.model.vocab_size, (rows, width)), jnp.int32)
 
-    def nll(lora, first=0, count=None):
-        return model.lora_token_nll(params, cfg.model, x, y, lora, looping=True, first=first, count=count)
+    def scored_nll(lora, positions_only: bool):  # (their sum, the scored positions' losses)
+        n = (model.lora_token_nll(params, cfg.model, x, y, lora, looping=True, first=first, count=count)
+             if positions_only else model.lora_token_nll(params, cfg.model, x, y, lora, looping=True)[
+                 :, first:first + count])
+        return jnp.sum(n), n
 
-    # each jitted: eager, op by op, the looped model's forward and backward took 35-46 s of the suite
-    whole, part = jax.jit(nll)(lora)[:, first:first + count], jax.jit(nll, static_argnums=2)(lora, first, count)
+    # jitted, losses and gradients in one program each: eager, op by op, the looped model's
+    # forward and backward took 35-46 s of the suite
+    loss_and_grad = jax.jit(jax.value_and_grad(scored_nll, has_aux=True), static_argnums=1)
+    (_, whole), g_whole = loss_and_grad(lora, False)
+    (_, part), g_part = loss_and_grad(lora, True)
     np.testing.assert_allclose(part, whole, rtol=1e-5, atol=1e-6)
-    g_whole = jax.jit(jax.grad(lambda f: jnp.sum(nll(f)[:, first:first + count])))(lora)
-    g_part = jax.jit(jax.grad(lambda f: jnp.sum(nll(f, first, count))))(lora)
     for u, v in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_whole)):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)

@@ -217,7 +217,7 @@ def test_bad_ttt_config_names_the_field(tmp_path, field, value):
 
 TWO_DEVICES = textwrap.dedent("""
     import os, sys, json, dataclasses
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
     import jax
     sys.path.insert(0, sys.argv[1])
     from tests.ttt_test import live_params, ttt_config
