@@ -50,7 +50,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # On a machine without an accelerator plugin (CI's), XLA's CPU backend compiles the
 # suite's programs faster with its elemental emitters than with its fusion emitters: the
 # phased TTT's chunk step of tests/ttt_lora_test.py 5.6-6.1 -> 3.6-3.8 s, the whole suite
-# on the 2-core machine 627-703 -> 487 s (docs/performance.md); every test passes either
+# on the 2-core machine 627-703 -> 466-487 s (docs/performance.md); every test passes either
 # way. Set before the backend starts (below); the pytest-xdist workers and the
 # subprocesses the tests start inherit it (their scripts append their device counts).
 # Only where this jaxlib's XLA knows the flag: an unknown one aborts the process (JAX
@@ -74,7 +74,7 @@ if (importlib.util.find_spec("jax_plugins") is None and "xla_cpu_use_fusion_emit
 # process and in the subprocesses it starts: measured, the suite takes ~20% less.
 # Only the last bits of some float32 results move (LLVM's fusing of a*b+c), so a
 # test whose subject is rounding bit for bit against torch is marked
-# `full_optimization` and compiles as users' programs do (below).
+# `full_optimization` and compiles with LLVM's passes, as users' programs do (below).
 ON_CPU = jax.default_backend() == "cpu"
 if ON_CPU:
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # JAX_DISABLE_MOST_OPTIMIZATIONS=0: all at full
