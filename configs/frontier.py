@@ -49,8 +49,9 @@ def get_config() -> Config:
             # The MLP 4x runs the fused Triton kernels on GPUs ("auto"), as the 1.1147 record's.
             # The jnp MLP (XLA's GEMMs) took 1.0 / 2.1% less per micro-batch before / after the
             # loop on an H200 in a bench (sixteenth session), for 4.4 / 6.9 GB more peak memory;
-            # in train.py it gave 92.6 / 138.1 ms, no gain seen, and one of its two runs failed
-            # compiling its first validation (ptxas, seventeenth session; docs/performance.md).
+            # in train.py it ran 92.0-92.6 / 136.3-138.1 ms (not compared there with the kernels),
+            # and one of its two runs failed compiling its first validation, which the kernels'
+            # runs completed (ptxas, seventeenth session; docs/performance.md).
             mlp_impl="auto",
         ),
         data=DataConfig(
