@@ -48,9 +48,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 # On a machine without an accelerator plugin (CI's), XLA's CPU backend compiles the
-# suite's programs faster with its elemental emitters than with its fusion emitters: the
-# phased TTT's chunk step of tests/ttt_lora_test.py 5.6-6.1 -> 3.6-3.8 s, the whole suite
-# on the 2-core machine 627-703 -> 466-487 s (docs/performance.md); every test passes either
+# suite's programs faster with its elemental emitters than with its fusion emitters:
+# tests/ttt_lora_test.py alone 105.6 -> 86.8 s, the whole suite on the 2-core machine
+# 627-703 -> 440-487 s (docs/performance.md, 2026-12-03); every test passes either
 # way. Set before the backend starts (below); the pytest-xdist workers and the
 # subprocesses the tests start inherit it (their scripts append their device counts).
 # Only where this jaxlib's XLA knows the flag: an unknown one aborts the process (JAX
