@@ -12,10 +12,14 @@
 # mean nothing; each process is stopped at DEADLINE less the comparison's time.
 # Results: $OUT/compare.txt, $OUT/curve.png, and everything in $OUT/frontier_curve.tgz.
 # Needs .shared (data, reference) and .whl carried.
-# GOLF_EXTRA: golf_jax overrides given to both golf_jax runs (e.g. a kernel's curve:
-# GOLF_EXTRA="--config.fusion_kernels=norm_rope,xsa,softcap_ce").
+# GOLF_EXTRA: golf_jax overrides given to every golf_jax run (e.g. a kernel's curve:
+# GOLF_EXTRA="--config.fusion_kernels=norm_rope,xsa,softcap_ce"). MATCHED=0 leaves out the matched
+# run. AS_CONFIG_VARIANT: overrides for one more run with the config's own rounding
+# ("golf_as_config_variant", beside "golf_as_config"): a change that acts only with that rounding
+# (the residual-mix and q/k kernels step aside without scales_in_float32), against the same run
+# without it, each against the reference.
 # Usage (device): OUT=... [STEPS=60] [ROW=16384] [WARMUP=20] [VAL_EVERY=20] [AS_CONFIG=1] [DEADLINE=520] \
-#   [GOLF_EXTRA=...] bash scripts/device_frontier_curve.sh
+#   [GOLF_EXTRA=...] [MATCHED=1] [AS_CONFIG_VARIANT=...] bash scripts/device_frontier_curve.sh
 # The same script on a CPU, tiny (a dry run of the call): REF_DEVICE=cpu TOKENS=600000 VAL_TOKENS=20000 \
 #   INIT_FLAGS="--tiny --float32 --train-seq-len 128 --eval-seq-len 128" STEPS=12 ROW=512 WARMUP=2 VAL_EVERY=6
 set -uo pipefail
@@ -32,7 +36,7 @@ python3 scripts/frontier_curve.py init --out "$work/init" --steps "${STEPS:-60}"
 echo "prepared in $((SECONDS - start)) s"
 limit=$(( ${DEADLINE:-520} - (SECONDS - start) - 30 ))
 # JAX takes 75% of the GPU by default: a share each, the rest for the reference (16k-token rows: a few GB each).
-golf_mem=0.3
+golf_mem=0.3; [ -n "${AS_CONFIG_VARIANT:-}" ] && golf_mem=0.25
 run() {  # name, command...: one process, stopped at the limit
   local name=$1 t0=$SECONDS; shift
   timeout "$limit" "$@" > "$work/$name.out" 2>&1
@@ -43,19 +47,26 @@ CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu run check_data python3 scripts/frontier_
 run reference python3 scripts/frontier_curve.py reference --init "$work/init" --data "$data" --out "$work/reference" \
   --device "${REF_DEVICE:-cuda}" &
 # shellcheck disable=SC2086  # GOLF_EXTRA: several overrides
-XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run golf python3 scripts/frontier_curve.py golf --init "$work/init" \
-  --data "$data" --out "$work/golf" -- ${GOLF_EXTRA:-} &
-if [ "${AS_CONFIG:-1}" = 1 ]; then
-  XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run golf_as_config python3 scripts/frontier_curve.py golf \
-    --init "$work/init" --data "$data" --out "$work/golf_as_config" \
-    -- --config.model.scales_in_float32=true --config.optimizer.muon_ns_rounding=compiled ${GOLF_EXTRA:-} &
+if [ "${MATCHED:-1}" = 1 ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run golf python3 scripts/frontier_curve.py golf --init "$work/init" \
+    --data "$data" --out "$work/golf" -- ${GOLF_EXTRA:-} &
 fi
+as_config() {  # name, overrides...: a run with the config's own rounding
+  local name=$1; shift
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run "$name" python3 scripts/frontier_curve.py golf \
+    --init "$work/init" --data "$data" --out "$work/$name" \
+    -- --config.model.scales_in_float32=true --config.optimizer.muon_ns_rounding=compiled "$@" &
+}
+# shellcheck disable=SC2086  # several overrides
+[ "${AS_CONFIG:-1}" = 1 ] && as_config golf_as_config ${GOLF_EXTRA:-}
+# shellcheck disable=SC2086
+[ -n "${AS_CONFIG_VARIANT:-}" ] && as_config golf_as_config_variant ${GOLF_EXTRA:-} ${AS_CONFIG_VARIANT}
 wait
 tail -1 "$work/check_data.out"
 grep -h "fused_kernels\|layer_loop_on_at_step\|log_mismatches" "$work/reference/reference.json" 2>/dev/null \
   | tr -d '\n '; echo
-tail -3 "$work/reference.out"; tail -2 "$work/golf.out"
-runs=(); for r in golf golf_as_config; do [ -f "$work/$r/train.jsonl" ] && runs+=("$work/$r"); done
+tail -3 "$work/reference.out"; for r in "$work"/golf*.out; do tail -2 "$r"; done
+runs=(); for r in golf golf_as_config golf_as_config_variant; do [ -f "$work/$r/train.jsonl" ] && runs+=("$work/$r"); done
 python3 scripts/frontier_curve.py compare "${runs[@]}" --reference "$work/reference" --plot "$OUT/curve.png" \
   --json "$work/compare.json" > "$OUT/compare.txt" 2>&1
 cat "$OUT/compare.txt"
