@@ -18,8 +18,16 @@
 # ("golf_as_config_variant", beside "golf_as_config"): a change that acts only with that rounding
 # (the residual-mix and q/k kernels step aside without scales_in_float32), against the same run
 # without it, each against the reference.
+# REFERENCE_FROM: the curve folder of an earlier call (its frontier_curve.tgz unpacked here and
+# carried, e.g. .refcurve/curve): its reference run is compared instead of running one in this
+# call. Its init/settings.json must equal this call's (the same INIT_FLAGS, and the same initial
+# weights: settings.json holds their hash). So the compiled reference, whose compilation does not
+# fit beside golf_jax's runs, takes one call of its own
+# (INIT_FLAGS=--compile-reference MATCHED=0 AS_CONFIG=0), and golf_jax's runs the next
+# (INIT_FLAGS=--compile-reference REFERENCE_FROM=.refcurve/curve AS_CONFIG=0: the matched run then has the
+# config's own rounding).
 # Usage (device): OUT=... [STEPS=60] [ROW=16384] [WARMUP=20] [VAL_EVERY=20] [AS_CONFIG=1] [DEADLINE=520] \
-#   [GOLF_EXTRA=...] [MATCHED=1] [AS_CONFIG_VARIANT=...] bash scripts/device_frontier_curve.sh
+#   [GOLF_EXTRA=...] [MATCHED=1] [AS_CONFIG_VARIANT=...] [REFERENCE_FROM=...] bash scripts/device_frontier_curve.sh
 # The same script on a CPU, tiny (a dry run of the call): REF_DEVICE=cpu TOKENS=600000 VAL_TOKENS=20000 \
 #   INIT_FLAGS="--tiny --float32 --train-seq-len 128 --eval-seq-len 128" STEPS=12 ROW=512 WARMUP=2 VAL_EVERY=6
 set -uo pipefail
@@ -44,8 +52,15 @@ run() {  # name, command...: one process, stopped at the limit
 }
 CUDA_VISIBLE_DEVICES= JAX_PLATFORMS=cpu run check_data python3 scripts/frontier_curve.py check-data \
   --init "$work/init" --data "$data" &
-run reference python3 scripts/frontier_curve.py reference --init "$work/init" --data "$data" --out "$work/reference" \
-  --device "${REF_DEVICE:-cuda}" &
+if [ -n "${REFERENCE_FROM:-}" ]; then
+  cmp -s "$REFERENCE_FROM/init/settings.json" "$work/init/settings.json" \
+    || { echo "REFERENCE_FROM=$REFERENCE_FROM: its init/settings.json differs from this call's"; \
+         diff "$REFERENCE_FROM/init/settings.json" "$work/init/settings.json"; exit 1; }
+  cp -r "$REFERENCE_FROM/reference" "$work/reference" && echo "reference: from $REFERENCE_FROM"
+else
+  run reference python3 scripts/frontier_curve.py reference --init "$work/init" --data "$data" \
+    --out "$work/reference" --device "${REF_DEVICE:-cuda}" &
+fi
 # shellcheck disable=SC2086  # GOLF_EXTRA: several overrides
 if [ "${MATCHED:-1}" = 1 ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=$golf_mem run golf python3 scripts/frontier_curve.py golf --init "$work/init" \
@@ -65,11 +80,14 @@ wait
 tail -1 "$work/check_data.out"
 grep -h "fused_kernels\|layer_loop_on_at_step\|log_mismatches" "$work/reference/reference.json" 2>/dev/null \
   | tr -d '\n '; echo
-tail -3 "$work/reference.out"; for r in "$work"/golf*.out; do tail -2 "$r"; done
+[ -f "$work/reference.out" ] && tail -3 "$work/reference.out"
+for r in "$work"/golf*.out; do [ -f "$r" ] && tail -2 "$r"; done
 runs=(); for r in golf golf_as_config golf_as_config_variant; do [ -f "$work/$r/train.jsonl" ] && runs+=("$work/$r"); done
-python3 scripts/frontier_curve.py compare "${runs[@]}" --reference "$work/reference" --plot "$OUT/curve.png" \
-  --json "$work/compare.json" > "$OUT/compare.txt" 2>&1
-cat "$OUT/compare.txt"
+if [ ${#runs[@]} -gt 0 ]; then
+  python3 scripts/frontier_curve.py compare "${runs[@]}" --reference "$work/reference" --plot "$OUT/curve.png" \
+    --json "$work/compare.json" > "$OUT/compare.txt" 2>&1
+  cat "$OUT/compare.txt"
+fi
 rm -rf "$work"/golf*/final_model "$work"/golf*/checkpoints "$work/init/init.npz"  # 144 MB of known weights
 tar czf "$OUT/frontier_curve.tgz" -C "$OUT" curve && rm -rf "$work"
 echo "device_frontier_curve.sh: $((SECONDS - start)) s"

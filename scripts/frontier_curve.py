@@ -189,7 +189,11 @@ def cmd_init(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     np.savez(args.out / "init.npz", **state)
     source = (args.reference / "train_gpt.py").read_bytes()
+    weights = hashlib.sha256()  # two calls' curves can share one reference run only from the same weights
+    for k in sorted(state):
+        weights.update(k.encode() + state[k].tobytes())
     meta = {"settings": dataclasses.asdict(s), "reference_sha256": hashlib.sha256(source).hexdigest(),
+            "init_sha256": weights.hexdigest(),
             "torch": torch.__version__, "parameters": int(sum(v.size for v in state.values())),
             "dtypes": sorted({f"{k}: {v.dtype}" for k, v in model.state_dict().items() if v.dtype != torch.float32})}
     (args.out / "settings.json").write_text(json.dumps(meta, indent=1) + "\n")

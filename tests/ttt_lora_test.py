@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import compat, data, model, ttt_lora, ttt_schedule
+from golf_jax import compat, data, layers, model, ttt_lora, ttt_schedule
 from golf_jax.config import Config, EvalConfig, TTTConfig
 from golf_jax.runlog import CompileCounter
 from golf_jax.train_step import make_mesh
@@ -359,19 +359,26 @@ def test_attention_adapters_share_one_matmul():
         np.testing.assert_allclose(joint[target], slot.delta(target, h), rtol=1e-6, atol=1e-6)
 
 
+def scored_window(fixture):
+    """(LoRA with B nonzero, so that every adapter acts; tokens x, targets y of a 32-token
+    window; the scored chunk's first position and length)."""
+    cfg, _, _, _, _, init_a = fixture
+    rows, width = cfg.ttt.lora_batch_docs, 32
+    lora = ttt_lora.fresh_lora(init_a(0, rows), cfg.model, cfg.ttt)
+    rng = np.random.default_rng(1)
+    lora = lora.replace(factors={k: (a, jnp.asarray(0.01 * rng.standard_normal(b.shape), jnp.float32))
+                                 for k, (a, b) in lora.factors.items()})
+    x, y = (jnp.asarray(rng.integers(2, cfg.model.vocab_size, (rows, width)), jnp.int32) for _ in range(2))
+    return lora, x, y, 13, 8
+
+
 def test_the_last_application_runs_on_the_scored_positions_only(fixture):
     """model.lora_token_nll with (first, count): the last layer application and the head on
     those positions only, the same losses and LoRA gradients as the whole window's, sliced
     (float32; the last attention on the dense path, its sums in another order: 1e-5 for the
     losses, the parity tests' 1e-4 for gradients)."""
-    cfg, params, tokens, _, _, init_a = fixture
-    rows, width, first, count = cfg.ttt.lora_batch_docs, 32, 13, 8
-    lora = ttt_lora.fresh_lora(init_a(0, rows), cfg.model, cfg.ttt)
-    rng = np.random.default_rng(1)  # B nonzero, so that every adapter acts
-    lora = lora.replace(factors={k: (a, jnp.asarray(0.01 * rng.standard_normal(b.shape), jnp.float32))
-                                 for k, (a, b) in lora.factors.items()})
-    x = jnp.asarray(rng.integers(2, cfg.model.vocab_size, (rows, width)), jnp.int32)
-    y = jnp.asarray(rng.integers(2, cfg.model.vocab_size, (rows, width)), jnp.int32)
+    cfg, params, _, _, _, _ = fixture
+    lora, x, y, first, count = scored_window(fixture)
 
     def scored_nll(lora, positions_only: bool):  # (their sum, the scored positions' losses)
         n = (model.lora_token_nll(params, cfg.model, x, y, lora, looping=True, first=first, count=count)
@@ -386,4 +393,28 @@ def test_the_last_application_runs_on_the_scored_positions_only(fixture):
     (_, part), g_part = loss_and_grad(lora, True)
     np.testing.assert_allclose(part, whole, rtol=1e-5, atol=1e-6)
     for u, v in zip(jax.tree.leaves(g_part), jax.tree.leaves(g_whole)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
+
+
+def test_the_chunk_step_through_the_mix_kernel(fixture):
+    """configs/frontier.py names the residual-mix kernel (kernels/residual_norm.py), so the chunk
+    step runs it on GPUs, the last application's mixes on the scored positions only: the
+    scored losses and every LoRA gradient equal the jnp path's (float32, the kernel
+    interpreted; its sums in another order: 1e-5 for the losses, the parity tests' 1e-4)."""
+    cfg, params, _, _, _, _ = fixture
+    lora, x, y, first, count = scored_window(fixture)
+
+    def scored_nll(lora, mcfg):
+        n = model.lora_token_nll(params, mcfg, x, y, lora, looping=True, first=first, count=count)
+        return jnp.sum(n), n
+
+    loss_and_grad = jax.jit(jax.value_and_grad(scored_nll, has_aux=True), static_argnums=1)
+    cfgs = {impl: dataclasses.replace(cfg.model, fusion_impl=impl, fusion_kernels="residual_norm", scales_in_float32=True)
+            for impl in ("jnp", "pallas")}
+    assert layers.fusion_impl(cfgs["pallas"], "residual_norm") == "pallas"
+    out = {impl: loss_and_grad(lora, mcfg) for impl, mcfg in cfgs.items()}
+    (_, nll), grads = out["pallas"]
+    (_, nll_jnp), grads_jnp = out["jnp"]
+    np.testing.assert_allclose(nll, nll_jnp, rtol=1e-5, atol=1e-6)
+    for u, v in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_jnp)):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
