@@ -52,9 +52,16 @@ IMPLS = ("jnp", "pallas")
 # Launch parameters (scripts/fusion_kernel_sweep.py): a program takes up to
 # program_rows rows (partial sums of the scales per program), step_rows of
 # them in registers at a time. TUNED and SEMANTICS are read each time the
-# kernels are traced, as part of their cache key.
-TUNED = {"forward": dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2),
-         "backward": dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2)}
+# kernels are traced, as part of their cache key. Sequences shorter than
+# short_below (the TTT's chunk windows: 8 rows of 512 tokens a GPU) take the
+# short_* parameters: with 128-row programs such a call has 32 programs for an
+# H200's 132 SMs, and the kernels took 16 / 29 us a call forward / backward
+# there, slower than XLA's fusions (docs/performance.md, eighteenth session).
+# 32-row programs in steps of 8 with 4 warps were the sweep's best at the
+# training shape too (seventh session), kept there only for the measured curves.
+TUNED = {kind: dict(program_rows=128, step_rows=16, num_warps=8, num_stages=2,
+                    short_below=2048, short_program_rows=32, short_step_rows=8, short_num_warps=4)
+         for kind in ("forward", "backward")}
 # Where the kernels round (see the module docstring).
 SEMANTICS = dict(norm_of_rounded_sum=False, dnorm_of_rounded_sum=False, round_dnorm=True, round_ds=True)
 
@@ -170,12 +177,18 @@ def program_rows(seq_len: int, max_rows: int = 128, step_rows: int = 16) -> tupl
     return rows, min(rows, step_rows)
 
 
+def launch(tuned: dict, seq_len: int) -> tuple[int, int, int]:
+    """(rows per program, rows per step, warps) of one of TUNED's kinds for sequences of seq_len."""
+    short = "short_" if seq_len < tuned.get("short_below", 0) else ""
+    return (*program_rows(seq_len, tuned[short + "program_rows"], tuned[short + "step_rows"]), tuned[short + "num_warps"])
+
+
 def _call(kernel, n_rows: int, seq_len: int, width: int, dtype, norm_scale: float, n_row_in: int, n_row_out: int,
           n_partial_out: int, tuned: dict, semantics: dict):
     """pallas_call of `kernel` over blocks of rows of [n_rows, width] operands
     (the first two and the last n_row_in - 2 inputs), with the two scales
     [1, width] whole; n_partial_out float32 outputs of one row per block."""
-    rows, step_rows = program_rows(seq_len, tuned["program_rows"], tuned["step_rows"])
+    rows, step_rows, num_warps = launch(tuned, seq_len)
     row_block = pl.BlockSpec((rows, width), lambda i: (i, 0))
     scale = pl.BlockSpec((1, width), lambda i: (0, 0))
     partial = pl.BlockSpec((1, width), lambda i: (i, 0))
@@ -189,7 +202,7 @@ def _call(kernel, n_rows: int, seq_len: int, width: int, dtype, norm_scale: floa
         out_shape=([jax.ShapeDtypeStruct((n_rows, width), dtype)] * n_row_out
                    + [jax.ShapeDtypeStruct((n_rows // rows, width), jnp.float32)] * n_partial_out),
         interpret=not on_gpu,
-        compiler_params=pltriton.CompilerParams(num_warps=tuned["num_warps"], num_stages=tuned["num_stages"])
+        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=tuned["num_stages"])
         if on_gpu else None)
 
 

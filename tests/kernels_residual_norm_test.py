@@ -130,6 +130,11 @@ def test_frontier_model_through_the_kernels_equals_its_jnp_path(frontier_ref):
 
 def test_program_rows_and_bad_impl():
     assert rn.program_rows(2048) == (128, 16) and rn.program_rows(48) == (16, 16) and rn.program_rows(12) == (4, 4)
+    # training's sequences (and packed rows) keep the launch their curves were measured with; the
+    # TTT's shorter windows and scored chunks take programs of 32 rows at most
+    for kind in ("forward", "backward"):
+        assert [rn.launch(rn.TUNED[kind], t) for t in (2048, 98_304, 1024, 512, 48)] == \
+            [(128, 16, 8), (128, 16, 8), (32, 8, 4), (32, 8, 4), (16, 8, 4)]
     x = jnp.zeros((2, 4, 8))
     with pytest.raises(ValueError, match="no residual-norm kernels named"):
         rn.add_norm(x, x, None, jnp.ones(8), 1.0, "cuda")
