@@ -120,7 +120,8 @@ def test_frontier_model_through_the_kernels_equals_its_jnp_path(frontier_ref):
         return jnp.mean(model.nll_from_logits(model.logits(p, cfg, x, looping=True, segments=segments), y))
 
     grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
-    cfgs = {impl: dataclasses.replace(cfg, fusion_impl=impl, fusion_kernels="residual_norm") for impl in ("jnp", "pallas")}
+    cfgs = {impl: dataclasses.replace(cfg, fusion_impl=impl, fusion_kernels="residual_norm")
+            for impl in ("jnp", "pallas")}
     assert layers.fusion_impl(cfgs["pallas"], "residual_norm") == "pallas"
     out = {impl: grad(params, mcfg) for impl, mcfg in cfgs.items()}
     assert rel(out["pallas"][0], out["jnp"][0]) < 1e-6

@@ -409,8 +409,8 @@ def test_the_chunk_step_through_the_mix_kernel(fixture):
         return jnp.sum(n), n
 
     loss_and_grad = jax.jit(jax.value_and_grad(scored_nll, has_aux=True), static_argnums=1)
-    cfgs = {impl: dataclasses.replace(cfg.model, fusion_impl=impl, fusion_kernels="residual_norm", scales_in_float32=True)
-            for impl in ("jnp", "pallas")}
+    cfgs = {impl: dataclasses.replace(cfg.model, fusion_impl=impl, fusion_kernels="residual_norm",
+                                      scales_in_float32=True) for impl in ("jnp", "pallas")}
     assert layers.fusion_impl(cfgs["pallas"], "residual_norm") == "pallas"
     out = {impl: loss_and_grad(lora, mcfg) for impl, mcfg in cfgs.items()}
     (_, nll), grads = out["pallas"]
