@@ -98,6 +98,8 @@ class ModelConfig:
     # (warmdown +0.84% and +1.38%, against -0.27% and -0.41% with the other two;
     # docs/fidelity.md), though it rounds as XLA does in isolation; so it did with a
     # float32 backward and with a float32 residual stream (thirteenth session).
+    # configs/frontier.py names it: on the 1.0611 record its curves pass those checks
+    # (docs/frontier.md, eighteenth session).
     fusion_kernels: str = "norm_rope,xsa"
 
     # The 1.0611 record's architecture (docs/frontier.md); the defaults are the 1.1147 record's.
