@@ -179,7 +179,7 @@ def program_rows(seq_len: int, max_rows: int = 128, step_rows: int = 16) -> tupl
 
 def launch(tuned: dict, seq_len: int) -> tuple[int, int, int]:
     """(rows per program, rows per step, warps) of one of TUNED's kinds for sequences of seq_len."""
-    short = "short_" if seq_len < tuned.get("short_below", 0) else ""
+    short = "short_" if seq_len < tuned["short_below"] else ""
     rows, step_rows = program_rows(seq_len, tuned[short + "program_rows"], tuned[short + "step_rows"])
     return rows, step_rows, tuned[short + "num_warps"]
 

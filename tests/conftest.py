@@ -52,7 +52,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # tests/ttt_lora_test.py alone 105.6 -> 86.8 s, the whole suite on the 2-core machine
 # 627-703 -> 440-487 s (docs/performance.md, 2026-12-03); every test passes either
 # way. Set before the backend starts (below); the pytest-xdist workers and the
-# subprocesses the tests start inherit it (their scripts append their device counts).
+# subprocesses the tests start inherit it (`cpu_devices_env` appends their device counts).
 # Only where this jaxlib's XLA knows the flag: an unknown one aborts the process (JAX
 # 0.11.2's does not know it; 0.10.2's does).
 CPU_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
@@ -112,14 +112,20 @@ def fixture_path(name: str) -> Path:
     return path
 
 
-def run_on_two_cpu_devices(script: str) -> dict:
-    """Run `script` (it sets XLA_FLAGS for two host devices itself, takes the
-    repo's path as argv[1] and prints JSON) in a fresh process; its JSON."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", script, str(REPO)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+def cpu_devices_env(devices: int) -> dict[str, str]:
+    """This process's environment for a subprocess on `devices` host CPU devices: the
+    device count appended to XLA_FLAGS, so the suite's own flags (CPU_COMPILE_FLAG) carry over."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+
+
+def run_on_cpu_devices(script: str, *args: str, devices: int = 2, timeout: int = 300) -> dict:
+    """Run `script` in a fresh process on `devices` host CPU devices (`cpu_devices_env`), with
+    the repo's path as argv[1] and then `args`; the JSON its last line of output prints."""
+    run = subprocess.run([sys.executable, "-c", script, str(REPO), *args], env=cpu_devices_env(devices), cwd=REPO,
+                         capture_output=True, text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout)
+    return json.loads(run.stdout.splitlines()[-1])
 
 
 TINY_MODEL = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, bigram_vocab_size=32,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -18,8 +17,7 @@ import pytest
 
 from golf_jax import checkpoint, distributed, stop_signal
 from golf_jax.config import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, cpu_devices_env
 
 
 def parsed(*argv: str) -> argparse.Namespace:
@@ -112,8 +110,7 @@ TINY = {"num_layers": "2", "model_dim": "64", "num_heads": "2", "num_kv_heads": 
 
 
 def launch(out: Path, devices: int, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}",
-               PYTHONPATH=str(REPO))
+    env = dict(cpu_devices_env(devices), PYTHONPATH=str(REPO))
     argv = [sys.executable, "train.py", "--config", "configs/smoke.py", "--no-progress", "--no-quantize",
             f"--config.output_dir={out}", *(f"--config.{k}={v}" for k, v in TINY.items()), *extra]
     return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

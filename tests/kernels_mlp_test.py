@@ -5,10 +5,7 @@ against those references (GPU)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -19,7 +16,7 @@ import pytest
 from golf_jax import layers
 from golf_jax.config import ModelConfig
 from kernels import mlp
-from tests.conftest import REPO, tiny_model_loss_and_grads
+from tests.conftest import run_on_cpu_devices, tiny_model_loss_and_grads
 
 
 def operands(key, M, K, N, dtype, scale=1.0):
@@ -185,8 +182,7 @@ def test_triton_mlp_gradients_match_jnp_path():
 
 
 TWO_DEVICES = textwrap.dedent("""
-    import os, sys, json
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    import sys, json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
@@ -218,10 +214,6 @@ def test_kernels_split_along_rows_over_two_devices():
     x stays sharded, and values match the unsharded jnp path (float32 sums in
     another order: 1e-4 absolute on O(10) values). Inside shard_map (the
     training step) the kernels run on the local rows as they are."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(REPO)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout)
+    out = run_on_cpu_devices(TWO_DEVICES)
     assert not out["all_gather"] and out["dx_spec"] in ("P('d', None)", "PartitionSpec('d', None)")
     assert max(out["diff"]) < 1e-4 and out["shard_map_dx_diff"] < 1e-4

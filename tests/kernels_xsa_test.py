@@ -3,10 +3,7 @@ GPUs) and their custom_vjp against autodiff of xsa_reference."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -15,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernels import xsa
-from tests.conftest import REPO, tiny_model_loss_and_grads
+from tests.conftest import run_on_cpu_devices, tiny_model_loss_and_grads
 
 
 def operands(key, B, T, H, K, D, dtype):
@@ -148,8 +145,7 @@ def test_model_loss_and_grads_same_with_pallas_fusions():
 
 
 TWO_DEVICES = textwrap.dedent("""
-    import os, sys, json
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    import sys, json
     import jax, jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
@@ -175,11 +171,7 @@ def test_kernels_split_along_rows_over_two_devices():
     no all-gather, the gradients stay sharded like their inputs, and the values
     are the unsharded jnp path's (float32 sums in another order: 1e-4 absolute
     on O(10) values)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(REPO)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout)
+    out = run_on_cpu_devices(TWO_DEVICES)
     assert not out["all_gather"], out
     assert all(spec.startswith(("P('d'", "PartitionSpec('d'")) for spec in out["specs"]), out["specs"]
     assert max(out["diff"]) < 1e-4

@@ -31,13 +31,25 @@ def fixture_segments(ref) -> packing.Segments:
     return packing.make_segments(cu, total_len, total_len, packing.segments_per_fold_needed(cu, total_len, total_len))
 
 
+def fixture_inputs(ref, cfg: ModelConfig):
+    """(params in cfg's layout, tokens x, targets y, segments) of the fixture's packed row."""
+    params = compat.params_from_reference({k[6:]: v for k, v in ref.items() if k.startswith("param/")}, cfg)
+    return params, jnp.asarray(ref["x"]), jnp.asarray(ref["y"]), fixture_segments(ref)
+
+
+def gradient_errors(grads, cfg: ModelConfig, ref, mode: str) -> tuple[dict, dict, dict]:
+    """(our gradients, the reference's, by its names; the relative error of each nonzero one of theirs)."""
+    ours = compat.params_to_reference(grads, cfg)
+    prefix = f"{mode}/grad/"
+    theirs = {k.removeprefix(prefix): v for k, v in ref.items() if k.startswith(prefix)}
+    return ours, theirs, {k: rel_err(ours[k], theirs[k]) for k in theirs if np.any(theirs[k])}
+
+
 @pytest.fixture(scope="module")
 def results(frontier_ref) -> dict:
     """Loss, logits and gradients of each mode: one compiled program per mode."""
     cfg, _, ref = frontier_ref
-    params = compat.params_from_reference({k[6:]: v for k, v in ref.items() if k.startswith("param/")}, cfg)
-    x, y = jnp.asarray(ref["x"]), jnp.asarray(ref["y"])
-    segments = fixture_segments(ref)
+    params, x, y, segments = fixture_inputs(ref, cfg)
 
     @functools.partial(jax.jit, static_argnames="looping")
     def run(params, looping):
@@ -63,11 +75,8 @@ def test_loss_and_logits_match_the_reference(frontier_ref, results, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_every_gradient_matches_the_reference(frontier_ref, results, mode):
     cfg, _, ref = frontier_ref
-    ours = compat.params_to_reference(results[mode][2], cfg)
-    prefix = f"{mode}/grad/"
-    theirs = {k.removeprefix(prefix): v for k, v in ref.items() if k.startswith(prefix)}
+    ours, theirs, errors = gradient_errors(results[mode][2], cfg, ref, mode)
     assert set(ours) == set(theirs)
-    errors = {k: rel_err(ours[k], theirs[k]) for k in theirs if np.any(theirs[k])}
     # float32 sums over the tokens in other orders: measured 1.4e-5 at most (q_gain).
     assert max(errors.values()) <= 1e-4, {k: e for k, e in errors.items() if e > 1e-4}
     for k in set(theirs) - set(errors):  # an all-zero reference gradient (e.g. unused skip weights) stays zero

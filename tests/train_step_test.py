@@ -4,20 +4,15 @@ EMA, SWA, QAT, 1/2/4/8 devices agreeing, resume) is tested through training in t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 
-from tests.conftest import REPO, fixture_path
+from tests.conftest import REPO, fixture_path, run_on_cpu_devices
 
 
 MUON_SHARDED = textwrap.dedent("""
-    import os, sys, json
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    import sys, json
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     sys.path.insert(0, sys.argv[1])
@@ -51,11 +46,7 @@ MUON_SHARDED = textwrap.dedent("""
 def test_parallel_muon_as_built_for_training_matches_the_reference():
     """The optimizer as train builds it, inside shard_map with the banks split over two
     devices, against the reference's two Muon steps (float32: muon.npz's _fp32 results)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", MUON_SHARDED, str(REPO), str(fixture_path("muon.npz"))], env=env,
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    result = json.loads(run.stdout.splitlines()[-1])
+    result = run_on_cpu_devices(MUON_SHARDED, str(fixture_path("muon.npz")))
     assert result["momenta"] == 4 and result["halves"]  # each bank's momentum split over the two devices
     after = result["after"]
     with np.load(fixture_path("muon.npz")) as z:

@@ -7,9 +7,6 @@ import dataclasses
 import functools
 import io
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import types
 from pathlib import Path
@@ -22,7 +19,7 @@ import pytest
 from golf_jax import caseops, checkpoint, cli, datasets, evaluate, optim, run_dir, train, train_step, ttt_schedule
 from golf_jax.config import Config, ConfigError
 from golf_jax.runlog import CompileCounter
-from tests.conftest import REPO
+from tests.conftest import REPO, run_on_cpu_devices
 
 
 # The after-training stages at their smallest; one setting for every test that
@@ -384,8 +381,7 @@ def test_frontier_warm_up_and_resume_across_the_loop_switch(frontier_run, tmp_pa
 
 
 MULTI_DEVICE = textwrap.dedent("""
-    import os, sys, json
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    import sys, json
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from tests.train_test import tiny_config
@@ -411,11 +407,7 @@ MULTI_DEVICE = textwrap.dedent("""
 
 
 def test_one_two_and_eight_devices_agree(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", MULTI_DEVICE, str(REPO), str(tmp_path)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout)
+    out = run_on_cpu_devices(MULTI_DEVICE, str(tmp_path), devices=8, timeout=600)
     ref = out["1"]
     for n in ("2", "8"):
         # Same tokens, same math; only the order of the float32 sums differs

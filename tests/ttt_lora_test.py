@@ -18,7 +18,7 @@ from golf_jax import compat, data, layers, model, ttt_lora, ttt_schedule
 from golf_jax.config import Config, EvalConfig, TTTConfig
 from golf_jax.runlog import CompileCounter
 from golf_jax.train_step import make_mesh
-from tests.conftest import FRONTIER_FIXTURES, missing, run_on_two_cpu_devices
+from tests.conftest import FRONTIER_FIXTURES, missing, run_on_cpu_devices
 from tests.frontier_reference import generate_ttt
 
 
@@ -91,8 +91,7 @@ def test_every_chunk_matches_the_reference(fixture, result):
 # ----------------------------------------------------------------------------- the protocol
 
 TWO_DEVICES = textwrap.dedent(r"""
-    import os, sys, json, dataclasses, re
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import sys, json, dataclasses, re
     import jax, numpy as np
     sys.path.insert(0, sys.argv[1])
     from golf_jax import ttt_lora
@@ -173,7 +172,7 @@ def test_batch_rows_split_over_two_devices(fixture, result):
     1e-5 as one device's). With lora_compact_rows=2: a compacted batch's two rows, one a
     device."""
     _, _, _, _, ref, _ = fixture
-    out = run_on_two_cpu_devices(TWO_DEVICES)
+    out = run_on_cpu_devices(TWO_DEVICES)
     assert out["lora_spec"].endswith(("None, 'data')", "None, 'data', None, None)")) and "'data'" in out["x_spec"]
     assert out["programs"] == 2 and out["collectives"] == []  # in either program
     # every array placed before its first call: one program each (the batches' 4 rows and the compacted 2)

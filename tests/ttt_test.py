@@ -5,10 +5,6 @@ the optimizer wiring, several devices, and the command line."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -18,7 +14,7 @@ import pytest
 
 from golf_jax import data, evaluate, model, ttt
 from golf_jax.config import ConfigError
-from tests.conftest import REPO
+from tests.conftest import run_on_cpu_devices
 from tests.train_test import tiny_config
 
 CHUNK = 512
@@ -216,8 +212,7 @@ def test_bad_ttt_config_names_the_field(tmp_path, field, value):
 
 
 TWO_DEVICES = textwrap.dedent("""
-    import os, sys, json, dataclasses
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+    import sys, json, dataclasses
     import jax
     sys.path.insert(0, sys.argv[1])
     from tests.ttt_test import live_params, ttt_config
@@ -235,11 +230,7 @@ TWO_DEVICES = textwrap.dedent("""
 def test_two_devices_agree(tmp_path):
     """Windows and training sequences split over two devices: the same scores
     up to the order of float32 sums (gradient all-reduce, split batches)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = subprocess.run([sys.executable, "-c", TWO_DEVICES, str(REPO), str(tmp_path)], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout)
+    out = run_on_cpu_devices(TWO_DEVICES, str(tmp_path), timeout=600)
     assert out["1"][0] == pytest.approx(out["2"][0], rel=1e-6)  # frozen model: per-window sums, 1e-6 of fp32
     # After training on three chunks, float32 reduction-order noise in the
     # gradients (~1e-7 relative) moves the scores by far less than 1e-4.
