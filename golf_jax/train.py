@@ -227,7 +227,7 @@ class TrainingRun:
             # cores the threads only contend, so one at a time there).
             fast = self.cfg.data.fast_segment_slots if self.cfg.data.packed_documents else ()
             modes = layer_loop.warm_up_programs(self.cfg.model)
-            threads = len(fast) * len(modes) if (os.cpu_count() or 1) >= 8 else 1
+            threads = max(1, len(fast) * len(modes)) if (os.cpu_count() or 1) >= 8 else 1
             with concurrent.futures.ThreadPoolExecutor(threads) as pool:
                 compiling = []
                 for looping in modes:

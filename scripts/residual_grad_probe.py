@@ -44,7 +44,9 @@ VARIANTS = {"bf16 jnp": (dict(fusion_impl="jnp"), {}),
             "residual, dnorm float32": (RESIDUAL, dict(round_dnorm=False)),
             # one half of the kernel only (scripts/residual_norm_halves.py)
             "residual, forward half": (RESIDUAL, "forward"),
-            "residual, backward half": (RESIDUAL, "backward")}
+            "residual, backward half": (RESIDUAL, "backward"),
+            # no kernel: the jnp path with the stream rounded where the kernel rounds it
+            "residual, rounded stream": (RESIDUAL, "stream")}
 
 
 def main() -> None:

@@ -5,7 +5,11 @@ whatever the kernel rounded (its backward's roundings, the residual stream's dty
 each half equals XLA's compiled path in isolation. This gives `Block.mix_norm` a kernel with
 one half only: "forward" (the kernel's forward, the backward of the model's jnp path,
 recomputed) or "backward" (the jnp path's forward, the kernel's backward). A run of each
-tells which half moves the curve.
+tells which half moves the curve. "stream" is no kernel at all: the jnp path's forward with
+the residual stream rounded to bf16 where the kernel's reads and writes round it (a, b and
+s, with n from the unrounded s), and the jnp path's backward. On the GPU XLA keeps that
+stream float32 from one fusion to the next (docs/fidelity.md, thirteenth session); a run of
+it tells whether those roundings alone move the curve as the forward half does.
 
     RESIDUAL_NORM_HALF=forward python scripts/fidelity_curve.py train --out runs/H1 -- \
         --config.fusion_kernels=norm_rope,xsa,residual_norm
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 from golf_jax import blocks, layers
 from kernels import residual_norm
 
-HALVES = ("forward", "backward")
+HALVES = ("forward", "backward", "stream")
 
 
 def model_path(a, b, scale_a, scale_b, norm_scale):
@@ -34,10 +38,23 @@ def model_path(a, b, scale_a, scale_b, norm_scale):
     return mixed, layers.rms_norm(mixed, norm_scale)
 
 
+def rounded_stream_path(a, b, scale_a, scale_b, norm_scale):
+    """model_path's values with a, b and s rounded to a's dtype as the kernel's memory rounds
+    them, n from the unrounded s, rounded once. The optimization barriers keep a, b and s
+    bf16 tensors: XLA's excess precision could otherwise drop their round trips again."""
+    f32 = jnp.float32
+    a, b = jax.lax.optimization_barrier((a, b))
+    s = scale_a.astype(f32) * a.astype(f32) + scale_b.astype(f32) * b.astype(f32)
+    n = s * jax.lax.rsqrt(jnp.mean(s * s, axis=-1, keepdims=True) + residual_norm.RMS_NORM_EPS) * norm_scale
+    return jax.lax.optimization_barrier(s.astype(a.dtype)), n.astype(a.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
 def _half(a, b, scale_a, scale_b, norm_scale: float, seq_len: int, half: str):
     if half == "backward":
         return model_path(a, b, scale_a, scale_b, norm_scale)
+    if half == "stream":
+        return rounded_stream_path(a, b, scale_a, scale_b, norm_scale)
     forward, _ = residual_norm._kernels(seq_len, a.shape[-1], a.dtype.name, norm_scale, residual_norm._settings())
     s, n = forward(a.reshape(-1, a.shape[-1]), b.reshape(-1, a.shape[-1]), scale_a[None, :], scale_b[None, :])
     return s.reshape(a.shape), n.reshape(a.shape)
@@ -49,7 +66,7 @@ def _half_fwd(a, b, scale_a, scale_b, norm_scale, seq_len, half):
 
 def _half_bwd(norm_scale, seq_len, half, residuals, cotangents):
     a, b, scale_a, scale_b = residuals
-    if half == "forward":
+    if half in ("forward", "stream"):
         _, vjp = jax.vjp(lambda *x: model_path(*x, norm_scale), a, b, scale_a, scale_b)
         return vjp(tuple(c.astype(a.dtype) for c in cotangents))
     _, backward = residual_norm._kernels(seq_len, a.shape[-1], a.dtype.name, norm_scale, residual_norm._settings())
