@@ -15,7 +15,6 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
-from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
 
 from golf_jax.packing import Segments
 
@@ -131,6 +130,9 @@ def pallas_attention(q_BxTxHxD: jax.Array, k_BxTxKxD: jax.Array, v_BxTxKxD: jax.
     no GQA: the KV heads are repeated to the query heads, and their gradient
     sums over each group. T must be a multiple of 32 (its backward's blocks).
     """
+    # imported here: JAX 0.11 deprecates this module (for tokamax), and only this path needs it
+    from jax.experimental.pallas.ops.gpu import attention as pallas_gpu_attention
+
     B, T, H, D = q_BxTxHxD.shape
     G = H // k_BxTxKxD.shape[2]
     k_BxTxHxD, v_BxTxHxD = (jnp.repeat(x, G, axis=2) for x in (k_BxTxKxD, v_BxTxKxD))
