@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from golf_jax.config import ModelConfig
 from golf_jax.packing import Segments
 from golf_jax.attention import causal_attention
-from golf_jax.layers import (attention_impl, exclusive_self_attention, fusion_impl, gram, head_gate, linear,
-                             mlp_impl, rms_norm, scaled_sum)
+from golf_jax.layers import (attention_impl, exclusive_self_attention, fusion_impl, gram, head_gate,
+                             head_gate_weights, linear, mlp_impl, rms_norm, scaled_sum)
 from kernels import mlp as mlp_kernels
 from kernels.qk_norm_rope import apply_rotary, norm_rope
 from kernels.residual_norm import add_norm
@@ -184,10 +184,15 @@ class CausalSelfAttention(nn.Module):
             y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp", q_offset=queries[0])
         else:
             y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg), segments=segments)
+        gate_in_xsa = False
         if cfg.xsa_on(self.layer):
             xsa_impl = "jnp" if decode else fusion_impl(cfg, "xsa")
-            y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, take(v_BxTxKxD), xsa_impl)
-        if w.attn_gate is not None:
+            # the head-output gate inside XSA's kernels (xsa_gate): one pass less over y each way
+            gate_in_xsa = w.attn_gate is not None and xsa_impl == "pallas" and fusion_impl(cfg, "xsa_gate") == "pallas"
+            gate_BxTxH = head_gate_weights(h_BxQxd, w.attn_gate, cfg.sparse_attn_gate_scale,
+                                           cfg.scales_in_float32) if gate_in_xsa else None
+            y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, take(v_BxTxKxD), xsa_impl, gate_BxTxH)
+        if w.attn_gate is not None and not gate_in_xsa:
             y_BxTxHxD = head_gate(y_BxTxHxD, h_BxQxd, w.attn_gate, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
         y_BxTxd = y_BxTxHxD.reshape(B, y_BxTxHxD.shape[1], d)
         sow_gram(self, "proj", y_BxTxd)

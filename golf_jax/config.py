@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 # The Pallas kernels model.fusion_kernels can name (golf_jax.layers.fusion_impl).
-FUSION_KERNELS = ("norm_rope", "xsa", "residual_norm", "softcap_ce")
+FUSION_KERNELS = ("norm_rope", "xsa", "residual_norm", "softcap_ce", "xsa_gate")
 
 
 class ConfigError(ValueError):
@@ -99,7 +99,10 @@ class ModelConfig:
     # docs/fidelity.md), though it rounds as XLA does in isolation; so it did with a
     # float32 backward and with a float32 residual stream (thirteenth session).
     # configs/frontier.py names it: on the 1.0611 record its curves pass those checks
-    # (docs/frontier.md, eighteenth session).
+    # (docs/frontier.md, eighteenth session). xsa_gate runs the 1.0611 record's
+    # head-output gate inside XSA's kernels (with xsa, where a layer has both; the
+    # same roundings, the gate's gradient summed in another order); not yet measured
+    # on a GPU (docs/performance.md, nineteenth session).
     fusion_kernels: str = "norm_rope,xsa"
 
     # The 1.0611 record's architecture (docs/frontier.md); the defaults are the 1.1147 record's.

@@ -79,6 +79,8 @@ def fusion_impl(cfg: ModelConfig, kernel: str) -> str:
     power_of_two = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
     if kernel == "softcap_ce":
         fits = power_of_two(cfg.vocab_size)
+    elif kernel == "xsa_gate":  # a program takes one KV head's group of query heads
+        fits = power_of_two(cfg.head_dim) and power_of_two(cfg.num_heads // cfg.num_kv_heads)
     else:
         fits = power_of_two(cfg.model_dim) and power_of_two(cfg.head_dim)
     return "pallas" if jax.default_backend() == "gpu" and compute_dtype(cfg) == jnp.bfloat16 and fits else "jnp"
@@ -243,12 +245,14 @@ def rotary_tables(cfg: ModelConfig, positions_T: jax.Array, base: float) -> tupl
     return jnp.cos(freqs), jnp.sin(freqs)
 
 
-def exclusive_self_attention(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, impl: str = "jnp") -> jax.Array:
+def exclusive_self_attention(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, impl: str = "jnp",
+                             gate_BxTxH: jax.Array | None = None) -> jax.Array:
     """XSA: remove from each head's output its component along the unit value
     vector of its KV group at the same position, in float32, returned in y's
-    dtype (kernels/xsa.py). impl: "jnp" (autodiff of the jnp expression) or
-    "pallas" (one fused kernel forward and one backward)."""
-    return xsa_kernels.xsa(y_BxTxHxD, v_BxTxKxD, impl)
+    dtype (kernels/xsa.py); with gate_BxTxH (`head_gate_weights`), each head's
+    result gated as `head_gate` does. impl: "jnp" (autodiff of the jnp
+    expression) or "pallas" (one fused kernel forward and one backward)."""
+    return xsa_kernels.xsa(y_BxTxHxD, v_BxTxKxD, impl, gate_BxTxH)
 
 
 def lookup(table_VxD: jax.Array, ids: jax.Array, dtype) -> jax.Array:
@@ -335,11 +339,15 @@ def head_gate(y_BxTxHxD: jax.Array, n_BxTxd: jax.Array, gate_HxW: jax.Array, sca
               in_float32: bool = True) -> jax.Array:
     """The sparse head-output gate: head h's output times sigmoid(scale W_h . n[:window]),
     n the attention's input. W n is a matmul in n's dtype; the rest as `scaled_sum`."""
-    dtype, f32 = y_BxTxHxD.dtype, jnp.float32
-    rnd = _rounding(dtype, in_float32)
-    z_BxTxH = linear(n_BxTxd[..., :gate_HxW.shape[-1]], gate_HxW).astype(f32)
-    g_BxTxH = rnd(jax.nn.sigmoid(rnd(scale * z_BxTxH)))
-    return (y_BxTxHxD.astype(f32) * g_BxTxH[..., None]).astype(dtype)
+    return xsa_kernels.gate_heads(y_BxTxHxD, head_gate_weights(n_BxTxd, gate_HxW, scale, in_float32))
+
+
+def head_gate_weights(n_BxTxd: jax.Array, gate_HxW: jax.Array, scale: float, in_float32: bool = True) -> jax.Array:
+    """`head_gate`'s weights sigmoid(scale W_h . n[:window]) [B, T, H], float32 values
+    (rounded to n's dtype after each op unless in_float32)."""
+    rnd = _rounding(n_BxTxd.dtype, in_float32)
+    z_BxTxH = linear(n_BxTxd[..., :gate_HxW.shape[-1]], gate_HxW).astype(jnp.float32)
+    return rnd(jax.nn.sigmoid(rnd(scale * z_BxTxH)))
 
 
 def final_lane(lane0: jax.Array, lane1: jax.Array, which: str) -> jax.Array:

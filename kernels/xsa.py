@@ -25,6 +25,16 @@ multiply-adds); sqrt and the divisions are correctly rounded on the GPU too
 (PTX sqrt.rn / div.rn, as XLA emits them, where Triton's own would be
 approximate).
 
+With a gate (the 1.0611 record's sparse head-output gate, golf_jax.layers.head_gate:
+g [N, H] float32, one weight a head and position), out is gated in the same
+kernel: out = gate_heads(xsa(y, v), g), XSA's output rounded, times g in
+float32, rounded again, as the two ops compute it apart. XLA cannot fuse an
+elementwise op into a Pallas call's output, so apart they cost one more read
+and write of the [N, H*D] output each way (docs/performance.md). The backward
+takes the gated output's cotangent, forms XSA's own (rounded, as autodiff's
+convert rounds it) and g's, sum over D of cotangent times XSA's output,
+recomputed and rounded as the forward wrote it.
+
 `impl`: "jnp" is autodiff of `xsa_reference`; "pallas" is a jax.custom_vjp
 whose forward and backward are each one pallas_call: Pallas's Triton backend
 on GPUs, its interpreter elsewhere (that is how the CPU tests check the kernel
@@ -97,6 +107,11 @@ def xsa_reference(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
     return (y_BxTxKxGxD - along * vn_BxTxKx1xD).reshape(B, T, H, D).astype(y_BxTxHxD.dtype)
 
 
+def gate_heads(y_BxTxHxD: jax.Array, g_BxTxH: jax.Array) -> jax.Array:
+    """Each head's output times its gate weight, in float32, rounded once to y's dtype."""
+    return (y_BxTxHxD.astype(jnp.float32) * g_BxTxH[..., None]).astype(y_BxTxHxD.dtype)
+
+
 # ----------------------------------------------------------------------------- the kernels
 
 def _sqrt(x: jax.Array, exact: bool) -> jax.Array:
@@ -127,17 +142,22 @@ def _unit_value(v_ref, exact: bool):
     return divide(vf, clamped, exact), norm, clamped
 
 
-def _forward_kernel(y_ref, v_ref, out_ref, *, group: int, head_dim: int, exact: bool):
-    """One KV head's rows: y_ref/out_ref [rows, G*D] (its G query heads), v_ref [rows, D]."""
+def _forward_kernel(y_ref, v_ref, *refs, group: int, head_dim: int, exact: bool):
+    """One KV head's rows: y_ref/out_ref [rows, G*D] (its G query heads), v_ref [rows, D];
+    gated: refs = (g_ref [rows, G] float32, out_ref), else (out_ref,)."""
+    *gate, out_ref = refs
     vn, _, _ = _unit_value(v_ref, exact)
     for g in range(group):
         cols = slice(g * head_dim, (g + 1) * head_dim)
         yf = y_ref[:, cols].astype(jnp.float32)
         along = jnp.sum(yf * vn, axis=1, keepdims=True)
-        out_ref[:, cols] = (yf - along * vn).astype(out_ref.dtype)
+        out = (yf - along * vn).astype(out_ref.dtype)
+        if gate:
+            out = (out.astype(jnp.float32) * gate[0][:, g:g + 1]).astype(out_ref.dtype)
+        out_ref[:, cols] = out
 
 
-def _backward_kernel(dout_ref, y_ref, v_ref, dy_ref, dv_ref, *, group: int, head_dim: int, exact: bool):
+def _backward_kernel(dout_ref, y_ref, v_ref, *refs, group: int, head_dim: int, exact: bool):
     """The gradient of out = y - (y . vn) vn, vn = v / max(|v|, eps), float32:
 
         dy  = dout - (dout . vn) vn
@@ -153,8 +173,13 @@ def _backward_kernel(dout_ref, y_ref, v_ref, dy_ref, dv_ref, *, group: int, head
     0 is 0).
 
     One KV head's rows, as the forward's: all G heads of the group are here,
-    so the program's dv tile is complete.
+    so the program's dv tile is complete. Gated (refs = g_ref, dy_ref, dv_ref,
+    dg_ref; else dy_ref, dv_ref), dout_ref holds the gated output's cotangent c:
+    dg = sum over D of c out (out recomputed, rounded as the forward's), and
+    XSA's cotangent is c g, rounded to dout's dtype.
     """
+    gated = len(refs) == 4
+    g_ref, dy_ref, dv_ref, dg_ref = refs if gated else (None, *refs, None)
     vn, norm, clamped = _unit_value(v_ref, exact)
     dvn = jnp.zeros_like(vn)
     for g in range(group):
@@ -162,6 +187,10 @@ def _backward_kernel(dout_ref, y_ref, v_ref, dy_ref, dv_ref, *, group: int, head
         yf = y_ref[:, cols].astype(jnp.float32)
         doutf = dout_ref[:, cols].astype(jnp.float32)
         along = jnp.sum(yf * vn, axis=1, keepdims=True)
+        if gated:
+            out = (yf - along * vn).astype(dy_ref.dtype).astype(jnp.float32)
+            dg_ref[:, g:g + 1] = jnp.sum(doutf * out, axis=1, keepdims=True)
+            doutf = (doutf * g_ref[:, g:g + 1]).astype(dy_ref.dtype).astype(jnp.float32)
         dout_along = jnp.sum(doutf * vn, axis=1, keepdims=True)
         dy_ref[:, cols] = (doutf - dout_along * vn).astype(dy_ref.dtype)
         dvn = dvn - along * doutf - dout_along * yf
@@ -209,28 +238,34 @@ def _launch(kind: str) -> tuple[tuple[str, int], ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels(heads: int, kv_heads: int, head_dim: int, forward_launch: tuple, backward_launch: tuple):
+def _kernels(heads: int, kv_heads: int, head_dim: int, forward_launch: tuple, backward_launch: tuple,
+             gated: bool = False):
     """The forward and backward for one head layout and launch configuration
     (_launch's), each row-partitioned (every operand and output is row-sharded;
-    nothing is replicated)."""
+    nothing is replicated). gated: with the gate g [N, H] as the last input,
+    and its gradient as the backward's last output."""
     static = dict(kv_heads=kv_heads, group=heads // kv_heads, head_dim=head_dim)
+    gate_spec = ", m c" if gated else ""
 
-    def forward(y_NxHD, v_NxKD):
-        return _call(_forward_kernel, [y_NxHD, v_NxKD], [jax.ShapeDtypeStruct(y_NxHD.shape, y_NxHD.dtype)],
+    def forward(y_NxHD, v_NxKD, *gate):
+        return _call(_forward_kernel, [y_NxHD, v_NxKD, *gate], [jax.ShapeDtypeStruct(y_NxHD.shape, y_NxHD.dtype)],
                      launch=forward_launch, **static)[0]
 
-    def backward(dout_NxHD, y_NxHD, v_NxKD):
-        outs = [jax.ShapeDtypeStruct(y_NxHD.shape, y_NxHD.dtype), jax.ShapeDtypeStruct(v_NxKD.shape, v_NxKD.dtype)]
-        return tuple(_call(_backward_kernel, [dout_NxHD, y_NxHD, v_NxKD], outs, launch=backward_launch, **static))
+    def backward(dout_NxHD, y_NxHD, v_NxKD, *gate):
+        outs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (y_NxHD, v_NxKD, *gate)]
+        return tuple(_call(_backward_kernel, [dout_NxHD, y_NxHD, v_NxKD, *gate], outs, launch=backward_launch,
+                           **static))
 
-    return (row_partitioned(forward, (0, 1), 1, "m a, m b -> m a", ()),
-            row_partitioned(backward, (0, 1, 2), 2, "m a, m a, m b -> m a, m b", ()))
+    inputs = 3 if gated else 2
+    return (row_partitioned(forward, tuple(range(inputs)), 1, f"m a, m b{gate_spec} -> m a", ()),
+            row_partitioned(backward, tuple(range(inputs + 1)), inputs,
+                            f"m a, m a, m b{gate_spec} -> m a, m b{gate_spec}", ()))
 
 
-def _layout(y_NxHD: jax.Array, v_NxKD: jax.Array, head_dim: int) -> tuple:
-    """_kernels' arguments: the head layout and TUNED's launch parameters now."""
+def _layout(y_NxHD: jax.Array, v_NxKD: jax.Array, head_dim: int, gated: bool = False) -> tuple:
+    """_kernels' arguments: the head layout, TUNED's launch parameters now, and the gate."""
     return (y_NxHD.shape[1] // head_dim, v_NxKD.shape[1] // head_dim, head_dim, _launch("forward"),
-            _launch("backward"))
+            _launch("backward"), gated)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -253,16 +288,39 @@ def _fused_xsa_bwd(head_dim, residuals, dout_NxHD):
 _fused_xsa.defvjp(_fused_xsa_fwd, _fused_xsa_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_gated_xsa(y_NxHD: jax.Array, v_NxKD: jax.Array, g_NxH: jax.Array, head_dim: int) -> jax.Array:
+    forward, _ = _kernels(*_layout(y_NxHD, v_NxKD, head_dim, gated=True))
+    return forward(y_NxHD, v_NxKD, g_NxH)
+
+
+def _fused_gated_xsa_fwd(y_NxHD, v_NxKD, g_NxH, head_dim):
+    return _fused_gated_xsa(y_NxHD, v_NxKD, g_NxH, head_dim), (y_NxHD, v_NxKD, g_NxH)
+
+
+def _fused_gated_xsa_bwd(head_dim, residuals, dout_NxHD):
+    y_NxHD, v_NxKD, g_NxH = residuals
+    _, backward = _kernels(*_layout(y_NxHD, v_NxKD, head_dim, gated=True))
+    return backward(dout_NxHD.astype(y_NxHD.dtype), y_NxHD, v_NxKD, g_NxH)
+
+
+_fused_gated_xsa.defvjp(_fused_gated_xsa_fwd, _fused_gated_xsa_bwd)
+
+
 # ----------------------------------------------------------------------------- dispatch
 
-def xsa(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, impl: str = "jnp") -> jax.Array:
-    """xsa_reference's value and gradient, through `impl` ("jnp" or "pallas").
+def xsa(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, impl: str = "jnp",
+        gate_BxTxH: jax.Array | None = None) -> jax.Array:
+    """xsa_reference's value and gradient, through `impl` ("jnp" or "pallas");
+    with gate_BxTxH (float32), gate_heads of it.
 
     y: [B, T, H, D] attention output; v: [B, T, K, D] values, H a multiple of
-    K. The Pallas kernels need D to be a power of two (Triton's tiles).
+    K. The Pallas kernels need D, and with a gate H / K, to be powers of two
+    (Triton's tiles).
     """
     if impl == "jnp":
-        return xsa_reference(y_BxTxHxD, v_BxTxKxD)
+        out = xsa_reference(y_BxTxHxD, v_BxTxKxD)
+        return out if gate_BxTxH is None else gate_heads(out, gate_BxTxH)
     if impl != "pallas":
         raise ValueError(f"no XSA kernels named {impl!r}; expected one of {IMPLS}")
     B, T, H, D = y_BxTxHxD.shape
@@ -273,5 +331,12 @@ def xsa(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, impl: str = "jnp") -> jax.Ar
     if D & (D - 1):
         raise ValueError(f"the Pallas XSA kernels need a power-of-two head dim (Triton tiles), got {D} "
                          "(set model.fusion_impl='jnp')")
-    out = _fused_xsa(y_BxTxHxD.reshape(B * T, H * D), v_BxTxKxD.reshape(B * T, K * D), D)
+    y_NxHD, v_NxKD = y_BxTxHxD.reshape(B * T, H * D), v_BxTxKxD.reshape(B * T, K * D)
+    if gate_BxTxH is None:
+        return _fused_xsa(y_NxHD, v_NxKD, D).reshape(B, T, H, D)
+    G = H // K
+    if gate_BxTxH.shape != (B, T, H) or G & (G - 1):
+        raise ValueError(f"the gated XSA kernels need a gate [B, T, H] = {(B, T, H)} and a power-of-two "
+                         f"H / K, got {gate_BxTxH.shape} and {G}")
+    out = _fused_gated_xsa(y_NxHD, v_NxKD, gate_BxTxH.reshape(B * T, H).astype(jnp.float32), D)
     return out.reshape(B, T, H, D)

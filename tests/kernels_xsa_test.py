@@ -3,6 +3,7 @@ GPUs) and their custom_vjp against autodiff of xsa_reference."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import textwrap
 
@@ -11,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from golf_jax import layers, model
 from kernels import xsa
 from tests.conftest import run_on_cpu_devices, tiny_model_loss_and_grads
+from tests.model_frontier_test import fixture_inputs, gradient_errors
 
 
 def operands(key, B, T, H, K, D, dtype):
@@ -69,6 +72,37 @@ def test_pallas_matches_reference_bfloat16():
     assert bf16_ulps(out, out_ref) <= 1
     assert bf16_ulps(dy, dy_ref) <= 1
     assert rel(dv, dv_ref) < 4e-3
+
+
+def gated_value_and_grads(impl, y, v, g, cotangent):
+    """(out, (dy, dv, dg)) of xsa with the head gate g [B, T, H]."""
+    def f(y, v, g):
+        return jnp.sum((xsa.xsa(y, v, impl, g) * cotangent).astype(jnp.float32))
+    return xsa.xsa(y, v, impl, g), jax.grad(f, argnums=(0, 1, 2))(y, v, g)
+
+
+def gate(key, B, T, H):
+    return jax.nn.sigmoid(jax.random.normal(key, (B, T, H), jnp.float32))
+
+
+def test_gated_pallas_matches_reference():
+    """The head gate inside the kernels against autodiff of gate_heads(xsa_reference):
+    float32, the sums in another order (rel 1e-6); bf16 (interpreted, so the float32
+    values are the same but for that order): XSA's output rounded, gated, rounded
+    again, and the gated cotangent rounded, exactly where autodiff rounds them."""
+    y, v, cot = operands(jax.random.key(6), 2, 64, 4, 2, 16, jnp.float32)
+    g = gate(jax.random.key(7), 2, 64, 4)
+    out_ref, grads_ref = gated_value_and_grads("jnp", y, v, g, cot)
+    out, grads = gated_value_and_grads("pallas", y, v, g, cot)
+    assert rel(out, out_ref) <= 1e-6 and all(rel(a, b) <= 1e-6 for a, b in zip(grads, grads_ref))
+    assert grads[2].shape == g.shape and rel(out, xsa.xsa(y, v, "pallas")) > 0.1  # the gate acted
+    y, v, cot = (x.astype(jnp.bfloat16) for x in (y, v, cot))
+    out_ref, (dy_ref, dv_ref, dg_ref) = gated_value_and_grads("jnp", y, v, g, cot)
+    out, (dy, dv, dg) = gated_value_and_grads("pallas", y, v, g, cot)
+    assert out.dtype == dy.dtype == dv.dtype == jnp.bfloat16 and dg.dtype == jnp.float32
+    assert bf16_ulps(out, out_ref) <= 1 and bf16_ulps(dy, dy_ref) <= 1
+    assert rel(dv, dv_ref) < 4e-3  # a cancellation, as ungated
+    assert rel(dg, dg_ref) <= 1e-6  # float32 sums of the same bf16 products
 
 
 def test_degenerate_value_vectors():
@@ -144,6 +178,24 @@ def test_model_loss_and_grads_same_with_pallas_fusions():
         assert rel(a, b) < 1e-5
 
 
+def test_frontier_model_with_the_gate_in_the_kernels_matches_the_reference(frontier_ref):
+    """The 1.0611 record's tiny model (XSA and the sparse head gate on every layer; a
+    packed row, looped) with the gate inside XSA's kernels (xsa_gate, interpreted): the
+    reference's loss and every gradient, at the jnp path's tolerances
+    (tests/model_frontier_test.py)."""
+    cfg, _, ref = frontier_ref
+    cfg = dataclasses.replace(cfg, fusion_impl="pallas", fusion_kernels="xsa,xsa_gate")
+    assert layers.fusion_impl(cfg, "xsa_gate") == "pallas" and cfg.sparse_attn_gate and cfg.xsa_on(0)
+    params, x, y, segments = fixture_inputs(ref, cfg)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: model.loss(p, cfg, x, y, looping=True, segments=segments)))(
+        params)
+    # float32 against float32, the sums in other orders (the jnp path: 7e-7 and 1.4e-5 at most)
+    assert abs(float(loss) / float(ref["looped/loss"]) - 1) <= 1e-5
+    _, _, errors = gradient_errors(grads, cfg, ref, "looped")
+    assert max(errors.values()) <= 1e-4, {k: e for k, e in errors.items() if e > 1e-4}
+    assert any("attn_gate" in k for k in errors)  # the gate's own weights are among those checked
+
+
 TWO_DEVICES = textwrap.dedent("""
     import sys, json
     import jax, jax.numpy as jnp
@@ -161,13 +213,21 @@ TWO_DEVICES = textwrap.dedent("""
     ys, vs = jax.device_put(y, rows), jax.device_put(v, rows)
     out = g(ys, vs, "pallas")
     hlo = g.lower(ys, vs, "pallas").compile().as_text()
-    json.dump({"diff": [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))],
-               "specs": [str(d.sharding.spec) for d in out[1]], "all_gather": "all-gather" in hlo}, sys.stdout)
+    gate = jax.nn.sigmoid(jax.random.normal(k[0], (4, 16, 4)))
+    fg = lambda y, v, gate, impl: jnp.sum(xsa.xsa(y, v, impl, gate) * c)
+    gg = jax.jit(jax.value_and_grad(fg, argnums=(0, 1, 2)), static_argnums=3)
+    gated_ref, gs = gg(y, v, gate, "jnp"), jax.device_put(gate, rows)
+    gated = gg(ys, vs, gs, "pallas")
+    gated_hlo = gg.lower(ys, vs, gs, "pallas").compile().as_text()
+    diff = lambda out, ref: [float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref))]
+    json.dump({"diff": diff(out, ref) + diff(gated, gated_ref),
+               "specs": [str(d.sharding.spec) for d in (*out[1], *gated[1])],
+               "all_gather": "all-gather" in hlo + gated_hlo}, sys.stdout)
 """)
 
 
 def test_kernels_split_along_rows_over_two_devices():
-    """A batch sharded over two devices runs the kernels on each device's rows:
+    """A batch sharded over two devices runs the kernels, with and without the gate, on each device's rows:
     no all-gather, the gradients stay sharded like their inputs, and the values
     are the unsharded jnp path's (float32 sums in another order: 1e-4 absolute
     on O(10) values)."""
@@ -203,3 +263,26 @@ def test_triton_kernels_match_reference_at_record_shape(B):
         assert np.mean(a32 != b32) < 0.01, name
     assert rel(dv, dv_ref) < 4e-3
     assert float(np.mean(np.asarray(dv != dv_ref))) < 0.01
+
+
+@pytest.mark.gpu
+def test_triton_gated_kernels_match_reference_at_record_shape():
+    """The gate inside the Triton-backend kernels against XLA's run of gate_heads(xsa_reference),
+    bf16, 48 x 2048 rows of the 1.0611 record's head layout (8 query heads in 4 KV groups).
+    As the ungated test: outputs and dy within one bf16 step (plus 1e-6 absolute where a
+    result cancels near zero), fewer than 1% of them different at all; dv norm-relative
+    2^-8. dg: float32 sums of the same 64 products per head in another order, each
+    within 1e-5 of the largest (a few float32 units of the products' sum of magnitudes)."""
+    key = jax.random.key(int.from_bytes(os.urandom(4), "little"))
+    y, v, cot = operands(key, 48, 2048, 8, 4, 64, jnp.bfloat16)
+    g = gate(jax.random.fold_in(key, 1), 48, 2048, 8)
+    run = jax.jit(gated_value_and_grads, static_argnums=0)
+    out_ref, (dy_ref, dv_ref, dg_ref) = run("jnp", y, v, g, cot)
+    out, (dy, dv, dg) = run("pallas", y, v, g, cot)
+    for name, a, b in (("out", out, out_ref), ("dy", dy, dy_ref)):
+        a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.all(np.abs(a32 - b32) <= np.spacing(np.abs(b32)) * 2.0 ** 16 + 1e-6), name
+        assert np.mean(a32 != b32) < 0.01, name
+    assert rel(dv, dv_ref) < 4e-3
+    dg32, dg_ref32 = np.asarray(dg, np.float32), np.asarray(dg_ref, np.float32)
+    assert np.max(np.abs(dg32 - dg_ref32)) <= 1e-5 * np.max(np.abs(dg_ref32))

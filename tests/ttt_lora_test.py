@@ -397,9 +397,11 @@ def test_the_last_application_runs_on_the_scored_positions_only(fixture):
 
 def test_the_chunk_step_through_the_mix_kernel(fixture):
     """configs/frontier.py names the residual-mix kernel (kernels/residual_norm.py), so the chunk
-    step runs it on GPUs, the last application's mixes on the scored positions only: the
-    scored losses and every LoRA gradient equal the jnp path's (float32, the kernel
-    interpreted; its sums in another order: 1e-5 for the losses, the parity tests' 1e-4)."""
+    step runs it on GPUs, the last application's mixes on the scored positions only; and
+    with it XSA's kernels with the head gate inside (xsa_gate), the gate at the scored
+    positions: the scored losses and every LoRA gradient equal the jnp path's (float32, the
+    kernels interpreted; their sums in another order: 1e-5 for the losses, the parity
+    tests' 1e-4)."""
     cfg, params, _, _, _, _ = fixture
     lora, x, y, first, count = scored_window(fixture)
 
@@ -408,9 +410,10 @@ def test_the_chunk_step_through_the_mix_kernel(fixture):
         return jnp.sum(n), n
 
     loss_and_grad = jax.jit(jax.value_and_grad(scored_nll, has_aux=True), static_argnums=1)
-    cfgs = {impl: dataclasses.replace(cfg.model, fusion_impl=impl, fusion_kernels="residual_norm",
+    cfgs = {impl: dataclasses.replace(cfg.model, fusion_impl=impl, fusion_kernels="residual_norm,xsa,xsa_gate",
                                       scales_in_float32=True) for impl in ("jnp", "pallas")}
-    assert layers.fusion_impl(cfgs["pallas"], "residual_norm") == "pallas"
+    assert all(layers.fusion_impl(cfgs["pallas"], k) == "pallas" for k in ("residual_norm", "xsa", "xsa_gate"))
+    assert cfgs["pallas"].sparse_attn_gate
     out = {impl: loss_and_grad(lora, mcfg) for impl, mcfg in cfgs.items()}
     (_, nll), grads = out["pallas"]
     (_, nll_jnp), grads_jnp = out["jnp"]
