@@ -140,15 +140,21 @@ def test_fusion_impl_resolution():
     auto = ModelConfig(compute_dtype="bfloat16")
     bf16 = dataclasses.replace(auto, fusion_impl="jnp")
     on_gpu = jax.default_backend() == "gpu"
-    assert [layers.fusion_impl(auto, k) for k in FUSION_KERNELS] == ["pallas" if on_gpu else "jnp"] * 2 + ["jnp"] * 2
-    assert [layers.fusion_impl(bf16, k) for k in FUSION_KERNELS] == ["jnp"] * 4
+    assert FUSION_KERNELS == ("norm_rope", "xsa", "residual_norm", "softcap_ce", "xsa_gate")
+    assert [layers.fusion_impl(auto, k) for k in FUSION_KERNELS] == ["pallas" if on_gpu else "jnp"] * 2 + ["jnp"] * 3
+    assert [layers.fusion_impl(bf16, k) for k in FUSION_KERNELS] == ["jnp"] * 5
     assert layers.fusion_impl(auto, "xsa") == ("pallas" if on_gpu else "jnp")
     assert layers.fusion_impl(dataclasses.replace(auto, compute_dtype="float32"), "xsa") == "jnp"
     assert layers.fusion_impl(dataclasses.replace(auto, model_dim=96, num_heads=3, num_kv_heads=1), "xsa") == "jnp"
     some = dataclasses.replace(bf16, fusion_impl="pallas", fusion_kernels="norm_rope,xsa")
-    assert [layers.fusion_impl(some, k) for k in FUSION_KERNELS] == ["pallas", "pallas", "jnp", "jnp"]
+    assert [layers.fusion_impl(some, k) for k in FUSION_KERNELS] == ["pallas", "pallas", "jnp", "jnp", "jnp"]
     eager = dataclasses.replace(bf16, fusion_impl="pallas", scales_in_float32=False)
-    assert [layers.fusion_impl(eager, k) for k in FUSION_KERNELS] == ["jnp", "pallas", "jnp", "jnp"]
+    assert [layers.fusion_impl(eager, k) for k in FUSION_KERNELS] == ["jnp", "pallas", "jnp", "jnp", "jnp"]
+    # the gate in XSA's kernels takes a KV head's group of query heads as one tile: a power of two
+    gated = dataclasses.replace(auto, fusion_kernels="xsa,xsa_gate")
+    assert layers.fusion_impl(gated, "xsa_gate") == ("pallas" if on_gpu else "jnp")
+    three_per_group = dataclasses.replace(gated, model_dim=384, num_heads=6, num_kv_heads=2)
+    assert layers.fusion_impl(three_per_group, "xsa_gate") == "jnp"
     with pytest.raises(ValueError, match="no fused kernel named"):
         layers.fusion_impl(bf16, "mlp")
     with pytest.raises(ConfigError, match="fusion_kernels"):
