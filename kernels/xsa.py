@@ -256,9 +256,9 @@ def _kernels(heads: int, kv_heads: int, head_dim: int, forward_launch: tuple, ba
         return tuple(_call(_backward_kernel, [dout_NxHD, y_NxHD, v_NxKD, *gate], outs, launch=backward_launch,
                            **static))
 
-    inputs = 3 if gated else 2
-    return (row_partitioned(forward, tuple(range(inputs)), 1, f"m a, m b{gate_spec} -> m a", ()),
-            row_partitioned(backward, tuple(range(inputs + 1)), inputs,
+    operands = 3 if gated else 2  # y, v (and g); the backward takes dout too and gives a gradient of each
+    return (row_partitioned(forward, tuple(range(operands)), 1, f"m a, m b{gate_spec} -> m a", ()),
+            row_partitioned(backward, tuple(range(operands + 1)), operands,
                             f"m a, m a, m b{gate_spec} -> m a, m b{gate_spec}", ()))
 
 
