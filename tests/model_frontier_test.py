@@ -45,6 +45,15 @@ def gradient_errors(grads, cfg: ModelConfig, ref, mode: str) -> tuple[dict, dict
     return ours, theirs, {k: rel_err(ours[k], theirs[k]) for k in theirs if np.any(theirs[k])}
 
 
+def loss_and_gradient_errors(cfg: ModelConfig, ref, mode: str) -> tuple[float, dict]:
+    """cfg's training loss and gradients on the fixture's packed row in `mode` (MODES), one
+    compiled program: (the loss's relative error against the reference's, each gradient's)."""
+    params, x, y, segments = fixture_inputs(ref, cfg)
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: model.loss(p, cfg, x, y, looping=MODES[mode], segments=segments)))(params)
+    return abs(float(loss) / float(ref[f"{mode}/loss"]) - 1), gradient_errors(grads, cfg, ref, mode)[2]
+
+
 @pytest.fixture(scope="module")
 def results(frontier_ref) -> dict:
     """Loss, logits and gradients of each mode: one compiled program per mode."""
