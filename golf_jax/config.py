@@ -100,9 +100,9 @@ class ModelConfig:
     # float32 backward and with a float32 residual stream (thirteenth session).
     # configs/frontier.py names it: on the 1.0611 record its curves pass those checks
     # (docs/frontier.md, eighteenth session). xsa_gate runs the 1.0611 record's
-    # head-output gate inside XSA's kernels (with xsa, where a layer has both; the
-    # same roundings, the gate's gradient summed in another order); not yet measured
-    # on a GPU (docs/performance.md, nineteenth session).
+    # head-output gate inside XSA's kernels (with xsa, where a layer has both), gating
+    # XSA's float32 result as the reference does (apart, XSA's output is rounded
+    # first); not yet measured on a GPU (docs/performance.md, nineteenth session).
     fusion_kernels: str = "norm_rope,xsa"
 
     # The 1.0611 record's architecture (docs/frontier.md); the defaults are the 1.1147 record's.

@@ -338,8 +338,11 @@ def gated_skip(x_BxTxd: jax.Array, skip_BxTxd: jax.Array, weight_d: jax.Array, g
 def head_gate(y_BxTxHxD: jax.Array, n_BxTxd: jax.Array, gate_HxW: jax.Array, scale: float,
               in_float32: bool = True) -> jax.Array:
     """The sparse head-output gate: head h's output times sigmoid(scale W_h . n[:window]),
-    n the attention's input. W n is a matmul in n's dtype; the rest as `scaled_sum`."""
-    return xsa_kernels.gate_heads(y_BxTxHxD, head_gate_weights(n_BxTxd, gate_HxW, scale, in_float32))
+    n the attention's input. W n is a matmul in n's dtype; the rest as `scaled_sum`.
+    After XSA this rounds XSA's output first, where the reference gates its float32
+    result (model.fusion_kernels' xsa_gate computes that, kernels/xsa.py)."""
+    g_BxTxH = head_gate_weights(n_BxTxd, gate_HxW, scale, in_float32)
+    return (y_BxTxHxD.astype(jnp.float32) * g_BxTxH[..., None]).astype(y_BxTxHxD.dtype)
 
 
 def head_gate_weights(n_BxTxd: jax.Array, gate_HxW: jax.Array, scale: float, in_float32: bool = True) -> jax.Array:

@@ -27,13 +27,16 @@ approximate).
 
 With a gate (the 1.0611 record's sparse head-output gate, golf_jax.layers.head_gate:
 g [N, H] float32, one weight a head and position), out is gated in the same
-kernel: out = gate_heads(xsa(y, v), g), XSA's output rounded, times g in
-float32, rounded again, as the two ops compute it apart. XLA cannot fuse an
-elementwise op into a Pallas call's output, so apart they cost one more read
-and write of the [N, H*D] output each way (docs/performance.md). The backward
-takes the gated output's cotangent, forms XSA's own (rounded, as autodiff's
-convert rounds it) and g's, sum over D of cotangent times XSA's output,
-recomputed and rounded as the forward wrote it.
+kernel, as the reference computes it (`gated_reference`): XSA's float32 result
+times g, rounded once. In the reference XSA's result is float32 (F.normalize's
+norm is a float32 op under autocast, and the rest promotes), the gate multiplies
+it in float32, and the out-projection's autocast rounds the product. Apart, XSA's
+kernel writes its result rounded and the gate (an XLA fusion, which cannot fuse
+into a Pallas call's output) reads it back: one more rounding than the
+reference's, and one more read and write of the [N, H*D] output each way
+(docs/performance.md). The backward takes the gated output's cotangent c and
+forms XSA's own, c g, and g's, the sum over D of c times XSA's result, both in
+float32 (recomputed, unrounded), as autodiff of `gated_reference` does.
 
 `impl`: "jnp" is autodiff of `xsa_reference`; "pallas" is a jax.custom_vjp
 whose forward and backward are each one pallas_call: Pallas's Triton backend
@@ -97,6 +100,16 @@ def xsa_reference(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
     reference's autocast F.normalize is a float32 op, so the unit vector, the
     projection and the difference are float32 until the out-projection.
     """
+    return _xsa_float32(y_BxTxHxD, v_BxTxKxD).astype(y_BxTxHxD.dtype)
+
+
+def gated_reference(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, g_BxTxH: jax.Array) -> jax.Array:
+    """XSA's float32 result, each head times its gate weight g (float32), rounded once
+    to y's dtype: the reference's XSA and sparse head gate before its out-projection."""
+    return (_xsa_float32(y_BxTxHxD, v_BxTxKxD) * g_BxTxH[..., None]).astype(y_BxTxHxD.dtype)
+
+
+def _xsa_float32(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
     B, T, H, D = y_BxTxHxD.shape
     K = v_BxTxKxD.shape[2]
     vf = v_BxTxKxD.astype(jnp.float32)
@@ -104,12 +117,7 @@ def xsa_reference(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array) -> jax.Array:
     vn_BxTxKx1xD = (vf / jnp.maximum(norm, XSA_NORM_EPS))[:, :, :, None, :]
     y_BxTxKxGxD = y_BxTxHxD.reshape(B, T, K, H // K, D).astype(jnp.float32)
     along = jnp.sum(y_BxTxKxGxD * vn_BxTxKx1xD, axis=-1, keepdims=True)
-    return (y_BxTxKxGxD - along * vn_BxTxKx1xD).reshape(B, T, H, D).astype(y_BxTxHxD.dtype)
-
-
-def gate_heads(y_BxTxHxD: jax.Array, g_BxTxH: jax.Array) -> jax.Array:
-    """Each head's output times its gate weight, in float32, rounded once to y's dtype."""
-    return (y_BxTxHxD.astype(jnp.float32) * g_BxTxH[..., None]).astype(y_BxTxHxD.dtype)
+    return (y_BxTxKxGxD - along * vn_BxTxKx1xD).reshape(B, T, H, D)
 
 
 # ----------------------------------------------------------------------------- the kernels
@@ -151,10 +159,10 @@ def _forward_kernel(y_ref, v_ref, *refs, group: int, head_dim: int, exact: bool)
         cols = slice(g * head_dim, (g + 1) * head_dim)
         yf = y_ref[:, cols].astype(jnp.float32)
         along = jnp.sum(yf * vn, axis=1, keepdims=True)
-        out = (yf - along * vn).astype(out_ref.dtype)
+        out = yf - along * vn
         if gate:
-            out = (out.astype(jnp.float32) * gate[0][:, g:g + 1]).astype(out_ref.dtype)
-        out_ref[:, cols] = out
+            out = out * gate[0][:, g:g + 1]
+        out_ref[:, cols] = out.astype(out_ref.dtype)
 
 
 def _backward_kernel(dout_ref, y_ref, v_ref, *refs, group: int, head_dim: int, exact: bool):
@@ -175,8 +183,8 @@ def _backward_kernel(dout_ref, y_ref, v_ref, *refs, group: int, head_dim: int, e
     One KV head's rows, as the forward's: all G heads of the group are here,
     so the program's dv tile is complete. Gated (refs = g_ref, dy_ref, dv_ref,
     dg_ref; else dy_ref, dv_ref), dout_ref holds the gated output's cotangent c:
-    dg = sum over D of c out (out recomputed, rounded as the forward's), and
-    XSA's cotangent is c g, rounded to dout's dtype.
+    dg = sum over D of c out (out XSA's float32 result, recomputed) and dout = c g,
+    float32.
     """
     gated = len(refs) == 4
     g_ref, dy_ref, dv_ref, dg_ref = refs if gated else (None, *refs, None)
@@ -188,9 +196,8 @@ def _backward_kernel(dout_ref, y_ref, v_ref, *refs, group: int, head_dim: int, e
         doutf = dout_ref[:, cols].astype(jnp.float32)
         along = jnp.sum(yf * vn, axis=1, keepdims=True)
         if gated:
-            out = (yf - along * vn).astype(dy_ref.dtype).astype(jnp.float32)
-            dg_ref[:, g:g + 1] = jnp.sum(doutf * out, axis=1, keepdims=True)
-            doutf = (doutf * g_ref[:, g:g + 1]).astype(dy_ref.dtype).astype(jnp.float32)
+            dg_ref[:, g:g + 1] = jnp.sum(doutf * (yf - along * vn), axis=1, keepdims=True)
+            doutf = doutf * g_ref[:, g:g + 1]
         dout_along = jnp.sum(doutf * vn, axis=1, keepdims=True)
         dy_ref[:, cols] = (doutf - dout_along * vn).astype(dy_ref.dtype)
         dvn = dvn - along * doutf - dout_along * yf
@@ -312,15 +319,16 @@ _fused_gated_xsa.defvjp(_fused_gated_xsa_fwd, _fused_gated_xsa_bwd)
 def xsa(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, impl: str = "jnp",
         gate_BxTxH: jax.Array | None = None) -> jax.Array:
     """xsa_reference's value and gradient, through `impl` ("jnp" or "pallas");
-    with gate_BxTxH (float32), gate_heads of it.
+    with gate_BxTxH (float32), gated_reference's.
 
     y: [B, T, H, D] attention output; v: [B, T, K, D] values, H a multiple of
     K. The Pallas kernels need D, and with a gate H / K, to be powers of two
     (Triton's tiles).
     """
     if impl == "jnp":
-        out = xsa_reference(y_BxTxHxD, v_BxTxKxD)
-        return out if gate_BxTxH is None else gate_heads(out, gate_BxTxH)
+        if gate_BxTxH is None:
+            return xsa_reference(y_BxTxHxD, v_BxTxKxD)
+        return gated_reference(y_BxTxHxD, v_BxTxKxD, gate_BxTxH)
     if impl != "pallas":
         raise ValueError(f"no XSA kernels named {impl!r}; expected one of {IMPLS}")
     B, T, H, D = y_BxTxHxD.shape
