@@ -187,8 +187,9 @@ class CausalSelfAttention(nn.Module):
         gate_in_xsa = False
         if cfg.xsa_on(self.layer):
             xsa_impl = "jnp" if decode else fusion_impl(cfg, "xsa")
-            # the head-output gate inside XSA's kernels (xsa_gate): one pass less over y each way
-            gate_in_xsa = w.attn_gate is not None and xsa_impl == "pallas" and fusion_impl(cfg, "xsa_gate") == "pallas"
+            # the reference gates XSA's float32 result (kernels/xsa.py): in the jnp path and in
+            # XSA's kernels with xsa_gate; apart, head_gate reads XSA's kernel's rounded output
+            gate_in_xsa = w.attn_gate is not None and (xsa_impl == "jnp" or fusion_impl(cfg, "xsa_gate") == "pallas")
             gate_BxTxH = head_gate_weights(h_BxQxd, w.attn_gate, cfg.sparse_attn_gate_scale,
                                            cfg.scales_in_float32) if gate_in_xsa else None
             y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, take(v_BxTxKxD), xsa_impl, gate_BxTxH)
