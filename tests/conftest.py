@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,24 @@ def tiny_model_loss_and_grads(variants: dict[str, dict]) -> dict[str, tuple]:
     loss_and_grads = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
     return {name: loss_and_grads(params, dataclasses.replace(cfg, **fields), tokens, jnp.roll(tokens, -1, axis=1))
             for name, fields in variants.items()}
+
+
+def triton_kernels_lowered(fn, *args) -> list[str]:
+    """The names of the Pallas calls in jit(fn)(*args) (shapes or arrays) lowered by
+    Pallas's Triton backend, in a program exported for CUDA: lowering only, so it runs
+    on any machine and catches what Pallas's Triton lowering refuses (the CPU tests run
+    the kernels in its interpreter, which accepts more). jax.default_backend answers
+    "gpu" while it traces, so the kernels take their GPU path."""
+    from jax import export
+
+    real = jax.default_backend
+    jax.default_backend = lambda: "gpu"
+    try:
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    finally:
+        jax.default_backend = real
+    return re.findall(r'@__gpu\$xla\.gpu\.triton\(.*?name = "([^"]+)"', exported.mlir_module(), flags=re.DOTALL)
 
 
 def round_to_bf16(x) -> np.ndarray:

@@ -14,7 +14,7 @@ import pytest
 from golf_jax import layers
 from golf_jax.config import FUSION_KERNELS, ConfigError, ModelConfig
 from kernels import qk_norm_rope as qk
-from tests.conftest import run_on_cpu_devices, tiny_model_loss_and_grads
+from tests.conftest import run_on_cpu_devices, tiny_model_loss_and_grads, triton_kernels_lowered
 
 
 def operands(key, B, T, H, D, rope_dims, dtype):
@@ -131,6 +131,22 @@ def test_model_loss_and_grads_same_through_the_kernels(scales_in_float32):
     for a, b in zip(jax.tree.leaves(out["pallas"][1]), jax.tree.leaves(out["jnp"][1])):
         assert rel(a, b) < 1e-5
     assert float(jnp.abs(out["pallas"][1]["blocks"]["q_gain"]).min()) > 0
+
+
+def test_kernels_lower_to_triton():
+    """Forward and backward at the record's q layout (8 heads of 64, 16 rotary dims, the
+    gain) and its k layout (4 heads, no gain), through Pallas's Triton lowering (the
+    program exported for CUDA on any machine)."""
+    cos = jax.ShapeDtypeStruct((2048, 8), jnp.float32)
+    for heads, gain in ((8, jax.ShapeDtypeStruct((8,), jnp.bfloat16)), (4, None)):
+        x = jax.ShapeDtypeStruct((2, 2048, heads, 64), jnp.bfloat16)
+
+        def loss(x, cos, sin, gain=None):
+            return jnp.sum(qk.norm_rope(x, cos, sin, gain, 16, "pallas").astype(jnp.float32))
+
+        args = (x, cos, cos) + (() if gain is None else (gain,))
+        lowered = triton_kernels_lowered(jax.value_and_grad(loss, argnums=(0, *range(3, len(args)))), *args)
+        assert len(lowered) == 2, (heads, lowered)
 
 
 def test_fusion_impl_resolution():

@@ -14,7 +14,7 @@ import pytest
 
 from golf_jax import layers
 from kernels import residual_norm as rn
-from tests.conftest import run_on_cpu_devices
+from tests.conftest import run_on_cpu_devices, triton_kernels_lowered
 from tests.model_frontier_test import loss_and_gradient_errors
 
 
@@ -119,6 +119,21 @@ def test_frontier_model_through_the_kernels_matches_the_reference(frontier_ref):
     # float32 against float32, the sums in other orders (the jnp path: 7e-7 and 1.4e-5 at most)
     assert loss_error <= 1e-5
     assert max(errors.values()) <= 1e-4, {k: e for k, e in errors.items() if e > 1e-4}
+
+
+def test_kernels_lower_to_triton():
+    """Forward and backward, at the training's launch (2,048-token sequences) and the short
+    one (512), through Pallas's Triton lowering (the program exported for CUDA on any machine)."""
+    scale = jax.ShapeDtypeStruct((512,), jnp.bfloat16)
+
+    def loss(a, b, scale_a, scale_b):
+        s, n = rn.add_norm(a, b, scale_a, scale_b, 0.5, "pallas")
+        return jnp.sum(s.astype(jnp.float32)) + jnp.sum(n.astype(jnp.float32))
+
+    for seq_len in (2048, 512):
+        a = jax.ShapeDtypeStruct((2, seq_len, 512), jnp.bfloat16)
+        lowered = triton_kernels_lowered(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), a, a, scale, scale)
+        assert len(lowered) == 2, (seq_len, lowered)
 
 
 def test_program_rows_and_bad_impl():

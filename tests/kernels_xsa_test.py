@@ -14,7 +14,7 @@ import pytest
 
 from golf_jax import layers
 from kernels import xsa
-from tests.conftest import run_on_cpu_devices, tiny_model_loss_and_grads
+from tests.conftest import run_on_cpu_devices, tiny_model_loss_and_grads, triton_kernels_lowered
 from tests.model_frontier_test import loss_and_gradient_errors
 
 
@@ -106,6 +106,19 @@ def test_gated_pallas_matches_reference():
     assert rel(dv, dv_ref) < 4e-3 and rel(dg, dg_ref) <= 1e-6
     apart = (xsa.xsa(y, v, "pallas").astype(jnp.float32) * g[..., None]).astype(jnp.bfloat16)
     assert 0 < float(jnp.mean(apart != out_ref)) < 0.5  # the double rounding the kernel avoids
+
+
+def test_kernels_lower_to_triton():
+    """Forward and backward, gated and not, at the record's head layout, through Pallas's
+    Triton lowering (the program exported for CUDA on any machine): the gate's one-column
+    tiles and the rest are accepted."""
+    shape = lambda *dims: jax.ShapeDtypeStruct(dims, jnp.bfloat16)  # noqa: E731
+    y, v, g = shape(2, 64, 8, 64), shape(2, 64, 4, 64), jax.ShapeDtypeStruct((2, 64, 8), jnp.float32)
+    for label, args in (("ungated", (y, v)), ("gated", (y, v, g))):
+        def loss(*a):
+            return jnp.sum(xsa.xsa(a[0], a[1], "pallas", *a[2:]).astype(jnp.float32))
+        grads = jax.value_and_grad(loss, argnums=tuple(range(len(args))))
+        assert triton_kernels_lowered(grads, *args) == ["forward_kernel", "backward_kernel"], label
 
 
 def test_degenerate_value_vectors():
