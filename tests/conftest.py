@@ -152,7 +152,9 @@ def triton_kernels_lowered(fn, *args) -> list[str]:
     Pallas's Triton backend, in a program exported for CUDA: lowering only, so it runs
     on any machine and catches what Pallas's Triton lowering refuses (the CPU tests run
     the kernels in its interpreter, which accepts more). jax.default_backend answers
-    "gpu" while it traces, so the kernels take their GPU path."""
+    "gpu" while it traces, so the kernels take their GPU path. fn should be the test's
+    own function: JAX's jit cache keys on it, so jitting the same fn again on the CPU,
+    at the same shapes, would find this GPU path's trace."""
     from jax import export
 
     real = jax.default_backend
