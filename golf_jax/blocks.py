@@ -184,17 +184,18 @@ class CausalSelfAttention(nn.Module):
             y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, "jnp", q_offset=queries[0])
         else:
             y_BxTxHxD = causal_attention(q_BxTxHxD, k_BxTxKxD, v_BxTxKxD, attention_impl(cfg), segments=segments)
-        gate_in_xsa = False
+        gate_HxW = w.attn_gate  # the head-output gate, after XSA unless XSA applies it
         if cfg.xsa_on(self.layer):
             xsa_impl = "jnp" if decode else fusion_impl(cfg, "xsa")
-            # the reference gates XSA's float32 result (kernels/xsa.py): in the jnp path and in
-            # XSA's kernels with xsa_gate; apart, head_gate reads XSA's kernel's rounded output
-            gate_in_xsa = w.attn_gate is not None and (xsa_impl == "jnp" or fusion_impl(cfg, "xsa_gate") == "pallas")
-            gate_BxTxH = head_gate_weights(h_BxQxd, w.attn_gate, cfg.sparse_attn_gate_scale,
-                                           cfg.scales_in_float32) if gate_in_xsa else None
+            # the reference gates XSA's float32 result (kernels/xsa.py): the jnp path does, and
+            # XSA's kernels with xsa_gate; otherwise head_gate reads XSA's kernel's rounded output
+            gate_BxTxH = None
+            if gate_HxW is not None and (xsa_impl == "jnp" or fusion_impl(cfg, "xsa_gate") == "pallas"):
+                gate_BxTxH = head_gate_weights(h_BxQxd, gate_HxW, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
+                gate_HxW = None
             y_BxTxHxD = exclusive_self_attention(y_BxTxHxD, take(v_BxTxKxD), xsa_impl, gate_BxTxH)
-        if w.attn_gate is not None and not gate_in_xsa:
-            y_BxTxHxD = head_gate(y_BxTxHxD, h_BxQxd, w.attn_gate, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
+        if gate_HxW is not None:
+            y_BxTxHxD = head_gate(y_BxTxHxD, h_BxQxd, gate_HxW, cfg.sparse_attn_gate_scale, cfg.scales_in_float32)
         y_BxTxd = y_BxTxHxD.reshape(B, y_BxTxHxD.shape[1], d)
         sow_gram(self, "proj", y_BxTxd)
         if deltas is not None:  # the out-projection's adapter reads the attention's input

@@ -45,8 +45,7 @@ def rounded_stream_path(a, b, scale_a, scale_b, norm_scale):
     f32 = jnp.float32
     a, b = jax.lax.optimization_barrier((a, b))
     s = scale_a.astype(f32) * a.astype(f32) + scale_b.astype(f32) * b.astype(f32)
-    n = s * jax.lax.rsqrt(jnp.mean(s * s, axis=-1, keepdims=True) + residual_norm.RMS_NORM_EPS) * norm_scale
-    return jax.lax.optimization_barrier(s.astype(a.dtype)), n.astype(a.dtype)
+    return jax.lax.optimization_barrier(s.astype(a.dtype)), layers.rms_norm(s, norm_scale).astype(a.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

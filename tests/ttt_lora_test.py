@@ -395,7 +395,7 @@ def test_the_last_application_runs_on_the_scored_positions_only(fixture):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
 
 
-def test_the_chunk_step_through_the_mix_kernel(fixture):
+def test_the_chunk_step_through_the_mix_and_gated_xsa_kernels(fixture):
     """configs/frontier.py names the residual-mix kernel (kernels/residual_norm.py), so the chunk
     step runs it on GPUs, the last application's mixes on the scored positions only; and
     with it XSA's kernels with the head gate inside (xsa_gate), the gate at the scored
