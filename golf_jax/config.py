@@ -97,12 +97,13 @@ class ModelConfig:
     # residual_norm by default: with it the 60-step fidelity curve drifts
     # (warmdown +0.84% and +1.38%, against -0.27% and -0.41% with the other two;
     # docs/fidelity.md), though it rounds as XLA does in isolation; so it did with a
-    # float32 backward and with a float32 residual stream (thirteenth session).
+    # float32 backward and with a float32 residual stream (thirteenth session), and so
+    # does the stream rounded where it rounds it, without the kernel (twentieth session).
     # configs/frontier.py names it: on the 1.0611 record its curves pass those checks
     # (docs/frontier.md, eighteenth session). xsa_gate runs the 1.0611 record's
     # head-output gate inside XSA's kernels (with xsa, where a layer has both), gating
     # XSA's float32 result as the reference does (apart, XSA's output is rounded
-    # first); not yet measured on a GPU (docs/performance.md, nineteenth session).
+    # first); configs/frontier.py names it too (docs/frontier.md, twentieth session).
     fusion_kernels: str = "norm_rope,xsa"
 
     # The 1.0611 record's architecture (docs/frontier.md); the defaults are the 1.1147 record's.
