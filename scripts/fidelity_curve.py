@@ -24,7 +24,8 @@ RESIDUAL_NORM_SEMANTICS="round_dnorm=0,round_ds=0" trains with those rounding
 choices of kernels/residual_norm.py (`SEMANTICS`), as the gradient probe
 (scripts/residual_grad_probe.py) tries them; RESIDUAL_NORM_HALF=forward (or backward) with one
 half of that kernel only, RESIDUAL_NORM_HALF=stream with no kernel but the residual stream
-rounded where the kernel rounds it (scripts/residual_norm_halves.py).
+rounded where the kernel rounds it, stream_blocks and stream_both rounding more of it
+(scripts/residual_norm_halves.py).
 The device call that ran the figures of docs/fidelity.md is
 scripts/device_fidelity.sh.
 """
@@ -260,8 +261,9 @@ def cmd_train(args, overrides: list[str]) -> int:
         prelude.append(f"from kernels import residual_norm as r; assert set({changes!r}) <= set(r.SEMANTICS); "
                        f"r.SEMANTICS.update({changes!r})")
     half = os.environ.get("RESIDUAL_NORM_HALF", "")
-    if half:  # "forward", "backward" or "stream" (scripts/residual_norm_halves.py)
-        prelude.append(f"sys.path.insert(0, 'scripts'); import residual_norm_halves; residual_norm_halves.patch({half!r})")
+    if half:  # one of residual_norm_halves.HALVES (scripts/residual_norm_halves.py)
+        prelude.append("sys.path.insert(0, 'scripts'); import residual_norm_halves; "
+                       f"residual_norm_halves.patch({half!r})")
     if prelude:
         wrap = "; ".join(["import runpy, sys", *prelude,
                           "sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"])

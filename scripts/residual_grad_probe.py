@@ -14,7 +14,7 @@ count of elements whose sign differs from float32's.
     python scripts/residual_grad_probe.py --config configs/record.py [overrides]
     python scripts/residual_grad_probe.py --config configs/record.py --variants "bf16 jnp" "residual, rounded stream"
 
-(All ten variants take more than 120 s on an H200, mostly compiling: --variants picks some.)
+(All the variants take more than 120 s on an H200, mostly compiling: --variants picks some.)
 
 Tooling, outside the code counted in the artifact.
 """
@@ -48,8 +48,11 @@ VARIANTS = {"bf16 jnp": (dict(fusion_impl="jnp"), {}),
             # one half of the kernel only (scripts/residual_norm_halves.py)
             "residual, forward half": (RESIDUAL, "forward"),
             "residual, backward half": (RESIDUAL, "backward"),
-            # no kernel: the jnp path with the stream rounded where the kernel rounds it
-            "residual, rounded stream": (RESIDUAL, "stream")}
+            # no kernel: the jnp path with the stream rounded where the kernel rounds it, then
+            # each block's output too, then its cotangent too
+            "residual, rounded stream": (RESIDUAL, "stream"),
+            "rounded stream and block outputs": (RESIDUAL, "stream_blocks"),
+            "rounded stream, block outputs and their cotangents": (RESIDUAL, "stream_both")}
 
 
 def main() -> None:
@@ -68,12 +71,13 @@ def main() -> None:
     grad = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)
     # float32 off the cuDNN path (cuDNN takes bf16 only)
     f32_loss, truth = grad(params, bench.with_model(cfg, compute_dtype="float32", attention_impl="jnp").model, x, y)
-    names = ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(truth)[0]]
+    names = ["/".join(str(getattr(k, "key", k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(truth)[0]]
     truth = [np.asarray(g, np.float64) for g in jax.tree.leaves(truth)]
     print(f"float32 loss {float(f32_loss):.6f}")
     rows = {}
     for label, (fields, semantics) in variants.items():
-        saved, add_norm = dict(residual_norm.SEMANTICS), blocks.add_norm
+        saved, add_norm, block_call = dict(residual_norm.SEMANTICS), blocks.add_norm, blocks.Block.__call__
         if isinstance(semantics, str):
             residual_norm_halves.patch(semantics)
         else:
@@ -82,11 +86,12 @@ def main() -> None:
             # A fresh trace: jit's cache would otherwise return the program of an earlier
             # variant with the same model fields, whatever SEMANTICS says now.
             jax.clear_caches()
-            loss, g = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)(params, bench.with_model(cfg, **fields).model, x, y)
+            loss, g = jax.jit(jax.value_and_grad(model.loss), static_argnums=1)(
+                params, bench.with_model(cfg, **fields).model, x, y)
         finally:
             residual_norm.SEMANTICS.clear()
             residual_norm.SEMANTICS.update(saved)
-            blocks.add_norm = add_norm
+            blocks.add_norm, blocks.Block.__call__ = add_norm, block_call
         g = [np.asarray(a, np.float64) for a in jax.tree.leaves(g)]
         rows[label] = g
         print(f"{label}: loss {float(loss):.6f}")

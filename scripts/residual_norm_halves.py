@@ -9,7 +9,12 @@ tells which half moves the curve. "stream" is no kernel at all: the jnp path's f
 the residual stream rounded to bf16 where the kernel's reads and writes round it (a, b and
 s, with n from the unrounded s), and the jnp path's backward. On the GPU XLA keeps that
 stream float32 from one fusion to the next (docs/fidelity.md, thirteenth session); a run of
-it tells whether those roundings alone move the curve as the forward half does.
+it tells whether those roundings alone move the curve as the forward half does. It did, and it
+took the first steps to the reference's (docs/fidelity.md, twentieth session). The reference's
+stream is bf16 wherever its compiled code stores it, so two more variants round more of it:
+"stream_blocks" also rounds each block's output (the skips' copies and the final norm's input
+among its readers; `Block.__call__`, so the 1.1147 record's blocks, not the parallel lanes), and
+"stream_both" also rounds the cotangent of each block's output in the backward.
 
     RESIDUAL_NORM_HALF=forward python scripts/fidelity_curve.py train --out runs/H1 -- \
         --config.fusion_kernels=norm_rope,xsa,residual_norm
@@ -29,7 +34,7 @@ import jax.numpy as jnp
 from golf_jax import blocks, layers
 from kernels import residual_norm
 
-HALVES = ("forward", "backward", "stream")
+HALVES = ("forward", "backward", "stream", "stream_blocks", "stream_both")
 
 
 def model_path(a, b, scale_a, scale_b, norm_scale):
@@ -90,6 +95,29 @@ def half_add_norm(half: str):
     return add_norm
 
 
+def stored_as_dtype(cotangent_too: bool):
+    """The identity, with x as its dtype stores it (bf16): the barrier keeps XLA's excess
+    precision from dropping that rounding. With cotangent_too its cotangent likewise; else the
+    cotangent as XLA leaves it."""
+    @jax.custom_vjp
+    def stored(x):
+        return jax.lax.optimization_barrier(x)
+
+    def stored_bwd(_, g):
+        return (jax.lax.optimization_barrier(g) if cotangent_too else g,)
+
+    stored.defvjp(lambda x: (stored(x), None), stored_bwd)
+    return stored
+
+
 def patch(half: str):
-    """Block.mix_norm's kernel (model.fusion_kernels naming residual_norm) becomes `half` of it."""
+    """Block.mix_norm's kernel (model.fusion_kernels naming residual_norm) becomes `half` of it;
+    with stream_blocks and stream_both, Block.__call__ rounds its output too."""
+    if half in ("stream_blocks", "stream_both"):
+        block_call, round_output = blocks.Block.__call__, stored_as_dtype(half == "stream_both")
+
+        def rounded_output_call(self, *args, **kwargs):
+            return round_output(block_call(self, *args, **kwargs))
+        blocks.Block.__call__ = rounded_output_call
+        half = "stream"
     blocks.add_norm = half_add_norm(half)
