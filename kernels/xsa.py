@@ -275,43 +275,27 @@ def _layout(y_NxHD: jax.Array, v_NxKD: jax.Array, head_dim: int, gated: bool = F
             _launch("backward"), gated)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _fused_xsa(y_NxHD: jax.Array, v_NxKD: jax.Array, head_dim: int) -> jax.Array:
-    forward, _ = _kernels(*_layout(y_NxHD, v_NxKD, head_dim))
-    return forward(y_NxHD, v_NxKD)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_xsa(y_NxHD: jax.Array, v_NxKD: jax.Array, g_NxH: jax.Array | None, head_dim: int) -> jax.Array:
+    """The kernels' XSA of y and v, gated by g_NxH (float32) unless it is None."""
+    forward, _ = _kernels(*_layout(y_NxHD, v_NxKD, head_dim, gated=g_NxH is not None))
+    return forward(y_NxHD, v_NxKD, *([] if g_NxH is None else [g_NxH]))
 
 
-def _fused_xsa_fwd(y_NxHD, v_NxKD, head_dim):
-    # The residuals are the inputs themselves (bf16 in training): nothing float32 is saved.
-    return _fused_xsa(y_NxHD, v_NxKD, head_dim), (y_NxHD, v_NxKD)
+def _fused_xsa_fwd(y_NxHD, v_NxKD, g_NxH, head_dim):
+    # The residuals are the inputs themselves (bf16 in training): nothing float32 is saved but g.
+    return _fused_xsa(y_NxHD, v_NxKD, g_NxH, head_dim), (y_NxHD, v_NxKD, g_NxH)
 
 
 def _fused_xsa_bwd(head_dim, residuals, dout_NxHD):
-    y_NxHD, v_NxKD = residuals
-    _, backward = _kernels(*_layout(y_NxHD, v_NxKD, head_dim))
-    return backward(dout_NxHD.astype(y_NxHD.dtype), y_NxHD, v_NxKD)
-
-
-_fused_xsa.defvjp(_fused_xsa_fwd, _fused_xsa_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fused_gated_xsa(y_NxHD: jax.Array, v_NxKD: jax.Array, g_NxH: jax.Array, head_dim: int) -> jax.Array:
-    forward, _ = _kernels(*_layout(y_NxHD, v_NxKD, head_dim, gated=True))
-    return forward(y_NxHD, v_NxKD, g_NxH)
-
-
-def _fused_gated_xsa_fwd(y_NxHD, v_NxKD, g_NxH, head_dim):
-    return _fused_gated_xsa(y_NxHD, v_NxKD, g_NxH, head_dim), (y_NxHD, v_NxKD, g_NxH)
-
-
-def _fused_gated_xsa_bwd(head_dim, residuals, dout_NxHD):
     y_NxHD, v_NxKD, g_NxH = residuals
-    _, backward = _kernels(*_layout(y_NxHD, v_NxKD, head_dim, gated=True))
+    _, backward = _kernels(*_layout(y_NxHD, v_NxKD, head_dim, gated=g_NxH is not None))
+    if g_NxH is None:
+        return (*backward(dout_NxHD.astype(y_NxHD.dtype), y_NxHD, v_NxKD), None)
     return backward(dout_NxHD.astype(y_NxHD.dtype), y_NxHD, v_NxKD, g_NxH)
 
 
-_fused_gated_xsa.defvjp(_fused_gated_xsa_fwd, _fused_gated_xsa_bwd)
+_fused_xsa.defvjp(_fused_xsa_fwd, _fused_xsa_bwd)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -340,11 +324,11 @@ def xsa(y_BxTxHxD: jax.Array, v_BxTxKxD: jax.Array, impl: str = "jnp",
         raise ValueError(f"the Pallas XSA kernels need a power-of-two head dim (Triton tiles), got {D} "
                          "(set model.fusion_impl='jnp')")
     y_NxHD, v_NxKD = y_BxTxHxD.reshape(B * T, H * D), v_BxTxKxD.reshape(B * T, K * D)
-    if gate_BxTxH is None:
-        return _fused_xsa(y_NxHD, v_NxKD, D).reshape(B, T, H, D)
-    G = H // K
-    if gate_BxTxH.shape != (B, T, H) or G & (G - 1):
-        raise ValueError(f"the gated XSA kernels need a gate [B, T, H] = {(B, T, H)} and a power-of-two "
-                         f"H / K, got {gate_BxTxH.shape} and {G}")
-    out = _fused_gated_xsa(y_NxHD, v_NxKD, gate_BxTxH.reshape(B * T, H).astype(jnp.float32), D)
-    return out.reshape(B, T, H, D)
+    g_NxH = None
+    if gate_BxTxH is not None:
+        G = H // K
+        if gate_BxTxH.shape != (B, T, H) or G & (G - 1):
+            raise ValueError(f"the gated XSA kernels need a gate [B, T, H] = {(B, T, H)} and a power-of-two "
+                             f"H / K, got {gate_BxTxH.shape} and {G}")
+        g_NxH = gate_BxTxH.reshape(B * T, H).astype(jnp.float32)
+    return _fused_xsa(y_NxHD, v_NxKD, g_NxH, D).reshape(B, T, H, D)

@@ -147,8 +147,8 @@ def test_forward_saves_only_the_inputs():
     vectors or projections are kept between the passes."""
     y, v, _ = operands(jax.random.key(3), 1, 16, 4, 2, 8, jnp.bfloat16)
     y2, v2 = y.reshape(16, 32), v.reshape(16, 16)
-    _, residuals = xsa._fused_xsa_fwd(y2, v2, 8)
-    assert len(residuals) == 2 and residuals[0] is y2 and residuals[1] is v2
+    _, residuals = xsa._fused_xsa_fwd(y2, v2, None, 8)
+    assert len(residuals) == 3 and residuals[0] is y2 and residuals[1] is v2 and residuals[2] is None  # no gate
 
 
 def test_block_rows_tile_the_rows():
