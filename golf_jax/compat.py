@@ -84,19 +84,20 @@ def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig, sou
         if not jnp.issubdtype(v.dtype, jnp.floating):
             raise CompatError(f"{prefix}{k}: dtype {v.dtype}, expected floating point weights")
 
-    params: Params = {k: jnp.asarray(state[k]) for k in BANKS}
+    # Stacked on the host, then put on the device: jnp.stack and jnp.asarray compile a
+    # program per shape (18 compilations of an artifact's reload at the 1.0611 record's size).
+    params: Params = {k: state[k] for k in BANKS}
     for ours, theirs in TOP.items():
         if theirs in state:
-            params[ours] = jnp.asarray(state[theirs])
-    params["blocks"] = {ours: jnp.stack([jnp.asarray(state[f"blocks.{i}.{theirs}"]) for i in range(cfg.num_layers)])
+            params[ours] = state[theirs]
+    params["blocks"] = {ours: np.stack([state[f"blocks.{i}.{theirs}"] for i in range(cfg.num_layers)])
                         for ours, theirs in BLOCK_KEYS.items() if f"blocks.0.{theirs}" in state}
     for (section, key), theirs in NESTED.items():
         if theirs in state:
-            params.setdefault(section, {})[key] = jnp.asarray(state[theirs])
+            params.setdefault(section, {})[key] = state[theirs]
     if cfg.ve_layer_indices:
-        params["ve"]["layer_scales"] = jnp.stack(
-            [jnp.asarray(state[f"ve_layer_scales.{j}"]) for j in range(len(cfg.ve_layer_indices))])
-    return params
+        params["ve"]["layer_scales"] = np.stack([state[f"ve_layer_scales.{j}"] for j in range(len(cfg.ve_layer_indices))])
+    return jax.device_put(params)
 
 
 def _some(names: list[str], limit: int = 8) -> str:

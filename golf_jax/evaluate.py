@@ -216,10 +216,7 @@ def document_eval(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBy
     per fold are the most any row needs (at least data.segments_per_fold)."""
     t0 = time.perf_counter()
     seq, tokens = cfg.eval.eval_seq_len, np.asarray(tokens, np.int32)
-    starts, row_len = configured_document_rows(cfg, len(tokens))
-    cu = [packing.document_segments(np.flatnonzero(tokens[s:s + row_len] == cfg.model.bos_id), row_len, seq)[0]
-          for s in starts]
-    slots = max([cfg.data.segments_per_fold] + [packing.segments_per_fold_needed(c, row_len, seq) for c in cu])
+    starts, row_len, cu, slots = _document_plan(cfg, tokens)
     sums = []
     for s, c in tqdm(zip(starts, cu), total=len(starts), desc="document eval", unit="row", disable=not progress,
                      leave=False):
@@ -232,6 +229,34 @@ def document_eval(params, cfg: Config, tokens: np.ndarray, tables: data.TargetBy
     byte_count = int(np.sum(cum_bytes[starts + row_len] - cum_bytes[starts]))
     mean_loss, bpb = data.bits_per_byte(loss_sum, token_count, byte_count)
     return EvalResult(mean_loss, bpb, token_count, byte_count, time.perf_counter() - t0)
+
+
+def _document_plan(cfg: Config, tokens: np.ndarray) -> tuple[np.ndarray, int, list, int]:
+    """`document_eval`'s rows: their first tokens, their length, each row's document
+    boundaries (`packing.document_segments`) and the segment slots per fold of its program."""
+    seq = cfg.eval.eval_seq_len
+    starts, row_len = configured_document_rows(cfg, len(tokens))
+    cu = [packing.document_segments(np.flatnonzero(tokens[s:s + row_len] == cfg.model.bos_id), row_len, seq)[0]
+          for s in starts]
+    slots = max([cfg.data.segments_per_fold] + [packing.segments_per_fold_needed(c, row_len, seq) for c in cu])
+    return starts, row_len, cu, slots
+
+
+def compile_standard(params_like, cfg: Config, tokens: np.ndarray, looping: bool | None = None) -> None:
+    """Compiles the program `run_standard` calls on these tokens for weights of params_like's
+    shapes, dtypes and placement (their values unused), so that its calls find it compiled:
+    the quantize pipeline compiles the int6 round trip's beside the artifact's reload."""
+    looping = cfg.model.looping_after_training if looping is None else looping
+    seq, tokens = cfg.eval.eval_seq_len, np.asarray(tokens, np.int32)
+    if cfg.eval.document_masked:
+        starts, row_len, cu, slots = _document_plan(cfg, tokens)
+        segments = packing.make_segments(cu[0], row_len, seq, slots)
+        packed_row_loss_sum.lower(params_like, cfg.model, tokens[None, :row_len + 1], segments,
+                                  looping=looping).compile()
+        return
+    windows = np.zeros(cfg.eval.standard_batch_windows(cfg.data.micro_batches_per_step), np.int32)
+    window_loss_sums.lower(params_like, cfg.model, jnp.asarray(padded_tokens(tokens, seq)), windows, windows, windows,
+                           seq, 0, looping=looping).compile()
 
 
 def load_validation(cfg: Config, ds: datasets.Dataset) -> tuple[np.ndarray, data.TargetBytes]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
+import numpy as np
 
 from golf_jax import (artifact, artifact_pergroup, atomic, calibration, checkpoint, code_size, distributed, evaluate,
                       param_tree, pruning, quant, quant_frontier, run_dir, ttt, ttt_lora)
@@ -205,12 +206,17 @@ def _frontier_artifact(fq: quant_frontier.FrontierQuantized, cfg: Config, meta: 
         f"({q.code_size_count}) = {weights_bytes + code:,} (budget {q.artifact_budget_bytes:,})")
 
 
-def _compile_ttt(params: Params, cfg: Config, val_tokens) -> concurrent.futures.Future:
-    """The phased TTT's programs compiling in a thread (they need the weights' shapes alone)."""
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    future = pool.submit(ttt_lora.precompile, params, cfg, val_tokens)
+def _compile_evaluation(params: Params, cfg: Config, val_tokens, lora_ttt: bool) -> tuple[concurrent.futures.Future,
+                                                                                       concurrent.futures.Future | None]:
+    """The evaluation's programs compiling in a thread, one after another (they need the
+    weights' shapes alone): the int6 round trip's, then the phased TTT's. Their futures."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="golf_jax_precompile")
+    # the reloaded weights' types: host arrays put on the default device, as checkpoint.load_model's
+    shaped = jax.device_put(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params))
+    round_trip = pool.submit(evaluate.compile_standard, shaped, cfg, val_tokens)
+    ttt_programs = pool.submit(ttt_lora.precompile, params, cfg, val_tokens) if lora_ttt else None
     pool.shutdown(wait=False)
-    return future
+    return round_trip, ttt_programs
 
 
 def _lora_ttt(qparams: Params, cfg: Config, val_tokens, tables, ahead: concurrent.futures.Future | None,
@@ -275,13 +281,14 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
     meta = _artifact_meta(cfg, quant_report, dataset or ds.record())
     write = _frontier_artifact if isinstance(qmodel, quant_frontier.FrontierQuantized) else _artifact
     write(qmodel, cfg, meta, out_dir / ARTIFACT_NAME, stage, log, report)
-    # The reload is the evaluation's first stage: the phased TTT's programs compile beside it
-    # (they need the weights' shapes alone), and beside the round trip after it.
+    # The reload is the evaluation's first stage: the round trip's program and the phased TTT's
+    # compile beside it (they need the weights' shapes alone), the TTT's beside the round trip too.
     lora_ttt = cfg.ttt.enabled and cfg.ttt.mode == "lora_phased"
-    ahead = _compile_ttt(params, cfg, val_tokens) if lora_ttt else None
+    round_trip_program, ahead = _compile_evaluation(params, cfg, val_tokens, lora_ttt)
     with stage("reload"):
         qparams = checkpoint.load_model(artifact_path=out_dir / ARTIFACT_NAME).params
     with stage("eval_int6_roundtrip"):
+        round_trip_program.result()
         rt = evaluate.run_standard(qparams, cfg, val_tokens, tables, progress)
     report["int6_roundtrip"] = dataclasses.asdict(rt)
     log(f"int6 round trip: val_loss {rt.loss:.4f} val_bpb {rt.bpb:.4f}")

@@ -367,6 +367,10 @@ def compile_ahead(params, cfg: Config, lora: model.LoRA, programs: list[tuple[in
         x = place.rows(np.zeros((rows, width), np.int32))
         ends, train = place.rows(np.zeros(rows, np.int32)), place.rows(np.zeros(rows, np.float32))
         lowered.append(step.lower(params, adapters, opt_state, x, x, ends, ends, np.int32(0), train, np.bool_(True)))
+        if rows < t.lora_batch_docs:  # a compacted batch's window of the optimizer state, and its rejoining
+            whole_state = place.factors(lora_optimizer(t).init(lora))
+            _rows_window(whole_state, 0, rows)
+            lowered.append(_rejoin_for(_step_settings(t)).lower(lora, whole_state, adapters, 0, 0))
     n_seqs = min(t.global_batch_seqs, t.global_chunk_tokens // seq)
     if global_phases and n_seqs:  # those of `_global_phase`'s (a chunk's whole sequences, one batch)
         batch = place.global_batch(np.zeros(n_seqs * seq + 1, np.int32), 0, n_seqs, cfg)
@@ -384,9 +388,14 @@ def precompile(params_like: Params, cfg: Config, tokens: np.ndarray) -> float:
     artifact's reload, the evaluation's first stage. Returns its seconds."""
     t0, t = time.perf_counter(), cfg.ttt
     place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs, t.lora_compact_rows)
-    shaped = place.replicated(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params_like))
+    # the small programs `run` calls too, each a compilation of its own on its critical path:
+    # the copy of the weights, and a partial batch's A factors
+    shaped = place.replicated_copy(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params_like))
     _, lengths = ttt_schedule.find_documents(np.asarray(tokens), cfg.model.bos_id)
-    lora = place.factors(fresh_lora(random_init_a(cfg.model, t.lora_rank, 0)(0, t.lora_batch_docs), cfg.model, t))
+    init_a = random_init_a(cfg.model, t.lora_rank, 0)
+    for rows in {len(docs) for _, docs in ttt_schedule.batch_order(lengths, t.lora_batch_docs)} - {t.lora_batch_docs}:
+        fresh_lora(init_a(0, rows), cfg.model, t)
+    lora = place.factors(fresh_lora(init_a(0, t.lora_batch_docs), cfg.model, t))
     compile_ahead(shaped, cfg, lora, ttt_schedule.chunk_programs(lengths, t), place,
                   ttt_schedule.phase_boundaries(len(lengths), t)[-1] > 0)
     return time.perf_counter() - t0

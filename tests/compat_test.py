@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from golf_jax import compat, model
+from golf_jax.runlog import CompileCounter
 from tests.conftest import fixture_path
 
 
@@ -21,6 +23,16 @@ def test_round_trip_is_identity(tiny_ref, tiny_cfg):
     for k, v in state.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape, k
         np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+
+def test_state_lands_on_the_device_without_compiling(tiny_ref, tiny_cfg):
+    """The stacking is the host's and the arrays are put, not converted: jnp.stack and
+    jnp.asarray would each compile a program per shape, 18 of them in the reload of the
+    1.0611 record's artifact at its size, beside its TTT's compilation."""
+    with CompileCounter() as compiles:
+        params = compat.params_from_reference(ref_state(tiny_ref), tiny_cfg)
+    assert compiles.count == 0, compiles.names
+    assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(params))
 
 
 def test_layout_is_banked_and_stacked(tiny_params, tiny_cfg, tiny_ref):

@@ -7,12 +7,14 @@ import json
 import math
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from golf_jax import data, datasets, evaluate, model
 from golf_jax.config import Config, ConfigError, DataConfig, EvalConfig, ModelConfig
+from golf_jax.runlog import CompileCounter
 from tests.conftest import REPO, fixture_path
 
 
@@ -120,6 +122,28 @@ def test_standard_and_sliding_share_one_compilation(tiny_params, tiny_cfg, eval_
     results = evaluate.run_evaluations(tiny_params, cfg, eval_ref["val_tokens"][:1025], tables, progress=False)
     assert results["standard"].tokens == 1024 and results["sliding"].tokens > 1024
     assert evaluate.window_loss_sums._cache_size() == before + 2
+
+
+@pytest.mark.parametrize("document_masked", [False, True])
+def test_the_program_compiled_ahead_is_the_one_the_evaluation_calls(document_masked, tiny_params, tiny_cfg, eval_ref,
+                                                                    tables):
+    """`compile_standard` from zeros of the weights' shapes (the quantize pipeline runs it
+    beside the artifact's reload): the standard evaluation then compiles nothing, with
+    consecutive windows or document rows (a batch size of its own: programs not compiled
+    by the module's other tests)."""
+    cfg = Config(model=tiny_cfg, data=DataConfig(micro_batches_per_step=8),
+                 eval=EvalConfig(eval_seq_len=64, val_batch_tokens=3 * 64 * 8, document_masked=document_masked,
+                                 document_eval_ranks=1))
+    tokens = eval_ref["val_tokens"][:6 * 64 + 1].copy()
+    tokens[::50] = tiny_cfg.bos_id  # documents for the document rows
+    shaped = jax.device_put(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tiny_params))
+    with CompileCounter() as ahead:
+        evaluate.compile_standard(shaped, cfg, tokens)
+    with CompileCounter() as during:
+        result = evaluate.run_standard(tiny_params, cfg, tokens, tables, progress=False)
+    program = "jit(packed_row_loss_sum)" if document_masked else "jit(window_loss_sums)"
+    assert ahead.names[program] == 1 and during.count == 0, during.names
+    assert result.tokens == 6 * 64
 
 
 def test_scored_span_program_equals_the_full_one(tiny_params, tiny_cfg, eval_ref):

@@ -153,10 +153,12 @@ TWO_DEVICES = textwrap.dedent(r"""
         seg = packing.make_segments(cu, b - a, seq, cfg.data.segments_per_fold)
         ranks.append(jax.grad(model.loss)(params, cfg.model, x, y, looping=cfg.model.looping_after_training,
                                           segments=seg))
-    g = jax.tree.map(lambda u, v: (u + v) / 2, *ranks)
-    norm = np.sqrt(sum(float(jnp.sum(v * v)) for v in jax.tree.leaves(g)))
-    g = jax.tree.map(lambda v: v * min(cfg.ttt.global_grad_clip / (norm + 1e-6), 1.0), g)
-    rel = max(float(jnp.max(jnp.abs(u - v)) / jnp.max(jnp.abs(v))) for u, v in zip(jax.tree.leaves(split), jax.tree.leaves(g)))
+    # the average, its norm and the clip on the host: numpy, not a program per leaf
+    g = [(np.asarray(u, np.float64) + np.asarray(v, np.float64)) / 2 for u, v in zip(*map(jax.tree.leaves, ranks))]
+    norm = np.sqrt(sum(np.sum(v * v) for v in g))
+    g = [v * min(cfg.ttt.global_grad_clip / (norm + 1e-6), 1.0) for v in g]
+    rel = max(float(np.max(np.abs(np.asarray(u, np.float64) - v)) / np.max(np.abs(v)))
+              for u, v in zip(jax.tree.leaves(split), g))
     json.dump({"rows": np.stack(r.chunk_row_sums).tolist(), "tokens": r.chunk_tokens, "bytes": r.chunk_bytes,
                "phases": r.phases, "lora_spec": lora_spec, "x_spec": x_spec, "programs": len(first_calls),
                "collectives": collectives, "compiles": compiles.names, "split_step_rel": rel,
@@ -269,17 +271,20 @@ def test_score_first_protocol(fixture, result):
 
 def test_programs_compiled_ahead_are_the_ones_the_run_calls(fixture):
     """After `precompile` (the weights' shapes alone: the quantize pipeline runs it beside
-    the artifact's reload), the batches and the phases compile neither step again (a
-    learning rate of its own: programs not compiled by the module's other runs)."""
-    cfg, params, tokens, tables, _, init_a = fixture
-    cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lora_lr=2 * cfg.ttt.lora_lr))
+    the artifact's reload), the batches and the phases compile nothing at all: neither
+    step (a learning rate of its own: programs not compiled by the module's other runs),
+    nor the copy of the weights, a partial batch's A factors, or a compacted batch's
+    window and rejoining (each a compilation on the evaluation's critical path)."""
+    cfg, params, tokens, tables, _, _ = fixture
+    cfg = dataclasses.replace(cfg, ttt=dataclasses.replace(cfg.ttt, lora_lr=2 * cfg.ttt.lora_lr, lora_compact_rows=2))
     with CompileCounter() as ahead:
         assert ttt_lora.precompile(jax.tree.map(np.zeros_like, params), cfg, tokens) > 0
-    with CompileCounter() as during:
-        r = ttt_lora.run(params, cfg, tokens, tables, init_a=init_a, progress=False, ahead=False)
-    assert ahead.names["jit(lora_chunk_step)"] == ahead.names["jit(global_sgd_step)"] == 1
-    assert during.names["jit(lora_chunk_step)"] == during.names["jit(global_sgd_step)"] == 0
-    assert r.phases == 2 and r.compilations == during.count and r.compile_ahead_seconds == 0
+    with CompileCounter() as during:  # run's own A factors (the fixture's come from numpy)
+        r = ttt_lora.run(params, cfg, tokens, tables, progress=False, ahead=False)
+    assert ahead.names["jit(lora_chunk_step)"] == 2 and ahead.names["jit(global_sgd_step)"] == 1  # 4 rows and 2
+    assert ahead.names["jit(rejoin)"] == 1 and ahead.names["jit(copy_tree)"] == 1
+    assert during.count == 0, during.names
+    assert r.phases == 2 and r.compilations == 0 and r.compile_ahead_seconds == 0
 
 
 def test_adapters_must_cover_every_layer_application(fixture):
@@ -358,12 +363,28 @@ def test_attention_adapters_share_one_matmul():
         np.testing.assert_allclose(joint[target], slot.delta(target, h), rtol=1e-6, atol=1e-6)
 
 
-def scored_window(fixture):
+@pytest.fixture(scope="module")
+def small_looped(fixture):
+    """(config, weights) of a 4-layer looped model with every feature of the fixture's 7
+    (layer 1 run twice: 5 applications, not 11; the last one on two lanes, the sparse head
+    gate, XSA everywhere), random weights: the tests of the chunk step's own paths below
+    compare two of its programs, not the reference, and compile in half the time."""
+    cfg = fixture[0]
+    mcfg = dataclasses.replace(cfg.model, num_layers=4, loop_start=1, loop_end=1, num_loops=1, parallel_start_layer=3,
+                               xsa_last_n=4)
+    params = model.init_params(mcfg, jax.random.key(0))
+    # perturbed: the zero-initialised weights (output projections, gates) would hide their paths
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = treedef.unflatten([a + 0.05 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys)])
+    return dataclasses.replace(cfg, model=mcfg), params
+
+
+def scored_window(cfg):
     """(LoRA with B nonzero, so that every adapter acts; tokens x, targets y of a 32-token
     window; the scored chunk's first position and length)."""
-    cfg, _, _, _, _, init_a = fixture
     rows, width = cfg.ttt.lora_batch_docs, 32
-    lora = ttt_lora.fresh_lora(init_a(0, rows), cfg.model, cfg.ttt)
+    lora = ttt_lora.fresh_lora(ttt_lora.random_init_a(cfg.model, cfg.ttt.lora_rank, 0)(0, rows), cfg.model, cfg.ttt)
     rng = np.random.default_rng(1)
     lora = lora.replace(factors={k: (a, jnp.asarray(0.01 * rng.standard_normal(b.shape), jnp.float32))
                                  for k, (a, b) in lora.factors.items()})
@@ -371,13 +392,13 @@ def scored_window(fixture):
     return lora, x, y, 13, 8
 
 
-def test_the_last_application_runs_on_the_scored_positions_only(fixture):
+def test_the_last_application_runs_on_the_scored_positions_only(small_looped):
     """model.lora_token_nll with (first, count): the last layer application and the head on
     those positions only, the same losses and LoRA gradients as the whole window's, sliced
     (float32; the last attention on the dense path, its sums in another order: 1e-5 for the
     losses, the parity tests' 1e-4 for gradients)."""
-    cfg, params, _, _, _, _ = fixture
-    lora, x, y, first, count = scored_window(fixture)
+    cfg, params = small_looped
+    lora, x, y, first, count = scored_window(cfg)
 
     def scored_nll(lora, positions_only: bool):  # (their sum, the scored positions' losses)
         n = (model.lora_token_nll(params, cfg.model, x, y, lora, looping=True, first=first, count=count)
@@ -395,15 +416,15 @@ def test_the_last_application_runs_on_the_scored_positions_only(fixture):
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
 
 
-def test_the_chunk_step_through_the_mix_and_gated_xsa_kernels(fixture):
+def test_the_chunk_step_through_the_mix_and_gated_xsa_kernels(small_looped):
     """configs/frontier.py names the residual-mix kernel (kernels/residual_norm.py), so the chunk
     step runs it on GPUs, the last application's mixes on the scored positions only; and
     with it XSA's kernels with the head gate inside (xsa_gate), the gate at the scored
     positions: the scored losses and every LoRA gradient equal the jnp path's (float32, the
     kernels interpreted; their sums in another order: 1e-5 for the losses, the parity
     tests' 1e-4)."""
-    cfg, params, _, _, _, _ = fixture
-    lora, x, y, first, count = scored_window(fixture)
+    cfg, params = small_looped
+    lora, x, y, first, count = scored_window(cfg)
 
     def scored_nll(lora, mcfg):
         n = model.lora_token_nll(params, mcfg, x, y, lora, looping=True, first=first, count=count)
