@@ -96,7 +96,8 @@ def params_from_reference(state: Mapping[str, np.ndarray], cfg: ModelConfig, sou
         if theirs in state:
             params.setdefault(section, {})[key] = state[theirs]
     if cfg.ve_layer_indices:
-        params["ve"]["layer_scales"] = np.stack([state[f"ve_layer_scales.{j}"] for j in range(len(cfg.ve_layer_indices))])
+        scales = [state[f"ve_layer_scales.{j}"] for j in range(len(cfg.ve_layer_indices))]
+        params["ve"]["layer_scales"] = np.stack(scales)
     return jax.device_put(params)
 
 

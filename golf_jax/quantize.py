@@ -206,11 +206,12 @@ def _frontier_artifact(fq: quant_frontier.FrontierQuantized, cfg: Config, meta: 
         f"({q.code_size_count}) = {weights_bytes + code:,} (budget {q.artifact_budget_bytes:,})")
 
 
-def _compile_evaluation(params: Params, cfg: Config, val_tokens, lora_ttt: bool) -> tuple[concurrent.futures.Future,
-                                                                                       concurrent.futures.Future | None]:
-    """The evaluation's programs compiling in a thread, one after another (they need the
-    weights' shapes alone): the int6 round trip's, then the phased TTT's. Their futures."""
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="golf_jax_precompile")
+def _compile_evaluation(params: Params, cfg: Config, val_tokens, lora_ttt: bool) -> tuple:
+    """The evaluation's programs compiling in threads, side by side (they need the weights'
+    shapes alone): the int6 round trip's, and the phased TTT's (with lora_ttt), which take
+    longest (one after the other, the round trip's delayed the TTT's by ~7 s on an H200).
+    Their futures (the TTT's None without)."""
+    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="golf_jax_precompile")
     # the reloaded weights' types: host arrays put on the default device, as checkpoint.load_model's
     shaped = jax.device_put(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params))
     round_trip = pool.submit(evaluate.compile_standard, shaped, cfg, val_tokens)

@@ -18,20 +18,17 @@ reference's eval_val_ttt_phased), with ttt.mode = "lora_phased". Its schedule
   8-GPU schedule at one rank's speed.
 
 Programs: one chunk step per window width (and one of ttt.lora_compact_rows rows,
-`ttt_schedule.compact_from`) and one global SGD step per batch
-length (one when global_batch_seqs covers a chunk's sequences, as in the
-record; two otherwise), all compiled side by side before the first batch
-(`compile_ahead`).
+`ttt_schedule.compact_from`) and one global SGD step per kind of batch (its length, its
+segment slots), all compiled side by side before the first batch (`compile_ahead`), with
+the small programs around them (`precompile`, beside the artifact's reload).
 
-Devices (run.num_devices, this process's): a batch's rows are split over
-them, each device holding its rows' inputs, LoRA factors and optimizer
-state; the model's weights are replicated. Rows are independent (each its own
-adapter and loss), so XLA's partitioner runs a chunk step with no collective
-at all, and the scores are the one-device scores (the same
-batches in the same order). A global phase's batches are split over the devices
-as the reference's ranks split them (ttt.global_data_parallel), so from the first
-phase on the scores are the reference's on that many GPUs; off, every device takes
-the whole batch (one device's result).
+Devices (run.num_devices, this process's): a batch's rows are split over them, each
+device holding its rows' inputs, LoRA factors and optimizer state; the weights are
+replicated. Rows are independent (each its own adapter and loss), so a chunk step has no
+collective at all, and the scores are the one-device scores. A global phase's batches are
+split over the devices as the reference's ranks split them (ttt.global_data_parallel), so
+from the first phase on the scores are the reference's on that many GPUs; off, every
+device takes the whole batch (one device's result).
 """
 
 from __future__ import annotations
@@ -329,37 +326,36 @@ def _score_batch(params, lora, tokens, cum_bytes, docs, t: TTTConfig, step, log:
     return lora
 
 
-def _global_phase(params, cfg: Config, segments: list[np.ndarray], place: RowPlacement) -> Params:
-    """SGD of every weight over the scored documents, concatenated: chunks of
-    global_chunk_tokens (the last never trained on), each whole sequences of
-    eval.eval_seq_len in batches of global_batch_seqs, cosine rate over the chunks;
+def _global_phase(params, cfg: Config, stream: np.ndarray, place: RowPlacement) -> Params:
+    """SGD of every weight over the scored documents (`ttt_schedule.phase_stream`, `phase_steps`),
     attention within documents (split at the sequence length), as training's."""
-    t, seq = cfg.ttt, cfg.eval.eval_seq_len
-    # reference quirk: each document ends with the next one's BOS and the next begins
-    # with its own: the stream holds BOS pairs (one-token documents)
-    stream = np.concatenate(segments).astype(np.int32)
-    total = len(stream) - 1
-    n_chunks = -(-total // t.global_chunk_tokens)
-    step = global_step_for(cfg.model, t, place.global_mesh(cfg))
+    step = global_step_for(cfg.model, cfg.ttt, place.global_mesh(cfg))
     momentum = place.replicated(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-    for ci in range(n_chunks - 1):
-        start = ci * t.global_chunk_tokens
-        n_seqs = (min(start + t.global_chunk_tokens, total) - start) // seq
-        lr = t.global_lr * 0.5 * (1.0 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
-        for b in range(0, n_seqs, t.global_batch_seqs):
-            batch = place.global_batch(stream, start + b * seq, min(t.global_batch_seqs, n_seqs - b), cfg)
-            params, momentum = step(params, momentum, *batch, jnp.float32(lr))
+    for lo, n_seqs, lr in ttt_schedule.phase_steps(len(stream) - 1, cfg.ttt, cfg.eval.eval_seq_len):
+        params, momentum = step(params, momentum, *place.global_batch(stream, lo, n_seqs, cfg), jnp.float32(lr))
     return params
 
 
+def _phase_batch_kinds(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, phases: list, cfg: Config,
+                       place: RowPlacement) -> list:
+    """One batch of each shape the global phases' steps take (rows of many short documents
+    need more segment slots: `global_batch_rows`), for `compile_ahead`."""
+    kinds = {}
+    for docs in phases:
+        stream = ttt_schedule.phase_stream(tokens, starts, lengths, docs)
+        for lo, n_seqs, _ in ttt_schedule.phase_steps(len(stream) - 1, cfg.ttt, cfg.eval.eval_seq_len):
+            batch = place.global_batch(stream, lo, n_seqs, cfg)
+            kinds.setdefault(tuple(np.shape(a) for a in jax.tree.leaves(batch)), batch)
+    return list(kinds.values())
+
+
 def compile_ahead(params, cfg: Config, lora: model.LoRA, programs: list[tuple[int, int]], place: RowPlacement,
-                  global_phases: bool) -> None:
+                  phase_batches: list) -> None:
     """Compiles the chunk step of every (rows, window width) in `programs`
-    (`ttt_schedule.chunk_programs`) and, with global_phases, the global SGD step, side by
-    side before the first batch: XLA's compilations overlap in threads (four chunk programs
-    in 49 s on an H200 host, 22-25 s each alone: docs/performance.md); the run's calls
-    (arguments of the same types and placement) find them compiled."""
-    t, mcfg, seq = cfg.ttt, cfg.model, cfg.eval.eval_seq_len
+    (`ttt_schedule.chunk_programs`) and the global SGD step of each batch in phase_batches
+    (`_phase_batch_kinds`), side by side in threads (four chunk programs in 49 s on an H200
+    host, 22-25 s each alone); the run's calls (the same argument types and placement) find them."""
+    t, mcfg = cfg.ttt, cfg.model
     step, lowered = chunk_step_for(mcfg, t), []
     for rows, width in programs:  # the argument types of `_score_batch`'s calls
         adapters = lora if rows == t.lora_batch_docs else place.factors(_rows_window(lora, 0, rows))
@@ -371,33 +367,32 @@ def compile_ahead(params, cfg: Config, lora: model.LoRA, programs: list[tuple[in
             whole_state = place.factors(lora_optimizer(t).init(lora))
             _rows_window(whole_state, 0, rows)
             lowered.append(_rejoin_for(_step_settings(t)).lower(lora, whole_state, adapters, 0, 0))
-    n_seqs = min(t.global_batch_seqs, t.global_chunk_tokens // seq)
-    if global_phases and n_seqs:  # those of `_global_phase`'s (a chunk's whole sequences, one batch)
-        batch = place.global_batch(np.zeros(n_seqs * seq + 1, np.int32), 0, n_seqs, cfg)
+    if phase_batches:
         momentum = place.replicated(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
         global_step = global_step_for(mcfg, t, place.global_mesh(cfg))
-        lowered.append(global_step.lower(params, momentum, *batch, jnp.float32(0)))
+        lowered += [global_step.lower(params, momentum, *batch, jnp.float32(0)) for batch in phase_batches]
     with concurrent.futures.ThreadPoolExecutor(max(len(lowered), 1)) as pool:
         list(pool.map(lambda program: program.compile(), lowered))
 
 
 def precompile(params_like: Params, cfg: Config, tokens: np.ndarray) -> float:
-    """Compiles the programs `run` calls on these tokens for weights of params_like's
-    shapes and dtypes (their values unused: zeros stand in), placed as `run` places
-    them, so that `run` finds them compiled; the quantize pipeline calls it beside the
-    artifact's reload, the evaluation's first stage. Returns its seconds."""
+    """Compiles every program `run` calls on these tokens for weights of params_like's shapes
+    and dtypes (zeros stand in), placed as `run` places them; the quantize pipeline calls it
+    beside the artifact's reload, the evaluation's first stage. Returns its seconds."""
     t0, t = time.perf_counter(), cfg.ttt
     place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs, t.lora_compact_rows)
     # the small programs `run` calls too, each a compilation of its own on its critical path:
     # the copy of the weights, and a partial batch's A factors
     shaped = place.replicated_copy(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params_like))
-    _, lengths = ttt_schedule.find_documents(np.asarray(tokens), cfg.model.bos_id)
+    tokens = np.asarray(tokens, np.int32)
+    starts, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
+    phases = ttt_schedule.rank_schedule(lengths, t, t.lora_ranks).phases
     init_a = random_init_a(cfg.model, t.lora_rank, 0)
     for rows in {len(docs) for _, docs in ttt_schedule.batch_order(lengths, t.lora_batch_docs)} - {t.lora_batch_docs}:
         fresh_lora(init_a(0, rows), cfg.model, t)
     lora = place.factors(fresh_lora(init_a(0, t.lora_batch_docs), cfg.model, t))
     compile_ahead(shaped, cfg, lora, ttt_schedule.chunk_programs(lengths, t), place,
-                  ttt_schedule.phase_boundaries(len(lengths), t)[-1] > 0)
+                  _phase_batch_kinds(tokens, starts, lengths, phases, cfg, place))
     return time.perf_counter() - t0
 
 
@@ -430,7 +425,8 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
         warm = [build(rank, t.lora_batch_docs) for rank in range(t.lora_ranks)]
         ahead_t0 = time.perf_counter()
         if ahead:  # the run's own placed weights and LoRA (`precompile` makes stand-ins of them)
-            compile_ahead(params, cfg, warm[0], ttt_schedule.chunk_programs(lengths, t), place, bool(schedule.phases))
+            compile_ahead(params, cfg, warm[0], ttt_schedule.chunk_programs(lengths, t), place,
+                          _phase_batch_kinds(tokens, starts, lengths, schedule.phases, cfg, place))
         ahead_s = time.perf_counter() - ahead_t0 if ahead else 0.0
         log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
         phase_s, bar = 0.0, tqdm(total=len(starts), desc="ttt lora", unit="doc", disable=not progress)
@@ -451,7 +447,7 @@ def run(params: Params, cfg: Config, tokens: np.ndarray, tables: data.TargetByte
             if era < len(schedule.phases):
                 phase_t0, compile_t0 = time.perf_counter(), compiles.seconds
                 params = jax.block_until_ready(_global_phase(
-                    params, cfg, [tokens[starts[d]:starts[d] + lengths[d]] for d in schedule.phases[era]], place))
+                    params, cfg, ttt_schedule.phase_stream(tokens, starts, lengths, schedule.phases[era]), place))
                 phase_s += time.perf_counter() - phase_t0 - (compiles.seconds - compile_t0)
                 warm = [build(rank, t.lora_batch_docs) for rank in range(t.lora_ranks)]
         bar.close()

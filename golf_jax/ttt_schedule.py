@@ -35,6 +35,7 @@ run, in numpy; golf_jax/ttt_lora.py runs it, scripts/ttt_projection.py times it.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -236,3 +237,23 @@ def chunk_steps(lengths: np.ndarray, t: TTTConfig):
 def chunk_programs(lengths: np.ndarray, t: TTTConfig) -> list[tuple[int, int]]:
     """The (rows, window width) of every chunk program those steps meet (`chunk_steps`)."""
     return sorted(set(chunk_steps(lengths, t)), reverse=True)
+
+
+def phase_stream(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray, docs) -> np.ndarray:
+    """A global phase's documents, concatenated. reference quirk: each document ends with the
+    next one's BOS and the next begins with its own: the stream holds BOS pairs (one-token
+    documents)."""
+    return np.concatenate([tokens[starts[d]:starts[d] + lengths[d]] for d in docs]).astype(np.int32)
+
+
+def phase_steps(n_targets: int, t: TTTConfig, seq: int):
+    """(first token, sequences, learning rate) of each SGD step of a phase over a stream of
+    n_targets targets: chunks of global_chunk_tokens (the last never trained on), each whole
+    sequences of seq tokens in batches of global_batch_seqs, cosine rate over the chunks."""
+    n_chunks = -(-n_targets // t.global_chunk_tokens)
+    for ci in range(n_chunks - 1):
+        start = ci * t.global_chunk_tokens
+        n_seqs = (min(start + t.global_chunk_tokens, n_targets) - start) // seq
+        lr = t.global_lr * 0.5 * (1.0 + math.cos(math.pi * ci / max(n_chunks - 1, 1)))
+        for b in range(0, n_seqs, t.global_batch_seqs):
+            yield start + b * seq, min(t.global_batch_seqs, n_seqs - b), lr
