@@ -3,24 +3,21 @@ reference's eval_val_ttt_phased), with ttt.mode = "lora_phased". Its schedule
 (documents, batches, chunk windows, phases, ranks) is golf_jax/ttt_schedule.py's.
 
 - Each row (document) of a batch has its own LoRA (`model.LoRA`) on every layer
-  application of the looped model and on the head. A full batch reuses the
-  rank's last full batch's A factors ("warm") with B zeroed and a fresh
-  optimizer; a partial batch gets new random A. AdamW, decoupled decay on every
-  factor.
-- Score first: each chunk is scored by the LoRA as trained on the document's
-  earlier chunks only; then, unless it is the document's last chunk, one AdamW
-  step on the chunk's mean loss. A chunk's score and the gradient come from one
-  forward (`chunk_step_for`).
+  application of the looped model and on the head. A full batch reuses the rank's last
+  full batch's A factors ("warm") with B zeroed and a fresh optimizer; a partial batch
+  gets new random A. AdamW, decoupled decay on every factor.
+- Score first: each chunk is scored by the LoRA as trained on the document's earlier
+  chunks only; then, unless it is the document's last chunk, one AdamW step on the
+  chunk's mean loss, from the same forward (`chunk_step_for`).
 - Phases: all weights take SGD steps (`_global_phase`) on the phase's documents,
   then every rank's LoRA is rebuilt with new random A.
-- Ranks: each keeps its own LoRA chain (its warm A, its own constructions); they
-  run here one after another between the phases, so 8 ranks give the record's
-  8-GPU schedule at one rank's speed.
+- Ranks: each keeps its own LoRA chain (its warm A, its own constructions); they run
+  here one after another between the phases: 8 ranks give the record's 8-GPU schedule.
 
 Programs: one chunk step per window width (and one of ttt.lora_compact_rows rows,
 `ttt_schedule.compact_from`) and one global SGD step per kind of batch (its length, its
-segment slots), all compiled side by side before the first batch (`compile_ahead`), with
-the small programs around them (`precompile`, beside the artifact's reload).
+segment slots), all compiled before the first batch (`compile_ahead`), with the small
+programs around them (`precompile`, beside the artifact's reload).
 
 Devices (run.num_devices, this process's): a batch's rows are split over them, each
 device holding its rows' inputs, LoRA factors and optimizer state; the weights are
@@ -352,27 +349,30 @@ def _phase_batch_kinds(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarr
 def compile_ahead(params, cfg: Config, lora: model.LoRA, programs: list[tuple[int, int]], place: RowPlacement,
                   phase_batches: list) -> None:
     """Compiles the chunk step of every (rows, window width) in `programs`
-    (`ttt_schedule.chunk_programs`) and the global SGD step of each batch in phase_batches
-    (`_phase_batch_kinds`), side by side in threads (four chunk programs in 49 s on an H200
-    host, 22-25 s each alone); the run's calls (the same argument types and placement) find them."""
-    t, mcfg = cfg.ttt, cfg.model
-    step, lowered = chunk_step_for(mcfg, t), []
-    for rows, width in programs:  # the argument types of `_score_batch`'s calls
-        adapters = lora if rows == t.lora_batch_docs else place.factors(_rows_window(lora, 0, rows))
-        opt_state = place.factors(lora_optimizer(t).init(adapters))
-        x = place.rows(np.zeros((rows, width), np.int32))
-        ends, train = place.rows(np.zeros(rows, np.int32)), place.rows(np.zeros(rows, np.float32))
-        lowered.append(step.lower(params, adapters, opt_state, x, x, ends, ends, np.int32(0), train, np.bool_(True)))
-        if rows < t.lora_batch_docs:  # a compacted batch's window of the optimizer state, and its rejoining
-            whole_state = place.factors(lora_optimizer(t).init(lora))
-            _rows_window(whole_state, 0, rows)
-            lowered.append(_rejoin_for(_step_settings(t)).lower(lora, whole_state, adapters, 0, 0))
-    if phase_batches:
-        momentum = place.replicated(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
-        global_step = global_step_for(mcfg, t, place.global_mesh(cfg))
-        lowered += [global_step.lower(params, momentum, *batch, jnp.float32(0)) for batch in phase_batches]
-    with concurrent.futures.ThreadPoolExecutor(max(len(lowered), 1)) as pool:
-        list(pool.map(lambda program: program.compile(), lowered))
+    (`ttt_schedule.chunk_programs`), a compacted batch's window and rejoining, and the global
+    SGD step of each of phase_batches (`_phase_batch_kinds`), each in a thread of its own once
+    lowered (lowering, in Python, goes one at a time: lowered all first, every compilation
+    waited for the last); the run's calls (same argument types, same placement) find them."""
+    t, mcfg, step = cfg.ttt, cfg.model, chunk_step_for(cfg.model, cfg.ttt)
+    def lowered():
+        for rows, width in programs:  # the argument types of `_score_batch`'s calls
+            adapters = lora if rows == t.lora_batch_docs else place.factors(_rows_window(lora, 0, rows))
+            opt_state = place.factors(lora_optimizer(t).init(adapters))
+            x = place.rows(np.zeros((rows, width), np.int32))
+            ends, train = place.rows(np.zeros(rows, np.int32)), place.rows(np.zeros(rows, np.float32))
+            yield step.lower(params, adapters, opt_state, x, x, ends, ends, np.int32(0), train, np.bool_(True))
+            if rows < t.lora_batch_docs:  # a compacted batch's window of the optimizer state, and its rejoining
+                whole_state = place.factors(lora_optimizer(t).init(lora))
+                _rows_window(whole_state, 0, rows)
+                yield _rejoin_for(_step_settings(t)).lower(lora, whole_state, adapters, 0, 0)
+        momentum = (place.replicated(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+                    if phase_batches else None)
+        for batch in phase_batches:
+            yield global_step_for(mcfg, t, place.global_mesh(cfg)).lower(params, momentum, *batch, jnp.float32(0))
+
+    with concurrent.futures.ThreadPoolExecutor(2 * len(programs) + len(phase_batches) + 1) as pool:
+        for future in [pool.submit(program.compile) for program in lowered()]:
+            future.result()
 
 
 def precompile(params_like: Params, cfg: Config, tokens: np.ndarray) -> float:
