@@ -352,8 +352,9 @@ def compile_ahead(params, cfg: Config, lora: model.LoRA, programs: list[tuple[in
     (`ttt_schedule.chunk_programs`), a compacted batch's window and rejoining, and the global
     SGD step of each of phase_batches (`_phase_batch_kinds`), each in a thread of its own once
     lowered (lowering, in Python, goes one at a time: lowered all first, every compilation
-    waited for the last); the run's calls (same argument types, same placement) find them."""
+    waited for the last); the run's calls (same argument types and placement) find them."""
     t, mcfg, step = cfg.ttt, cfg.model, chunk_step_for(cfg.model, cfg.ttt)
+
     def lowered():
         for rows, width in programs:  # the argument types of `_score_batch`'s calls
             adapters = lora if rows == t.lora_batch_docs else place.factors(_rows_window(lora, 0, rows))
@@ -381,8 +382,7 @@ def precompile(params_like: Params, cfg: Config, tokens: np.ndarray) -> float:
     beside the artifact's reload, the evaluation's first stage. Returns its seconds."""
     t0, t = time.perf_counter(), cfg.ttt
     place = RowPlacement(make_mesh(cfg.run.num_devices, local=True), t.lora_batch_docs, t.lora_compact_rows)
-    # the small programs `run` calls too, each a compilation of its own on its critical path:
-    # the copy of the weights, and a partial batch's A factors
+    # the small programs too (the weights' copy, a partial batch's A): each on the run's critical path
     shaped = place.replicated_copy(jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params_like))
     tokens = np.asarray(tokens, np.int32)
     starts, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
