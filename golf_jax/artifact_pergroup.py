@@ -2,10 +2,9 @@
 role, rows reordered so that similar rows sit together, each group
 compressed on its own; everything else in one brotli stream.
 
-It takes a generic mapping name -> numpy array (the quantiser's output:
-int8 codes, fp16 scales, passthrough tensors, LQER factors, ...) and a
-spec of which names form the matrix groups (`MatrixGroup`); it returns the
-same mapping on reading. No pickle: the manifest is JSON.
+It takes a generic mapping name -> numpy array (the quantiser's output: int8 codes, fp16
+scales, passthrough tensors, LQER factors, ...) and a spec of which names form the matrix
+groups (`MatrixGroup`); it returns the same mapping on reading. No pickle: the manifest is JSON.
 
 Format, version 1. All integers are little-endian uint32; nothing is padded.
 
@@ -266,17 +265,26 @@ def is_pergroup(path: str | Path) -> bool:
         return False  # the reader that follows names the problem
 
 
-def read_artifact(path: str | Path, workers: int | None = None) -> tuple[dict[str, np.ndarray], object]:
-    """(arrays, meta) from an artifact file; arrays sorted by name; the groups
-    decoded on up to `workers` threads."""
-    path = Path(path)
+def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise ArtifactError(f"{path}: artifact not found" if not path.exists() else f"{path}: not a file")
     try:
-        buf = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise ArtifactError(f"{path}: cannot read artifact ({e})") from e
-    return deserialize(buf, source=str(path), workers=workers)
+
+
+def read_artifact(path: str | Path, workers: int | None = None) -> tuple[dict[str, np.ndarray], object]:
+    """(arrays, meta) from an artifact file; arrays sorted by name; groups decoded on `workers` threads."""
+    return deserialize(_read_bytes(Path(path)), source=str(path), workers=workers)
+
+
+def read_meta(path: str | Path) -> object:
+    """An artifact's meta (its config among it) without decoding its groups: the evaluation
+    compiles its programs from it while the groups decompress (lrzip: ~30 s at record size)."""
+    fail = lambda why: ArtifactError(f"{path}: {why}")  # noqa: E731
+    _, streams = _split(memoryview(_read_bytes(Path(path))).cast("B"), fail)
+    return _parse_remainder(streams[-2], len(streams) - 2, fail)[0]["meta"]
 
 
 def deserialize(buf: bytes, source: str = "<bytes>",

@@ -367,6 +367,21 @@ def test_frontier_artifact_generates_text_in_its_original_case(frontier_run, cap
     assert sample.startswith("The KING said") and not set(sample) & caseops.OPERATORS
 
 
+def test_frontier_artifact_is_scored_with_its_programs_compiled_beside_the_reload(frontier_run, tmp_path):
+    """python -m golf_jax.ttt --artifact: the phased TTT's programs compile from the artifact's
+    config alone while its groups decompress, and the run compiles nothing (JAX's in-memory
+    caches dropped first, so nothing is left from the pipeline's run); its score is the
+    pipeline's, exactly (the same programs on the same weights)."""
+    from golf_jax import ttt
+
+    jax.clear_caches()
+    ttt.main(["--artifact", str(frontier_run[0] / run_dir.ARTIFACT_NAME), "--no-progress", "--out",
+              str(tmp_path / "ttt.json")])
+    report = json.loads((tmp_path / "ttt.json").read_text())
+    assert report["compilations"] == 0 and report["precompile_s"] > 0 and report["reload_s"] > 0
+    assert report["bpb"] == json.loads((frontier_run[0] / "quantize.json").read_text())["ttt"]["bpb"]
+
+
 def test_frontier_warm_up_and_resume_across_the_loop_switch(frontier_run, tmp_path):
     """Without warm-up (so the run above undid its warm-up exactly), stopped after the switch
     and resumed with an enable_looping_at that would not loop: bit for bit the run above, loss
