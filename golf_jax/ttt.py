@@ -286,9 +286,9 @@ def summary(result: TTTResult, pre: evaluate.EvalResult | dict | None) -> dict:
 def _compile_beside_the_reload(artifact: str | None, overrides, tokenizer: str | None):
     """The phased LoRA TTT's programs compiling in a thread from a per-group artifact's meta
     alone (its config: `artifact_pergroup.read_meta`) while its groups decompress (lrzip: ~30
-    s at the record's size), as in the quantize pipeline; their future, or None (another
-    artifact or mode)."""
-    from golf_jax import artifact_pergroup, cli, config as config_lib, param_tree
+    s at the record's size), as in the quantize pipeline: (their future, the config, the
+    validation tokens and their byte counts), or None (another artifact or mode)."""
+    from golf_jax import artifact_pergroup, cli, config as config_lib
 
     if not artifact or not artifact_pergroup.is_pergroup(artifact):
         return None
@@ -296,12 +296,12 @@ def _compile_beside_the_reload(artifact: str | None, overrides, tokenizer: str |
     cfg = cli.config_for_model(config_lib.from_dict(meta["config"]), overrides)
     if cfg.ttt.mode != "lora_phased":
         return None
-    tokens, _, _ = evaluate.load_eval_data(cfg, meta.get("data"), tokenizer, f"artifact {artifact}")
-    shapes = jax.eval_shape(lambda: param_tree.cast_params(model.init_params(cfg.model, jax.random.key(0)), cfg.model))
+    tokens, tables, _ = evaluate.load_eval_data(cfg, meta.get("data"), tokenizer, f"artifact {artifact}")
+    shapes = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))  # in the dtype rule's dtypes
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="golf_jax_precompile")
     future = pool.submit(ttt_lora.precompile, shapes, cfg, tokens)
     pool.shutdown(wait=False)
-    return future
+    return future, cfg, tokens, tables
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -317,27 +317,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         args, overrides = cli.parse_with_overrides(parser, argv)
         cli.require_at_least(parser, ("--max-chunks", args.max_chunks, 0))
-        ahead = _compile_beside_the_reload(args.artifact, overrides, args.tokenizer)
+        early = _compile_beside_the_reload(args.artifact, overrides, args.tokenizer)
         reload_t0 = time.perf_counter()
         params, saved_cfg, source, record = checkpoint.load_model(args.artifact, args.checkpoint)
         reload_s = time.perf_counter() - reload_t0
-        cfg = cli.config_for_model(saved_cfg, overrides)
-        tokens, tables, _ = evaluate.load_eval_data(cfg, record, args.tokenizer, source)
+        if early:  # the artifact's config and data, read before its groups
+            ahead, cfg, tokens, tables = early
+        else:
+            ahead, cfg = None, cli.config_for_model(saved_cfg, overrides)
+            tokens, tables, _ = evaluate.load_eval_data(cfg, record, args.tokenizer, source)
     except checkpoint.LOAD_ERRORS as e:
         parser.exit(2, f"error: {e}\n")
     t = cfg.ttt
     if t.mode == "lora_phased":  # the 1.0611 record's (golf_jax/ttt_lora.py)
         wait_t0 = time.perf_counter()
-        early = {"reload_s": reload_s, "precompile_s": ahead.result() if ahead else None,
-                 "precompile_wait_s": time.perf_counter() - wait_t0 if ahead else None}
+        timing = {"reload_s": reload_s, "precompile_s": ahead.result() if ahead else None,
+                  "precompile_wait_s": time.perf_counter() - wait_t0 if ahead else None}
         result = ttt_lora.run(params, cfg, tokens, tables, progress=not args.no_progress, ahead=ahead is None)
         print(f"phased LoRA TTT: val_loss {result.loss:.8f} val_bpb {result.bpb:.8f} over {result.documents:,} "
               f"documents, {result.phases} phases; {result.seconds:.1f} s ({result.compile_ahead_seconds:.1f} s compiling, "
               f"{result.phase_seconds:.1f} s in the phases; {result.steps:,} chunk steps); reload {reload_s:.1f} s"
-              + (f", its programs compiled beside it in {early['precompile_s']:.1f} s, "
-                 f"{early['precompile_wait_s']:.1f} s of it waited for" if ahead else ""))
+              + (f", its programs compiled beside it in {timing['precompile_s']:.1f} s, "
+                 f"{timing['precompile_wait_s']:.1f} s of it waited for" if ahead else ""))
         if args.out:
-            checkpoint.write_json(args.out, {**ttt_lora.summary(result), **early})
+            checkpoint.write_json(args.out, {**ttt_lora.summary(result), **timing})
         return
     print(f"TTT on {source}: {len(tokens) - 1:,} targets in chunks of {t.chunk_tokens:,}; {t.optimizer} lr {t.lr} "
           f"(cosine), {t.epochs} epochs, batches of {t.batch_seqs} x {t.seq_len or cfg.eval.eval_seq_len}")
