@@ -123,13 +123,17 @@ def get_config() -> Config:
         ),
         # The phased LoRA TTT (golf_jax/ttt_lora.py) at the record's settings (the lora_*, phased_*,
         # global_* defaults), on the artifact's weights: the run's score.
-        # lora_min_window: windows under 512 tokens padded to 512 (causal: no score changes): 3
-        # chunk programs instead of 6, ~70-90 s less compilation for ~10 s more of steps on one
-        # GPU's share of 8 (their steps: 4.8-6.5 ms against 8.7 ms at 512 on an H200,
-        # docs/performance.md, 2026-12-02).
+        # lora_window_widths: each chunk's window padded to the narrowest of these that holds its
+        # context (causal: no score changes), one program each. The 1,536 window (18.1 ms a step
+        # against 23.9 at 2,048 on an H200) takes the record's schedule on one GPU's share of 8
+        # from 253.6 to 242.3 s of chunk steps, its compilation hidden among the others' (89.4 s
+        # for them all, 81.4-89.1 s without it). Six widths (256 and 768 too) would take 229.8 s
+        # but 113.6 s to compile, on the evaluation's critical path (docs/performance.md,
+        # twenty-fourth session).
         # lora_compact_rows: once a batch's rows still scoring fit in 16 (2 a GPU on 8), its
         # 2,048-token steps run on those alone (the same scores): chiefly the first batch, the
         # partial one of the 16 longest documents, ~1,350 steps that ran 48 rows of padding.
-        ttt=TTTConfig(enabled=True, mode="lora_phased", lora_min_window=512, lora_compact_rows=16),
+        ttt=TTTConfig(enabled=True, mode="lora_phased", lora_window_widths="512,1024,1536,2048",
+                      lora_compact_rows=16),
         run=RunConfig(seed=42, output_dir="runs/frontier", train_log_every=500),
     )

@@ -36,7 +36,7 @@ def get_config() -> Config:
         # of 64 or 128 tokens (two chunk programs, and one of 4 rows for the compacted batches'
         # last steps), one global phase after the first 64 documents.
         ttt=dataclasses.replace(cfg.ttt, lora_rank=8, lora_alpha=14.4, lora_batch_docs=16, lora_context_len=128,
-                                lora_min_window=64, lora_compact_rows=4, phased_prefix_docs=64, phased_num_phases=1,
-                                global_chunk_tokens=1024, global_batch_seqs=4),
+                                lora_window_widths="64,128", lora_compact_rows=4, phased_prefix_docs=64,
+                                phased_num_phases=1, global_chunk_tokens=1024, global_batch_seqs=4),
         run=RunConfig(seed=42, output_dir="runs/frontier_smoke", train_log_every=5, checkpoint_every=20),
     )

@@ -561,6 +561,10 @@ class TTTConfig:
     lora_context_len: int = 2048
     lora_batch_docs: int = 64
     lora_min_window: int = 0  # chunk windows are padded to a power of two, at least this (fewer programs)
+    # Or the widths chunk windows are padded to, comma-separated (each chunk the smallest that
+    # holds its context; the largest lora_context_len; lora_min_window then 0): fewer padded
+    # positions than powers of two, one program per width. "": powers of two.
+    lora_window_widths: str = ""
     # Once a batch's windows are the whole context and its rows still scoring fit in this many
     # consecutive rows, its steps run on those alone (ttt_schedule.compact_from; one more
     # program), the others' adapters put through the AdamW steps they sat out (zero gradient)
@@ -584,6 +588,11 @@ class TTTConfig:
     # result on any number of devices, at one device's speed.
     global_data_parallel: bool = True
 
+    @property
+    def window_widths(self) -> tuple[int, ...]:
+        """lora_window_widths' widths, narrowest first (() for powers of two)."""
+        return tuple(sorted(int(w) for w in str(self.lora_window_widths).split(",") if w.strip()))
+
     def validate(self, eval_seq_len: int, num_layers: int) -> None:
         def need(ok: bool, name: str, why: str) -> None:
             if not ok:
@@ -606,6 +615,15 @@ class TTTConfig:
              "lora_rank, lora_batch_docs and lora_chunk_tokens must be positive")
         need(self.lora_context_len >= self.lora_chunk_tokens, "lora_context_len", "must be >= lora_chunk_tokens")
         need(0 <= self.lora_min_window <= self.lora_context_len, "lora_min_window", "in [0, lora_context_len]")
+        try:
+            widths = self.window_widths
+        except ValueError:
+            widths = (0,)
+        need(not widths or (min(widths) > 0 and len(set(widths)) == len(widths)
+                            and max(widths) == self.lora_context_len and self.lora_min_window == 0),
+             "lora_window_widths", f"{self.lora_window_widths!r}: '' (powers of two) or distinct positive "
+             f"comma-separated widths, the largest lora_context_len ({self.lora_context_len}), with "
+             f"lora_min_window 0")
         need(self.lora_ranks >= 1, "lora_ranks", "must be positive")
         need(0 <= self.lora_compact_rows < self.lora_batch_docs, "lora_compact_rows",
              f"in [0, lora_batch_docs={self.lora_batch_docs})")

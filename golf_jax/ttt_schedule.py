@@ -13,9 +13,9 @@ run, in numpy; golf_jax/ttt_lora.py runs it, scripts/ttt_projection.py times it.
   lora_context_len tokens before the chunk's end (`chunk_inputs`). Shapes: a
   batch is always lora_batch_docs rows (padding rows score and train nothing);
   a chunk's window is padded to the next power of two, at least
-  lora_min_window and at most lora_context_len (`window_width`): one chunk
-  program per width (6 for the record's 48-token chunks in 2048: 64 to 2048;
-  3 with configs/frontier.py's lora_min_window 512).
+  lora_min_window and at most lora_context_len, or to the narrowest of
+  lora_window_widths that holds it (`window_width`): one chunk program per
+  width (6 for the record's 48-token chunks in 2048: 64 to 2048).
 - Phases: after the batch at which the count of scored documents reaches
   prefix_docs (k + 1) / num_phases, all weights train on the first that many
   scored documents (in ascending batch order), in batches of whole sequences
@@ -84,12 +84,16 @@ def chunk_count(pred_lens: np.ndarray, t: TTTConfig) -> int:
 
 def chunk_window(ci: int, t: TTTConfig) -> int:
     """Chunk ci's padded window width, the same for every row of its batch (its program)."""
-    return window_width(min((ci + 1) * t.lora_chunk_tokens, t.lora_context_len), t)
+    return window_width((ci + 1) * t.lora_chunk_tokens, t)
 
 
 def window_width(context: int, t: TTTConfig) -> int:
-    """A chunk's padded window: the next power of two (at least lora_min_window),
-    at most lora_context_len. Causal attention: the padding changes no score."""
+    """A chunk's padded window: the narrowest of ttt.lora_window_widths that holds the
+    context, or else the next power of two (at least lora_min_window), at most
+    lora_context_len. Causal attention: the padding changes no score."""
+    context = min(context, t.lora_context_len)
+    if t.window_widths:
+        return next(w for w in t.window_widths if w >= context)
     return min(max(1 << max(context - 1, 0).bit_length(), t.lora_min_window), t.lora_context_len)
 
 

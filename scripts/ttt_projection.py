@@ -9,8 +9,8 @@ window width (and of lora_compact_rows / N rows at the whole context's width, fo
 of compacted batches: `ttt_schedule.compact_from`), and this script sums them over the schedule
 of one GPU's share: 50,000 documents of the record's 47,851,520 tokens, lengths lognormal (sigma 1, as
 scripts/frontier_throughput_data.py draws them), batches of 64 sorted by length, windows as
-`ttt_schedule.window_width` pads them with the config's lora_min_window. With --ranks R (one GPU a
-rank, as the reference's: `ttt_schedule.rank_schedule`), each GPU runs its own rank's batches, 64
+`ttt_schedule.window_width` pads them (the config's lora_window_widths or lora_min_window). With
+--ranks R (one GPU a rank, as the reference's: `ttt_schedule.rank_schedule`), each GPU runs its own rank's batches, 64
 rows a step (not compacted), and waits at each phase for the slowest: the chunk steps take the
 sum over the phases' eras of the slowest rank's steps. A width the bench did not
 time takes the time of the next wider one it did (an upper bound). The global phases: their
@@ -21,7 +21,7 @@ bench measured them (for those it compiled only in threads, side by side, their 
 an upper bound); `compile_ahead` overlaps them (docs/performance.md). Host time between
 steps is not counted (the loop prepares the next inputs while the GPU runs).
 
-    python scripts/ttt_projection.py BENCH.json [BENCH2.json ...] [--gpus 8] [--reload-s 33.1]
+    python scripts/ttt_projection.py BENCH.json [BENCH2.json ...] [--gpus 8] [--reload-s 33.1] [--config.ttt.x=y]
 """
 
 from __future__ import annotations
@@ -57,12 +57,11 @@ def phase_tokens(lengths: np.ndarray, t: TTTConfig, ranks: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bench", nargs="+", help="scripts/ttt_step_bench.py outputs (JSON)")
-    ap.add_argument("--config", default="configs/frontier.py")
     ap.add_argument("--gpus", type=int, default=8)
     ap.add_argument("--ranks", type=int, default=1, help="1: each batch split over the GPUs; the GPU count: a rank each")
     ap.add_argument("--reload-s", type=float, default=0.0, help="the artifact's reload, added to the total")
-    args = ap.parse_args()
-    t = cli.load_config_file(args.config).ttt
+    cfg, args = cli.parse(ap, default_config=str(Path(__file__).resolve().parents[1] / "configs" / "frontier.py"))
+    t = cfg.ttt
     if args.ranks not in (1, args.gpus):
         raise SystemExit("--ranks: 1 or the GPU count")
     if args.ranks > 1 and t.lora_compact_rows:
@@ -114,7 +113,8 @@ def main() -> None:
     total = compile_s + chunk_s + phases_s + args.reload_s
     print(f"one GPU's share of {args.gpus} ({args.ranks} ranks): {t.lora_batch_docs // share} rows a step "
           f"({t.lora_compact_rows // share} once compacted); {RECORD_DOCS:,} documents, mean "
-          f"{lengths.mean():.0f} tokens; lora_min_window {t.lora_min_window}\n")
+          f"{lengths.mean():.0f} tokens; windows "
+          f"{t.lora_window_widths or f'powers of two from lora_min_window {t.lora_min_window}'}\n")
     print("| rows a GPU | window | steps | ms a step | s |\n|---|---|---|---|---|")
     print("\n".join(lines))
     print(f"\nchunk steps {chunk_s:.1f} s; global phases {phases_s:.1f} s ({tokens:,} tokens"

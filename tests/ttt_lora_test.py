@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from golf_jax import compat, data, layers, model, ttt_lora, ttt_schedule
+from golf_jax import cli, compat, data, layers, model, ttt_lora, ttt_schedule
 from golf_jax.config import Config, EvalConfig, TTTConfig
 from golf_jax.runlog import CompileCounter
 from golf_jax.train_step import make_mesh
-from tests.conftest import FRONTIER_FIXTURES, missing, run_on_cpu_devices
+from tests.conftest import FRONTIER_FIXTURES, REPO, missing, run_on_cpu_devices
 from tests.frontier_reference import generate_ttt
 
 
@@ -223,6 +223,63 @@ def test_a_compacted_batch_hands_on_the_whole_batchs_lora(fixture):
         assert np.max(np.abs(np.asarray(x) - np.asarray(w))) <= 1e-5 * np.max(np.abs(np.asarray(w)))
 
 
+def test_windows_padded_to_other_widths_score_as_the_reference(fixture):
+    """ttt.lora_window_widths "8,24,32": the queue's first batch (before any phase) scored in
+    windows of 8, 24 (not a power of two) and 32 tokens, three programs, where the module's
+    runs take one of 32: every chunk as the reference's (causal attention: padding changes
+    no score)."""
+    cfg, params, tokens, tables, ref, init_a = fixture
+    t = dataclasses.replace(cfg.ttt, lora_min_window=0, lora_window_widths="8,24,32")
+    t.validate(cfg.eval.eval_seq_len, cfg.model.num_layers)
+    docs, chunks = batch_chunk_ranges(cfg, tokens)[0]
+    assert [ttt_schedule.chunk_window(ci, t) for ci in range(len(chunks))][:5] == [8, 24, 24, 32, 32]
+    starts, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
+    cum_bytes = np.concatenate([[0], np.cumsum(tables.target_bytes(tokens))])
+    # the run's LoRA for it: a partial batch's own (the second built), else the first, B zero
+    lora = ttt_lora.fresh_lora(init_a(int(len(docs) < t.lora_batch_docs), len(docs)), cfg.model, t)
+    log = {"chunk_row_sums": [], "chunk_tokens": [], "chunk_bytes": [], "positions": 0}
+    ttt_lora._score_batch(params, lora, tokens, cum_bytes, (starts[docs], lengths[docs]), t,
+                          ttt_lora.chunk_step_for(cfg.model, t), log, ttt_lora.RowPlacement(make_mesh(1, local=True), 4))
+    got, want = np.stack(log["chunk_row_sums"]), ref["chunk_rows"][chunks.start:chunks.stop]
+    assert np.array_equal(got == 0, want == 0)
+    # float32 against float32 through up to 4 AdamW steps, as test_every_chunk_matches_the_reference
+    assert np.max(np.abs(got - want) / np.maximum(np.abs(want), 1e-30)) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_padded_windows_score_alike_on_the_gpu():
+    """configs/frontier.py's chunk step at record size (its kernels, bf16), 8 rows whose chunk
+    ends 1,500 tokens in, two steps in a window of 1,536 tokens (not a power of two) and of
+    2,048: the same scores, the padding past the chunk being masked by causality."""
+    cfg = cli.load_config_file(str(REPO / "configs" / "frontier.py"))
+    t, rows, end = dataclasses.replace(cfg.ttt, lora_batch_docs=8), 8, 1500
+    C = t.lora_chunk_tokens
+    keys = iter(jax.random.split(jax.random.key(1), 1000))
+    # init_params zeroes the blocks' output projections: perturbed, every block adds to the stream
+    params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(next(keys), p.shape, p.dtype)
+                          if jnp.issubdtype(p.dtype, jnp.floating) and p.ndim >= 2 else p,
+                          model.init_params(cfg.model, jax.random.key(0)))
+    tokens = np.random.default_rng(0).integers(2, cfg.model.vocab_size, (rows, end + 1)).astype(np.int32)
+    lora = ttt_lora.fresh_lora(ttt_lora.random_init_a(cfg.model, t.lora_rank, 0)(0, rows), cfg.model, t)
+    step = ttt_lora.chunk_step_for(cfg.model, t)
+    scores = {}
+    for width in (1536, 2048):
+        x, y = np.zeros((rows, width), np.int32), np.zeros((rows, width), np.int32)
+        x[:, :end], y[:, :end] = tokens[:, :end], tokens[:, 1:]
+        adapters = jax.tree.map(jnp.copy, lora)  # the step donates it
+        state, sums = ttt_lora.lora_optimizer(t).init(adapters), []
+        for _ in range(2):  # the second scored with the first's AdamW step taken
+            adapters, state, row_sums = step(params, adapters, state, x, y, np.full(rows, end - C, np.int32),
+                                             np.full(rows, end, np.int32), np.int32(end - C),
+                                             np.ones(rows, np.float32), np.bool_(True))
+            sums.append(np.asarray(row_sums))
+        scores[width] = np.stack(sums)
+    rel = np.max(np.abs(scores[1536] - scores[2048]) / np.abs(scores[2048]))
+    # bf16 activations through 17 layer applications, kernels tiled otherwise at another width:
+    # each row's 48 losses summed, at most a bf16 rounding (2^-8) apart
+    assert rel < 4e-3, (rel, scores)
+
+
 def batch_chunk_ranges(cfg, tokens) -> list[tuple[np.ndarray, range]]:
     """Each batch's documents (processing order) and its steps' indices in chunk_row_sums."""
     starts, lengths = ttt_schedule.find_documents(tokens, cfg.model.bos_id)
@@ -358,7 +415,8 @@ def test_ranks_keep_lora_chains_of_their_own(fixture):
 
 def test_attention_adapters_share_one_matmul():
     """blocks.SlotLoRA.attention_deltas (q, k, v and o's x A^T as one matmul) gives each
-    target's own delta (float32; the same sums, tiled otherwise: 1e-6)."""
+    target's own delta (float32; the same sums, tiled otherwise: 1e-6), at the query
+    positions too."""
     from golf_jax.blocks import SlotLoRA
     rng = np.random.default_rng(0)
     pair = lambda out: (rng.standard_normal((2, 4, 16)), rng.standard_normal((2, out, 4)))  # noqa: E731
@@ -367,6 +425,10 @@ def test_attention_adapters_share_one_matmul():
     joint = slot.attention_deltas(h)
     for target in ("q", "k", "v", "o"):
         np.testing.assert_allclose(joint[target], slot.delta(target, h), rtol=1e-6, atol=1e-6)
+    last = slot.attention_deltas(h, queries=(3, 2))  # q's and o's at positions 3 and 4
+    for target in ("q", "k", "v", "o"):
+        want = slot.delta(target, h)[:, 3:5] if target in "qo" else slot.delta(target, h)
+        np.testing.assert_allclose(last[target], want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

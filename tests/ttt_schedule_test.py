@@ -43,6 +43,20 @@ def test_record_windows_compile_six_programs():
     assert widths == {64, 128, 256, 512, 1024, 2048}
 
 
+def test_windows_take_the_narrowest_listed_width_that_holds_them():
+    t = TTTConfig(mode="lora_phased", lora_window_widths="2048,256,768,512,1024,1536")
+    t.validate(2048, 11)
+    assert t.window_widths == (256, 512, 768, 1024, 1536, 2048)
+    # contexts 48, 240, 288, 528, 768, 816, 1056, 1536, 1584 and the whole 2048
+    assert [ttt_schedule.chunk_window(ci, t) for ci in (0, 4, 5, 10, 15, 16, 21, 31, 32, 200)] == \
+        [256, 256, 512, 768, 768, 1024, 1536, 1536, 2048, 2048]
+    for bad in ("256,1024", "512,512,2048", "0,2048", "a,2048"):  # the largest must be the context
+        with pytest.raises(Exception, match="lora_window_widths"):
+            dataclasses.replace(t, lora_window_widths=bad).validate(2048, 11)
+    with pytest.raises(Exception, match="lora_min_window 0"):
+        dataclasses.replace(t, lora_min_window=512).validate(2048, 11)
+
+
 def test_batches_compact_to_the_rows_still_scoring_once_the_window_is_whole():
     """The record's windows with lora_compact_rows=16: a batch whose 48 shortest documents
     end within 1,024 targets runs on its 16 longest from the first 2,048-token window
