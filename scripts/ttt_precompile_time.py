@@ -1,8 +1,9 @@
 """The phased LoRA TTT's compilation alone (issue 20): `ttt_lora.precompile`, what the pipeline
 runs beside the artifact's reload and what the TTT waits for, timed in this fresh process for a
 config's programs on its validation tokens, with the lowering of each program apart (Python, one at
-a time) and the programs it compiled. Run once per config variant, each in a process of its own
-(JAX's in-memory caches would serve a second run).
+a time) and the programs it compiled, with the host cores it may use (`taskset` limits them: XLA's
+compilation and autotuning run on the host's cores). Run once per config variant, each in a process
+of its own (JAX's in-memory caches would serve a second run).
 
     python scripts/ttt_precompile_time.py --out X.json [--config configs/frontier.py] [--config.x=y ...]
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +46,7 @@ def main() -> None:
     jax.stages.Traced.lower = timed_lower
     with CompileCounter() as compiled:
         seconds = ttt_lora.precompile(shapes, cfg, tokens)
-    result = {"device": jax.devices()[0].device_kind, "precompile_s": seconds,
+    result = {"device": jax.devices()[0].device_kind, "host_cores": len(os.sched_getaffinity(0)), "precompile_s": seconds,
               "window_widths": cfg.ttt.lora_window_widths or f"powers of two from {cfg.ttt.lora_min_window}",
               "chunk_programs": ttt_schedule.chunk_programs(lengths, cfg.ttt), "documents": int(len(lengths)),
               "compilations": dict(compiled.names), "lowering_s": dict(lowering)}
