@@ -15,7 +15,8 @@ run, in numpy; golf_jax/ttt_lora.py runs it, scripts/ttt_projection.py times it.
   a chunk's window is padded to the next power of two, at least
   lora_min_window and at most lora_context_len, or to the narrowest of
   lora_window_widths that holds it (`window_width`): one chunk program per
-  width (6 for the record's 48-token chunks in 2048: 64 to 2048).
+  width (6 for the record's 48-token chunks in 2048: 64 to 2048; 4 with
+  configs/frontier.py's widths).
 - Phases: after the batch at which the count of scored documents reaches
   prefix_docs (k + 1) / num_phases, all weights train on the first that many
   scored documents (in ascending batch order), in batches of whole sequences
