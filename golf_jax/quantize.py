@@ -31,7 +31,7 @@ from golf_jax.hessians import collect_hessians
 from golf_jax import config as config_lib
 from golf_jax.config import Config, ConfigError, RunConfig
 from golf_jax.param_tree import Params
-from golf_jax.runlog import CompileCounter, RunLog
+from golf_jax.runlog import BACKGROUND_THREADS, CompileCounter, RunLog
 
 ARTIFACT_NAME = run_dir.ARTIFACT_NAME
 def run_dir_of(checkpoint_path: str | Path) -> Path:
@@ -96,9 +96,11 @@ def time_budget_stages(params: param_tree.Params, cfg: Config) -> dict[str, floa
     return times
 
 
-def stage_timer(times: dict[str, float], compiles: dict[str, int] | None = None, log=None):
+def stage_timer(times: dict[str, float], compiles: dict[str, int] | None = None, log=None,
+                beside: dict[str, int] | None = None):
     """A `stage(name)` context manager that records each stage's seconds in
-    `times` (and its XLA compilations in `compiles`, a line in `log`)."""
+    `times` (and its XLA compilations in `compiles`, those of the evaluation's
+    programs compiling beside it in `beside`, a line in `log`)."""
     @contextlib.contextmanager
     def stage(name: str):
         t0 = time.perf_counter()
@@ -107,6 +109,8 @@ def stage_timer(times: dict[str, float], compiles: dict[str, int] | None = None,
         times[name] = time.perf_counter() - t0
         if compiles is not None:
             compiles[name] = counter.count
+        if beside is not None:
+            beside[name] = counter.beside_count
         if log is not None:
             log(f"[{name}] {times[name]:.1f} s")
 
@@ -211,7 +215,7 @@ def _compile_evaluation(params: Params, cfg: Config, val_tokens, lora_ttt: bool)
     shapes alone): the int6 round trip's, and the phased TTT's (with lora_ttt), which take
     longest (one after the other, the round trip's delayed the TTT's by ~7 s on an H200).
     Their futures (the TTT's None without)."""
-    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="golf_jax_precompile")
+    pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix=BACKGROUND_THREADS)
     # the reloaded weights' types: host arrays put on the default device, as checkpoint.load_model's
     shaped = jax.device_put(jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params))
     round_trip = pool.submit(evaluate.compile_standard, shaped, cfg, val_tokens)
@@ -255,10 +259,12 @@ def quantize_and_evaluate(params: param_tree.Params, cfg: Config, out_dir: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     compiles: dict[str, int] = {}
+    beside: dict[str, int] = {}  # the evaluation's programs' (`_compile_evaluation`), while each stage ran
     report: dict = {"config": config_lib.to_dict(cfg), "backend": jax.default_backend(),
-                    "device": jax.devices()[0].device_kind, "times_s": times, "compilations": compiles}
+                    "device": jax.devices()[0].device_kind, "times_s": times, "compilations": compiles,
+                    "compilations_beside": beside}
 
-    stage = stage_timer(times, compiles, log)
+    stage = stage_timer(times, compiles, log, beside)
 
     # Inputs are checked before the long stages.
     val_tokens, tables, ds = evaluate.load_eval_data(cfg, dataset, tokenizer)

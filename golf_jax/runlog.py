@@ -5,8 +5,10 @@ stages after it, so neither imports the other for them."""
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
+import threading
 from pathlib import Path
 
 import jax
@@ -60,9 +62,21 @@ def plot_curves(train_points, val_points, path: Path) -> None:
     plt.close(fig)
 
 
+# The threads that compile the evaluation's programs beside the pipeline's stages (the reload's,
+# golf_jax/quantize.py and golf_jax/ttt.py): a stage's CompileCounter counts theirs apart.
+BACKGROUND_THREADS = "golf_jax_precompile"
+
+
+def thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    """A pool whose threads are named after the calling thread, so that their compilations
+    count as the caller's would (BACKGROUND_THREADS' or not)."""
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"{threading.current_thread().name}-pool")
+
+
 class CompileCounter:
     """Counts XLA compilations (any function) while active; those inside
-    `aside()` are counted apart, in `aside_count`.
+    `aside()` are counted apart, in `aside_count`, and those in BACKGROUND_THREADS
+    (the evaluation's programs compiling beside a stage) in `beside_count`.
 
     A training loop's promise is no compilation after its first step
     (`first_step_done`) but the first call of each program used only later
@@ -77,8 +91,9 @@ class CompileCounter:
 
     def __init__(self):
         self.count = 0
-        self.seconds = 0.0  # SECONDS_EVENTS' durations, aside() or not
+        self.seconds = 0.0  # SECONDS_EVENTS' durations, aside() or not, not beside
         self.aside_count = 0
+        self.beside_count = 0
         self._aside = False
         self.at_first_step: int | None = None
         self._programs: set = set()
@@ -103,11 +118,14 @@ class CompileCounter:
         return self.count - (self.at_first_step or 0) - self.first_use_count
 
     def _listener(self, event: str, duration: float, **kwargs) -> None:
-        if event in self.SECONDS_EVENTS:
+        beside = threading.current_thread().name.startswith(BACKGROUND_THREADS)
+        if event in self.SECONDS_EVENTS and not beside:
             self.seconds += duration
         if event == self.EVENT:
             self.names[kwargs.get("fun_name")] += 1
-            if self._aside:
+            if beside:
+                self.beside_count += 1
+            elif self._aside:
                 self.aside_count += 1
             else:
                 self.count += 1

@@ -288,7 +288,7 @@ def _compile_beside_the_reload(artifact: str | None, overrides, tokenizer: str |
     alone (its config: `artifact_pergroup.read_meta`) while its groups decompress (lrzip: ~30
     s at the record's size), as in the quantize pipeline: (their future, the config, the
     validation tokens and their byte counts), or None (another artifact or mode)."""
-    from golf_jax import artifact_pergroup, cli, config as config_lib
+    from golf_jax import artifact_pergroup, cli, config as config_lib, runlog
 
     if not artifact or not artifact_pergroup.is_pergroup(artifact):
         return None
@@ -298,7 +298,7 @@ def _compile_beside_the_reload(artifact: str | None, overrides, tokenizer: str |
         return None
     tokens, tables, _ = evaluate.load_eval_data(cfg, meta.get("data"), tokenizer, f"artifact {artifact}")
     shapes = jax.eval_shape(lambda: model.init_params(cfg.model, jax.random.key(0)))  # in the dtype rule's dtypes
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="golf_jax_precompile")
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=runlog.BACKGROUND_THREADS)
     future = pool.submit(ttt_lora.precompile, shapes, cfg, tokens)
     pool.shutdown(wait=False)
     return future, cfg, tokens, tables

@@ -30,7 +30,6 @@ device takes the whole batch (one device's result).
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -371,7 +370,7 @@ def compile_ahead(params, cfg: Config, lora: model.LoRA, programs: list[tuple[in
         for batch in phase_batches:
             yield global_step_for(mcfg, t, place.global_mesh(cfg)).lower(params, momentum, *batch, jnp.float32(0))
 
-    with concurrent.futures.ThreadPoolExecutor(2 * len(programs) + len(phase_batches) + 1) as pool:
+    with runlog.thread_pool(2 * len(programs) + len(phase_batches) + 1) as pool:
         for future in [pool.submit(program.compile) for program in lowered()]:
             future.result()
 

@@ -36,3 +36,27 @@ def test_first_use_of_a_program_after_the_first_step_is_not_a_recompilation():
             f(x, True).block_until_ready()
         assert compiles.recompilations == 1
     assert compiles.names["jit(<lambda>)"] == 3
+
+
+def test_compilations_in_background_threads_are_counted_beside():
+    """The evaluation's programs compiling beside a stage (threads named BACKGROUND_THREADS, and
+    the pools such a thread starts: `thread_pool`) count in beside_count, not as the stage's own;
+    a pool started by the stage's own thread counts as its own."""
+    import concurrent.futures
+
+    from golf_jax.runlog import BACKGROUND_THREADS, thread_pool
+
+    programs = [jax.jit(lambda x, c=c: jnp.tanh(x) * c + 0.0625) for c in (7.0, 9.0, 11.0)]  # built nowhere else
+    x = jnp.arange(3.0)
+
+    def in_a_pool(f):
+        with thread_pool(1) as pool:
+            return pool.submit(lambda: f(x).block_until_ready()).result()
+
+    with CompileCounter() as compiles:
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=BACKGROUND_THREADS) as background:
+            background.submit(lambda: programs[0](x).block_until_ready()).result()
+            background.submit(in_a_pool, programs[1]).result()
+        in_a_pool(programs[2])
+    assert (compiles.beside_count, compiles.count) == (2, 1)
+    assert compiles.names["jit(<lambda>)"] == 3  # every program by name

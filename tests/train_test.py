@@ -352,6 +352,9 @@ def test_frontier_smoke_trains_end_to_end(frontier_run):
     cfg = frontier_config(out_dir)
     _, lengths = ttt_schedule.find_documents(evaluate.load_eval_data(cfg, None, None)[0], cfg.model.bos_id)
     assert compiles.names["jit(lora_chunk_step)"] == len(ttt_schedule.chunk_programs(lengths, cfg.ttt)) >= 1
+    # counted beside the stages they ran beside, not as theirs: the round trip and the TTT compile nothing
+    assert report["compilations"]["eval_int6_roundtrip"] == report["compilations"]["ttt"] == 0
+    assert sum(report["compilations_beside"].values()) >= compiles.names["jit(lora_chunk_step)"] + 1
     # the record's quantisation: at this width only the embedding has more than 65,536 values
     assert list(report["quantization"]["matrices"]) == report["quantization"]["lqer"] == ["tok_emb.weight"]
 
